@@ -1,0 +1,3 @@
+"""FedShop: federated recommendation for e-commerce parties that may not pool customer data."""
+
+__version__ = "0.1.0"

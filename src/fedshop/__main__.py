@@ -1,0 +1,3 @@
+from fedshop.cli import main
+
+main()

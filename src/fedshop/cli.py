@@ -1,0 +1,188 @@
+"""`fedshop` command line: parse, call, print. The work happens in the library."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedshop.config import RunConfig, load_config
+from fedshop.errors import FedShopError
+from fedshop.experiment import ExperimentResult, run_experiment
+from fedshop.report.html import METHOD_LABELS
+
+app = typer.Typer(
+    help="FedShop: federated recommendation for shops that may not pool customer data.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+errors = Console(stderr=True)
+
+
+class RichProgress:
+    """One progress bar per method, drawn by rich."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tasks: dict[str, Any] = {}
+
+    def start(self, task: str, total: int) -> None:
+        self.tasks[task] = self.progress.add_task(
+            METHOD_LABELS.get(task, task), total=total, note=""
+        )
+
+    def advance(self, task: str, note: str = "") -> None:
+        self.progress.update(self.tasks[task], advance=1, note=note)
+
+
+def _default_out(name: str) -> Path:
+    return Path("fedshop-runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _execute(config: RunConfig, out: Path, overwrite: bool) -> ExperimentResult:
+    # Imported here so `fedshop --help` stays fast.
+    from fedshop.data.registry import load_dataset
+    from fedshop.report.run_folder import prepare_run_folder, write_run
+
+    out = prepare_run_folder(out, overwrite)
+    with console.status("Loading and cleaning data…"):
+        dataset = load_dataset(config.data)
+    report = dataset.report
+    console.print(
+        f"[bold]{dataset.name}[/]: {dataset.n_users:,} customers, {dataset.n_items:,} items, "
+        f"{dataset.train.nnz:,} training interactions, {report['split']['test_users']:,} customers "
+        f"with a test basket, {dataset.n_silos} silos  [dim]({report['source']})[/]"
+    )
+    columns = (
+        TextColumn("{task.description:<30}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("[dim]{task.fields[note]}"),
+    )
+    with Progress(*columns, console=console, transient=False) as bars:
+        result = run_experiment(config, dataset, RichProgress(bars))
+    write_run(out, result)
+    _print_tables(result)
+    console.print(f"\nRun folder: [bold]{out}[/]  ·  report: [bold]{out / 'report.html'}[/]")
+    return result
+
+
+def _print_tables(result: ExperimentResult) -> None:
+    split = result.config.eval.split
+    table = Table(title=f"Full-ranking results on the {split} baskets (seed {result.config.seed})")
+    table.add_column("method")
+    for header in ("HR@10", "NDCG@10", "Recall@20", "silo-mean HR@10", "customers", "time"):
+        table.add_column(header, justify="right")
+    for method, outcome in result.methods.items():
+        s = outcome.summary
+        table.add_row(
+            METHOD_LABELS[method],
+            f"{s['hr@10']:.4f}",
+            f"{s['ndcg@10']:.4f}",
+            f"{s['recall@20']:.4f}",
+            f"{s['silo_mean_hr@10']:.4f}",
+            f"{s['users']:,}",
+            f"{outcome.seconds:.1f}s",
+        )
+    console.print(table)
+    per_silo = Table(title="HR@10 per silo")
+    per_silo.add_column("silo")
+    per_silo.add_column("customers", justify="right")
+    for method in result.methods:
+        per_silo.add_column(method, justify="right")
+    for silo in result.dataset.silo_names:
+        cells = [result.methods[m].per_silo[silo] for m in result.methods]
+        per_silo.add_row(
+            silo,
+            str(cells[0]["users"]),
+            *(f"{c['hr@10']:.3f}" if c["users"] else "–" for c in cells),
+        )
+    console.print(per_silo)
+
+
+OutOption = Annotated[
+    Path | None, typer.Option("--out", help="Run folder (default: fedshop-runs/<name>-<time>).")
+]
+OverwriteOption = Annotated[
+    bool, typer.Option("--overwrite", help="Write over a run folder that already holds a run.")
+]
+SeedOption = Annotated[int | None, typer.Option("--seed", help="Random seed.")]
+RoundsOption = Annotated[int | None, typer.Option("--rounds", help="Federated rounds.")]
+
+
+@app.command()
+def demo(
+    out: OutOption = None,
+    seed: SeedOption = None,
+    rounds: RoundsOption = None,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Train federated, centralized, local-only and popularity models on the embedded Online Retail
+    data (one silo per country) and compare them."""
+    config = load_config(
+        overrides={"data.source": "embedded", "seed": seed, "federated.rounds": rounds}
+    )
+    _execute(config, out or _default_out("demo"), overwrite)
+
+
+@app.command()
+def train(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="TOML run configuration.")
+    ] = None,
+    out: OutOption = None,
+    data_path: Annotated[
+        str | None, typer.Option("--data-path", help="Data file (overrides data.path).")
+    ] = None,
+    data_dir: Annotated[
+        str | None, typer.Option("--data-dir", help="Data folder (overrides data.data_dir).")
+    ] = None,
+    seed: SeedOption = None,
+    rounds: RoundsOption = None,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Run one configured experiment."""
+    run_config = load_config(
+        config,
+        overrides={
+            "data.path": data_path,
+            "data.data_dir": data_dir,
+            "seed": seed,
+            "federated.rounds": rounds,
+        },
+    )
+    name = config.stem if config else "train"
+    _execute(run_config, out or _default_out(name), overwrite)
+
+
+def main() -> None:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    try:
+        app(standalone_mode=False)
+    except FedShopError as exc:
+        errors.print(f"[red]error:[/] {exc}", soft_wrap=True, highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        errors.print("interrupted")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click's usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        raise

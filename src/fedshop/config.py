@@ -1,0 +1,262 @@
+"""Run configuration: TOML ⇄ typed, validated dataclasses.
+
+Every key is checked once, here: unknown keys, wrong types and impossible values raise `ConfigError`
+with the section and key named, so the rest of the code can trust its inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedshop.errors import ConfigError
+
+DATASETS = ("online-retail",)
+METHODS = ("federated", "centralized", "local_only", "popularity")
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "online-retail"
+    # auto: `path`, else `data_dir` / $FEDSHOP_DATA_DIR, else the embedded copy.
+    # embedded: always the copy inside the package. download: the official release, cached.
+    source: str = "auto"
+    path: str = ""
+    data_dir: str = ""
+    min_silo_customers: int = 10
+    min_train_days: int = 1
+    validation: bool = False
+
+    def validate(self) -> None:
+        _choice("data", "dataset", self.dataset, DATASETS)
+        _choice("data", "source", self.source, ("auto", "embedded", "download"))
+        _at_least("data", "min_silo_customers", self.min_silo_customers, 0)
+        _at_least("data", "min_train_days", self.min_train_days, 1)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "mf-bpr"
+    dim: int = 64
+    init_std: float = 0.1
+
+    def validate(self) -> None:
+        _choice("model", "name", self.name, ("mf-bpr",))
+        _at_least("model", "dim", self.dim, 1)
+        _positive("model", "init_std", self.init_std)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training, used alike by federated silos and by the centralized / local-only baselines."""
+
+    learning_rate: float = 0.005
+    batch_size: int = 1024
+    # Small silos get smaller batches so that every epoch takes at least this many optimiser steps;
+    # otherwise a storefront with 500 purchases would train for one step per epoch.
+    min_batches_per_epoch: int = 20
+    l2: float = 0.01
+    negatives: int = 1
+
+    def validate(self) -> None:
+        _positive("train", "learning_rate", self.learning_rate)
+        _at_least("train", "batch_size", self.batch_size, 1)
+        _at_least("train", "min_batches_per_epoch", self.min_batches_per_epoch, 1)
+        _at_least("train", "l2", self.l2, 0.0)
+        _at_least("train", "negatives", self.negatives, 1)
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    rounds: int = 30
+    local_epochs: int = 1
+    silos_per_round: int = 0  # 0 means every silo takes part in every round
+    server_optimizer: str = "fedavg"
+    server_learning_rate: float = 1.0
+    server_momentum: float = 0.9
+    # After the last round each silo refits its own user embeddings against the final shared model;
+    # nothing leaves the silo, so this costs no privacy and no communication.
+    personalise_epochs: int = 5
+
+    def validate(self) -> None:
+        _at_least("federated", "rounds", self.rounds, 1)
+        _at_least("federated", "local_epochs", self.local_epochs, 1)
+        _at_least("federated", "silos_per_round", self.silos_per_round, 0)
+        _choice("federated", "server_optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
+        _positive("federated", "server_learning_rate", self.server_learning_rate)
+        if not 0.0 <= self.server_momentum < 1.0:
+            raise ConfigError(
+                f"[federated] server_momentum must be in [0, 1), got {self.server_momentum}"
+            )
+        _at_least("federated", "personalise_epochs", self.personalise_epochs, 0)
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    # 0 means: the same number of passes over the data as federated training (rounds × local_epochs).
+    epochs: int = 0
+
+    def validate(self) -> None:
+        _at_least("baselines", "epochs", self.epochs, 0)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    protocol: str = "full"
+    # "validation" scores the held-out validation baskets instead (needs data.validation = true):
+    # use it to choose settings, and the test split only to report.
+    split: str = "test"
+    eval_every: int = 1  # evaluate the federated model every N rounds (for the per-round plot)
+
+    def validate(self) -> None:
+        _choice("eval", "protocol", self.protocol, ("full",))
+        _choice("eval", "split", self.split, ("test", "validation"))
+        _at_least("eval", "eval_every", self.eval_every, 1)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 42
+    methods: tuple[str, ...] = METHODS
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> RunConfig:
+        _at_least("", "seed", self.seed, 0)
+        if not self.methods:
+            raise ConfigError("methods must name at least one of " + ", ".join(METHODS))
+        for method in self.methods:
+            _choice("", "methods", method, METHODS)
+        for section in (
+            self.data,
+            self.model,
+            self.train,
+            self.federated,
+            self.baselines,
+            self.eval,
+        ):
+            section.validate()
+        if self.eval.split == "validation" and not self.data.validation:
+            raise ConfigError('[eval] split = "validation" needs [data] validation = true')
+        return self
+
+    @property
+    def baseline_epochs(self) -> int:
+        return self.baselines.epochs or self.federated.rounds * self.federated.local_epochs
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> RunConfig:
+    """Read a TOML file (or start from defaults), apply dotted `overrides`, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not a UTF-8 text file") from None
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        *sections, key = dotted.split(".")
+        target = raw
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[key] = value
+    return _build(RunConfig, raw, "").validate()
+
+
+def _build(cls: type, raw: dict[str, Any], section: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{section}] must be a table")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        where = f"in [{section}]" if section else "at the top level"
+        raise ConfigError(
+            f"unknown config key '{unknown[0]}' {where}; known keys: {', '.join(sorted(known))}"
+        )
+    values = {}
+    for name, value in raw.items():
+        values[name] = _coerce(hints[name], value, section, name)
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, section: str, name: str) -> Any:
+    label = f"[{section}] {name}" if section else name
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, name)
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{label} must be a list of strings, got {value!r}")
+        return tuple(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{label} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{label} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{label} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{label} must be a string, got {value!r}")
+        return value
+    if isinstance(hint, types.UnionType):  # pragma: no cover - no optional fields yet
+        return value
+    raise ConfigError(f"{label}: unsupported value {value!r}")
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def _choice(section: str, key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        label = f"[{section}] {key}" if section else key
+        raise ConfigError(f"{label} must be one of {', '.join(allowed)}; got '{value}'")
+
+
+def _at_least(section: str, key: str, value: float, minimum: float) -> None:
+    if value < minimum:
+        label = f"[{section}] {key}" if section else key
+        raise ConfigError(f"{label} must be at least {minimum}, got {value}")
+
+
+def _positive(section: str, key: str, value: float) -> None:
+    if not value > 0:
+        label = f"[{section}] {key}" if section else key
+        raise ConfigError(f"{label} must be greater than 0, got {value}")

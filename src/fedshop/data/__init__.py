@@ -1,0 +1,1 @@
+"""Data layer: loading, cleaning, partitioning into silos and splitting into train/test."""

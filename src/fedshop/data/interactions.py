@@ -1,0 +1,126 @@
+"""Implicit-feedback interactions as sparse user × item matrices, partitioned into silos."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from fedshop.data.split import SplitPairs
+
+
+@dataclass(frozen=True)
+class SiloData:
+    """What one silo holds: its own customers' interactions, indexed by local user number."""
+
+    name: str
+    users: np.ndarray  # global user indices of this silo's customers
+    train: sp.csr_matrix  # local users × all items
+    test: sp.csr_matrix
+    validation: sp.csr_matrix | None
+
+    @property
+    def n_users(self) -> int:
+        return len(self.users)
+
+    @property
+    def n_train(self) -> int:
+        return int(self.train.nnz)
+
+    def heldout(self, split: str) -> sp.csr_matrix:
+        matrix = self.test if split == "test" else self.validation
+        if matrix is None:
+            raise ValueError(f"silo {self.name} has no {split} split")
+        return matrix
+
+
+@dataclass(frozen=True)
+class RecDataset:
+    """A recommendation dataset: who bought what in training, the held-out baskets, and the silos."""
+
+    name: str
+    user_ids: np.ndarray  # external customer id per user index
+    item_ids: np.ndarray  # external item id per item index (the catalogue = items seen in training)
+    item_names: np.ndarray
+    silo_names: tuple[str, ...]
+    user_silo: np.ndarray  # silo index per user
+    train: sp.csr_matrix  # users × items, 1.0 where bought in training
+    test: sp.csr_matrix
+    validation: sp.csr_matrix | None
+    report: dict = field(default_factory=dict)
+
+    @property
+    def n_users(self) -> int:
+        return self.train.shape[0]
+
+    @property
+    def n_items(self) -> int:
+        return self.train.shape[1]
+
+    @property
+    def n_silos(self) -> int:
+        return len(self.silo_names)
+
+    def silo(self, index: int) -> SiloData:
+        users = np.flatnonzero(self.user_silo == index)
+        return SiloData(
+            name=self.silo_names[index],
+            users=users,
+            train=self.train[users],
+            test=self.test[users],
+            validation=None if self.validation is None else self.validation[users],
+        )
+
+    def silos(self) -> list[SiloData]:
+        return [self.silo(i) for i in range(self.n_silos)]
+
+
+def pairs_to_csr(pairs: pd.DataFrame, n_users: int, n_items: int) -> sp.csr_matrix:
+    data = np.ones(len(pairs), dtype=np.float32)
+    matrix = sp.csr_matrix(
+        (data, (pairs["user"].to_numpy(), pairs["item"].to_numpy())), shape=(n_users, n_items)
+    )
+    matrix.sum_duplicates()
+    matrix.sort_indices()
+    return matrix
+
+
+def build_dataset(
+    name: str,
+    split: SplitPairs,
+    user_ids: np.ndarray,
+    item_ids: np.ndarray,
+    item_names: np.ndarray,
+    silo_names: tuple[str, ...],
+    user_silo: np.ndarray,
+    report: dict,
+) -> RecDataset:
+    """Re-index items onto the training catalogue and assemble the sparse matrices.
+
+    `split` uses user/item codes indexing `user_ids`/`item_ids`; items never bought in training are
+    dropped from the catalogue (the split has already removed them from the held-out baskets).
+    """
+    catalogue = np.unique(split.train["item"].to_numpy())
+    remap = np.full(len(item_ids), -1, dtype=np.int64)
+    remap[catalogue] = np.arange(len(catalogue))
+
+    def reindex(pairs: pd.DataFrame) -> pd.DataFrame:
+        return pairs.assign(item=remap[pairs["item"].to_numpy()])
+
+    n_users, n_items = len(user_ids), len(catalogue)
+    return RecDataset(
+        name=name,
+        user_ids=np.asarray(user_ids),
+        item_ids=np.asarray(item_ids)[catalogue],
+        item_names=np.asarray(item_names)[catalogue],
+        silo_names=silo_names,
+        user_silo=np.asarray(user_silo, dtype=np.int64),
+        train=pairs_to_csr(reindex(split.train), n_users, n_items),
+        test=pairs_to_csr(reindex(split.test), n_users, n_items),
+        validation=None
+        if split.validation is None
+        else pairs_to_csr(reindex(split.validation), n_users, n_items),
+        report=report,
+    )

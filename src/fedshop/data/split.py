@@ -1,0 +1,88 @@
+"""Temporal per-customer split: a customer's last purchase day is their test basket.
+
+Rules (each counted in the data report):
+- A customer is evaluated only if at least `min_train_days` distinct purchase days remain for training
+  after the held-out day(s); everyone else keeps all their purchases in training and is not evaluated.
+- With `validation`, the second-to-last purchase day is held out as validation.
+- Held-out items the customer already bought in training (repeat purchases) are removed from the held-out
+  basket: full-ranking evaluation excludes training items, so they could never be hit.
+- Held-out items that nobody bought in training are removed: no model can score an item it never saw.
+- A customer whose test basket is empty after these removals is not evaluated.
+No test item of a customer ever appears in that customer's training set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass(frozen=True)
+class SplitPairs:
+    train: pd.DataFrame  # unique (user, item)
+    test: pd.DataFrame  # unique (user, item), disjoint from train per user
+    validation: pd.DataFrame | None
+    counts: dict[str, int]
+
+
+def temporal_split(
+    events: pd.DataFrame, min_train_days: int = 1, validation: bool = False
+) -> SplitPairs:
+    """Split `events` (columns user, item, day) by each user's most recent purchase days."""
+    if min_train_days < 1:
+        raise ValueError("min_train_days must be at least 1")
+    held_days = 2 if validation else 1
+    days = events[["user", "day"]].drop_duplicates()
+    # 0 = the user's last purchase day, 1 = the one before, ...
+    days = days.assign(back=days.groupby("user")["day"].rank(method="dense", ascending=False) - 1)
+    n_days = days.groupby("user")["day"].size()
+    eligible_users = n_days.index[n_days >= held_days + min_train_days]
+
+    events = events.merge(days, on=["user", "day"], how="left")
+    eligible = events["user"].isin(eligible_users)
+    held = eligible & (events["back"] < held_days)
+
+    train = events.loc[~held, ["user", "item"]].drop_duplicates()
+    counts = {
+        "users": int(n_days.size),
+        "users_too_little_history": int(n_days.size - len(eligible_users)),
+    }
+    test = _held_out(events.loc[held & (events["back"] == 0)], train, counts, "test")
+    valid = None
+    if validation:
+        valid = _held_out(events.loc[held & (events["back"] == 1)], train, counts, "validation")
+        # A test item bought already on the validation day is a repeat as far as the model is concerned.
+        before = len(test)
+        test = test.merge(valid, on=["user", "item"], how="left", indicator=True)
+        test = test.loc[test["_merge"] == "left_only", ["user", "item"]]
+        counts["test_repeat_of_validation_removed"] = before - len(test)
+    counts["train_pairs"] = len(train)
+    counts["test_pairs"] = len(test)
+    counts["test_users"] = int(test["user"].nunique())
+    if valid is not None:
+        counts["validation_pairs"] = len(valid)
+        counts["validation_users"] = int(valid["user"].nunique())
+    return SplitPairs(
+        train=train.reset_index(drop=True),
+        test=test.reset_index(drop=True),
+        validation=None if valid is None else valid.reset_index(drop=True),
+        counts=counts,
+    )
+
+
+def _held_out(
+    held: pd.DataFrame, train: pd.DataFrame, counts: dict[str, int], label: str
+) -> pd.DataFrame:
+    pairs = held[["user", "item"]].drop_duplicates()
+    users_before = pairs["user"].nunique()
+    marked = pairs.merge(train, on=["user", "item"], how="left", indicator=True)
+    repeat = (marked["_merge"] == "both").to_numpy()
+    counts[f"{label}_repeat_items_removed"] = int(repeat.sum())
+    pairs = marked.loc[~repeat, ["user", "item"]]
+    known = pairs["item"].isin(np.unique(train["item"].to_numpy()))
+    counts[f"{label}_items_unseen_in_training_removed"] = int((~known).sum())
+    pairs = pairs[known]
+    counts[f"{label}_users_empty_basket"] = int(users_before - pairs["user"].nunique())
+    return pairs

@@ -1,0 +1,235 @@
+"""One experiment: the federated model and its baselines trained and evaluated on the same split.
+
+- federated:   FedAvg over silos; user embeddings stay in their silo (see fl/)
+- centralized: one model on everyone's pooled data (the reference that privacy gives up)
+- local_only:  every silo trains alone; each customer is scored by their own silo's model
+- popularity:  items ranked by how many training customers bought them (a sanity floor)
+All four are evaluated per silo on the same held-out baskets with the same full-ranking metrics.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from fedshop.config import RunConfig
+from fedshop.data.interactions import RecDataset, SiloData
+from fedshop.eval.metrics import MetricSums, evaluate, summarise
+from fedshop.fl.simulator import RoundRecord, run_cross_silo
+from fedshop.models.mf import Params, init_shared, init_user_embedding, score_all
+from fedshop.models.train import TrainResult, train_bpr
+from fedshop.seeding import torch_generator
+
+
+class Progress(Protocol):
+    """How long-running steps report progress (the CLI draws bars; tests pass nothing)."""
+
+    def start(self, task: str, total: int) -> None: ...
+
+    def advance(self, task: str, note: str = "") -> None: ...
+
+
+class _Silent:
+    def start(self, task: str, total: int) -> None:
+        pass
+
+    def advance(self, task: str, note: str = "") -> None:
+        pass
+
+
+@dataclass
+class MethodResult:
+    summary: dict[str, float | int]
+    per_silo: dict[str, dict[str, float | int]]
+    seconds: float
+    # (epoch or round, summarised test metrics) along training, where the method has a curve
+    curve: list[tuple[int, dict[str, float | int]]] = field(default_factory=list)
+
+
+@dataclass
+class ExperimentResult:
+    config: RunConfig
+    dataset: RecDataset
+    methods: dict[str, MethodResult]
+    history: list[RoundRecord]
+    # file stem -> tensors, written as safetensors into the run folder
+    weights: dict[str, dict[str, torch.Tensor]]
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _method_result(per_silo: dict[str, MetricSums], seconds: float, curve=None) -> MethodResult:
+    return MethodResult(
+        summary=summarise(per_silo),
+        per_silo={name: sums.means() for name, sums in per_silo.items()},
+        seconds=seconds,
+        curve=curve or [],
+    )
+
+
+def _evaluate_silos(
+    dataset: RecDataset,
+    scorer: Callable[[SiloData], Callable[[np.ndarray], torch.Tensor]],
+    split: str,
+) -> dict[str, MetricSums]:
+    """Evaluate every silo's customers; `scorer(silo)` scores rows of that silo's local users."""
+    return {
+        silo.name: evaluate(scorer(silo), silo.train, silo.heldout(split))
+        for silo in dataset.silos()
+    }
+
+
+def run_federated(config: RunConfig, dataset: RecDataset, progress: Progress) -> tuple:
+    progress.start("federated", config.federated.rounds)
+    started = time.perf_counter()
+
+    def on_round(record: RoundRecord) -> None:
+        note = f"HR@10 {record.metrics['hr@10']:.3f}" if record.metrics else ""
+        progress.advance("federated", note)
+
+    run = run_cross_silo(dataset, config, on_round=on_round)
+    per_silo = run.evaluate(config.eval.split)
+    curve = [(r.round, r.metrics) for r in run.history if r.metrics]
+    result = _method_result(per_silo, time.perf_counter() - started, curve)
+    weights = {"federated/shared": dict(run.server.shared)}
+    for client in run.clients:
+        # Written by each silo into its own part of the run folder; the server never had these.
+        state = client.private_state()
+        state["users"] = torch.from_numpy(client.data.users)
+        weights[f"federated/silo-{slug(client.name)}"] = state
+    return result, run.history, weights
+
+
+def train_centralized(config: RunConfig, dataset: RecDataset, progress: Progress) -> tuple:
+    epochs = config.baseline_epochs
+    progress.start("centralized", epochs)
+    started = time.perf_counter()
+    shared = init_shared(
+        dataset.n_items,
+        config.model.dim,
+        config.model.init_std,
+        torch_generator(config.seed, "centralized", "init"),
+    )
+    users = init_user_embedding(
+        dataset.n_users,
+        config.model.dim,
+        config.model.init_std,
+        torch_generator(config.seed, "centralized", "users"),
+    )
+    split = config.eval.split
+    curve: list[tuple[int, dict]] = []
+
+    def on_epoch(epoch: int, state: TrainResult) -> None:
+        note = ""
+        if epoch % config.eval.eval_every == 0 or epoch == epochs:
+            sums = _evaluate_silos(
+                dataset, lambda s: _rows_of(state.user_embedding, state.shared, s), split
+            )
+            curve.append((epoch, summarise(sums)))
+            note = f"HR@10 {curve[-1][1]['hr@10']:.3f}"
+        progress.advance("centralized", note)
+
+    result = train_bpr(
+        shared,
+        users,
+        dataset.train,
+        epochs,
+        config.train,
+        torch_generator(config.seed, "centralized", "train"),
+        on_epoch=on_epoch,
+    )
+    per_silo = _evaluate_silos(
+        dataset, lambda silo: _rows_of(result.user_embedding, result.shared, silo), split
+    )
+    weights = {"centralized": {**result.shared, "user_embedding": result.user_embedding}}
+    return _method_result(per_silo, time.perf_counter() - started, curve), weights
+
+
+def _rows_of(user_embedding: torch.Tensor, shared: Params, silo: SiloData):
+    """Score rows (local to `silo`) with a model whose user embedding covers all users."""
+    silo_users = torch.from_numpy(silo.users)
+    return lambda rows: score_all(user_embedding[silo_users[rows]], shared)
+
+
+def train_local_only(config: RunConfig, dataset: RecDataset, progress: Progress) -> tuple:
+    epochs = config.baseline_epochs
+    progress.start("local_only", dataset.n_silos)
+    started = time.perf_counter()
+    per_silo, weights = {}, {}
+    for index, silo in enumerate(dataset.silos()):
+        shared = init_shared(
+            dataset.n_items,
+            config.model.dim,
+            config.model.init_std,
+            torch_generator(config.seed, "local", index, "init"),
+        )
+        users = init_user_embedding(
+            silo.n_users,
+            config.model.dim,
+            config.model.init_std,
+            torch_generator(config.seed, "local", index, "users"),
+        )
+        result = train_bpr(
+            shared,
+            users,
+            silo.train,
+            epochs,
+            config.train,
+            torch_generator(config.seed, "local", index, "train"),
+        )
+        local_users, local_shared = result.user_embedding, result.shared
+        per_silo[silo.name] = evaluate(
+            lambda rows, u=local_users, p=local_shared: score_all(u[rows], p),
+            silo.train,
+            silo.heldout(config.eval.split),
+        )
+        weights[f"local_only/silo-{slug(silo.name)}"] = {
+            **local_shared,
+            "user_embedding": local_users,
+        }
+        progress.advance("local_only", silo.name)
+    return _method_result(per_silo, time.perf_counter() - started), weights
+
+
+def popularity(config: RunConfig, dataset: RecDataset, progress: Progress) -> tuple:
+    progress.start("popularity", 1)
+    started = time.perf_counter()
+    # Distinct training customers per item across all silos.
+    counts = torch.from_numpy(np.asarray(dataset.train.sum(axis=0), dtype=np.float32).ravel())
+    per_silo = _evaluate_silos(
+        dataset, lambda silo: lambda rows: counts.expand(len(rows), -1), config.eval.split
+    )
+    progress.advance("popularity")
+    return _method_result(per_silo, time.perf_counter() - started), {
+        "popularity": {"counts": counts}
+    }
+
+
+def run_experiment(
+    config: RunConfig, dataset: RecDataset, progress: Progress | None = None
+) -> ExperimentResult:
+    progress = progress or _Silent()
+    methods: dict[str, MethodResult] = {}
+    weights: dict[str, dict[str, torch.Tensor]] = {}
+    history: list[RoundRecord] = []
+    if "federated" in config.methods:
+        methods["federated"], history, w = run_federated(config, dataset, progress)
+        weights.update(w)
+    if "centralized" in config.methods:
+        methods["centralized"], w = train_centralized(config, dataset, progress)
+        weights.update(w)
+    if "local_only" in config.methods:
+        methods["local_only"], w = train_local_only(config, dataset, progress)
+        weights.update(w)
+    if "popularity" in config.methods:
+        methods["popularity"], w = popularity(config, dataset, progress)
+        weights.update(w)
+    return ExperimentResult(config, dataset, methods, history, weights)

@@ -1,0 +1,63 @@
+"""Server optimisers (Reddi et al., "Adaptive Federated Optimization", ICLR 2021).
+
+The mean client update Δ is treated as a pseudo-gradient step: FedAvg applies it, FedAvgM adds server
+momentum, FedAdam adapts a per-coordinate step size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedshop.config import FederatedConfig
+from fedshop.fl.stages import Tensors
+
+
+class FedAvg:
+    def __init__(self, learning_rate: float = 1.0) -> None:
+        self.learning_rate = learning_rate
+
+    def step(self, params: Tensors, delta: Tensors) -> Tensors:
+        return {k: params[k] + self.learning_rate * delta[k] for k in params}
+
+
+class FedAvgM:
+    def __init__(self, learning_rate: float = 1.0, momentum: float = 0.9) -> None:
+        self.learning_rate, self.momentum = learning_rate, momentum
+        self.velocity: Tensors = {}
+
+    def step(self, params: Tensors, delta: Tensors) -> Tensors:
+        for k, d in delta.items():
+            self.velocity[k] = self.momentum * self.velocity.get(k, torch.zeros_like(d)) + d
+        return {k: params[k] + self.learning_rate * self.velocity[k] for k in params}
+
+
+class FedAdam:
+    def __init__(
+        self,
+        learning_rate: float = 0.01,
+        beta1: float = 0.9,
+        beta2: float = 0.99,
+        tau: float = 1e-3,
+    ) -> None:
+        self.learning_rate, self.beta1, self.beta2, self.tau = learning_rate, beta1, beta2, tau
+        self.m: Tensors = {}
+        self.v: Tensors = {}
+
+    def step(self, params: Tensors, delta: Tensors) -> Tensors:
+        out = {}
+        for k, d in delta.items():
+            self.m[k] = self.beta1 * self.m.get(k, torch.zeros_like(d)) + (1 - self.beta1) * d
+            self.v[k] = self.beta2 * self.v.get(k, torch.zeros_like(d)) + (1 - self.beta2) * d * d
+            out[k] = params[k] + self.learning_rate * self.m[k] / (self.v[k].sqrt() + self.tau)
+        return out
+
+
+ServerOptimizer = FedAvg | FedAvgM | FedAdam
+
+
+def make_server_optimizer(config: FederatedConfig) -> ServerOptimizer:
+    if config.server_optimizer == "fedavgm":
+        return FedAvgM(config.server_learning_rate, config.server_momentum)
+    if config.server_optimizer == "fedadam":
+        return FedAdam(config.server_learning_rate, beta1=config.server_momentum)
+    return FedAvg(config.server_learning_rate)

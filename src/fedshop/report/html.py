@@ -1,0 +1,171 @@
+"""A self-contained HTML report: summary table, per-silo table, training curves, data report."""
+
+from __future__ import annotations
+
+import html
+import io
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: render straight to SVG
+import matplotlib.pyplot as plt
+
+METHOD_LABELS = {
+    "federated": "Federated (FedAvg)",
+    "centralized": "Centralized (pooled data)",
+    "local_only": "Local only (each silo alone)",
+    "popularity": "Global popularity",
+}
+METRICS = ("hr@10", "ndcg@10", "recall@20", "silo_mean_hr@10")
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;
+color:#1d2430;line-height:1.45;padding:0 1rem}
+h1{font-size:1.6rem;margin-bottom:.2rem} h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #dde3ea}
+table{border-collapse:collapse;margin:.6rem 0;font-size:.92rem}
+th,td{padding:.28rem .7rem;border-bottom:1px solid #e7ebf0;text-align:right}
+th:first-child,td:first-child{text-align:left} th{background:#f4f6f9}
+.muted{color:#667085;font-size:.9rem} pre{background:#f6f8fa;padding:.8rem;overflow:auto;font-size:.85rem}
+.best{font-weight:600}
+"""
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return html.escape(str(value))
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _methods(metrics: dict[str, Any]) -> list[str]:
+    return [m for m in METHOD_LABELS if m in metrics]
+
+
+def curve_svg(metrics: dict[str, Any], metric: str = "hr@10") -> str:
+    """HR@10 after every round for the federated model, against the baselines."""
+    fig, ax = plt.subplots(figsize=(8, 4.2), dpi=100)
+    history = [h for h in metrics.get("history", []) if h.get(metric) is not None]
+    if history:
+        ax.plot(
+            [h["round"] for h in history],
+            [h[metric] for h in history],
+            marker="o",
+            ms=3,
+            label=METHOD_LABELS["federated"] + " (per round)",
+        )
+    for method, points in metrics.get("curves", {}).items():
+        ax.plot(
+            [p["step"] for p in points],
+            [p[metric] for p in points],
+            ls="--",
+            label=METHOD_LABELS.get(method, method) + " (per epoch)",
+        )
+    styles = {"federated": ":", "local_only": "-.", "popularity": (0, (1, 3))}
+    for method, style in styles.items():
+        value = metrics.get(method, {}).get(metric)
+        if value is not None:
+            suffix = " (final, after personalisation)" if method == "federated" else ""
+            ax.axhline(
+                value,
+                ls=style,
+                color={"federated": "C0", "local_only": "C2", "popularity": "C3"}[method],
+                label=f"{METHOD_LABELS[method]}{suffix}",
+            )
+    ax.set_xlabel("round (federated) / epoch (centralized)")
+    ax.set_ylabel(f"{metric.upper()} ({metrics.get('split', 'test')}, full ranking)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    buffer = io.StringIO()
+    fig.savefig(buffer, format="svg")
+    plt.close(fig)
+    svg = buffer.getvalue()
+    return svg[svg.find("<svg") :]
+
+
+def render_report(metrics: dict[str, Any], data_report: dict[str, Any], config_toml: str) -> str:
+    methods = _methods(metrics)
+    summary_rows = []
+    for method in methods:
+        m = metrics[method]
+        summary_rows.append(
+            [html.escape(METHOD_LABELS[method])]
+            + [_fmt(m.get(k)) for k in METRICS]
+            + [_fmt(m.get("users")), _fmt(m.get("seconds"), 1)]
+        )
+    summary = _table(
+        [
+            "method",
+            "HR@10",
+            "NDCG@10",
+            "Recall@20",
+            "silo-mean HR@10",
+            "customers evaluated",
+            "seconds",
+        ],
+        summary_rows,
+    )
+
+    silo_rows = []
+    for silo, by_method in metrics.get("per_silo", {}).items():
+        first = next(iter(by_method.values()), {})
+        silo_rows.append(
+            [html.escape(silo), _fmt(first.get("users"))]
+            + [_fmt(by_method.get(m, {}).get("hr@10")) for m in methods]
+        )
+    per_silo = _table(["silo", "customers evaluated"] + [f"HR@10 {m}" for m in methods], silo_rows)
+
+    cleaning = data_report.get("cleaning", {})
+    rules = data_report.get("cleaning_rules", {})
+    cleaning_rows = [
+        [html.escape(k), _fmt(v), html.escape(rules.get(k, ""))] for k, v in cleaning.items()
+    ]
+    split_rows = [[html.escape(k), _fmt(v)] for k, v in data_report.get("split", {}).items()]
+    silo_data_rows = [
+        [
+            html.escape(s["silo"]),
+            _fmt(s["customers"]),
+            _fmt(s["train_interactions"]),
+            _fmt(s["test_customers"]),
+        ]
+        for s in data_report.get("silos", [])
+    ]
+    merged = ", ".join(data_report.get("merged_into_rest_of_world", [])) or "none"
+
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>FedShop run report</title>
+<style>{CSS}</style></head><body>
+<h1>FedShop run report</h1>
+<p class="muted">dataset <b>{_fmt(metrics.get("dataset"))}</b> · protocol <b>{_fmt(metrics.get("protocol"))}
+ranking</b> over the whole catalogue, training items excluded · split <b>{_fmt(metrics.get("split"))}</b>
+· seed {_fmt(metrics.get("seed"))} · {_fmt(metrics.get("rounds"))} rounds · FedShop
+{_fmt(metrics.get("fedshop_version"))}</p>
+<h2>Results</h2>
+{summary}
+<p class="muted">HR@10, NDCG@10 and Recall@20 average over all evaluated customers (for local-only, each
+customer is scored by their own silo's model); silo-mean HR@10 is the unweighted mean over silos, so a
+small storefront counts as much as the large one.</p>
+<h2>HR@10 during training</h2>
+{curve_svg(metrics)}
+<h2>Per silo</h2>
+{per_silo}
+<h2>Data</h2>
+<p>Source: {_fmt(data_report.get("source"))}; purchases from {_fmt((data_report.get("date_range") or ["", ""])[0])}
+to {_fmt((data_report.get("date_range") or ["", ""])[1])}; catalogue {_fmt(data_report.get("catalogue_items"))} items.</p>
+<h3>Cleaning</h3>{_table(["rule / count", "rows", "meaning"], cleaning_rows)}
+<h3>Split</h3><p>{_fmt(data_report.get("split_rule"))}</p>{_table(["count", "value"], split_rows)}
+<h3>Silos</h3>{_table(["silo", "customers", "training interactions", "test customers"], silo_data_rows)}
+<p class="muted">Countries with fewer than {_fmt(data_report.get("min_silo_customers"))} customers merged
+into “Rest of world”: {html.escape(merged)}.</p>
+<h2>Configuration</h2><pre>{html.escape(config_toml)}</pre>
+<p class="muted">Data: UCI Online Retail (Chen, Sain &amp; Guo, 2012), CC BY 4.0.</p>
+</body></html>
+"""

@@ -1,0 +1,107 @@
+"""Write everything a run produced into its folder, so the run can be inspected and reproduced.
+
+config.toml        the resolved configuration (re-run with `fedshop train --config config.toml`)
+data_report.json   cleaning counts, split counts, silos
+metrics.json       results of every method, overall and per silo, and the per-round history
+catalogue.csv      item index → item id and name (the rows of the item embeddings)
+models/…           weights as safetensors (each silo's private user embeddings in its own file)
+report.html        the human-readable report with plots
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from safetensors.torch import save_file
+
+from fedshop import __version__
+from fedshop.errors import FedShopError
+from fedshop.experiment import ExperimentResult
+from fedshop.report.html import render_report
+
+MARKER = "metrics.json"
+
+
+def prepare_run_folder(out: Path, overwrite: bool = False) -> Path:
+    """Create the run folder; refuse to write over an earlier run unless asked to."""
+    out = Path(out).expanduser()
+    if (out / MARKER).exists() and not overwrite:
+        raise FedShopError(
+            f"{out} already holds a run (it has {MARKER}); choose another --out or pass --overwrite"
+        )
+    if out.exists() and not out.is_dir():
+        raise FedShopError(f"{out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FedShopError(f"cannot create run folder {out}: {exc.strerror}") from None
+    return out
+
+
+def metrics_document(result: ExperimentResult) -> dict[str, Any]:
+    config = result.config
+    doc: dict[str, Any] = {
+        "fedshop_version": __version__,
+        "dataset": result.dataset.name,
+        "protocol": config.eval.protocol,
+        "split": config.eval.split,
+        "seed": config.seed,
+        "rounds": config.federated.rounds,
+    }
+    for method, outcome in result.methods.items():
+        doc[method] = {**outcome.summary, "seconds": round(outcome.seconds, 3)}
+    silo_names = result.dataset.silo_names
+    doc["per_silo"] = {
+        silo: {method: outcome.per_silo[silo] for method, outcome in result.methods.items()}
+        for silo in silo_names
+    }
+    doc["history"] = [
+        {
+            "round": record.round,
+            "clients": len(record.clients),
+            "seconds": round(record.seconds, 4),
+            **(record.metrics or {}),
+        }
+        for record in result.history
+    ]
+    doc["curves"] = {
+        method: [{"step": step, **metrics} for step, metrics in outcome.curve]
+        for method, outcome in result.methods.items()
+        if outcome.curve
+    }
+    return _finite(doc)
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN: a metric that could not be computed (no customers) is written as null."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_run(out: Path, result: ExperimentResult) -> Path:
+    out = Path(out)
+    (out / "config.toml").write_text(result.config.to_toml(), encoding="utf-8")
+    data_report = _finite(result.dataset.report)
+    (out / "data_report.json").write_text(json.dumps(data_report, indent=2, default=str) + "\n")
+    metrics = metrics_document(result)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    pd.DataFrame(
+        {"item_id": result.dataset.item_ids, "name": result.dataset.item_names}
+    ).rename_axis("index").to_csv(out / "catalogue.csv")
+    for stem, tensors in result.weights.items():
+        path = out / "models" / f"{stem}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    (out / "report.html").write_text(
+        render_report(metrics, data_report, result.config.to_toml()), encoding="utf-8"
+    )
+    return out

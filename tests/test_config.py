@@ -1,0 +1,48 @@
+import pytest
+
+from fedshop.config import RunConfig, load_config
+from fedshop.errors import ConfigError
+
+
+def test_defaults_round_trip_through_toml(tmp_path):
+    config = load_config(overrides={"federated.rounds": 7, "data.min_silo_customers": 3})
+    path = tmp_path / "run.toml"
+    path.write_text(config.to_toml())
+    assert load_config(path) == config
+    assert isinstance(load_config(), RunConfig)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[model]\ndimension = 3\n", "unknown config key 'dimension' in \\[model\\]"),
+        ("colour = 'red'\n", "unknown config key 'colour' at the top level"),
+        ("[model]\ndim = -3\n", "\\[model\\] dim must be at least 1"),
+        ("[model]\ndim = 'big'\n", "\\[model\\] dim must be an integer"),
+        ("[federated]\nrounds = 0\n", "rounds must be at least 1"),
+        ("[train]\nlearning_rate = 0\n", "learning_rate must be greater than 0"),
+        ("[data]\ndataset = 'mnist'\n", "dataset must be one of"),
+        ("[data]\nvalidation = 'yes'\n", "must be true or false"),
+        ("methods = ['federated', 'magic']\n", "methods must be one of"),
+        ("[eval]\nsplit = 'validation'\n", "needs \\[data\\] validation = true"),
+        ("[federated]\nserver_momentum = 1.0\n", "server_momentum must be in"),
+        ("model = 3\n", "\\[model\\] must be a table"),
+        ("[model\n", "not valid TOML"),
+    ],
+)
+def test_bad_configs_name_the_problem(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_baseline_epochs_default_to_federated_passes():
+    config = load_config(overrides={"federated.rounds": 4, "federated.local_epochs": 3})
+    assert config.baseline_epochs == 12
+    assert load_config(overrides={"baselines.epochs": 5}).baseline_epochs == 5

@@ -1,0 +1,65 @@
+"""The guarantee: a silo's user embeddings never leave it. We inspect exactly what a silo sends."""
+
+import dataclasses
+
+import torch
+
+from fedshop.config import RunConfig, load_config
+from fedshop.fl.simulator import build_federation
+from fedshop.fl.stages import ClientMessage
+from fedshop.models.mf import SHARED_PARAMETERS
+
+
+def small_config() -> RunConfig:
+    return load_config(overrides={"model.dim": 8, "federated.rounds": 1, "seed": 3})
+
+
+def test_a_silo_sends_only_shared_parameters(retail):
+    config = small_config()
+    run = build_federation(retail, config)
+    silo = run.clients[2]  # a small storefront
+    before = silo.private_state()["user_embedding"]
+    sent = silo.fit(run.server.shared, epochs=1)
+    after = silo.private_state()["user_embedding"]
+
+    # The message type has exactly these fields: tensors, weight, example count.
+    assert [f.name for f in dataclasses.fields(ClientMessage)] == [
+        "tensors",
+        "weight",
+        "num_examples",
+    ]
+    assert set(sent.tensors) == set(SHARED_PARAMETERS)
+    assert sent.tensors["item_embedding"].shape == (retail.n_items, config.model.dim)
+    assert sent.tensors["item_bias"].shape == (retail.n_items,)
+    assert sent.num_examples == silo.data.n_train
+    # The user embeddings did train, yet no sent tensor contains any user's vector.
+    assert not torch.equal(before, after)
+    for tensor in sent.tensors.values():
+        rows = tensor.reshape(tensor.shape[0], -1)
+        for user_vector in (before, after):
+            if rows.shape[1] == user_vector.shape[1]:
+                matches = torch.cdist(user_vector, rows / sent.weight).min(dim=1).values
+                assert bool((matches > 1e-6).all())
+    assert all(t.shape[0] == retail.n_items for t in sent.tensors.values())
+
+
+def test_the_server_only_ever_holds_what_silos_sent(retail):
+    config = small_config()
+    run = build_federation(retail, config)
+    received: list[ClientMessage] = []
+    original_apply = run.server.apply
+
+    def recording_apply(messages):
+        received.extend(messages)
+        return original_apply(messages)
+
+    run.server.apply = recording_apply
+    shared = run.server.shared
+    run.server.apply([client.fit(shared, 1) for client in run.clients])
+    assert len(received) == retail.n_silos
+    for message in received:
+        assert set(message.tensors) == set(SHARED_PARAMETERS)
+    # Nothing on the server is shaped like a silo's user table.
+    server_tensors = list(run.server.shared.values())
+    assert all(t.shape[0] == retail.n_items for t in server_tensors)
+    assert not any(hasattr(run.server, name) for name in ("user_embedding", "users", "clients"))
