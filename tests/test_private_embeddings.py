@@ -1,4 +1,6 @@
-"""The guarantee: a silo's user embeddings never leave it. We inspect exactly what a silo sends."""
+"""The guarantee: a silo's private parameters (user embeddings, item-bias offsets) never leave it.
+
+We inspect exactly what a silo sends."""
 
 import dataclasses
 
@@ -6,8 +8,8 @@ import torch
 
 from fedshop.config import RunConfig, load_config
 from fedshop.fl.simulator import build_federation
-from fedshop.fl.stages import ClientMessage
-from fedshop.models.mf import SHARED_PARAMETERS
+from fedshop.fl.stages import STEPS_KEY, ClientMessage
+from fedshop.models.mf import PRIVATE_PARAMETERS, SHARED_PARAMETERS
 
 
 def small_config() -> RunConfig:
@@ -18,29 +20,37 @@ def test_a_silo_sends_only_shared_parameters(retail):
     config = small_config()
     run = build_federation(retail, config)
     silo = run.clients[2]  # a small storefront
-    before = silo.private_state()["user_embedding"]
+    before_state = silo.private_state()
     sent = silo.fit(run.server.shared, epochs=1)
-    after = silo.private_state()["user_embedding"]
+    after_state = silo.private_state()
+    before, after = before_state["user_embedding"], after_state["user_embedding"]
 
-    # The message type has exactly these fields: tensors, weight, example count.
+    # The message type has exactly these fields: tensors, weight, example and step counts.
     assert [f.name for f in dataclasses.fields(ClientMessage)] == [
         "tensors",
         "weight",
         "num_examples",
+        "local_steps",
     ]
-    assert set(sent.tensors) == set(SHARED_PARAMETERS)
+    assert set(before_state) == set(PRIVATE_PARAMETERS)
+    assert set(sent.tensors) - {STEPS_KEY} == set(SHARED_PARAMETERS)
+    assert not set(sent.tensors) & set(PRIVATE_PARAMETERS)
     assert sent.tensors["item_embedding"].shape == (retail.n_items, config.model.dim)
     assert sent.tensors["item_bias"].shape == (retail.n_items,)
     assert sent.num_examples == silo.data.n_train
     # The user embeddings did train, yet no sent tensor contains any user's vector.
     assert not torch.equal(before, after)
+    offsets = after_state["silo_item_bias"]
+    assert offsets.abs().sum() > 0  # the silo's local-taste offsets trained too
     for tensor in sent.tensors.values():
+        if tensor.shape == offsets.shape[1:]:
+            assert not torch.allclose(tensor / sent.weight, offsets[0])
         rows = tensor.reshape(tensor.shape[0], -1)
         for user_vector in (before, after):
             if rows.shape[1] == user_vector.shape[1]:
                 matches = torch.cdist(user_vector, rows / sent.weight).min(dim=1).values
                 assert bool((matches > 1e-6).all())
-    assert all(t.shape[0] == retail.n_items for t in sent.tensors.values())
+    assert all(t.shape[0] == retail.n_items for k, t in sent.tensors.items() if k != STEPS_KEY)
 
 
 def test_the_server_only_ever_holds_what_silos_sent(retail):
@@ -58,8 +68,9 @@ def test_the_server_only_ever_holds_what_silos_sent(retail):
     run.server.apply([client.fit(shared, 1) for client in run.clients])
     assert len(received) == retail.n_silos
     for message in received:
-        assert set(message.tensors) == set(SHARED_PARAMETERS)
+        assert set(message.tensors) - {STEPS_KEY} == set(SHARED_PARAMETERS)
     # Nothing on the server is shaped like a silo's user table.
     server_tensors = list(run.server.shared.values())
     assert all(t.shape[0] == retail.n_items for t in server_tensors)
-    assert not any(hasattr(run.server, name) for name in ("user_embedding", "users", "clients"))
+    names = ("user_embedding", "silo_item_bias", "users", "clients")
+    assert not any(hasattr(run.server, name) for name in names)

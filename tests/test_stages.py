@@ -12,7 +12,9 @@ from fedshop.fl.stages import (
 
 
 def message(value, n):
-    return ClientMessage({"w": torch.tensor([value, 2 * value])}, weight=1.0, num_examples=n)
+    return ClientMessage(
+        {"w": torch.tensor([value, 2 * value])}, weight=1.0, num_examples=n, local_steps=1
+    )
 
 
 def test_fedavg_weights_by_example_count():
@@ -53,7 +55,7 @@ def test_stages_run_in_order_on_both_sides():
 def test_mismatched_or_empty_rounds_are_rejected():
     with pytest.raises(ValueError, match="empty"):
         sum_messages([])
-    other = ClientMessage({"v": torch.zeros(2)}, 1.0, 1)
+    other = ClientMessage({"v": torch.zeros(2)}, 1.0, 1, 1)
     with pytest.raises(ValueError, match="different parameter names"):
         sum_messages([message(1.0, 1), other])
 
@@ -69,3 +71,30 @@ def test_server_momentum_and_adam():
     assert adam.step({"w": torch.zeros(1)}, {"w": torch.tensor([-3.0])})[
         "w"
     ].item() == pytest.approx(-0.1)
+
+
+def test_fednova_normalises_by_local_steps():
+    # Silo A: 30 examples, 10 steps, update 10 (1 per step). Silo B: 10 examples, 2 steps, update 4
+    # (2 per step). Per-step mean = (30·1 + 10·2)/40 = 1.25; effective steps = (30·10 + 10·2)/40 = 8
+    # → mean update 10. Plain FedAvg would give (30·10 + 10·4)/40 = 8.5.
+    pipeline = AggregationPipeline.for_aggregation("fednova")
+    a = ClientMessage({"w": torch.tensor([10.0])}, 1.0, num_examples=30, local_steps=10)
+    b = ClientMessage({"w": torch.tensor([4.0])}, 1.0, num_examples=10, local_steps=2)
+    mean = pipeline.aggregate([pipeline.on_client(a), pipeline.on_client(b)])
+    assert set(mean) == {"w"}
+    assert mean["w"].item() == pytest.approx(10.0)
+    fedavg = AggregationPipeline.for_aggregation("fedavg")
+    plain = fedavg.aggregate([fedavg.on_client(a), fedavg.on_client(b)])
+    assert plain["w"].item() == pytest.approx(8.5)
+
+
+def test_fednova_equals_fedavg_when_steps_are_equal():
+    nova = AggregationPipeline.for_aggregation("fednova")
+    avg = AggregationPipeline.for_aggregation("fedavg")
+    msgs = [
+        ClientMessage({"w": torch.tensor([1.0, -2.0])}, 1.0, num_examples=7, local_steps=5),
+        ClientMessage({"w": torch.tensor([3.0, 0.5])}, 1.0, num_examples=2, local_steps=5),
+    ]
+    a = nova.aggregate([nova.on_client(m) for m in msgs])["w"]
+    b = avg.aggregate([avg.on_client(m) for m in msgs])["w"]
+    assert torch.allclose(a, b)

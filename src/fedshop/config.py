@@ -21,6 +21,7 @@ from fedshop.errors import ConfigError
 DATASETS = ("online-retail",)
 METHODS = ("federated", "centralized", "local_only", "popularity")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
+AGGREGATIONS = ("fedavg", "fednova")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class ModelConfig:
     name: str = "mf-bpr"
     dim: int = 64
     init_std: float = 0.1
+    # A private per-silo item-bias offset (local taste); see models/mf.py.
+    silo_item_bias: bool = True
 
     def validate(self) -> None:
         _choice("model", "name", self.name, ("mf-bpr",))
@@ -79,9 +82,16 @@ class FederatedConfig:
     rounds: int = 30
     local_epochs: int = 1
     silos_per_round: int = 0  # 0 means every silo takes part in every round
+    # fedavg: example-weighted mean of the updates. fednova: the same, normalised by each silo's
+    # local step count, so a large silo's many local steps do not drown the small ones.
+    aggregation: str = "fednova"
     server_optimizer: str = "fedavg"
     server_learning_rate: float = 1.0
     server_momentum: float = 0.9
+    # Federated Reconstruction (Singhal et al., NeurIPS 2021): each round a silo first refits its user
+    # embeddings against the frozen global item parameters for this many epochs, so the item update it
+    # then computes comes from well-fitted users rather than stale ones.
+    reconstruction_epochs: int = 0
     # After the last round each silo refits its own user embeddings against the final shared model;
     # nothing leaves the silo, so this costs no privacy and no communication.
     personalise_epochs: int = 5
@@ -90,12 +100,14 @@ class FederatedConfig:
         _at_least("federated", "rounds", self.rounds, 1)
         _at_least("federated", "local_epochs", self.local_epochs, 1)
         _at_least("federated", "silos_per_round", self.silos_per_round, 0)
+        _choice("federated", "aggregation", self.aggregation, AGGREGATIONS)
         _choice("federated", "server_optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
         _positive("federated", "server_learning_rate", self.server_learning_rate)
         if not 0.0 <= self.server_momentum < 1.0:
             raise ConfigError(
                 f"[federated] server_momentum must be in [0, 1), got {self.server_momentum}"
             )
+        _at_least("federated", "reconstruction_epochs", self.reconstruction_epochs, 0)
         _at_least("federated", "personalise_epochs", self.personalise_epochs, 0)
 
 

@@ -22,7 +22,7 @@ from fedshop.config import RunConfig
 from fedshop.data.interactions import RecDataset, SiloData
 from fedshop.eval.metrics import MetricSums, evaluate, summarise
 from fedshop.fl.simulator import RoundRecord, run_cross_silo
-from fedshop.models.mf import Params, init_shared, init_user_embedding, score_all
+from fedshop.models.mf import Params, init_private, init_shared, score_all
 from fedshop.models.train import TrainResult, train_bpr
 from fedshop.seeding import torch_generator
 
@@ -103,7 +103,7 @@ def run_federated(config: RunConfig, dataset: RecDataset, progress: Progress) ->
     for client in run.clients:
         # Written by each silo into its own part of the run folder; the server never had these.
         state = client.private_state()
-        state["users"] = torch.from_numpy(client.data.users)
+        state["users"] = torch.tensor(client.data.users)
         weights[f"federated/silo-{slug(client.name)}"] = state
     return result, run.history, weights
 
@@ -112,18 +112,17 @@ def train_centralized(config: RunConfig, dataset: RecDataset, progress: Progress
     epochs = config.baseline_epochs
     progress.start("centralized", epochs)
     started = time.perf_counter()
+    model = config.model
     shared = init_shared(
-        dataset.n_items,
-        config.model.dim,
-        config.model.init_std,
+        dataset.n_items, model.dim, model.init_std,
         torch_generator(config.seed, "centralized", "init"),
-    )
-    users = init_user_embedding(
-        dataset.n_users,
-        config.model.dim,
-        config.model.init_std,
+    )  # fmt: skip
+    private = init_private(
+        dataset.n_users, dataset.n_items, model.dim, model.init_std,
         torch_generator(config.seed, "centralized", "users"),
-    )
+        n_silos=dataset.n_silos, silo_item_bias=model.silo_item_bias,
+    )  # fmt: skip
+    user_silo = torch.tensor(dataset.user_silo)
     split = config.eval.split
     curve: list[tuple[int, dict]] = []
 
@@ -131,70 +130,56 @@ def train_centralized(config: RunConfig, dataset: RecDataset, progress: Progress
         note = ""
         if epoch % config.eval.eval_every == 0 or epoch == epochs:
             sums = _evaluate_silos(
-                dataset, lambda s: _rows_of(state.user_embedding, state.shared, s), split
+                dataset, lambda s: _pooled_rows(state.shared, state.private, user_silo, s), split
             )
             curve.append((epoch, summarise(sums)))
             note = f"HR@10 {curve[-1][1]['hr@10']:.3f}"
         progress.advance("centralized", note)
 
     result = train_bpr(
-        shared,
-        users,
-        dataset.train,
-        epochs,
-        config.train,
+        shared, private, dataset.train, epochs, config.train,
         torch_generator(config.seed, "centralized", "train"),
-        on_epoch=on_epoch,
-    )
+        user_silo=user_silo, on_epoch=on_epoch,
+    )  # fmt: skip
     per_silo = _evaluate_silos(
-        dataset, lambda silo: _rows_of(result.user_embedding, result.shared, silo), split
+        dataset, lambda silo: _pooled_rows(result.shared, result.private, user_silo, silo), split
     )
-    weights = {"centralized": {**result.shared, "user_embedding": result.user_embedding}}
+    weights = {"centralized": {**result.shared, **result.private, "user_silo": user_silo}}
     return _method_result(per_silo, time.perf_counter() - started, curve), weights
 
 
-def _rows_of(user_embedding: torch.Tensor, shared: Params, silo: SiloData):
-    """Score rows (local to `silo`) with a model whose user embedding covers all users."""
+def _pooled_rows(shared: Params, private: Params, user_silo: torch.Tensor, silo: SiloData):
+    """Score rows (local to `silo`) with a model whose private tables cover all users."""
     silo_users = torch.from_numpy(silo.users)
-    return lambda rows: score_all(user_embedding[silo_users[rows]], shared)
+    return lambda rows: score_all(shared, private, silo_users[rows], user_silo)
 
 
 def train_local_only(config: RunConfig, dataset: RecDataset, progress: Progress) -> tuple:
     epochs = config.baseline_epochs
     progress.start("local_only", dataset.n_silos)
     started = time.perf_counter()
+    model = config.model
     per_silo, weights = {}, {}
     for index, silo in enumerate(dataset.silos()):
         shared = init_shared(
-            dataset.n_items,
-            config.model.dim,
-            config.model.init_std,
+            dataset.n_items, model.dim, model.init_std,
             torch_generator(config.seed, "local", index, "init"),
-        )
-        users = init_user_embedding(
-            silo.n_users,
-            config.model.dim,
-            config.model.init_std,
+        )  # fmt: skip
+        private = init_private(
+            silo.n_users, dataset.n_items, model.dim, model.init_std,
             torch_generator(config.seed, "local", index, "users"),
-        )
+            silo_item_bias=model.silo_item_bias,
+        )  # fmt: skip
         result = train_bpr(
-            shared,
-            users,
-            silo.train,
-            epochs,
-            config.train,
+            shared, private, silo.train, epochs, config.train,
             torch_generator(config.seed, "local", index, "train"),
-        )
-        local_users, local_shared = result.user_embedding, result.shared
+        )  # fmt: skip
         per_silo[silo.name] = evaluate(
-            lambda rows, u=local_users, p=local_shared: score_all(u[rows], p),
+            lambda rows, r=result: score_all(r.shared, r.private, torch.from_numpy(rows)),
             silo.train,
             silo.heldout(config.eval.split),
         )
-        weights[f"local_only/silo-{slug(silo.name)}"] = {
-            **local_shared,
-            "user_embedding": local_users,
-        }
+        weights[f"local_only/silo-{slug(silo.name)}"] = {**result.shared, **result.private}
         progress.advance("local_only", silo.name)
     return _method_result(per_silo, time.perf_counter() - started), weights
 

@@ -1,4 +1,4 @@
-"""A silo: owns its customers' data and their user embeddings; sends only shared-parameter updates."""
+"""A silo: owns its customers' data and its private parameters; sends only shared-parameter updates."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from fedshop.config import ModelConfig, TrainConfig
 from fedshop.data.interactions import SiloData
 from fedshop.eval.metrics import MetricSums, evaluate
 from fedshop.fl.stages import AggregationPipeline, ClientMessage
-from fedshop.models.mf import SHARED_PARAMETERS, Params, init_user_embedding, score_all
+from fedshop.models.mf import SHARED_PARAMETERS, Params, init_private, score_all
 from fedshop.models.train import train_bpr
 from fedshop.seeding import torch_generator
 
@@ -27,55 +27,57 @@ class SiloClient:
         self.data = data
         self.train_config = train
         self.pipeline = pipeline
-        # Private state: never part of a ClientMessage.
-        self._user_embedding = init_user_embedding(
-            data.n_users, model.dim, model.init_std, torch_generator(seed, "silo", index, "users")
-        )
+        # Private state: user embeddings and the silo's item-bias offsets. Never part of a message.
+        self._private = init_private(
+            data.n_users, data.train.shape[1], model.dim, model.init_std,
+            torch_generator(seed, "silo", index, "users"), silo_item_bias=model.silo_item_bias,
+        )  # fmt: skip
         self._generator = torch_generator(seed, "silo", index, "train")
 
     @property
     def name(self) -> str:
         return self.data.name
 
-    def fit(self, global_shared: Params, epochs: int) -> ClientMessage:
-        """Train locally from the global shared parameters; return the (staged) update to send."""
+    def fit(
+        self, global_shared: Params, epochs: int, reconstruction_epochs: int = 0
+    ) -> ClientMessage:
+        """Train locally from the global shared parameters; return the (staged) update to send.
+
+        With `reconstruction_epochs`, the private parameters are first refitted against the frozen
+        global parameters (Federated Reconstruction, Singhal et al. 2021); only the joint epochs that
+        follow produce the update.
+        """
+        self.personalise(global_shared, reconstruction_epochs)
         result = train_bpr(
-            global_shared,
-            self._user_embedding,
-            self.data.train,
-            epochs,
-            self.train_config,
-            self._generator,
-        )
-        self._user_embedding = result.user_embedding
+            global_shared, self._private, self.data.train, epochs,
+            self.train_config, self._generator,
+        )  # fmt: skip
+        self._private = result.private
         delta = {k: result.shared[k] - global_shared[k] for k in SHARED_PARAMETERS}
-        message = ClientMessage(tensors=delta, weight=1.0, num_examples=self.data.n_train)
+        message = ClientMessage(
+            tensors=delta, weight=1.0, num_examples=self.data.n_train, local_steps=result.steps
+        )
         return self.pipeline.on_client(message)
 
     def personalise(self, global_shared: Params, epochs: int) -> None:
-        """Refit this silo's user embeddings against fixed shared parameters; nothing is sent."""
+        """Refit the private parameters against fixed shared parameters; nothing is sent."""
         if epochs <= 0:
             return
         result = train_bpr(
-            global_shared,
-            self._user_embedding,
-            self.data.train,
-            epochs,
-            self.train_config,
-            self._generator,
-            update_shared=False,
-        )
-        self._user_embedding = result.user_embedding
+            global_shared, self._private, self.data.train, epochs,
+            self.train_config, self._generator, update_shared=False,
+        )  # fmt: skip
+        self._private = result.private
 
     def evaluate(self, global_shared: Params, split: str = "test") -> MetricSums:
         """Evaluate this silo's customers locally; only metric sums would leave the silo."""
-        users = self._user_embedding
+        private = self._private
         return evaluate(
-            lambda rows: score_all(users[rows], global_shared),
+            lambda rows: score_all(global_shared, private, torch.from_numpy(rows)),
             self.data.train,
             self.data.heldout(split),
         )
 
     def private_state(self) -> dict[str, torch.Tensor]:
         """For the silo's own storage (its run-folder entry), never for the server."""
-        return {"user_embedding": self._user_embedding.clone()}
+        return {k: v.clone() for k, v in self._private.items()}

@@ -44,7 +44,7 @@ class FederatedRun:
 def build_federation(
     dataset: RecDataset, config: RunConfig, pipeline: AggregationPipeline | None = None
 ) -> FederatedRun:
-    pipeline = pipeline or AggregationPipeline()
+    pipeline = pipeline or AggregationPipeline.for_aggregation(config.federated.aggregation)
     shared = init_shared(
         dataset.n_items,
         config.model.dim,
@@ -78,7 +78,10 @@ def run_cross_silo(
         started = time.perf_counter()
         chosen = run.server.sample_clients()
         global_shared = run.server.shared
-        messages = [run.clients[i].fit(global_shared, fed.local_epochs) for i in chosen]
+        messages = [
+            run.clients[i].fit(global_shared, fed.local_epochs, fed.reconstruction_epochs)
+            for i in chosen
+        ]
         run.server.apply(messages)
         seconds = time.perf_counter() - started
         metrics = None

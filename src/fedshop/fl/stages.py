@@ -24,6 +24,7 @@ class ClientMessage:
     tensors: Tensors  # shared-parameter update (after the client stages)
     weight: float  # this message's weight in the sum (1 until a weighting stage sets it)
     num_examples: int  # training examples behind the update (for weighting and reports)
+    local_steps: int  # optimiser steps behind the update (for step normalisation)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,31 @@ def weight_by_examples(message: ClientMessage) -> ClientMessage:
     """FedAvg weighting: scale the update by its example count, so the mean is example-weighted."""
     n = float(message.num_examples)
     return replace(message, tensors={k: v * n for k, v in message.tensors.items()}, weight=n)
+
+
+# Carried as a tensor so that it is summed like the update itself, also under secure aggregation.
+STEPS_KEY = "__weighted_local_steps__"
+
+
+def normalise_by_local_steps(message: ClientMessage) -> ClientMessage:
+    """FedNova (Wang et al., NeurIPS 2020), client half: divide the update by its local step count.
+
+    With plain FedAvg a silo that takes ten times more local steps moves the model about ten times
+    further, on top of its larger weight, so large silos dominate beyond their share of the data. Runs
+    after the weighting stage: the step count is weighted like the update, so the server can form the
+    weighted mean step count.
+    """
+    steps = max(message.local_steps, 1)
+    tensors = {k: v / steps for k, v in message.tensors.items()}
+    tensors[STEPS_KEY] = torch.tensor([message.weight * steps], dtype=torch.float64)
+    return replace(message, tensors=tensors)
+
+
+def rescale_by_effective_steps(aggregate: Aggregate) -> Aggregate:
+    """FedNova, server half: scale the step-normalised sum by the weighted mean step count."""
+    tensors = dict(aggregate.tensors)
+    effective_steps = float(tensors.pop(STEPS_KEY)) / aggregate.weight
+    return replace(aggregate, tensors={k: v * effective_steps for k, v in tensors.items()})
 
 
 def sum_messages(messages: Sequence[ClientMessage]) -> Aggregate:
@@ -68,6 +94,18 @@ def mean_of(aggregate: Aggregate) -> Tensors:
 class AggregationPipeline:
     client_stages: tuple[ClientStage, ...] = (weight_by_examples,)
     server_stages: tuple[ServerStage, ...] = field(default_factory=tuple)
+
+    @staticmethod
+    def for_aggregation(kind: str) -> AggregationPipeline:
+        """The base pipeline of an aggregation rule; privacy stages are added around it."""
+        if kind == "fednova":
+            return AggregationPipeline(
+                client_stages=(weight_by_examples, normalise_by_local_steps),
+                server_stages=(rescale_by_effective_steps,),
+            )
+        if kind == "fedavg":
+            return AggregationPipeline()
+        raise ValueError(f"unknown aggregation '{kind}'")
 
     def on_client(self, message: ClientMessage) -> ClientMessage:
         """Runs inside the silo, before anything is sent."""

@@ -1,9 +1,12 @@
 """Matrix factorisation for implicit feedback, trained with BPR (Rendle et al., UAI 2009).
 
-score(u, i) = <user_u, item_i> + bias_i
+score(u, i) = <user_u, item_i> + bias_i + silo_bias[silo(u), i]
 
 Item embeddings and item biases are *shared*: every silo trains them and the server aggregates them.
-User embeddings are *private*: each silo keeps its own customers' vectors and never sends them.
+User embeddings and the silo item-bias offsets are *private*: each silo keeps its own customers'
+vectors and its own offsets and never sends them. The offsets let a storefront express local taste
+(German customers buy different best-sellers than British ones) on top of the shared model; the
+centralized baseline has the same term, indexed by each customer's silo, so all methods share a model.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import torch.nn.functional as F
 Params = dict[str, torch.Tensor]
 
 SHARED_PARAMETERS = ("item_embedding", "item_bias")
-PRIVATE_PARAMETERS = ("user_embedding",)
+PRIVATE_PARAMETERS = ("user_embedding", "silo_item_bias")
 
 
 def init_shared(n_items: int, dim: int, init_std: float, generator: torch.Generator) -> Params:
@@ -24,35 +27,33 @@ def init_shared(n_items: int, dim: int, init_std: float, generator: torch.Genera
     }
 
 
-def init_user_embedding(
-    n_users: int, dim: int, init_std: float, generator: torch.Generator
+def init_private(
+    n_users: int,
+    n_items: int,
+    dim: int,
+    init_std: float,
+    generator: torch.Generator,
+    n_silos: int = 1,
+    silo_item_bias: bool = True,
+) -> Params:
+    """Private parameters of `n_users` customers spread over `n_silos` silos (1 inside a silo)."""
+    private = {"user_embedding": torch.randn(n_users, dim, generator=generator) * init_std}
+    if silo_item_bias:
+        private["silo_item_bias"] = torch.zeros(n_silos, n_items)
+    return private
+
+
+def score_all(
+    shared: Params, private: Params, users: torch.Tensor, user_silo: torch.Tensor | None = None
 ) -> torch.Tensor:
-    return torch.randn(n_users, dim, generator=generator) * init_std
+    """Scores of `users` (indices into the private tables) against the whole catalogue."""
+    scores = private["user_embedding"][users] @ shared["item_embedding"].T + shared["item_bias"]
+    if "silo_item_bias" in private:
+        silos = torch.zeros_like(users) if user_silo is None else user_silo[users]
+        scores = scores + private["silo_item_bias"][silos]
+    return scores
 
 
-def score_all(user_embedding: torch.Tensor, shared: Params) -> torch.Tensor:
-    """Scores of the given users against the whole catalogue: (users × items)."""
-    return user_embedding @ shared["item_embedding"].T + shared["item_bias"]
-
-
-def bpr_loss(
-    users: torch.Tensor,
-    positives: torch.Tensor,
-    negatives: torch.Tensor,
-    pos_bias: torch.Tensor,
-    neg_bias: torch.Tensor,
-    l2: float,
-) -> torch.Tensor:
-    """Mean BPR loss with L2 on the embeddings touched by the batch.
-
-    `users`, `positives`: (batch, dim); `negatives`: (batch, n_neg, dim); biases match.
-    """
-    pos_score = (users * positives).sum(-1) + pos_bias
-    neg_score = torch.einsum("bd,bnd->bn", users, negatives) + neg_bias
-    ranking = -F.logsigmoid(pos_score.unsqueeze(1) - neg_score).mean()
-    penalty = (
-        users.pow(2).sum(-1).mean()
-        + positives.pow(2).sum(-1).mean()
-        + negatives.pow(2).sum(-1).mean(1).mean()
-    )
-    return ranking + l2 * penalty
+def bpr_loss(pos_score: torch.Tensor, neg_score: torch.Tensor) -> torch.Tensor:
+    """Mean BPR loss: `pos_score` (batch,), `neg_score` (batch, n_neg)."""
+    return -F.logsigmoid(pos_score.unsqueeze(1) - neg_score).mean()

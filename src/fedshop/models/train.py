@@ -16,7 +16,7 @@ from fedshop.models.mf import Params, bpr_loss
 @dataclass(frozen=True)
 class TrainResult:
     shared: Params
-    user_embedding: torch.Tensor
+    private: Params
     mean_loss: float
     steps: int
 
@@ -33,28 +33,34 @@ def effective_batch_size(n_pairs: int, config: TrainConfig) -> int:
 
 def train_bpr(
     shared: Params,
-    user_embedding: torch.Tensor,
+    private: Params,
     train: sp.csr_matrix,
     epochs: int,
     config: TrainConfig,
     generator: torch.Generator,
     update_shared: bool = True,
+    user_silo: torch.Tensor | None = None,
     on_epoch: Callable[[int, TrainResult], None] | None = None,
 ) -> TrainResult:
-    """Run `epochs` passes of BPR over the (local users × items) matrix `train`.
+    """Run `epochs` passes of BPR over the (users × items) matrix `train`.
 
-    Inputs are not modified: the function works on copies and returns the new values. Negatives are
-    drawn uniformly from the whole catalogue (a rare draw of a positive is tolerated, as in BPR).
-    With `update_shared=False` only the user embeddings move (personalisation). `on_epoch(epoch, state)`
-    is called after each epoch with the current values (read-only views; do not modify them).
+    `private` holds the users' embeddings (row = row of `train`) and, optionally, silo item-bias
+    offsets indexed by `user_silo` (all zeros, i.e. one silo, when omitted). Inputs are not modified:
+    the function works on copies and returns the new values. Negatives are drawn uniformly from the
+    whole catalogue (a rare draw of a positive is tolerated, as in BPR). L2 applies to the embedding
+    rows and offsets each batch touches. With `update_shared=False` only the private parameters move
+    (personalisation). `on_epoch(epoch, state)` is called after each epoch with read-only views.
     """
     item_embedding = shared["item_embedding"].detach().clone().requires_grad_(update_shared)
     item_bias = shared["item_bias"].detach().clone().requires_grad_(update_shared)
-    users_param = user_embedding.detach().clone().requires_grad_(True)
-    trainable = [users_param] + ([item_embedding, item_bias] if update_shared else [])
+    mine = {k: v.detach().clone().requires_grad_(True) for k, v in private.items()}
+    users_param, silo_bias = mine["user_embedding"], mine.get("silo_item_bias")
+    trainable = list(mine.values()) + ([item_embedding, item_bias] if update_shared else [])
     optimizer = torch.optim.Adam(trainable, lr=config.learning_rate)
 
     pair_users, pair_items = positive_pairs(train)
+    if user_silo is None:
+        user_silo = torch.zeros(train.shape[0], dtype=torch.int64)
     n_pairs, n_items = len(pair_users), item_embedding.shape[0]
     batch_size = effective_batch_size(n_pairs, config)
     total, steps = 0.0, 0
@@ -64,34 +70,44 @@ def train_bpr(
             batch = order[start : start + batch_size]
             users, positives = pair_users[batch], pair_items[batch]
             negatives = torch.randint(n_items, (len(batch), config.negatives), generator=generator)
-            loss = bpr_loss(
+            u, v_pos, v_neg = (
                 users_param[users],
                 item_embedding[positives],
                 item_embedding[negatives],
-                item_bias[positives],
-                item_bias[negatives],
-                config.l2,
             )
+            pos_score = (u * v_pos).sum(-1) + item_bias[positives]
+            neg_score = torch.einsum("bd,bnd->bn", u, v_neg) + item_bias[negatives]
+            penalty = (
+                u.pow(2).sum(-1).mean()
+                + v_pos.pow(2).sum(-1).mean()
+                + v_neg.pow(2).sum(-1).mean(1).mean()
+            )
+            if silo_bias is not None:
+                silos = user_silo[users]
+                c_pos, c_neg = silo_bias[silos, positives], silo_bias[silos[:, None], negatives]
+                pos_score, neg_score = pos_score + c_pos, neg_score + c_neg
+                penalty = penalty + c_pos.pow(2).mean() + c_neg.pow(2).mean()
+            loss = bpr_loss(pos_score, neg_score) + config.l2 * penalty
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += float(loss.detach())
             steps += 1
         if on_epoch is not None:
-            on_epoch(epoch, _snapshot(item_embedding, item_bias, users_param, total, steps))
-    return _snapshot(item_embedding, item_bias, users_param, total, steps)
+            on_epoch(epoch, _snapshot(item_embedding, item_bias, mine, total, steps))
+    return _snapshot(item_embedding, item_bias, mine, total, steps)
 
 
 def _snapshot(
     item_embedding: torch.Tensor,
     item_bias: torch.Tensor,
-    users: torch.Tensor,
+    private: Params,
     total_loss: float,
     steps: int,
 ) -> TrainResult:
     return TrainResult(
         shared={"item_embedding": item_embedding.detach(), "item_bias": item_bias.detach()},
-        user_embedding=users.detach(),
+        private={k: v.detach() for k, v in private.items()},
         mean_loss=total_loss / max(steps, 1),
         steps=steps,
     )
