@@ -46,3 +46,13 @@ def test_baseline_epochs_default_to_federated_passes():
     config = load_config(overrides={"federated.rounds": 4, "federated.local_epochs": 3})
     assert config.baseline_epochs == 12
     assert load_config(overrides={"baselines.epochs": 5}).baseline_epochs == 5
+
+
+def test_example_configs_are_valid():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+    assert len(configs) >= 3
+    for path in configs:
+        load_config(path)
+    assert load_config(configs[0].parent / "demo.toml") == load_config()

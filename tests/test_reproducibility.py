@@ -19,7 +19,7 @@ def test_same_seed_same_numbers(retail):
     first = metrics_document(run_experiment(quick(7), retail))
     second = metrics_document(run_experiment(quick(7), retail))
     for doc in (first, second):
-        for method in ("federated", "centralized", "local_only"):
+        for method in ("federated", "centralized", "local_only", "popularity"):
             doc[method].pop("seconds")
         for record in doc["history"]:
             record.pop("seconds")

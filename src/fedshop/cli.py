@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -167,23 +166,13 @@ def train(
 
 
 def main() -> None:
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    # Usage errors (unknown option, bad value type) are reported by typer itself with exit status 2;
+    # our own user-facing errors become one line and status 2 as well.
     try:
-        app(standalone_mode=False)
+        app()
     except FedShopError as exc:
         errors.print(f"[red]error:[/] {exc}", soft_wrap=True, highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         errors.print("interrupted")
         sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except Exception as exc:  # click's usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
-        raise
