@@ -123,3 +123,15 @@ def test_loads_from_an_explicit_csv(tmp_path, data_dir):
     raw[raw["Country"].isin(["France", "Germany"])].to_csv(tmp_path / "eu.csv", index=False)
     dataset = load_dataset(DataConfig(path=str(tmp_path / "eu.csv"), min_silo_customers=1))
     assert set(dataset.silo_names) == {"France", "Germany"}
+
+
+def test_official_zip_with_xlsx_inside(tmp_path, data_dir):
+    import zipfile
+
+    raw = online_retail.read_raw(data_dir / "online_retail" / "online_retail.parquet").head(100)
+    xlsx = tmp_path / "Online Retail.xlsx"
+    raw.assign(CustomerID=raw["CustomerID"].astype(float)).to_excel(xlsx, index=False)
+    with zipfile.ZipFile(tmp_path / "online+retail.zip", "w") as archive:
+        archive.write(xlsx, "Online Retail.xlsx")
+    from_zip = online_retail.read_raw(tmp_path / "online+retail.zip")
+    pd.testing.assert_frame_equal(from_zip, online_retail.read_raw(xlsx))

@@ -81,12 +81,12 @@ def _print_tables(result: ExperimentResult) -> None:
     table = Table(title=f"Full-ranking results on the {split} baskets (seed {result.config.seed})")
     table.caption = "silo mean: unweighted mean over silos (small storefronts count as much as big)"
     table.add_column("method")
-    for header in ("HR@10", "NDCG@10", "Recall@20", "silo mean HR@10", "customers", "time"):
+    for header in ("HR@10", "NDCG@10", "Recall@20", "silo mean\nHR@10", "customers", "time"):
         table.add_column(header, justify="right")
     for method, outcome in result.methods.items():
         s = outcome.summary
         table.add_row(
-            METHOD_LABELS[method],
+            method,
             f"{s['hr@10']:.4f}",
             f"{s['ndcg@10']:.4f}",
             f"{s['recall@20']:.4f}",

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,34 +218,30 @@ def _build(cls: type, raw: dict[str, Any], section: str) -> Any:
     return cls(**values)
 
 
+# TOML scalar kinds: (accepts the value?, how to name the kind in an error, conversion)
+_SCALARS: dict[type, tuple[Callable[[Any], bool], str, Callable[[Any], Any]]] = {
+    bool: (lambda v: isinstance(v, bool), "true or false", bool),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer", int),
+    float: (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number", float),
+    str: (lambda v: isinstance(v, str), "a string", str),
+}
+
+
 def _coerce(hint: Any, value: Any, section: str, name: str) -> Any:
-    label = f"[{section}] {name}" if section else name
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, name)
-    origin = typing.get_origin(hint)
-    if origin is tuple:
+    if typing.get_origin(hint) is tuple:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{label} must be a list of strings, got {value!r}")
+            raise ConfigError(f"{_label(section, name)} must be a list of strings, got {value!r}")
         return tuple(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{label} must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{label} must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{label} must be a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{label} must be a string, got {value!r}")
-        return value
-    if isinstance(hint, types.UnionType):  # pragma: no cover - no optional fields yet
-        return value
-    raise ConfigError(f"{label}: unsupported value {value!r}")
+    accepts, kind, convert = _SCALARS[hint]
+    if not accepts(value):
+        raise ConfigError(f"{_label(section, name)} must be {kind}, got {value!r}")
+    return convert(value)
+
+
+def _label(section: str, key: str) -> str:
+    return f"[{section}] {key}" if section else key
 
 
 def _to_plain(value: Any) -> Any:
@@ -258,17 +254,16 @@ def _to_plain(value: Any) -> Any:
 
 def _choice(section: str, key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        label = f"[{section}] {key}" if section else key
-        raise ConfigError(f"{label} must be one of {', '.join(allowed)}; got '{value}'")
+        raise ConfigError(
+            f"{_label(section, key)} must be one of {', '.join(allowed)}; got '{value}'"
+        )
 
 
 def _at_least(section: str, key: str, value: float, minimum: float) -> None:
     if value < minimum:
-        label = f"[{section}] {key}" if section else key
-        raise ConfigError(f"{label} must be at least {minimum}, got {value}")
+        raise ConfigError(f"{_label(section, key)} must be at least {minimum}, got {value}")
 
 
 def _positive(section: str, key: str, value: float) -> None:
     if not value > 0:
-        label = f"[{section}] {key}" if section else key
-        raise ConfigError(f"{label} must be greater than 0, got {value}")
+        raise ConfigError(f"{_label(section, key)} must be greater than 0, got {value}")

@@ -12,11 +12,12 @@ matplotlib.use("Agg")  # no display: render straight to SVG
 import matplotlib.pyplot as plt
 
 METHOD_LABELS = {
-    "federated": "Federated (FedAvg)",
+    "federated": "Federated",
     "centralized": "Centralized (pooled data)",
     "local_only": "Local only (each silo alone)",
     "popularity": "Global popularity",
 }
+COLOURS = {"federated": "C0", "centralized": "C1", "local_only": "C2", "popularity": "C3"}
 METRICS = ("hr@10", "ndcg@10", "recall@20", "silo_mean_hr@10")
 
 CSS = """
@@ -49,7 +50,7 @@ def _methods(metrics: dict[str, Any]) -> list[str]:
     return [m for m in METHOD_LABELS if m in metrics]
 
 
-def curve_svg(metrics: dict[str, Any], metric: str = "hr@10") -> str:
+def curve_figure(metrics: dict[str, Any], metric: str = "hr@10") -> plt.Figure:
     """HR@10 after every round for the federated model, against the baselines."""
     fig, ax = plt.subplots(figsize=(8, 4.2), dpi=100)
     history = [h for h in metrics.get("history", []) if h.get(metric) is not None]
@@ -59,31 +60,37 @@ def curve_svg(metrics: dict[str, Any], metric: str = "hr@10") -> str:
             [h[metric] for h in history],
             marker="o",
             ms=3,
+            color=COLOURS["federated"],
             label=METHOD_LABELS["federated"] + " (per round)",
         )
     for method, points in metrics.get("curves", {}).items():
+        if method == "federated":  # already drawn from the round history
+            continue
         ax.plot(
             [p["step"] for p in points],
             [p[metric] for p in points],
             ls="--",
+            color=COLOURS.get(method),
             label=METHOD_LABELS.get(method, method) + " (per epoch)",
         )
-    styles = {"federated": ":", "local_only": "-.", "popularity": (0, (1, 3))}
-    for method, style in styles.items():
+    finals = {"federated": ":", "local_only": "-.", "popularity": (0, (1, 3))}
+    for method, style in finals.items():
         value = metrics.get(method, {}).get(metric)
         if value is not None:
             suffix = " (final, after personalisation)" if method == "federated" else ""
             ax.axhline(
-                value,
-                ls=style,
-                color={"federated": "C0", "local_only": "C2", "popularity": "C3"}[method],
-                label=f"{METHOD_LABELS[method]}{suffix}",
+                value, ls=style, color=COLOURS[method], label=f"{METHOD_LABELS[method]}{suffix}"
             )
     ax.set_xlabel("round (federated) / epoch (centralized)")
     ax.set_ylabel(f"{metric.upper()} ({metrics.get('split', 'test')}, full ranking)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
+    return fig
+
+
+def curve_svg(metrics: dict[str, Any], metric: str = "hr@10") -> str:
+    fig = curve_figure(metrics, metric)
     buffer = io.StringIO()
     fig.savefig(buffer, format="svg")
     plt.close(fig)
