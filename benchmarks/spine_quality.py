@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -27,6 +28,26 @@ from fedshop.data.registry import load_dataset
 from fedshop.experiment import run_experiment
 
 METRICS = ("hr@10", "ndcg@10", "recall@20", "silo_mean_hr@10")
+
+
+def silo_mean_standard_error(per_silo: dict[str, dict]) -> float:
+    """Standard error of the unweighted silo mean of HR@10 from the customers each silo evaluated.
+
+    HR@10 is 0/1 per customer, so a silo's mean has variance p(1-p)/n; the mean over S silos has
+    variance sum(p(1-p)/n)/S^2. Tiny silos dominate it.
+    """
+    terms = [
+        s["hr@10"] * (1 - s["hr@10"]) / s["users"] for s in per_silo.values() if s.get("users")
+    ]
+    return math.sqrt(sum(terms)) / len(terms)
+
+
+def ratio_interval(num: float, num_se: float, den: float, den_se: float) -> list[float]:
+    """Approximate 95% interval of num/den by the delta method (treating the two as independent,
+    which overstates the spread a little: both methods are scored on the same customers)."""
+    ratio = num / den
+    se = ratio * math.sqrt((num_se / num) ** 2 + (den_se / den) ** 2)
+    return [ratio - 1.96 * se, ratio + 1.96 * se]
 
 
 def main() -> None:
@@ -52,6 +73,8 @@ def main() -> None:
             | {"seconds": round(outcome.seconds, 2)}
             for name, outcome in result.methods.items()
         }
+        for name, outcome in result.methods.items():
+            methods[name]["silo_mean_hr@10_se"] = silo_mean_standard_error(outcome.per_silo)
         fed, cen = methods["federated"], methods["centralized"]
         local, pop = methods["local_only"], methods["popularity"]
         runs.append(
@@ -70,9 +93,20 @@ def main() -> None:
                     "federated_over_local_only_silo_mean_hr@10": fed["silo_mean_hr@10"]
                     / local["silo_mean_hr@10"],
                 },
+                "silo_mean_ratio_95ci": ratio_interval(
+                    fed["silo_mean_hr@10"],
+                    fed["silo_mean_hr@10_se"],
+                    local["silo_mean_hr@10"],
+                    local["silo_mean_hr@10_se"],
+                ),
             }
         )
-        print(f"seed {seed}: {runs[-1]['ratios']} ({runs[-1]['seconds']} s)", flush=True)
+        low, high = runs[-1]["silo_mean_ratio_95ci"]
+        print(
+            f"seed {seed}: {runs[-1]['ratios']}; silo-mean ratio 95% CI [{low:.2f}, {high:.2f}]"
+            f" ({runs[-1]['seconds']} s)",
+            flush=True,
+        )
 
     medians = {
         method: {k: statistics.median(r["methods"][method][k] for r in runs) for k in METRICS}
