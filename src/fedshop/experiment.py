@@ -1,6 +1,6 @@
 """One experiment: the federated model and its baselines trained and evaluated on the same split.
 
-- federated:   FedAvg over silos; user embeddings stay in their silo (see fl/)
+- federated:   FedNova-weighted FedAvg over silos; private parameters stay in their silo (fl/)
 - centralized: one model on everyone's pooled data (the reference that privacy gives up)
 - local_only:  every silo trains alone; each customer is scored by their own silo's model
 - popularity:  items ranked by how many training customers bought them (a sanity floor)
@@ -97,8 +97,8 @@ def run_federated(config: RunConfig, dataset: RecDataset, progress: Progress) ->
 
     run = run_cross_silo(dataset, config, on_round=on_round)
     per_silo = run.evaluate(config.eval.split)
-    curve = [(r.round, r.metrics) for r in run.history if r.metrics]
-    result = _method_result(per_silo, time.perf_counter() - started, curve)
+    # The per-round curve lives in the round history (metrics.json "history"), not in `curve`.
+    result = _method_result(per_silo, time.perf_counter() - started)
     weights = {"federated/shared": dict(run.server.shared)}
     for client in run.clients:
         # Written by each silo into its own part of the run folder; the server never had these.

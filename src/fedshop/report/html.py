@@ -64,8 +64,6 @@ def curve_figure(metrics: dict[str, Any], metric: str = "hr@10") -> plt.Figure:
             label=METHOD_LABELS["federated"] + " (per round)",
         )
     for method, points in metrics.get("curves", {}).items():
-        if method == "federated":  # already drawn from the round history
-            continue
         ax.plot(
             [p["step"] for p in points],
             [p[metric] for p in points],
