@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display: render straight to SVG
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 METHOD_LABELS = {
     "federated": "Federated",
@@ -28,7 +29,7 @@ table{border-collapse:collapse;margin:.6rem 0;font-size:.92rem}
 th,td{padding:.28rem .7rem;border-bottom:1px solid #e7ebf0;text-align:right}
 th:first-child,td:first-child{text-align:left} th{background:#f4f6f9}
 .muted{color:#667085;font-size:.9rem} pre{background:#f6f8fa;padding:.8rem;overflow:auto;font-size:.85rem}
-.best{font-weight:600}
+.text{text-align:left}
 """
 
 
@@ -37,12 +38,22 @@ def _fmt(value: Any, digits: int = 4) -> str:
         return "–"
     if isinstance(value, float):
         return f"{value:.{digits}f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
     return html.escape(str(value))
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+def _table(header: list[str], rows: list[list[str]], text_columns: tuple[int, ...] = ()) -> str:
+    """An HTML table; numbers align right, the first column and `text_columns` align left."""
+
+    def cell(tag: str, index: int, content: str) -> str:
+        style = ' class="text"' if index in text_columns else ""
+        return f"<{tag}{style}>{content}</{tag}>"
+
+    head = "".join(cell("th", i, html.escape(h)) for i, h in enumerate(header))
+    body = "".join(
+        "<tr>" + "".join(cell("td", i, c) for i, c in enumerate(row)) + "</tr>" for row in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -79,6 +90,7 @@ def curve_figure(metrics: dict[str, Any], metric: str = "hr@10") -> plt.Figure:
             ax.axhline(
                 value, ls=style, color=COLOURS[method], label=f"{METHOD_LABELS[method]}{suffix}"
             )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round (federated) / epoch (centralized)")
     ax.set_ylabel(f"{metric.upper()} ({metrics.get('split', 'test')}, full ranking)")
     ax.grid(alpha=0.3)
@@ -165,7 +177,7 @@ small storefront counts as much as the large one.</p>
 <h2>Data</h2>
 <p>Source: {_fmt(data_report.get("source"))}; purchases from {_fmt((data_report.get("date_range") or ["", ""])[0])}
 to {_fmt((data_report.get("date_range") or ["", ""])[1])}; catalogue {_fmt(data_report.get("catalogue_items"))} items.</p>
-<h3>Cleaning</h3>{_table(["rule / count", "rows", "meaning"], cleaning_rows)}
+<h3>Cleaning</h3>{_table(["rule / count", "rows", "meaning"], cleaning_rows, text_columns=(2,))}
 <h3>Split</h3><p>{_fmt(data_report.get("split_rule"))}</p>{_table(["count", "value"], split_rows)}
 <h3>Silos</h3>{_table(["silo", "customers", "training interactions", "test customers"], silo_data_rows)}
 <p class="muted">Countries with fewer than {_fmt(data_report.get("min_silo_customers"))} customers merged
