@@ -76,15 +76,12 @@ def _method_result(per_silo: dict[str, MetricSums], seconds: float, curve=None) 
 
 
 def _evaluate_silos(
-    dataset: RecDataset,
+    silos: list[SiloData],
     scorer: Callable[[SiloData], Callable[[np.ndarray], torch.Tensor]],
     split: str,
 ) -> dict[str, MetricSums]:
     """Evaluate every silo's customers; `scorer(silo)` scores rows of that silo's local users."""
-    return {
-        silo.name: evaluate(scorer(silo), silo.train, silo.heldout(split))
-        for silo in dataset.silos()
-    }
+    return {silo.name: evaluate(scorer(silo), silo.train, silo.heldout(split)) for silo in silos}
 
 
 def run_federated(config: RunConfig, dataset: RecDataset, progress: Progress) -> tuple:
@@ -123,6 +120,7 @@ def train_centralized(config: RunConfig, dataset: RecDataset, progress: Progress
         n_silos=dataset.n_silos, silo_item_bias=model.silo_item_bias,
     )  # fmt: skip
     user_silo = torch.tensor(dataset.user_silo)
+    silos = dataset.silos()  # sliced once, evaluated after every epoch
     split = config.eval.split
     curve: list[tuple[int, dict]] = []
 
@@ -130,7 +128,7 @@ def train_centralized(config: RunConfig, dataset: RecDataset, progress: Progress
         note = ""
         if epoch % config.eval.eval_every == 0 or epoch == epochs:
             sums = _evaluate_silos(
-                dataset, lambda s: _pooled_rows(state.shared, state.private, user_silo, s), split
+                silos, lambda s: _pooled_rows(state.shared, state.private, user_silo, s), split
             )
             curve.append((epoch, summarise(sums)))
             note = f"HR@10 {curve[-1][1]['hr@10']:.3f}"
@@ -142,7 +140,7 @@ def train_centralized(config: RunConfig, dataset: RecDataset, progress: Progress
         user_silo=user_silo, on_epoch=on_epoch,
     )  # fmt: skip
     per_silo = _evaluate_silos(
-        dataset, lambda silo: _pooled_rows(result.shared, result.private, user_silo, silo), split
+        silos, lambda silo: _pooled_rows(result.shared, result.private, user_silo, silo), split
     )
     weights = {"centralized": {**result.shared, **result.private, "user_silo": user_silo}}
     return _method_result(per_silo, time.perf_counter() - started, curve), weights
@@ -190,7 +188,7 @@ def popularity(config: RunConfig, dataset: RecDataset, progress: Progress) -> tu
     # Distinct training customers per item across all silos.
     counts = torch.from_numpy(np.asarray(dataset.train.sum(axis=0), dtype=np.float32).ravel())
     per_silo = _evaluate_silos(
-        dataset, lambda silo: lambda rows: counts.expand(len(rows), -1), config.eval.split
+        dataset.silos(), lambda silo: lambda rows: counts.expand(len(rows), -1), config.eval.split
     )
     progress.advance("popularity")
     return _method_result(per_silo, time.perf_counter() - started), {
