@@ -88,11 +88,11 @@ class FederatedConfig:
     server_optimizer: str = "fedavg"
     server_learning_rate: float = 1.0
     server_momentum: float = 0.9
-    # Federated Reconstruction (Singhal et al., NeurIPS 2021): each round a silo first refits its user
-    # embeddings against the frozen global item parameters for this many epochs, so the item update it
-    # then computes comes from well-fitted users rather than stale ones.
+    # Federated Reconstruction (Singhal et al., NeurIPS 2021): each round a silo first refits its
+    # private parameters (user embeddings, item-bias offsets) against the frozen global parameters for
+    # this many epochs, so the item update it then computes starts from well-fitted private state.
     reconstruction_epochs: int = 0
-    # After the last round each silo refits its own user embeddings against the final shared model;
+    # After the last round each silo refits its private parameters against the final shared model;
     # nothing leaves the silo, so this costs no privacy and no communication.
     personalise_epochs: int = 5
 
