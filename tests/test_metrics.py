@@ -61,3 +61,39 @@ def test_summarise_weights_silos_equally():
     assert out["silo_mean_hr@10"] == pytest.approx(0.45)
     assert out["users"] == 110 and out["silos_evaluated"] == 2
     assert np.isnan(empty.means()["hr@10"])
+
+
+def test_sampled_protocol_ranks_heldout_among_its_negatives_only():
+    # 300 items, scores descending with the index: item 0 is everyone's favourite.
+    scores = torch.arange(300, 0, -1, dtype=torch.float32).repeat(2, 1)
+    train = csr([[0, 1], [5]], 300)
+    test = csr([[250], [40]], 300)
+    # User 0's negatives all score below item 250, so it ranks first among its 101 candidates;
+    # user 1's negatives include 30 items scored above item 40: rank 31, outside the top 10.
+    negatives = np.stack([np.arange(251, 300).repeat(3)[:100], np.arange(10, 110)])
+    negatives[1, :30] = np.arange(6, 36)
+    sampled = evaluate(lambda rows: scores[rows], train, test, negatives=negatives[:, :100])
+    assert sampled.users == 2
+    assert sampled.sums["hr@10"] == 1.0
+    assert sampled.sums["ndcg@10"] == pytest.approx(1.0)
+    # Full ranking puts item 250 far down for user 0.
+    assert evaluate(lambda rows: scores[rows], train, test).sums["hr@10"] == 0.0
+
+
+def test_sampled_negatives_avoid_every_interaction_and_repeat_with_the_seed(retail):
+    from fedshop.data.interactions import with_eval_negatives
+
+    one = with_eval_negatives(retail, 100, seed=3)
+    two = with_eval_negatives(retail, 100, seed=3)
+    other = with_eval_negatives(retail, 100, seed=4)
+    assert np.array_equal(one.eval_negatives, two.eval_negatives)
+    assert not np.array_equal(one.eval_negatives, other.eval_negatives)
+    interacted = (retail.train + retail.test).tocsr()
+    evaluated = np.flatnonzero(np.diff(retail.test.indptr) > 0)
+    for user in evaluated[:500]:
+        row = one.eval_negatives[user]
+        assert len(set(row.tolist())) == 100 and (row >= 0).all()
+        assert not np.isin(row, interacted[user].indices).any()
+    silent = np.setdiff1d(np.arange(retail.n_users), evaluated)
+    assert (one.eval_negatives[silent] == -1).all()
+    assert np.array_equal(one.silo(0).eval_negatives, one.eval_negatives[one.silo(0).users])

@@ -18,10 +18,20 @@ import tomli_w
 
 from fedshop.errors import ConfigError
 
-DATASETS = ("online-retail",)
+DATASETS = (
+    "online-retail",
+    "movielens-1m",
+    "amazon-toys",
+    "amazon-beauty",
+    "amazon-sports",
+    "amazon-sequential",
+)
 METHODS = ("federated", "centralized", "local_only", "popularity")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
 AGGREGATIONS = ("fedavg", "fednova")
+MODELS = ("mf-bpr", "gmf", "neumf")
+MODES = ("cross-silo", "cross-device")
+PROTOCOLS = ("full", "sampled-100")
 
 
 @dataclass(frozen=True)
@@ -35,12 +45,20 @@ class DataConfig:
     min_silo_customers: int = 10
     min_train_days: int = 1
     validation: bool = False
+    # Datasets without a natural silo key (Amazon) deal their users at random into this many shards.
+    silos: int = 10
 
     def validate(self) -> None:
         _choice("data", "dataset", self.dataset, DATASETS)
         _choice("data", "source", self.source, ("auto", "embedded", "download"))
         _at_least("data", "min_silo_customers", self.min_silo_customers, 0)
         _at_least("data", "min_train_days", self.min_train_days, 1)
+        _at_least("data", "silos", self.silos, 1)
+        if self.dataset == "amazon-sequential" and not self.path:
+            raise ConfigError(
+                '[data] dataset = "amazon-sequential" needs [data] path: a file with one '
+                "'user item item ...' line per user"
+            )
 
 
 @dataclass(frozen=True)
@@ -48,13 +66,16 @@ class ModelConfig:
     name: str = "mf-bpr"
     dim: int = 64
     init_std: float = 0.1
-    # A private per-silo item-bias offset (local taste); see models/mf.py.
+    # A private per-silo item-bias offset (local taste); see models/mf.py. Cross-silo only: in
+    # cross-device mode a "silo" is one shopper, whose own taste is their user embedding.
     silo_item_bias: bool = True
+    mlp_layers: int = 3  # NeuMF: hidden layers of the MLP tower (widths dim, dim/2, ...)
 
     def validate(self) -> None:
-        _choice("model", "name", self.name, ("mf-bpr",))
+        _choice("model", "name", self.name, MODELS)
         _at_least("model", "dim", self.dim, 1)
         _positive("model", "init_std", self.init_std)
+        _at_least("model", "mlp_layers", self.mlp_layers, 1)
 
 
 @dataclass(frozen=True)
@@ -79,15 +100,25 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class FederatedConfig:
+    # cross-silo: each silo (storefront) is a client. cross-device: each shopper is a client, holding
+    # only their own interactions and user embedding (simulated vectorised, see fl/cross_device.py).
+    mode: str = "cross-silo"
     rounds: int = 30
     local_epochs: int = 1
-    silos_per_round: int = 0  # 0 means every silo takes part in every round
+    silos_per_round: int = 0  # cross-silo: 0 means every silo takes part in every round
+    clients_per_round: int = 0  # cross-device: shoppers sampled per round; 0 means all of them
+    # cross-device local training is plain SGD with this step size, one full-batch step per local
+    # epoch over the shopper's own items (cross-silo silos use [train] learning_rate with Adam).
+    client_learning_rate: float = 0.5
     # fedavg: example-weighted mean of the updates. fednova: the same, normalised by each silo's
     # local step count, so a large silo's many local steps do not drown the small ones.
     aggregation: str = "fednova"
     server_optimizer: str = "fedavg"
     server_learning_rate: float = 1.0
     server_momentum: float = 0.9
+    # FedAdam's τ (Reddi et al.): keep it well below the typical update size. Cross-device item
+    # updates are tiny (each shopper touches few rows), so they need a much smaller τ than silos.
+    server_epsilon: float = 1e-3
     # Federated Reconstruction (Singhal et al., NeurIPS 2021): each round a silo first refits its
     # private parameters (user embeddings, item-bias offsets) against the frozen global parameters for
     # this many epochs, so the item update it then computes starts from well-fitted private state.
@@ -97,9 +128,13 @@ class FederatedConfig:
     personalise_epochs: int = 5
 
     def validate(self) -> None:
+        _choice("federated", "mode", self.mode, MODES)
         _at_least("federated", "rounds", self.rounds, 1)
         _at_least("federated", "local_epochs", self.local_epochs, 1)
         _at_least("federated", "silos_per_round", self.silos_per_round, 0)
+        _at_least("federated", "clients_per_round", self.clients_per_round, 0)
+        _positive("federated", "client_learning_rate", self.client_learning_rate)
+        _positive("federated", "server_epsilon", self.server_epsilon)
         _choice("federated", "aggregation", self.aggregation, AGGREGATIONS)
         _choice("federated", "server_optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
         _positive("federated", "server_learning_rate", self.server_learning_rate)
@@ -122,6 +157,8 @@ class BaselineConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
+    # full: rank the whole catalogue. sampled-100: rank each held-out item against 100 items the user
+    # never interacted with (the NCF / federated-recsys protocol; numbers are not comparable to full).
     protocol: str = "full"
     # "validation" scores the held-out validation baskets instead (needs data.validation = true):
     # use it to choose settings, and the test split only to report.
@@ -129,7 +166,7 @@ class EvalConfig:
     eval_every: int = 1  # evaluate the federated model every N rounds (for the per-round plot)
 
     def validate(self) -> None:
-        _choice("eval", "protocol", self.protocol, ("full",))
+        _choice("eval", "protocol", self.protocol, PROTOCOLS)
         _choice("eval", "split", self.split, ("test", "validation"))
         _at_least("eval", "eval_every", self.eval_every, 1)
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from fedshop.data.split import SplitPairs
+from fedshop.eval.metrics import sample_negatives
+from fedshop.seeding import derive_seed
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,8 @@ class SiloData:
     train: sp.csr_matrix  # local users × all items
     test: sp.csr_matrix
     validation: sp.csr_matrix | None
+    # Sampled-negative evaluation: per local user the items to rank the held-out ones against (-1 pads)
+    eval_negatives: np.ndarray | None = None
 
     @property
     def n_users(self) -> int:
@@ -50,6 +54,8 @@ class RecDataset:
     test: sp.csr_matrix
     validation: sp.csr_matrix | None
     report: dict = field(default_factory=dict)
+    # Set by `with_eval_negatives` for the sampled-negative protocol: users × negatives, -1 pads.
+    eval_negatives: np.ndarray | None = None
 
     @property
     def n_users(self) -> int:
@@ -71,6 +77,7 @@ class RecDataset:
             train=self.train[users],
             test=self.test[users],
             validation=None if self.validation is None else self.validation[users],
+            eval_negatives=None if self.eval_negatives is None else self.eval_negatives[users],
         )
 
     def silos(self) -> list[SiloData]:
@@ -124,3 +131,20 @@ def build_dataset(
         else pairs_to_csr(reindex(split.validation), n_users, n_items),
         report=report,
     )
+
+
+def with_eval_negatives(dataset: RecDataset, count: int, seed: int) -> RecDataset:
+    """The dataset with `count` sampled negatives for each user who has a held-out item, drawn from
+    the items the user never interacted with in any split (train, validation or test)."""
+    interacted = dataset.train + dataset.test
+    heldout = dataset.test
+    if dataset.validation is not None:
+        interacted = interacted + dataset.validation
+        heldout = heldout + dataset.validation
+    interacted = interacted.tocsr()
+    interacted.sort_indices()
+    users = np.flatnonzero(np.diff(heldout.tocsr().indptr) > 0)
+    rng = np.random.default_rng(derive_seed(seed, "eval", "negatives"))
+    negatives = np.full((dataset.n_users, count), -1, dtype=np.int64)
+    negatives[users] = sample_negatives(interacted, users, count, rng)
+    return replace(dataset, eval_negatives=negatives)

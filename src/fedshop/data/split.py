@@ -9,6 +9,9 @@ Rules (each counted in the data report):
 - Held-out items that nobody bought in training are removed: no model can score an item it never saw.
 - A customer whose test basket is empty after these removals is not evaluated.
 No test item of a customer ever appears in that customer's training set.
+
+`leave_last_out` is the leave-one-out variant for datasets without purchase days (MovieLens, Amazon):
+the held-out unit is a user's last interaction instead of their last day, with the same cleaning rules.
 """
 
 from __future__ import annotations
@@ -86,3 +89,53 @@ def _held_out(
     pairs = pairs[known]
     counts[f"{label}_users_empty_basket"] = int(users_before - pairs["user"].nunique())
     return pairs
+
+
+def leave_last_out(events: pd.DataFrame, validation: bool = False) -> SplitPairs:
+    """Leave-one-out split of `events` (columns user, item, order; higher order = later).
+
+    Each user's last interaction is their test item and, with `validation`, the one before is their
+    validation item. Equal `order` values keep the row order of `events` (the later row is later).
+    A user is evaluated only if at least one interaction remains for training after the held-out
+    one(s); everyone else keeps everything in training. Held-out items are then cleaned by the same
+    rules as `temporal_split`: repeats of the user's training items and items nobody has in training
+    are removed, and a user whose held-out item is removed is not evaluated.
+    """
+    held_count = 2 if validation else 1
+    # np.lexsort is stable and sorts by the last key first: user, then order, then row position.
+    rows = np.lexsort(
+        (np.arange(len(events)), events["order"].to_numpy(), events["user"].to_numpy())
+    )
+    ordered = events.iloc[rows][["user", "item"]].reset_index(drop=True)
+    back = ordered.groupby("user").cumcount(ascending=False).to_numpy()  # 0 = the user's last
+    n_events = ordered.groupby("user").size()
+    eligible_users = n_events.index[n_events >= held_count + 1]
+    held = ordered["user"].isin(eligible_users).to_numpy() & (back < held_count)
+
+    train = ordered.loc[~held, ["user", "item"]].drop_duplicates()
+    counts = {
+        "users": int(n_events.size),
+        "interactions": len(events),
+        "users_too_little_history": int(n_events.size - len(eligible_users)),
+    }
+    test = _held_out(ordered.loc[held & (back == 0)], train, counts, "test")
+    valid = None
+    if validation:
+        valid = _held_out(ordered.loc[held & (back == 1)], train, counts, "validation")
+        # The same item as the validation item would be a repeat as far as the model is concerned.
+        before = len(test)
+        test = test.merge(valid, on=["user", "item"], how="left", indicator=True)
+        test = test.loc[test["_merge"] == "left_only", ["user", "item"]]
+        counts["test_repeat_of_validation_removed"] = before - len(test)
+    counts["train_pairs"] = len(train)
+    counts["test_pairs"] = len(test)
+    counts["test_users"] = int(test["user"].nunique())
+    if valid is not None:
+        counts["validation_pairs"] = len(valid)
+        counts["validation_users"] = int(valid["user"].nunique())
+    return SplitPairs(
+        train=train.reset_index(drop=True),
+        test=test.reset_index(drop=True),
+        validation=None if valid is None else valid.reset_index(drop=True),
+        counts=counts,
+    )

@@ -1,7 +1,11 @@
-"""Full-ranking top-K metrics for implicit feedback.
+"""Top-K metrics for implicit feedback, under two protocols.
 
-Every catalogue item is ranked (no sampled negatives); the user's own training items are excluded from
-the ranking. With T the user's held-out items and hits@k the held-out items among the top k:
+- full (the default): every catalogue item is ranked; the user's own training items are excluded.
+- sampled-100 (NCF, He et al. 2017, and most federated-recsys papers): the held-out items are ranked
+  against 100 items the user never interacted with, drawn once per user with a fixed seed so that every
+  method sees the same candidates. Much easier than full ranking; the numbers are not comparable.
+
+In both protocols, with T the user's held-out items and hits@k the held-out items among the top k:
 - HR@10      = 1 if hits@10 > 0 else 0
 - NDCG@10    = sum over hit ranks r (1-based) of 1/log2(r+1), divided by the same sum for an ideal
                ranking that puts min(|T|, 10) held-out items first
@@ -57,6 +61,47 @@ def topk_excluding(scores: torch.Tensor, exclude: sp.csr_matrix, k: int) -> np.n
     return torch.topk(scores, k, dim=1).indices.numpy()
 
 
+def candidates(heldout: sp.csr_matrix, negatives: np.ndarray) -> sp.csr_matrix:
+    """Rows of candidate items: each user's held-out items plus their sampled negatives."""
+    rows, cols = np.nonzero(negatives >= 0)
+    sampled = sp.csr_matrix(
+        (np.ones(len(rows), np.float32), (rows, negatives[rows, cols])), shape=heldout.shape
+    )
+    return ((heldout + sampled) > 0).astype(np.float32).tocsr()
+
+
+def topk_among(scores: torch.Tensor, allowed: sp.csr_matrix, k: int) -> np.ndarray:
+    """Indices of the k best items per row among the items marked in `allowed`."""
+    masked = torch.full_like(scores, -torch.inf)
+    coo = allowed.tocoo()
+    r = torch.from_numpy(coo.row.astype(np.int64))
+    c = torch.from_numpy(coo.col.astype(np.int64))
+    masked[r, c] = scores[r, c]
+    k = min(k, scores.shape[1])
+    return torch.topk(masked, k, dim=1).indices.numpy()
+
+
+def sample_negatives(
+    interacted: sp.csr_matrix, users: np.ndarray, count: int, rng: np.random.Generator
+) -> np.ndarray:
+    """For each of `users`, `count` distinct items outside that user's row of `interacted`.
+
+    Users with fewer than `count` such items get them all and -1 padding.
+    """
+    n_items = interacted.shape[1]
+    out = np.full((len(users), count), -1, dtype=np.int64)
+    for position, user in enumerate(users):
+        seen = interacted.indices[interacted.indptr[user] : interacted.indptr[user + 1]]
+        # Oversample then filter: cheap when the user has seen a small part of the catalogue.
+        draw = rng.choice(n_items, size=min(n_items, count + 2 * len(seen) + 16), replace=False)
+        fresh = draw[~np.isin(draw, seen)]
+        if len(fresh) < count:
+            fresh = rng.permutation(np.setdiff1d(np.arange(n_items), seen))
+        take = fresh[:count]
+        out[position, : len(take)] = take
+    return out
+
+
 def per_user_metrics(top: np.ndarray, relevant: sp.csr_matrix) -> dict[str, np.ndarray]:
     """Metrics for each row of `top` (ranked item indices) against the rows of `relevant`."""
     hits = np.take_along_axis(relevant.toarray() > 0, top, axis=1)
@@ -78,17 +123,23 @@ def evaluate(
     train: sp.csr_matrix,
     heldout: sp.csr_matrix,
     batch_size: int = 2048,
+    negatives: np.ndarray | None = None,
 ) -> MetricSums:
     """Evaluate the users (rows) of `heldout` that have held-out items.
 
-    `score_rows(rows)` returns the (len(rows) × items) score matrix for those rows.
+    `score_rows(rows)` returns the (len(rows) × items) score matrix for those rows. With `negatives`
+    (rows × n item indices, -1 padding) only the held-out items and those negatives are ranked.
     """
     rows = np.flatnonzero(np.diff(heldout.indptr) > 0)
     sums = {name: 0.0 for name in METRIC_NAMES}
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         with torch.no_grad():
-            top = topk_excluding(score_rows(batch), train[batch], MAX_K)
+            scores = score_rows(batch)
+            if negatives is None:
+                top = topk_excluding(scores, train[batch], MAX_K)
+            else:
+                top = topk_among(scores, candidates(heldout[batch], negatives[batch]), MAX_K)
         for name, values in per_user_metrics(top, heldout[batch]).items():
             sums[name] += float(values.sum())
     return MetricSums(sums, len(rows))
