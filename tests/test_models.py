@@ -1,9 +1,12 @@
 import numpy as np
+import pytest
 import scipy.sparse as sp
 import torch
 
-from fedshop.config import TrainConfig
+from fedshop.config import ModelConfig, TrainConfig
 from fedshop.models.mf import init_private, init_shared, score_all
+from fedshop.models.spec import get_model
+from fedshop.models.spec import score_all as spec_score_all
 from fedshop.models.train import effective_batch_size, train_bpr
 
 
@@ -69,3 +72,24 @@ def test_small_data_gets_smaller_batches():
     assert effective_batch_size(200_000, config) == 1024
     assert effective_batch_size(1_000, config) == 50
     assert effective_batch_size(5, config) == 1
+
+
+@pytest.mark.parametrize("name", ["mf-bpr", "gmf", "neumf"])
+def test_every_model_learns_taste_groups_and_scores_consistently(name):
+    spec = get_model(name)
+    model = ModelConfig(name=name, dim=8, silo_item_bias=False)
+    shared = spec.init_shared(30, model, torch.Generator().manual_seed(0))
+    private = spec.init_private(20, 30, model, torch.Generator().manual_seed(1))
+    config = TrainConfig(learning_rate=0.05, batch_size=16)
+    result = train_bpr(
+        shared, private, toy(), 40, config, torch.Generator().manual_seed(1), spec=spec
+    )
+    scores = spec_score_all(spec, result.shared, result.private, torch.arange(20))
+    # Medians: one badly scored item must not decide a user's comparison.
+    assert (scores[0::2, :10].median(1).values > scores[0::2, 10:20].median(1).values).all()
+    assert (scores[1::2, 10:20].median(1).values > scores[1::2, :10].median(1).values).all()
+    # The catalogue scores agree with scoring the same pairs one by one.
+    users = {k: result.private[k][torch.tensor([3])] for k in spec.user_tables}
+    items = {k: result.shared[k][torch.tensor([7])] for k in spec.item_tables}
+    pair = spec.pair_scores(users, items, spec.dense_of(result.shared))
+    torch.testing.assert_close(pair[0], scores[3, 7])

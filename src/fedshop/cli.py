@@ -54,7 +54,7 @@ def _execute(config: RunConfig, out: Path, overwrite: bool) -> ExperimentResult:
 
     out = prepare_run_folder(out, overwrite)
     with console.status("Loading and cleaning data…"):
-        dataset = load_dataset(config.data)
+        dataset = load_dataset(config.data, seed=config.seed)
     report = dataset.report
     console.print(
         f"[bold]{dataset.name}[/]: {dataset.n_users:,} customers, {dataset.n_items:,} items, "
@@ -78,7 +78,11 @@ def _execute(config: RunConfig, out: Path, overwrite: bool) -> ExperimentResult:
 
 def _print_tables(result: ExperimentResult) -> None:
     split = result.config.eval.split
-    table = Table(title=f"Full-ranking results on the {split} baskets (seed {result.config.seed})")
+    protocol = {"full": "Full-ranking", "sampled-100": "Sampled-100"}[result.config.eval.protocol]
+    table = Table(
+        title=f"{protocol} results on the {split} items, {result.config.federated.mode} "
+        f"{result.config.model.name} (seed {result.config.seed})"
+    )
     table.caption = "silo mean: unweighted mean over silos (small storefronts count as much as big)"
     table.add_column("method")
     for header in ("HR@10", "NDCG@10", "Recall@20", "silo mean\nHR@10", "customers", "time"):
@@ -147,16 +151,43 @@ def train(
     data_dir: Annotated[
         str | None, typer.Option("--data-dir", help="Data folder (overrides data.data_dir).")
     ] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            "--dataset",
+            help="online-retail, movielens-1m, amazon-toys, amazon-beauty, "
+            "amazon-sports or amazon-sequential (with --data-path).",
+        ),
+    ] = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(
+            "--mode",
+            help="cross-silo (silos are clients) or cross-device (every shopper is a client).",
+        ),
+    ] = None,
+    protocol: Annotated[
+        str | None, typer.Option("--protocol", help="full (rank the catalogue) or sampled-100.")
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", help="mf-bpr, gmf or neumf.")] = None,
+    clients_per_round: Annotated[
+        int | None, typer.Option("--clients-per-round", help="Cross-device: shoppers per round.")
+    ] = None,
     seed: SeedOption = None,
     rounds: RoundsOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:
-    """Run one configured experiment."""
+    """Run one configured experiment (a TOML config, command-line options, or both)."""
     run_config = load_config(
         config,
         overrides={
+            "data.dataset": dataset,
             "data.path": data_path,
             "data.data_dir": data_dir,
+            "federated.mode": mode,
+            "eval.protocol": protocol,
+            "model.name": model,
+            "federated.clients_per_round": clients_per_round,
             "seed": seed,
             "federated.rounds": rounds,
         },

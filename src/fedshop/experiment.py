@@ -1,14 +1,17 @@
 """One experiment: the federated model and its baselines trained and evaluated on the same split.
 
-- federated:   FedNova-weighted FedAvg over silos; private parameters stay in their silo (fl/)
+- federated:   cross-silo (FedNova-weighted FedAvg over silos) or cross-device (every shopper a
+               client, FedAvg); private parameters stay with their owner (fl/)
 - centralized: one model on everyone's pooled data (the reference that privacy gives up)
 - local_only:  every silo trains alone; each customer is scored by their own silo's model
 - popularity:  items ranked by how many training customers bought them (a sanity floor)
-All four are evaluated per silo on the same held-out baskets with the same full-ranking metrics.
+All four are evaluated per silo on the same held-out items with the same protocol (full ranking, or
+the same 100 sampled negatives per user for every method).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Callable
@@ -19,10 +22,11 @@ import numpy as np
 import torch
 
 from fedshop.config import RunConfig
-from fedshop.data.interactions import RecDataset, SiloData
+from fedshop.data.interactions import RecDataset, SiloData, with_eval_negatives
 from fedshop.eval.metrics import MetricSums, evaluate, summarise
+from fedshop.fl.cross_device import run_cross_device
 from fedshop.fl.simulator import RoundRecord, run_cross_silo
-from fedshop.models.mf import Params, init_private, init_shared, score_all
+from fedshop.models.spec import ModelSpec, Params, get_model, score_all
 from fedshop.models.train import TrainResult, train_bpr
 from fedshop.seeding import torch_generator
 
@@ -81,7 +85,12 @@ def _evaluate_silos(
     split: str,
 ) -> dict[str, MetricSums]:
     """Evaluate every silo's customers; `scorer(silo)` scores rows of that silo's local users."""
-    return {silo.name: evaluate(scorer(silo), silo.train, silo.heldout(split)) for silo in silos}
+    return {
+        silo.name: evaluate(
+            scorer(silo), silo.train, silo.heldout(split), negatives=silo.eval_negatives
+        )
+        for silo in silos
+    }
 
 
 def run_federated(config: RunConfig, dataset: RecDataset, progress: Progress) -> tuple:
@@ -92,6 +101,17 @@ def run_federated(config: RunConfig, dataset: RecDataset, progress: Progress) ->
         note = f"HR@10 {record.metrics['hr@10']:.3f}" if record.metrics else ""
         progress.advance("federated", note)
 
+    if config.federated.mode == "cross-device":
+        device_run = run_cross_device(dataset, config, on_round=on_round)
+        result = _method_result(
+            device_run.evaluate(config.eval.split), time.perf_counter() - started
+        )
+        weights = {
+            "federated/shared": dict(device_run.shared),
+            # Each shopper's vectors belong on their own device; the simulator stores them together.
+            "federated/devices": dict(device_run.user_tables),
+        }
+        return result, device_run.history, weights
     run = run_cross_silo(dataset, config, on_round=on_round)
     per_silo = run.evaluate(config.eval.split)
     # The per-round curve lives in the round history (metrics.json "history"), not in `curve`.
@@ -109,15 +129,13 @@ def train_centralized(config: RunConfig, dataset: RecDataset, progress: Progress
     epochs = config.baseline_epochs
     progress.start("centralized", epochs)
     started = time.perf_counter()
-    model = config.model
-    shared = init_shared(
-        dataset.n_items, model.dim, model.init_std,
-        torch_generator(config.seed, "centralized", "init"),
-    )  # fmt: skip
-    private = init_private(
-        dataset.n_users, dataset.n_items, model.dim, model.init_std,
-        torch_generator(config.seed, "centralized", "users"),
-        n_silos=dataset.n_silos, silo_item_bias=model.silo_item_bias,
+    model, spec = config.model, get_model(config.model.name)
+    shared = spec.init_shared(
+        dataset.n_items, model, torch_generator(config.seed, "centralized", "init")
+    )
+    private = spec.init_private(
+        dataset.n_users, dataset.n_items, model,
+        torch_generator(config.seed, "centralized", "users"), n_silos=dataset.n_silos,
     )  # fmt: skip
     user_silo = torch.tensor(dataset.user_silo)
     silos = dataset.silos()  # sliced once, evaluated after every epoch
@@ -128,7 +146,9 @@ def train_centralized(config: RunConfig, dataset: RecDataset, progress: Progress
         note = ""
         if epoch % config.eval.eval_every == 0 or epoch == epochs:
             sums = _evaluate_silos(
-                silos, lambda s: _pooled_rows(state.shared, state.private, user_silo, s), split
+                silos,
+                lambda s: _pooled_rows(spec, state.shared, state.private, user_silo, s),
+                split,
             )
             curve.append((epoch, summarise(sums)))
             note = f"HR@10 {curve[-1][1]['hr@10']:.3f}"
@@ -137,45 +157,48 @@ def train_centralized(config: RunConfig, dataset: RecDataset, progress: Progress
     result = train_bpr(
         shared, private, dataset.train, epochs, config.train,
         torch_generator(config.seed, "centralized", "train"),
-        user_silo=user_silo, on_epoch=on_epoch,
+        user_silo=user_silo, on_epoch=on_epoch, spec=spec,
     )  # fmt: skip
     per_silo = _evaluate_silos(
-        silos, lambda silo: _pooled_rows(result.shared, result.private, user_silo, silo), split
+        silos,
+        lambda silo: _pooled_rows(spec, result.shared, result.private, user_silo, silo),
+        split,
     )
     weights = {"centralized": {**result.shared, **result.private, "user_silo": user_silo}}
     return _method_result(per_silo, time.perf_counter() - started, curve), weights
 
 
-def _pooled_rows(shared: Params, private: Params, user_silo: torch.Tensor, silo: SiloData):
+def _pooled_rows(
+    spec: ModelSpec, shared: Params, private: Params, user_silo: torch.Tensor, silo: SiloData
+):
     """Score rows (local to `silo`) with a model whose private tables cover all users."""
     silo_users = torch.from_numpy(silo.users)
-    return lambda rows: score_all(shared, private, silo_users[rows], user_silo)
+    return lambda rows: score_all(spec, shared, private, silo_users[rows], user_silo)
 
 
 def train_local_only(config: RunConfig, dataset: RecDataset, progress: Progress) -> tuple:
     epochs = config.baseline_epochs
     progress.start("local_only", dataset.n_silos)
     started = time.perf_counter()
-    model = config.model
+    model, spec = config.model, get_model(config.model.name)
     per_silo, weights = {}, {}
     for index, silo in enumerate(dataset.silos()):
-        shared = init_shared(
-            dataset.n_items, model.dim, model.init_std,
-            torch_generator(config.seed, "local", index, "init"),
-        )  # fmt: skip
-        private = init_private(
-            silo.n_users, dataset.n_items, model.dim, model.init_std,
+        shared = spec.init_shared(
+            dataset.n_items, model, torch_generator(config.seed, "local", index, "init")
+        )
+        private = spec.init_private(
+            silo.n_users, dataset.n_items, model,
             torch_generator(config.seed, "local", index, "users"),
-            silo_item_bias=model.silo_item_bias,
         )  # fmt: skip
         result = train_bpr(
             shared, private, silo.train, epochs, config.train,
-            torch_generator(config.seed, "local", index, "train"),
+            torch_generator(config.seed, "local", index, "train"), spec=spec,
         )  # fmt: skip
         per_silo[silo.name] = evaluate(
-            lambda rows, r=result: score_all(r.shared, r.private, torch.from_numpy(rows)),
+            lambda rows, r=result: score_all(spec, r.shared, r.private, torch.from_numpy(rows)),
             silo.train,
             silo.heldout(config.eval.split),
+            negatives=silo.eval_negatives,
         )
         weights[f"local_only/silo-{slug(silo.name)}"] = {**result.shared, **result.private}
         progress.advance("local_only", silo.name)
@@ -196,10 +219,23 @@ def popularity(config: RunConfig, dataset: RecDataset, progress: Progress) -> tu
     }
 
 
+def effective_config(config: RunConfig) -> RunConfig:
+    """The configuration as it runs: cross-device shoppers have no silo offsets (a shopper's own
+    taste is their user vector), and every method uses the same model, so the offsets go for all."""
+    if config.federated.mode == "cross-device" and config.model.silo_item_bias:
+        return dataclasses.replace(
+            config, model=dataclasses.replace(config.model, silo_item_bias=False)
+        )
+    return config
+
+
 def run_experiment(
     config: RunConfig, dataset: RecDataset, progress: Progress | None = None
 ) -> ExperimentResult:
     progress = progress or _Silent()
+    config = effective_config(config)
+    if config.eval.protocol == "sampled-100":
+        dataset = with_eval_negatives(dataset, 100, config.seed)
     methods: dict[str, MethodResult] = {}
     weights: dict[str, dict[str, torch.Tensor]] = {}
     history: list[RoundRecord] = []

@@ -8,7 +8,7 @@ from fedshop.config import ModelConfig, TrainConfig
 from fedshop.data.interactions import SiloData
 from fedshop.eval.metrics import MetricSums, evaluate
 from fedshop.fl.stages import AggregationPipeline, ClientMessage
-from fedshop.models.mf import SHARED_PARAMETERS, Params, init_private, score_all
+from fedshop.models.spec import Params, get_model, score_all
 from fedshop.models.train import train_bpr
 from fedshop.seeding import torch_generator
 
@@ -27,11 +27,11 @@ class SiloClient:
         self.data = data
         self.train_config = train
         self.pipeline = pipeline
+        self.spec = get_model(model.name)
         # Private state: user embeddings and the silo's item-bias offsets. Never part of a message.
-        self._private = init_private(
-            data.n_users, data.train.shape[1], model.dim, model.init_std,
-            torch_generator(seed, "silo", index, "users"), silo_item_bias=model.silo_item_bias,
-        )  # fmt: skip
+        self._private = self.spec.init_private(
+            data.n_users, data.train.shape[1], model, torch_generator(seed, "silo", index, "users")
+        )
         self._generator = torch_generator(seed, "silo", index, "train")
 
     @property
@@ -50,10 +50,10 @@ class SiloClient:
         self.personalise(global_shared, reconstruction_epochs)
         result = train_bpr(
             global_shared, self._private, self.data.train, epochs,
-            self.train_config, self._generator,
+            self.train_config, self._generator, spec=self.spec,
         )  # fmt: skip
         self._private = result.private
-        delta = {k: result.shared[k] - global_shared[k] for k in SHARED_PARAMETERS}
+        delta = {k: result.shared[k] - global_shared[k] for k in global_shared}
         message = ClientMessage(
             tensors=delta, weight=1.0, num_examples=self.data.n_train, local_steps=result.steps
         )
@@ -65,7 +65,7 @@ class SiloClient:
             return
         result = train_bpr(
             global_shared, self._private, self.data.train, epochs,
-            self.train_config, self._generator, update_shared=False,
+            self.train_config, self._generator, update_shared=False, spec=self.spec,
         )  # fmt: skip
         self._private = result.private
 
@@ -73,9 +73,10 @@ class SiloClient:
         """Evaluate this silo's customers locally; only metric sums would leave the silo."""
         private = self._private
         return evaluate(
-            lambda rows: score_all(global_shared, private, torch.from_numpy(rows)),
+            lambda rows: score_all(self.spec, global_shared, private, torch.from_numpy(rows)),
             self.data.train,
             self.data.heldout(split),
+            negatives=self.data.eval_negatives,
         )
 
     def private_state(self) -> dict[str, torch.Tensor]:

@@ -59,5 +59,7 @@ def make_server_optimizer(config: FederatedConfig) -> ServerOptimizer:
     if config.server_optimizer == "fedavgm":
         return FedAvgM(config.server_learning_rate, config.server_momentum)
     if config.server_optimizer == "fedadam":
-        return FedAdam(config.server_learning_rate, beta1=config.server_momentum)
+        return FedAdam(
+            config.server_learning_rate, beta1=config.server_momentum, tau=config.server_epsilon
+        )
     return FedAvg(config.server_learning_rate)

@@ -17,7 +17,7 @@ from fedshop.fl.client import SiloClient
 from fedshop.fl.server import FederatedServer
 from fedshop.fl.server_opt import make_server_optimizer
 from fedshop.fl.stages import AggregationPipeline
-from fedshop.models.mf import init_shared
+from fedshop.models.spec import get_model
 from fedshop.seeding import torch_generator
 
 RoundCallback = Callable[["RoundRecord"], None]
@@ -45,11 +45,8 @@ def build_federation(
     dataset: RecDataset, config: RunConfig, pipeline: AggregationPipeline | None = None
 ) -> FederatedRun:
     pipeline = pipeline or AggregationPipeline.for_aggregation(config.federated.aggregation)
-    shared = init_shared(
-        dataset.n_items,
-        config.model.dim,
-        config.model.init_std,
-        torch_generator(config.seed, "shared", "init"),
+    shared = get_model(config.model.name).init_shared(
+        dataset.n_items, config.model, torch_generator(config.seed, "shared", "init")
     )
     clients = [
         SiloClient(i, dataset.silo(i), config.model, config.train, pipeline, config.seed)

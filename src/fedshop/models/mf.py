@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-Params = dict[str, torch.Tensor]
+from fedshop.config import ModelConfig
+from fedshop.models import spec as _spec
+from fedshop.models.spec import ModelSpec, Params
 
 SHARED_PARAMETERS = ("item_embedding", "item_bias")
 PRIVATE_PARAMETERS = ("user_embedding", "silo_item_bias")
@@ -37,21 +39,36 @@ def init_private(
     silo_item_bias: bool = True,
 ) -> Params:
     """Private parameters of `n_users` customers spread over `n_silos` silos (1 inside a silo)."""
-    private = {"user_embedding": torch.randn(n_users, dim, generator=generator) * init_std}
-    if silo_item_bias:
-        private["silo_item_bias"] = torch.zeros(n_silos, n_items)
-    return private
+    config = ModelConfig(dim=dim, init_std=init_std, silo_item_bias=silo_item_bias)
+    return MF.init_private(n_users, n_items, config, generator, n_silos)
+
+
+def pair_scores(users: Params, items: Params, dense: Params) -> torch.Tensor:
+    return (users["user_embedding"] * items["item_embedding"]).sum(-1) + items["item_bias"]
+
+
+def catalogue_scores(users: Params, items: Params, dense: Params) -> torch.Tensor:
+    return users["user_embedding"] @ items["item_embedding"].T + items["item_bias"]
+
+
+MF = ModelSpec(
+    name="mf-bpr",
+    item_tables=SHARED_PARAMETERS,
+    user_tables=("user_embedding",),
+    init_shared=lambda n_items, c, g: init_shared(n_items, c.dim, c.init_std, g),
+    init_users=lambda n_users, c, g: {
+        "user_embedding": torch.randn(n_users, c.dim, generator=g) * c.init_std
+    },
+    pair_scores=pair_scores,
+    catalogue_scores=catalogue_scores,
+)
 
 
 def score_all(
     shared: Params, private: Params, users: torch.Tensor, user_silo: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Scores of `users` (indices into the private tables) against the whole catalogue."""
-    scores = private["user_embedding"][users] @ shared["item_embedding"].T + shared["item_bias"]
-    if "silo_item_bias" in private:
-        silos = torch.zeros_like(users) if user_silo is None else user_silo[users]
-        scores = scores + private["silo_item_bias"][silos]
-    return scores
+    """MF scores of `users` (indices into the private tables) against the whole catalogue."""
+    return _spec.score_all(MF, shared, private, users, user_silo)
 
 
 def bpr_loss(pos_score: torch.Tensor, neg_score: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ import scipy.sparse as sp
 import torch
 
 from fedshop.config import TrainConfig
-from fedshop.models.mf import Params, bpr_loss
+from fedshop.models.mf import MF, bpr_loss
+from fedshop.models.spec import ModelSpec, Params, gather_rows
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ def train_bpr(
     update_shared: bool = True,
     user_silo: torch.Tensor | None = None,
     on_epoch: Callable[[int, TrainResult], None] | None = None,
+    spec: ModelSpec = MF,
 ) -> TrainResult:
     """Run `epochs` passes of BPR over the (users × items) matrix `train`.
 
@@ -51,17 +53,17 @@ def train_bpr(
     rows and offsets each batch touches. With `update_shared=False` only the private parameters move
     (personalisation). `on_epoch(epoch, state)` is called after each epoch with read-only views.
     """
-    item_embedding = shared["item_embedding"].detach().clone().requires_grad_(update_shared)
-    item_bias = shared["item_bias"].detach().clone().requires_grad_(update_shared)
+    mine_shared = {k: v.detach().clone().requires_grad_(update_shared) for k, v in shared.items()}
     mine = {k: v.detach().clone().requires_grad_(True) for k, v in private.items()}
-    users_param, silo_bias = mine["user_embedding"], mine.get("silo_item_bias")
-    trainable = list(mine.values()) + ([item_embedding, item_bias] if update_shared else [])
+    silo_bias = mine.get("silo_item_bias")
+    trainable = list(mine.values()) + (list(mine_shared.values()) if update_shared else [])
     optimizer = torch.optim.Adam(trainable, lr=config.learning_rate)
+    dense = spec.dense_of(mine_shared)
 
     pair_users, pair_items = positive_pairs(train)
     if user_silo is None:
         user_silo = torch.zeros(train.shape[0], dtype=torch.int64)
-    n_pairs, n_items = len(pair_users), item_embedding.shape[0]
+    n_pairs, n_items = len(pair_users), train.shape[1]
     batch_size = effective_batch_size(n_pairs, config)
     total, steps = 0.0, 0
     for epoch in range(1, epochs + 1):
@@ -70,18 +72,12 @@ def train_bpr(
             batch = order[start : start + batch_size]
             users, positives = pair_users[batch], pair_items[batch]
             negatives = torch.randint(n_items, (len(batch), config.negatives), generator=generator)
-            u, v_pos, v_neg = (
-                users_param[users],
-                item_embedding[positives],
-                item_embedding[negatives],
-            )
-            pos_score = (u * v_pos).sum(-1) + item_bias[positives]
-            neg_score = torch.einsum("bd,bnd->bn", u, v_neg) + item_bias[negatives]
-            penalty = (
-                u.pow(2).sum(-1).mean()
-                + v_pos.pow(2).sum(-1).mean()
-                + v_neg.pow(2).sum(-1).mean(1).mean()
-            )
+            u = gather_rows(mine, spec.user_tables, users)
+            v_pos = gather_rows(mine_shared, spec.item_tables, positives)
+            v_neg = gather_rows(mine_shared, spec.item_tables, negatives)
+            pos_score = spec.pair_scores(u, v_pos, dense)
+            neg_score = spec.pair_scores({k: r.unsqueeze(1) for k, r in u.items()}, v_neg, dense)
+            penalty = embedding_penalty(u, v_pos, v_neg)
             if silo_bias is not None:
                 silos = user_silo[users]
                 c_pos, c_neg = silo_bias[silos, positives], silo_bias[silos[:, None], negatives]
@@ -94,19 +90,23 @@ def train_bpr(
             total += float(loss.detach())
             steps += 1
         if on_epoch is not None:
-            on_epoch(epoch, _snapshot(item_embedding, item_bias, mine, total, steps))
-    return _snapshot(item_embedding, item_bias, mine, total, steps)
+            on_epoch(epoch, _snapshot(mine_shared, mine, total, steps))
+    return _snapshot(mine_shared, mine, total, steps)
 
 
-def _snapshot(
-    item_embedding: torch.Tensor,
-    item_bias: torch.Tensor,
-    private: Params,
-    total_loss: float,
-    steps: int,
-) -> TrainResult:
+def embedding_penalty(users: Params, positives: Params, negatives: Params) -> torch.Tensor:
+    """Mean squared norm of the embedding rows a batch touches (biases are not penalised)."""
+    penalty = sum(u.pow(2).sum(-1).mean() for u in users.values())
+    for name, v_pos in positives.items():
+        if v_pos.dim() >= 2:
+            v_neg = negatives[name]
+            penalty = penalty + v_pos.pow(2).sum(-1).mean() + v_neg.pow(2).sum(-1).mean(1).mean()
+    return penalty
+
+
+def _snapshot(shared: Params, private: Params, total_loss: float, steps: int) -> TrainResult:
     return TrainResult(
-        shared={"item_embedding": item_embedding.detach(), "item_bias": item_bias.detach()},
+        shared={k: v.detach() for k, v in shared.items()},
         private={k: v.detach() for k, v in private.items()},
         mean_loss=total_loss / max(steps, 1),
         steps=steps,

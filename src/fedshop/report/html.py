@@ -108,6 +108,19 @@ def curve_svg(metrics: dict[str, Any], metric: str = "hr@10") -> str:
     return svg[svg.find("<svg") :]
 
 
+PROTOCOL_TEXT = {
+    "full": "every catalogue item ranked, the customer's training items excluded",
+    "sampled-100": "each held-out item ranked against 100 sampled items the customer never "
+    "interacted with, the same for every method; not comparable with full ranking",
+}
+ATTRIBUTION = {
+    "online-retail": "Data: UCI Online Retail (Chen, Sain &amp; Guo, 2012), CC BY 4.0.",
+    "movielens-1m": "Data: MovieLens 1M (Harper &amp; Konstan, 2015), GroupLens, research use.",
+}
+_AMAZON = "Data: Amazon review data 2014 (He &amp; McAuley, WWW 2016), 5-core, research use."
+ATTRIBUTION.update({f"amazon-{c}": _AMAZON for c in ("toys", "beauty", "sports", "sequential")})
+
+
 def render_report(metrics: dict[str, Any], data_report: dict[str, Any], config_toml: str) -> str:
     methods = _methods(metrics)
     summary_rows = []
@@ -155,16 +168,32 @@ def render_report(metrics: dict[str, Any], data_report: dict[str, Any], config_t
         ]
         for s in data_report.get("silos", [])
     ]
-    merged = ", ".join(data_report.get("merged_into_rest_of_world", [])) or "none"
+    merged = data_report.get("merged_into_rest_of_world", data_report.get("merged_into_other", []))
+    if "silo_rule" in data_report:
+        silo_rule = f"Silos {html.escape(data_report['silo_rule'])}."
+        if merged:
+            silo_rule += f" Merged: {html.escape(', '.join(merged))}."
+    else:
+        silo_rule = (
+            f"Countries with fewer than {_fmt(data_report.get('min_silo_customers'))} customers "
+            f"merged into “Rest of world”: {html.escape(', '.join(merged) or 'none')}."
+        )
+    date_range = data_report.get("date_range")
+    period = (
+        f"; interactions from {_fmt(date_range[0])} to {_fmt(date_range[1])}" if date_range else ""
+    )
+    protocol = PROTOCOL_TEXT.get(metrics.get("protocol"), "")
+    mode = metrics.get("mode", "cross-silo")
+    attribution = ATTRIBUTION.get(str(metrics.get("dataset")), "")
 
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>FedShop run report</title>
 <style>{CSS}</style></head><body>
 <h1>FedShop run report</h1>
-<p class="muted">dataset <b>{_fmt(metrics.get("dataset"))}</b> · protocol <b>{_fmt(metrics.get("protocol"))}
-ranking</b> over the whole catalogue, training items excluded · split <b>{_fmt(metrics.get("split"))}</b>
-· seed {_fmt(metrics.get("seed"))} · {_fmt(metrics.get("rounds"))} rounds · FedShop
-{_fmt(metrics.get("fedshop_version"))}</p>
+<p class="muted">dataset <b>{_fmt(metrics.get("dataset"))}</b> · model <b>{_fmt(metrics.get("model"))}</b>
+· <b>{_fmt(mode)}</b> federation · protocol <b>{_fmt(metrics.get("protocol"))}</b> ({protocol})
+· split <b>{_fmt(metrics.get("split"))}</b> · seed {_fmt(metrics.get("seed"))}
+· {_fmt(metrics.get("rounds"))} rounds · FedShop {_fmt(metrics.get("fedshop_version"))}</p>
 <h2>Results</h2>
 {summary}
 <p class="muted">HR@10, NDCG@10 and Recall@20 average over all evaluated customers (for local-only, each
@@ -175,14 +204,12 @@ small storefront counts as much as the large one.</p>
 <h2>Per silo</h2>
 {per_silo}
 <h2>Data</h2>
-<p>Source: {_fmt(data_report.get("source"))}; purchases from {_fmt((data_report.get("date_range") or ["", ""])[0])}
-to {_fmt((data_report.get("date_range") or ["", ""])[1])}; catalogue {_fmt(data_report.get("catalogue_items"))} items.</p>
+<p>Source: {_fmt(data_report.get("source"))}{period}; catalogue {_fmt(data_report.get("catalogue_items"))} items.</p>
 <h3>Cleaning</h3>{_table(["rule / count", "rows", "meaning"], cleaning_rows, text_columns=(2,))}
 <h3>Split</h3><p>{_fmt(data_report.get("split_rule"))}</p>{_table(["count", "value"], split_rows)}
 <h3>Silos</h3>{_table(["silo", "customers", "training interactions", "test customers"], silo_data_rows)}
-<p class="muted">Countries with fewer than {_fmt(data_report.get("min_silo_customers"))} customers merged
-into “Rest of world”: {html.escape(merged)}.</p>
+<p class="muted">{silo_rule}</p>
 <h2>Configuration</h2><pre>{html.escape(config_toml)}</pre>
-<p class="muted">Data: UCI Online Retail (Chen, Sain &amp; Guo, 2012), CC BY 4.0.</p>
+<p class="muted">{attribution}</p>
 </body></html>
 """

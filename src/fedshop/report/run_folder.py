@@ -48,6 +48,8 @@ def metrics_document(result: ExperimentResult) -> dict[str, Any]:
         "fedshop_version": __version__,
         "dataset": result.dataset.name,
         "protocol": config.eval.protocol,
+        "mode": config.federated.mode,
+        "model": config.model.name,
         "split": config.eval.split,
         "seed": config.seed,
         "rounds": config.federated.rounds,

@@ -1,0 +1,473 @@
+"""Cross-device federation: every shopper is a client, simulated many clients at a time.
+
+A shopper's device holds their own interactions and their private user vectors; each round the server
+samples some devices, each trains locally from the current shared model and returns only the change to
+the shared parameters, and the server takes the example-weighted mean (FedAvg) and steps its optimiser.
+
+Local training, per client and round: `local_epochs` plain-SGD steps, each on the full batch of the
+client's positives with fresh negatives (items the client never bought), loss = mean BPR + L2 on the
+touched embedding rows, exactly the per-batch loss of `models.train.train_bpr`.
+
+Two implementations of the same round, which a test holds equal within float tolerance:
+- `reference_round`: a plain loop, one client at a time, each with a full copy of the shared model and
+  its update sent as a `ClientMessage` through the ordinary aggregation pipeline;
+- `vectorised_round`: clients of similar size are stacked into buckets and trained together; each
+  client gets private copies of just the item rows it touches (C × K rows instead of C × catalogue),
+  dense weights get a leading client dimension, and one backward pass over the sum of the clients'
+  losses yields every client's own gradient (their parameters are disjoint). Item updates are then
+  scatter-added into the aggregate, so only touched rows are ever materialised: the sparse message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+
+from fedshop.config import RunConfig
+from fedshop.data.interactions import RecDataset
+from fedshop.eval.metrics import MetricSums, evaluate, summarise
+from fedshop.fl.server_opt import ServerOptimizer, make_server_optimizer
+from fedshop.fl.simulator import RoundRecord
+from fedshop.fl.stages import AggregationPipeline, ClientMessage
+from fedshop.models.spec import ModelSpec, Params, gather_rows, get_model, score_all, stack_dense
+from fedshop.models.train import embedding_penalty
+from fedshop.seeding import torch_generator
+
+# Redraws of negatives that hit one of the client's own items; after this many, a hit is tolerated
+# (it only happens for a shopper who bought most of the catalogue).
+_NEGATIVE_REDRAWS = 20
+# Upper bound on floats in one bucket's largest activation (clients × pair slots × width).
+_BUCKET_FLOATS = 1 << 24
+# A bucket closes when padding would exceed this fraction of its real pairs.
+_BUCKET_PADDING = 0.25
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    epochs: int
+    learning_rate: float
+    l2: float
+    negatives: int
+    update_shared: bool = True
+
+
+@dataclass(frozen=True)
+class RoundInput:
+    """The sampled clients of one round, their positives and the negatives drawn for them."""
+
+    clients: torch.Tensor  # (C,) user index of each client
+    positives: list[torch.Tensor]  # per client, its training items
+    negatives: list[torch.Tensor]  # per client, (epochs, n_pos, negatives) item indices
+
+    @property
+    def num_examples(self) -> torch.Tensor:
+        return torch.tensor([len(p) for p in self.positives], dtype=torch.float32)
+
+
+def draw_round(
+    train: sp.csr_matrix,
+    clients: torch.Tensor,
+    epochs: int,
+    negatives: int,
+    generator: torch.Generator,
+) -> RoundInput:
+    """Positives of `clients` (rows of `train`) and uniform negatives outside each client's items."""
+    n_items = train.shape[1]
+    indptr = torch.from_numpy(train.indptr.astype(np.int64))
+    indices = torch.from_numpy(train.indices.astype(np.int64))
+    starts, ends = indptr[clients], indptr[clients + 1]
+    sizes = ends - starts
+    owner = torch.repeat_interleave(torch.arange(len(clients)), sizes)
+    flat_positive = indices[
+        torch.repeat_interleave(starts - torch.cumsum(sizes, 0) + sizes, sizes)
+        + torch.arange(int(sizes.sum()))
+    ]
+    # Keys (client, item) sorted, so membership is one searchsorted (CSR rows are sorted).
+    own_keys = owner * n_items + flat_positive
+    draws = torch.randint(n_items, (epochs, len(owner), negatives), generator=generator)
+    owner_keys = (owner * n_items).view(1, -1, 1)
+    for _ in range(_NEGATIVE_REDRAWS):
+        keys = owner_keys + draws
+        slot = torch.searchsorted(own_keys, keys.reshape(-1)).clamp(max=len(own_keys) - 1)
+        clash = (own_keys[slot] == keys.reshape(-1)).view_as(draws)
+        hits = int(clash.sum())
+        if hits == 0:
+            break
+        draws[clash] = torch.randint(n_items, (hits,), generator=generator)
+    split_sizes = sizes.tolist()
+    return RoundInput(
+        clients=clients,
+        positives=list(torch.split(flat_positive, split_sizes)),
+        negatives=list(torch.split(draws, split_sizes, dim=1)),
+    )
+
+
+def client_loss(
+    spec: ModelSpec,
+    users: Params,
+    items: Params,
+    dense: Params,
+    positives: torch.Tensor,
+    negatives: torch.Tensor,
+    l2: float,
+) -> torch.Tensor:
+    """One client's loss on full tables: mean BPR over its pairs + L2 on the rows it touches."""
+    pair_users = {k: v.expand(len(positives), -1) for k, v in users.items()}
+    v_pos = gather_rows(items, spec.item_tables, positives)
+    v_neg = gather_rows(items, spec.item_tables, negatives)
+    pos_score = spec.pair_scores(pair_users, v_pos, dense)
+    neg_score = spec.pair_scores({k: v.unsqueeze(1) for k, v in pair_users.items()}, v_neg, dense)
+    loss = -F.logsigmoid(pos_score.unsqueeze(1) - neg_score).mean()
+    return loss + l2 * embedding_penalty(pair_users, v_pos, v_neg)
+
+
+def reference_round(
+    spec: ModelSpec,
+    shared: Params,
+    user_tables: Params,
+    batch: RoundInput,
+    training: LocalTraining,
+    pipeline: AggregationPipeline | None = None,
+) -> tuple[Params, Params]:
+    """One round, one client at a time. Returns (mean update of the shared parameters, new user rows
+    of the round's clients, stacked in client order)."""
+    pipeline = pipeline or AggregationPipeline.for_aggregation("fedavg")
+    messages, new_users = [], {k: [] for k in user_tables}
+    for position, user in enumerate(batch.clients.tolist()):
+        local = {
+            k: v.detach().clone().requires_grad_(training.update_shared) for k, v in shared.items()
+        }
+        mine = {
+            k: v[user : user + 1].detach().clone().requires_grad_(True)
+            for k, v in user_tables.items()
+        }
+        params = list(mine.values()) + (list(local.values()) if training.update_shared else [])
+        for epoch in range(training.epochs):
+            loss = client_loss(
+                spec, mine, local, spec.dense_of(local),
+                batch.positives[position], batch.negatives[position][epoch], training.l2,
+            )  # fmt: skip
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                for param, grad in zip(params, grads, strict=True):
+                    param -= training.learning_rate * grad
+        for k, v in mine.items():
+            new_users[k].append(v.detach()[0])
+        delta = {k: local[k].detach() - shared[k] for k in shared}
+        messages.append(
+            pipeline.on_client(
+                ClientMessage(
+                    delta, 1.0, len(batch.positives[position]), local_steps=training.epochs
+                )
+            )
+        )
+    mean_update = pipeline.aggregate(messages) if training.update_shared else {}
+    return mean_update, {k: torch.stack(v) for k, v in new_users.items()}
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """Clients of similar size, padded to a common shape, with local copies of their touched rows."""
+
+    members: torch.Tensor  # (C,) positions in the round's client list
+    rows: torch.Tensor  # (C, K) catalogue item behind each local row (0 for padding)
+    row_mask: torch.Tensor  # (C, K)
+    positives: torch.Tensor  # (C, P) local row of each positive (0 for padding)
+    negatives: torch.Tensor  # (epochs, C, P * negatives) local rows
+    pair_mask: torch.Tensor  # (C, P)
+    n_pairs: torch.Tensor  # (C,) real positives per client
+
+    def to(self, device: torch.device) -> Bucket:
+        return Bucket(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+
+
+def plan_buckets(sizes: torch.Tensor, width: int, negatives: int) -> list[torch.Tensor]:
+    """Group client positions (sorted by size) so that padding and memory stay bounded."""
+    order = torch.argsort(sizes, stable=True).tolist()
+    sizes_list = sizes.tolist()
+    buckets, current, real = [], [], 0
+    for position in order:
+        size = max(sizes_list[position], 1)
+        slots = (len(current) + 1) * size  # the new client is the largest so far
+        too_padded = slots > (1 + _BUCKET_PADDING) * (real + size)
+        too_big = slots * (1 + negatives) * width > _BUCKET_FLOATS
+        if current and (too_padded or too_big):
+            buckets.append(torch.tensor(current))
+            current, real = [], 0
+        current.append(position)
+        real += size
+    if current:
+        buckets.append(torch.tensor(current))
+    return buckets
+
+
+def build_bucket(batch: RoundInput, members: torch.Tensor, n_items: int) -> Bucket:
+    positives = [batch.positives[i] for i in members.tolist()]
+    negatives = [batch.negatives[i] for i in members.tolist()]
+    C = len(members)
+    epochs, _, n_neg = negatives[0].shape
+    n_pairs = torch.tensor([len(p) for p in positives])
+    P = int(n_pairs.max())
+    # Every item a client touches this round, as keys (client, item) -> unique local rows.
+    owner_pos = torch.repeat_interleave(torch.arange(C), n_pairs)
+    flat_pos = torch.cat(positives)
+    flat_neg = torch.cat([n.reshape(epochs, -1) for n in negatives], dim=1)  # (E, total * n_neg)
+    owner_neg = torch.repeat_interleave(torch.arange(C), n_pairs * n_neg)
+    keys = torch.cat([owner_pos * n_items + flat_pos, (owner_neg * n_items + flat_neg).reshape(-1)])
+    unique, inverse = torch.unique(keys, return_inverse=True)
+    row_owner = unique // n_items
+    per_client = torch.bincount(row_owner, minlength=C)
+    first_row = torch.cumsum(per_client, 0) - per_client
+    local = inverse - first_row[torch.cat([owner_pos, owner_neg.repeat(epochs)])]
+    K = int(per_client.max())
+    rows = torch.zeros(C, K, dtype=torch.int64)
+    row_mask = torch.zeros(C, K, dtype=torch.bool)
+    row_slot = torch.arange(len(unique)) - first_row[row_owner]
+    rows[row_owner, row_slot] = unique % n_items
+    row_mask[row_owner, row_slot] = True
+
+    slot_pos = torch.arange(len(flat_pos)) - (torch.cumsum(n_pairs, 0) - n_pairs)[owner_pos]
+    pos_local = torch.zeros(C, P, dtype=torch.int64)
+    pair_mask = torch.zeros(C, P, dtype=torch.bool)
+    pos_local[owner_pos, slot_pos] = local[: len(flat_pos)]
+    pair_mask[owner_pos, slot_pos] = True
+    neg_local = torch.zeros(epochs, C, P, n_neg, dtype=torch.int64)
+    neg_rows = local[len(flat_pos) :].view(epochs, len(flat_pos), n_neg)
+    neg_local[:, owner_pos, slot_pos] = neg_rows
+    return Bucket(
+        members=members,
+        rows=rows,
+        row_mask=row_mask,
+        positives=pos_local,
+        negatives=neg_local.reshape(epochs, C, P * n_neg),
+        pair_mask=pair_mask,
+        n_pairs=n_pairs,
+    )
+
+
+@dataclass
+class BucketUpdate:
+    """What the clients of one bucket send: deltas of their touched rows and of the dense weights."""
+
+    bucket: Bucket
+    item_deltas: Params  # name -> (C, K, ...) zero on padding rows
+    dense_deltas: Params  # name -> (C, ...)
+    users: Params  # name -> (C, dim) the clients' new private rows (stay on the client)
+
+
+def train_bucket(
+    spec: ModelSpec,
+    shared: Params,
+    user_tables: Params,
+    clients: torch.Tensor,
+    bucket: Bucket,
+    training: LocalTraining,
+) -> BucketUpdate:
+    C, K = bucket.rows.shape
+    device = bucket.rows.device
+    dense0 = spec.dense_of(shared)
+    # Local copies of the touched rows, flattened to (C·K, ...) so that a client's row r is C·K row
+    # c·K + r: gathers are index_select, whose backward is a fast index_add.
+    flat_rows = bucket.rows.reshape(-1)
+    item0 = {name: shared[name].index_select(0, flat_rows) for name in spec.item_tables}
+    items = {k: v.clone().requires_grad_(training.update_shared) for k, v in item0.items()}
+    dense = {k: v.requires_grad_(training.update_shared) for k, v in stack_dense(dense0, C).items()}
+    users = {
+        k: v[clients[bucket.members]].clone().unsqueeze(1).requires_grad_(True)
+        for k, v in user_tables.items()
+    }
+    params = list(users.values()) + (
+        list(items.values()) + list(dense.values()) if training.update_shared else []
+    )
+    offset = (torch.arange(C, device=device) * K).view(C, 1)
+    positives = (bucket.positives + offset).reshape(-1)
+    mask = bucket.pair_mask.to(torch.float32)
+    n_pairs = bucket.n_pairs.to(torch.float32)
+    P = bucket.positives.shape[1]
+    n_neg = bucket.negatives.shape[-1] // P
+
+    def gather(table: torch.Tensor, index: torch.Tensor, per_client: int) -> torch.Tensor:
+        return table.index_select(0, index).view(C, per_client, *table.shape[1:])
+
+    for epoch in range(training.epochs):
+        negatives = (bucket.negatives[epoch] + offset).reshape(-1)
+        v_pos = {k: gather(v, positives, P) for k, v in items.items()}
+        v_neg = {k: gather(v, negatives, P * n_neg) for k, v in items.items()}
+        pos_score = spec.pair_scores(users, v_pos, dense)  # (C, P)
+        neg_score = spec.pair_scores(users, v_neg, dense).view(C, P, n_neg)
+        pair_loss = -F.logsigmoid(pos_score.unsqueeze(-1) - neg_score).mean(-1)
+        loss_per_client = (pair_loss * mask).sum(1) / n_pairs
+        penalty = sum(u.pow(2).sum(-1).squeeze(1) for u in users.values())
+        for name in spec.item_tables:
+            if item0[name].dim() == 2:
+                pos_norm = (v_pos[name].pow(2).sum(-1) * mask).sum(1) / n_pairs
+                neg_norm = v_neg[name].pow(2).sum(-1).view(C, P, n_neg).mean(-1)
+                penalty = penalty + pos_norm + (neg_norm * mask).sum(1) / n_pairs
+        total = (loss_per_client + training.l2 * penalty).sum()
+        grads = torch.autograd.grad(total, params)
+        with torch.no_grad():
+            for param, grad in zip(params, grads, strict=True):
+                param -= training.learning_rate * grad
+    with torch.no_grad():
+        # Padding rows are never in a loss, so their delta is exactly zero.
+        item_deltas = {k: (items[k] - item0[k]).view(C, K, *item0[k].shape[1:]) for k in items}
+        dense_deltas = {k: dense[k] - dense0[k].reshape(1, *dense[k].shape[1:]) for k in dense}
+    return BucketUpdate(
+        bucket=bucket,
+        item_deltas=item_deltas if training.update_shared else {},
+        dense_deltas=dense_deltas if training.update_shared else {},
+        users={k: v.detach().squeeze(1) for k, v in users.items()},
+    )
+
+
+def vectorised_round(
+    spec: ModelSpec,
+    shared: Params,
+    user_tables: Params,
+    batch: RoundInput,
+    training: LocalTraining,
+) -> tuple[Params, Params]:
+    """The same round as `reference_round`, trained bucket by bucket. Returns (example-weighted mean
+    update of the shared parameters, new user rows of the round's clients in client order)."""
+    n_items = shared[spec.item_tables[0]].shape[0]
+    device = shared[spec.item_tables[0]].device
+    width = max([v.shape[-1] for v in shared.values() if v.dim() == 2] + [1])
+    sizes = torch.tensor([len(p) for p in batch.positives])
+    weights = batch.num_examples.to(device)
+    clients = batch.clients.to(device)
+    sums = {k: torch.zeros_like(v) for k, v in shared.items()}
+    new_users = {
+        k: torch.empty(len(batch.clients), v.shape[1], device=device)
+        for k, v in user_tables.items()
+    }
+    for members in plan_buckets(sizes, width, batch.negatives[0].shape[-1]):
+        # Index bookkeeping runs on the CPU; the training maths on the model's device.
+        bucket = build_bucket(batch, members, n_items).to(device)
+        members = bucket.members
+        update = train_bucket(spec, shared, user_tables, clients, bucket, training)
+        for k, v in update.users.items():
+            new_users[k][members] = v
+        if not training.update_shared:
+            continue
+        w = weights[members]
+        for k, delta in update.item_deltas.items():
+            delta *= w.view(-1, *([1] * (delta.dim() - 1)))
+            # The sparse sum: only the rows these clients touched are added (padding adds zeros).
+            sums[k].index_add_(0, bucket.rows.reshape(-1), delta.reshape(-1, *delta.shape[2:]))
+        for k, delta in update.dense_deltas.items():
+            summed = (delta * w.view(-1, *([1] * (delta.dim() - 1)))).sum(0)
+            sums[k] += summed.reshape(shared[k].shape)
+    if not training.update_shared:
+        return {}, new_users
+    total_weight = float(weights.sum())
+    return {k: v / total_weight for k, v in sums.items()}, new_users
+
+
+RoundFunction = Callable[[ModelSpec, Params, Params, RoundInput, LocalTraining], tuple]
+
+
+@dataclass
+class CrossDeviceRun:
+    spec: ModelSpec
+    shared: Params
+    # Every shopper's private rows. In a deployment each row lives on its own device; the simulator
+    # keeps them in one table for speed, but only the owning client's computation ever reads a row.
+    user_tables: Params
+    dataset: RecDataset
+    history: list[RoundRecord] = field(default_factory=list)
+
+    def scores(self, users: torch.Tensor) -> torch.Tensor:
+        return score_all(self.spec, self.shared, self.user_tables, users)
+
+    def evaluate(self, split: str = "test") -> dict[str, MetricSums]:
+        """Per-silo metrics (for shoppers, a silo is just the reporting group they belong to)."""
+        out = {}
+        for silo in self.dataset.silos():
+            users = torch.from_numpy(silo.users)
+            out[silo.name] = evaluate(
+                lambda rows, users=users: self.scores(users[rows]),
+                silo.train,
+                silo.heldout(split),
+                negatives=silo.eval_negatives,
+            )
+        return out
+
+
+def eligible_clients(train: sp.csr_matrix) -> torch.Tensor:
+    """Shoppers with at least one training interaction: the others have nothing to train on."""
+    return torch.from_numpy(np.flatnonzero(np.diff(train.indptr) > 0).astype(np.int64))
+
+
+def run_cross_device(
+    dataset: RecDataset,
+    config: RunConfig,
+    on_round: Callable[[RoundRecord], None] | None = None,
+    round_function: RoundFunction = vectorised_round,
+) -> CrossDeviceRun:
+    fed = config.federated
+    spec = get_model(config.model.name)
+    model = config.model
+    shared = spec.init_shared(
+        dataset.n_items, model, torch_generator(config.seed, "shared", "init")
+    )
+    user_tables = spec.init_users(
+        dataset.n_users, model, torch_generator(config.seed, "devices", "users")
+    )
+    run = CrossDeviceRun(spec, shared, user_tables, dataset)
+    optimizer: ServerOptimizer = make_server_optimizer(fed)
+    pool = eligible_clients(dataset.train)
+    per_round = len(pool) if fed.clients_per_round <= 0 else min(fed.clients_per_round, len(pool))
+    sampling = torch_generator(config.seed, "server", "sampling")
+    training = LocalTraining(
+        fed.local_epochs, fed.client_learning_rate, config.train.l2, config.train.negatives
+    )
+    for round_number in range(1, fed.rounds + 1):
+        started = time.perf_counter()
+        if per_round == len(pool):
+            clients = pool
+        else:
+            clients = torch.sort(pool[torch.randperm(len(pool), generator=sampling)[:per_round]])[0]
+        batch = draw_round(
+            dataset.train, clients, training.epochs, training.negatives,
+            torch_generator(config.seed, "devices", "round", round_number),
+        )  # fmt: skip
+        update, new_users = round_function(spec, run.shared, run.user_tables, batch, training)
+        for k, v in new_users.items():
+            run.user_tables[k][clients] = v
+        run.shared = optimizer.step(run.shared, update)
+        seconds = time.perf_counter() - started
+        metrics = None
+        if round_number % config.eval.eval_every == 0 or round_number == fed.rounds:
+            metrics = summarise(run.evaluate(config.eval.split))
+        record = RoundRecord(round_number, clients.tolist(), seconds, metrics)
+        run.history.append(record)
+        if on_round is not None:
+            on_round(record)
+    personalise(run, config, round_function)
+    return run
+
+
+def personalise(run: CrossDeviceRun, config: RunConfig, round_function: RoundFunction) -> None:
+    """Every shopper refits their own vectors against the final shared model; nothing is sent."""
+    epochs = config.federated.personalise_epochs
+    if epochs <= 0:
+        return
+    pool = eligible_clients(run.dataset.train)
+    training = LocalTraining(
+        epochs, config.federated.client_learning_rate, config.train.l2, config.train.negatives,
+        update_shared=False,
+    )  # fmt: skip
+    batch = draw_round(
+        run.dataset.train, pool, epochs, training.negatives,
+        torch_generator(config.seed, "devices", "personalise"),
+    )  # fmt: skip
+    _, new_users = round_function(run.spec, run.shared, run.user_tables, batch, training)
+    for k, v in new_users.items():
+        run.user_tables[k][pool] = v
