@@ -155,7 +155,7 @@ def train(
         str | None,
         typer.Option(
             "--dataset",
-            help="online-retail, movielens-1m, amazon-toys, amazon-beauty, "
+            help="online-retail, movielens-1m, movielens-100k, amazon-toys, amazon-beauty, "
             "amazon-sports or amazon-sequential (with --data-path).",
         ),
     ] = None,

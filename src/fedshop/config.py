@@ -21,6 +21,7 @@ from fedshop.errors import ConfigError
 DATASETS = (
     "online-retail",
     "movielens-1m",
+    "movielens-100k",
     "amazon-toys",
     "amazon-beauty",
     "amazon-sports",
@@ -45,12 +46,19 @@ class DataConfig:
     min_silo_customers: int = 10
     min_train_days: int = 1
     validation: bool = False
+    # Leave-one-out datasets (movielens-*, amazon-*): which interaction per user is held out.
+    # last: the most recent one (and the one before it for validation); on data without timestamps
+    # (ML-1M's ratings_no_timestamp.csv) this falls back to random, and the data report says so.
+    # random: one drawn uniformly at random (a second one for validation), seeded by the run seed.
+    # Ignored by online-retail, which holds out each customer's last purchase day (temporal split).
+    leave_out: str = "last"
     # Datasets without a natural silo key (Amazon) deal their users at random into this many shards.
     silos: int = 10
 
     def validate(self) -> None:
         _choice("data", "dataset", self.dataset, DATASETS)
         _choice("data", "source", self.source, ("auto", "embedded", "download"))
+        _choice("data", "leave_out", self.leave_out, ("last", "random"))
         _at_least("data", "min_silo_customers", self.min_silo_customers, 0)
         _at_least("data", "min_train_days", self.min_train_days, 1)
         _at_least("data", "silos", self.silos, 1)

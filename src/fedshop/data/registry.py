@@ -13,7 +13,7 @@ from fedshop.data import amazon, movielens, online_retail
 from fedshop.data.download import fetch
 from fedshop.data.interactions import RecDataset, build_dataset
 from fedshop.data.partition import assign_silos, home_country
-from fedshop.data.split import SplitPairs, leave_last_out, temporal_split
+from fedshop.data.split import SplitPairs, leave_last_out, leave_random_out, temporal_split
 from fedshop.errors import DataError
 from fedshop.seeding import derive_seed
 
@@ -27,7 +27,7 @@ def load_dataset(config: DataConfig, seed: int = 0) -> RecDataset:
     """Load `config.dataset`; `seed` (the run seed) drives the random splits and silo draws."""
     if config.dataset == "online-retail":
         return load_online_retail(config)
-    if config.dataset == "movielens-1m":
+    if config.dataset in movielens.RELEASES:
         return load_movielens(config, seed)
     if config.dataset in amazon.CATEGORIES or config.dataset == amazon.SEQUENTIAL_DATASET:
         return load_amazon(config, seed)
@@ -103,56 +103,53 @@ def load_online_retail(config: DataConfig) -> RecDataset:
 
 
 def movielens_location(config: DataConfig) -> tuple[Path, str]:
-    """The MovieLens-1M folder or zip: data.path, else the data directory, else the official zip."""
+    """The MovieLens folder or zip: data.path, else the data directory, else the official zip."""
     _refuse_embedded(config)
+    release = movielens.RELEASES[config.dataset]
     if config.source == "auto":
-        found = movielens.resolve_location(config.path or None, data_dir_from(config))
+        found = movielens.resolve_location(config.path or None, data_dir_from(config), release)
         if found is not None:
             return found
-    path = fetch(movielens.OFFICIAL_URL, movielens.OFFICIAL_ZIP, sha256=movielens.OFFICIAL_SHA256)
-    return path, f"official release {movielens.OFFICIAL_URL}"
+    path = fetch(release.official_url, release.official_zip, sha256=release.official_sha256)
+    return path, f"official release {release.official_url}"
 
 
 def load_movielens(config: DataConfig, seed: int = 0) -> RecDataset:
+    """MovieLens-1M or -100K: leave-one-out by data.leave_out, one silo per US ZIP zone."""
+    release = movielens.RELEASES[config.dataset]
     location, origin = movielens_location(config)
-    release = movielens.read_movielens(location)
-    ratings = release.ratings
+    data = movielens.read_movielens(location, release)
+    ratings = data.ratings
     user_codes, user_ids = pd.factorize(ratings["UserID"], sort=True)
     item_codes, item_ids = pd.factorize(ratings["MovieID"], sort=True)
-    held = "the test item" + (", the one before the validation item" if config.validation else "")
-    if release.has_timestamps:
-        # Equal timestamps keep file order: leave_last_out sorts stably.
-        order = ratings["Timestamp"].to_numpy()
-        split_rule = (
-            f"leave-one-out: each user's most recent rating (by timestamp, ties by file order) is "
-            f"{held}; every rating counts as an implicit interaction"
-        )
-    else:
-        order = np.random.default_rng(derive_seed(seed, "split", "movielens-1m")).permutation(
-            len(ratings)
-        )
-        split_rule = (
-            f"leave-one-out at random: {release.ratings_file} has no timestamps, so each user's "
-            f"held-out rating ({held}) is drawn uniformly at random, seeded by the run seed ({seed}); "
-            "every rating counts as an implicit interaction"
-        )
+    # Equal timestamps keep file order: leave_last_out sorts stably.
+    order = ratings["Timestamp"].to_numpy() if data.has_timestamps else None
     events = pd.DataFrame({"user": user_codes, "item": item_codes, "order": order})
-    split = leave_last_out(events, config.validation)
+    split, split_rule = _leave_one_out(
+        config,
+        seed,
+        events,
+        unit="rating",
+        latest="most recent rating (by timestamp, ties by file order)",
+        no_order=None if data.has_timestamps else f"{data.ratings_file} has no timestamps",
+    )
+    split_rule += "; every rating counts as an implicit interaction"
 
-    profiles = release.users.drop_duplicates("UserID").set_index("UserID")
+    profiles = data.users.drop_duplicates("UserID").set_index("UserID")
     zip_codes = profiles["Zip"].reindex(user_ids).reset_index(drop=True)
     silos = movielens.zip_zone_silos(zip_codes, config.min_silo_customers)
-    titles = release.movies.drop_duplicates("MovieID").set_index("MovieID")["Title"]
+    titles = data.movies.drop_duplicates("MovieID").set_index("MovieID")["Title"]
     names = titles.reindex(item_ids)
     report = {
-        "dataset": "movielens-1m",
+        "dataset": config.dataset,
         "source": origin,
-        "ratings_file": release.ratings_file,
+        "ratings_file": data.ratings_file,
         "cleaning_rules": {
             "ratings": "every rating (1 to 5 stars) counts as an implicit interaction (NCF)",
-            "users_without_profile": f"users missing from users.dat go to the "
+            "users_without_profile": f"users missing from {release.users_file} go to the "
             f"'{movielens.OTHER_SILO}' silo",
-            "rated_movies_without_title": "rated movies missing from movies.dat keep an empty name",
+            "rated_movies_without_title": f"rated movies missing from {release.movies_file} keep "
+            "an empty name",
         },
         "cleaning": {
             "ratings": len(ratings),
@@ -171,13 +168,13 @@ def load_movielens(config: DataConfig, seed: int = 0) -> RecDataset:
         "merged_into_other": list(silos.merged_countries),
         "min_silo_customers": config.min_silo_customers,
     }
-    if release.has_timestamps:
+    if data.has_timestamps:
         report["date_range"] = [
             str(pd.to_datetime(ratings["Timestamp"].min(), unit="s")),
             str(pd.to_datetime(ratings["Timestamp"].max(), unit="s")),
         ]
     return _build(
-        "movielens-1m",
+        config.dataset,
         split,
         user_ids,
         item_ids,
@@ -212,11 +209,13 @@ def load_amazon(config: DataConfig, seed: int = 0) -> RecDataset:
     # Codes in order of first appearance: sequential files number users and items that way.
     user_codes, user_ids = pd.factorize(events["user"])
     item_codes, item_ids = pd.factorize(events["item"])
-    split = leave_last_out(
+    split, split_rule = _leave_one_out(
+        config,
+        seed,
         pd.DataFrame({"user": user_codes, "item": item_codes, "order": events["position"]}),
-        config.validation,
+        unit="item",
+        latest="last item in time order",
     )
-    held = "the test item" + (", the one before the validation item" if config.validation else "")
     shard_names, user_shard = amazon.random_shards(
         len(user_ids), config.silos, derive_seed(seed, "silos", "random-shards")
     )
@@ -232,8 +231,7 @@ def load_amazon(config: DataConfig, seed: int = 0) -> RecDataset:
             "users": len(user_ids),
             "items": len(item_ids),
         },
-        "split_rule": f"leave-one-out: each user's last item in time order is {held}; users "
-        "with no item left to train on keep everything in training and are not evaluated",
+        "split_rule": split_rule,
         "split": split.counts,
         "silo_rule": f"no natural silo key: users are dealt at random into {config.silos} shards "
         f"of equal size, seeded by the run seed ({seed})",
@@ -245,6 +243,45 @@ def load_amazon(config: DataConfig, seed: int = 0) -> RecDataset:
     return _build(
         config.dataset, split, user_ids, item_ids, item_ids, shard_names, user_shard, report
     )
+
+
+def _leave_one_out(
+    config: DataConfig,
+    seed: int,
+    events: pd.DataFrame,
+    unit: str,
+    latest: str,
+    no_order: str | None = None,
+) -> tuple[SplitPairs, str]:
+    """Split `events` (user, item, order) as `config.leave_out` says; the split and its rule text.
+
+    `unit` names an interaction ("rating", "item") and `latest` what "last" means for the data.
+    `no_order` says why the events have no meaningful order (then `order` is ignored): "last" then
+    falls back to random, and the rule text says so. Random draws use the run seed, labelled by the
+    dataset, so the same seed gives the same split.
+    """
+    validation = config.validation
+    if config.leave_out == "last" and no_order is None:
+        held = "the test item" + (", the one before the validation item" if validation else "")
+        split = leave_last_out(events, validation)
+        rule = f'leave-one-out, last (data.leave_out = "last"): each user\'s {latest} is {held}'
+    else:
+        split = leave_random_out(events, derive_seed(seed, "split", config.dataset), validation)
+        if config.leave_out == "random":
+            why = 'data.leave_out = "random"'
+        else:
+            why = f'data.leave_out = "last" is impossible: {no_order}'
+        held = f"one {unit} drawn uniformly at random from the user's {unit}s is the test item"
+        if validation:
+            held += f" and a second random {unit} the validation item"
+        rule = (
+            f"leave-one-out at random ({why}): for each user, {held}, seeded by the run seed "
+            f"({seed})"
+        )
+    rule += (
+        f"; users with no {unit} left to train on keep everything in training and are not evaluated"
+    )
+    return split, rule
 
 
 def _download_amazon(category: str) -> tuple[Path, str]:

@@ -12,6 +12,8 @@ No test item of a customer ever appears in that customer's training set.
 
 `leave_last_out` is the leave-one-out variant for datasets without purchase days (MovieLens, Amazon):
 the held-out unit is a user's last interaction instead of their last day, with the same cleaning rules.
+`leave_random_out` holds out a uniformly random interaction per user instead (data.leave_out =
+"random", or data without timestamps), seeded, with the same eligibility and cleaning rules.
 """
 
 from __future__ import annotations
@@ -139,3 +141,15 @@ def leave_last_out(events: pd.DataFrame, validation: bool = False) -> SplitPairs
         validation=None if valid is None else valid.reset_index(drop=True),
         counts=counts,
     )
+
+
+def leave_random_out(events: pd.DataFrame, seed: int, validation: bool = False) -> SplitPairs:
+    """Leave-one-out split of `events` (columns user, item) with random held-out interactions.
+
+    Each user's test item is one of their interactions drawn uniformly at random and, with
+    `validation`, the validation item is a second one drawn from the rest; `seed` fixes the draw
+    (derive it from the run seed). An `order` column, if any, is ignored. Everything else follows
+    `leave_last_out`: a random permutation of the rows is used as the order.
+    """
+    order = np.random.default_rng(seed).permutation(len(events))
+    return leave_last_out(events[["user", "item"]].assign(order=order), validation)

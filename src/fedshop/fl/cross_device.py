@@ -12,7 +12,7 @@ Two implementations of the same round, which a test holds equal within float tol
 - `reference_round`: a plain loop, one client at a time, each with a full copy of the shared model and
   its update sent as a `ClientMessage` through the ordinary aggregation pipeline;
 - `vectorised_round`: clients of similar size are stacked into buckets and trained together; each
-  client gets private copies of just the item rows it touches (C × K rows instead of C × catalogue),
+  client gets private copies of just the item rows it touches (not of the whole catalogue),
   dense weights get a leading client dimension, and one backward pass over the sum of the clients'
   losses yields every client's own gradient (their parameters are disjoint). Item updates are then
   scatter-added into the aggregate, so only touched rows are ever materialised: the sparse message.
@@ -45,7 +45,8 @@ from fedshop.seeding import torch_generator
 _NEGATIVE_REDRAWS = 20
 # Upper bound on floats in one bucket's largest activation (clients × pair slots × width).
 _BUCKET_FLOATS = 1 << 24
-# A bucket closes when padding would exceed this fraction of its real pairs.
+# A bucket closes when padding would exceed this fraction of its real pairs (measured: allowing more
+# padding for small buckets, to save per-bucket overhead, made 100-client rounds slower, not faster).
 _BUCKET_PADDING = 0.25
 
 
@@ -174,11 +175,15 @@ def reference_round(
 
 @dataclass(frozen=True)
 class Bucket:
-    """Clients of similar size, padded to a common shape, with local copies of their touched rows."""
+    """Clients of similar size, their pairs padded to a common length, and the item rows they touch.
+
+    Local item rows are not padded: row r is a private copy of catalogue item `rows[r]` belonging to
+    client `row_owner[r]`, so a client that touches 30 items holds 30 rows whatever its neighbours do.
+    """
 
     members: torch.Tensor  # (C,) positions in the round's client list
-    rows: torch.Tensor  # (C, K) catalogue item behind each local row (0 for padding)
-    row_mask: torch.Tensor  # (C, K)
+    rows: torch.Tensor  # (R,) catalogue item behind each local row, grouped by client
+    row_owner: torch.Tensor  # (R,) bucket position of the client owning the row
     positives: torch.Tensor  # (C, P) local row of each positive (0 for padding)
     negatives: torch.Tensor  # (epochs, C, P * negatives) local rows
     pair_mask: torch.Tensor  # (C, P)
@@ -221,18 +226,7 @@ def build_bucket(batch: RoundInput, members: torch.Tensor, n_items: int) -> Buck
     flat_neg = torch.cat([n.reshape(epochs, -1) for n in negatives], dim=1)  # (E, total * n_neg)
     owner_neg = torch.repeat_interleave(torch.arange(C), n_pairs * n_neg)
     keys = torch.cat([owner_pos * n_items + flat_pos, (owner_neg * n_items + flat_neg).reshape(-1)])
-    unique, inverse = torch.unique(keys, return_inverse=True)
-    row_owner = unique // n_items
-    per_client = torch.bincount(row_owner, minlength=C)
-    first_row = torch.cumsum(per_client, 0) - per_client
-    local = inverse - first_row[torch.cat([owner_pos, owner_neg.repeat(epochs)])]
-    K = int(per_client.max())
-    rows = torch.zeros(C, K, dtype=torch.int64)
-    row_mask = torch.zeros(C, K, dtype=torch.bool)
-    row_slot = torch.arange(len(unique)) - first_row[row_owner]
-    rows[row_owner, row_slot] = unique % n_items
-    row_mask[row_owner, row_slot] = True
-
+    unique, local = torch.unique(keys, return_inverse=True)
     slot_pos = torch.arange(len(flat_pos)) - (torch.cumsum(n_pairs, 0) - n_pairs)[owner_pos]
     pos_local = torch.zeros(C, P, dtype=torch.int64)
     pair_mask = torch.zeros(C, P, dtype=torch.bool)
@@ -243,8 +237,8 @@ def build_bucket(batch: RoundInput, members: torch.Tensor, n_items: int) -> Buck
     neg_local[:, owner_pos, slot_pos] = neg_rows
     return Bucket(
         members=members,
-        rows=rows,
-        row_mask=row_mask,
+        rows=unique % n_items,
+        row_owner=unique // n_items,
         positives=pos_local,
         negatives=neg_local.reshape(epochs, C, P * n_neg),
         pair_mask=pair_mask,
@@ -257,7 +251,7 @@ class BucketUpdate:
     """What the clients of one bucket send: deltas of their touched rows and of the dense weights."""
 
     bucket: Bucket
-    item_deltas: Params  # name -> (C, K, ...) zero on padding rows
+    item_deltas: Params  # name -> (R, ...) change of each local row (see `Bucket.row_owner`)
     dense_deltas: Params  # name -> (C, ...)
     users: Params  # name -> (C, dim) the clients' new private rows (stay on the client)
 
@@ -270,13 +264,10 @@ def train_bucket(
     bucket: Bucket,
     training: LocalTraining,
 ) -> BucketUpdate:
-    C, K = bucket.rows.shape
-    device = bucket.rows.device
+    C = len(bucket.members)
     dense0 = spec.dense_of(shared)
-    # Local copies of the touched rows, flattened to (C·K, ...) so that a client's row r is C·K row
-    # c·K + r: gathers are index_select, whose backward is a fast index_add.
-    flat_rows = bucket.rows.reshape(-1)
-    item0 = {name: shared[name].index_select(0, flat_rows) for name in spec.item_tables}
+    # Private copies of the touched rows; gathers are index_select, whose backward is an index_add.
+    item0 = {name: shared[name].index_select(0, bucket.rows) for name in spec.item_tables}
     items = {k: v.clone().requires_grad_(training.update_shared) for k, v in item0.items()}
     dense = {k: v.requires_grad_(training.update_shared) for k, v in stack_dense(dense0, C).items()}
     users = {
@@ -286,8 +277,7 @@ def train_bucket(
     params = list(users.values()) + (
         list(items.values()) + list(dense.values()) if training.update_shared else []
     )
-    offset = (torch.arange(C, device=device) * K).view(C, 1)
-    positives = (bucket.positives + offset).reshape(-1)
+    positives = bucket.positives.reshape(-1)
     mask = bucket.pair_mask.to(torch.float32)
     n_pairs = bucket.n_pairs.to(torch.float32)
     P = bucket.positives.shape[1]
@@ -297,7 +287,7 @@ def train_bucket(
         return table.index_select(0, index).view(C, per_client, *table.shape[1:])
 
     for epoch in range(training.epochs):
-        negatives = (bucket.negatives[epoch] + offset).reshape(-1)
+        negatives = bucket.negatives[epoch].reshape(-1)
         v_pos = {k: gather(v, positives, P) for k, v in items.items()}
         v_neg = {k: gather(v, negatives, P * n_neg) for k, v in items.items()}
         pos_score = spec.pair_scores(users, v_pos, dense)  # (C, P)
@@ -316,8 +306,7 @@ def train_bucket(
             for param, grad in zip(params, grads, strict=True):
                 param -= training.learning_rate * grad
     with torch.no_grad():
-        # Padding rows are never in a loss, so their delta is exactly zero.
-        item_deltas = {k: (items[k] - item0[k]).view(C, K, *item0[k].shape[1:]) for k in items}
+        item_deltas = {k: items[k] - item0[k] for k in items}
         dense_deltas = {k: dense[k] - dense0[k].reshape(1, *dense[k].shape[1:]) for k in dense}
     return BucketUpdate(
         bucket=bucket,
@@ -357,10 +346,11 @@ def vectorised_round(
         if not training.update_shared:
             continue
         w = weights[members]
+        row_weight = w[bucket.row_owner]
         for k, delta in update.item_deltas.items():
-            delta *= w.view(-1, *([1] * (delta.dim() - 1)))
-            # The sparse sum: only the rows these clients touched are added (padding adds zeros).
-            sums[k].index_add_(0, bucket.rows.reshape(-1), delta.reshape(-1, *delta.shape[2:]))
+            delta *= row_weight.view(-1, *([1] * (delta.dim() - 1)))
+            # The sparse sum: only the rows these clients touched are added.
+            sums[k].index_add_(0, bucket.rows, delta)
         for k, delta in update.dense_deltas.items():
             summed = (delta * w.view(-1, *([1] * (delta.dim() - 1)))).sum(0)
             sums[k] += summed.reshape(shared[k].shape)

@@ -116,6 +116,7 @@ PROTOCOL_TEXT = {
 ATTRIBUTION = {
     "online-retail": "Data: UCI Online Retail (Chen, Sain &amp; Guo, 2012), CC BY 4.0.",
     "movielens-1m": "Data: MovieLens 1M (Harper &amp; Konstan, 2015), GroupLens, research use.",
+    "movielens-100k": "Data: MovieLens 100K (Harper &amp; Konstan, 2015), GroupLens, research use.",
 }
 _AMAZON = "Data: Amazon review data 2014 (He &amp; McAuley, WWW 2016), 5-core, research use."
 ATTRIBUTION.update({f"amazon-{c}": _AMAZON for c in ("toys", "beauty", "sports", "sequential")})
