@@ -124,3 +124,31 @@ def test_readme_commands_exist():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert "fedshop demo" in readme
     assert "python -m pytest" in readme
+
+
+def test_train_cross_device_on_another_dataset_with_the_sampled_protocol(tmp_path):
+    config = tmp_path / "device.toml"
+    config.write_text('methods = ["federated", "popularity"]\n' + FAST_TOML)
+    out = tmp_path / "ml100k"
+    result = fedshop(
+        "train", "--config", config, "--dataset", "movielens-100k", "--mode", "cross-device",
+        "--protocol", "sampled-100", "--model", "gmf", "--out", out,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Sampled-100 results" in result.stdout and "cross-device" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dataset"] == "movielens-100k" and metrics["protocol"] == "sampled-100"
+    assert metrics["mode"] == "cross-device" and metrics["model"] == "gmf"
+    assert {"federated", "popularity"} <= set(metrics) and "centralized" not in metrics
+    assert metrics["history"][0]["clients"] == 943  # every user a client, all sampled
+    # Chance is about 10/101 with one held-out item among 101 candidates.
+    assert metrics["popularity"]["hr@10"] > 0.2
+    report = (out / "report.html").read_text()
+    assert "sampled-100" in report and "MovieLens 100K" in report
+    resolved = (out / "config.toml").read_text()
+    assert 'server_optimizer = "fedadam"' in resolved  # the cross-device defaults, written down
+
+
+def test_unknown_dataset_and_missing_sequential_path_are_one_line_errors(tmp_path):
+    assert_one_line_error(fedshop("train", "--dataset", "netflix"), "dataset")
+    assert_one_line_error(fedshop("train", "--dataset", "amazon-sequential"), "path")

@@ -56,3 +56,16 @@ def test_example_configs_are_valid():
     for path in configs:
         load_config(path)
     assert load_config(configs[0].parent / "demo.toml") == load_config()
+
+
+def test_cross_device_mode_brings_its_own_defaults_unless_the_user_chose():
+    device = load_config(overrides={"federated.mode": "cross-device"})
+    assert device.federated.server_optimizer == "fedadam"
+    assert device.federated.server_epsilon == 1e-8 and device.federated.local_epochs == 2
+    chosen = load_config(
+        overrides={"federated.mode": "cross-device", "federated.server_optimizer": "fedavg"}
+    )
+    # Picking the optimiser keeps the generic settings that go with it.
+    assert chosen.federated.server_optimizer == "fedavg"
+    assert chosen.federated.server_learning_rate == 1.0
+    assert load_config().federated.server_optimizer == "fedavg"

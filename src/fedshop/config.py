@@ -117,9 +117,11 @@ class FederatedConfig:
     clients_per_round: int = 0  # cross-device: shoppers sampled per round; 0 means all of them
     # cross-device local training is plain SGD with this step size, one full-batch step per local
     # epoch over the shopper's own items (cross-silo silos use [train] learning_rate with Adam).
-    client_learning_rate: float = 0.5
+    # Cross-device mode also changes some defaults below: see MODE_DEFAULTS.
+    client_learning_rate: float = 2.0
     # fedavg: example-weighted mean of the updates. fednova: the same, normalised by each silo's
-    # local step count, so a large silo's many local steps do not drown the small ones.
+    # local step count, so a large silo's many local steps do not drown the small ones. Cross-device
+    # always uses fedavg: every shopper takes the same number of local steps, so FedNova is a no-op.
     aggregation: str = "fednova"
     server_optimizer: str = "fedavg"
     server_learning_rate: float = 1.0
@@ -236,14 +238,52 @@ def load_config(
         except UnicodeDecodeError:
             raise ConfigError(f"{path} is not a UTF-8 text file") from None
     for dotted, value in (overrides or {}).items():
-        if value is None:
-            continue
-        *sections, key = dotted.split(".")
-        target = raw
-        for section in sections:
-            target = target.setdefault(section, {})
-        target[key] = value
+        if value is not None:
+            _set(raw, dotted, value, replace=True)
+    federated = raw.get("federated", {})
+    mode = federated.get("mode") if isinstance(federated, dict) else None
+    for group in MODE_DEFAULTS.get(mode, ()):
+        # A group applies only as a whole: a user who picks the optimiser picks its settings too.
+        if not any(_get(raw, dotted) is not None for dotted in group):
+            for dotted, value in group.items():
+                _set(raw, dotted, value, replace=False)
     return _build(RunConfig, raw, "").validate()
+
+
+# Defaults that differ by federation mode, applied where the file and the overrides are silent (the
+# resolved config.toml of every run shows them). Cross-device updates are tiny per item row (each
+# shopper touches a few rows), which plain FedAvg barely moves; FedAdam rescales them per coordinate.
+# Chosen on MovieLens-1M (benchmarks/movielens_quality.py).
+MODE_DEFAULTS: dict[str, tuple[dict[str, Any], ...]] = {
+    "cross-device": (
+        {
+            "federated.server_optimizer": "fedadam",
+            "federated.server_learning_rate": 0.05,
+            "federated.server_epsilon": 1e-8,
+        },
+        {"federated.local_epochs": 2},
+    )
+}
+
+
+def _get(raw: dict[str, Any], dotted: str) -> Any:
+    value: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _set(raw: dict[str, Any], dotted: str, value: Any, replace: bool) -> None:
+    *sections, key = dotted.split(".")
+    target = raw
+    for section in sections:
+        target = target.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"[{section}] must be a table")
+    if replace or key not in target:
+        target[key] = value
 
 
 def _build(cls: type, raw: dict[str, Any], section: str) -> Any:
