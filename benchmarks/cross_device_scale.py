@@ -6,8 +6,9 @@ pairs (minibatch Adam, batch 1024, the centralized baseline's trainer), interlea
 both see the same machine load. The ratio round / epoch is the number that matters: 1.0 would mean
 simulating the federation costs no more than training without it.
 
-Peak memory is measured in two fresh subprocesses (one per side) as the peak resident set size above
-the size after loading the data, so the two numbers do not contaminate each other.
+Peak memory is measured in two fresh subprocesses (one per side) as the peak resident set size while
+the round or epoch runs, above the size just before it, so the two numbers do not contaminate each
+other and the data loading does not count.
 
     python benchmarks/cross_device_scale.py --out benchmarks/out [--device cuda]
 """
@@ -15,12 +16,14 @@ the size after loading the data, so the two numbers do not contaminate each othe
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -37,8 +40,33 @@ from fedshop.models.train import train_bpr
 DIM = 64
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+class PeakSampler:
+    """Samples this process's resident set size every few milliseconds while a block runs: the
+    kernel's own peak (ru_maxrss) would include the data loading that came before."""
+
+    def __init__(self) -> None:
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_mb())
+            time.sleep(0.002)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mb())
 
 
 def setup(device: str):
@@ -79,13 +107,15 @@ def one_epoch(dataset, spec, shared, users, epoch: int) -> float:
 def memory_part(part: str, device: str) -> None:
     """Run in a subprocess: print the peak RSS growth of one round or one epoch, in MB."""
     dataset, spec, shared, users = setup(device)
-    baseline = peak_rss_mb()
-    if part == "round":
-        one_round(dataset, spec, shared, users, 0)
-    else:
-        one_epoch(dataset, spec, shared, users, 0)
+    gc.collect()
+    baseline = rss_mb()
+    with PeakSampler() as sampler:
+        if part == "round":
+            one_round(dataset, spec, shared, users, 0)
+        else:
+            one_epoch(dataset, spec, shared, users, 0)
     gpu = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
-    print(json.dumps({"peak_rss_growth_mb": peak_rss_mb() - baseline, "gpu_peak_mb": gpu}))
+    print(json.dumps({"peak_rss_growth_mb": sampler.peak - baseline, "gpu_peak_mb": gpu}))
 
 
 def measure_memory(part: str, device: str) -> dict:

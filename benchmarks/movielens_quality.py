@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="override the config's rounds")
     args = parser.parse_args()
 
-    console = Console()
+    console = Console(width=160)
     runs = []
     for seed in args.seeds:
         dataset = None
@@ -140,15 +140,16 @@ def main() -> None:
     table = Table(title=f"MovieLens-1M, 1 user = 1 client (medians over seeds {args.seeds})")
     table.caption = split_rule
     for column in ("method", "model", "sampled HR@10", "sampled NDCG@10", "full HR@10",
-                   "full NDCG@10", "published (sampled)"):  # fmt: skip
-        table.add_column(column, justify="left" if column in ("method", "model") else "right")
+                   "full NDCG@10", "published HR@10", "published NDCG@10", "source"):  # fmt: skip
+        left = column in ("method", "model", "source")
+        table.add_column(column, justify="left" if left else "right", no_wrap=True)
     for row in rows:
-        published = PUBLISHED.get((row["method"], row["model"]))
+        published = PUBLISHED.get((row["method"], row["model"]), ("", None, None))
         table.add_row(
             row["method"], row["model"],
             f"{row['sampled_hr@10']:.4f}", f"{row['sampled_ndcg@10']:.4f}",
             f"{row['full_hr@10']:.4f}", f"{row['full_ndcg@10']:.4f}",
-            f"{published[1]:.4f} / {published[2]:.4f} {published[0]}" if published else "",
+            *(f"{v:.4f}" if v is not None else "" for v in published[1:]), published[0],
         )  # fmt: skip
     console.print(table)
 

@@ -8,10 +8,12 @@ import torch
 from fedshop.config import ModelConfig, load_config
 from fedshop.experiment import run_experiment
 from fedshop.fl.cross_device import (
+    _BUCKET_FLOATS,
     LocalTraining,
     draw_round,
     eligible_clients,
     plan_buckets,
+    plan_chunks,
     reference_round,
     run_cross_device,
     vectorised_round,
@@ -35,14 +37,23 @@ def _setup(name: str, train: sp.csr_matrix, dim: int = 8):
     return spec, shared, users
 
 
-@pytest.mark.parametrize("name", ["mf-bpr", "gmf", "neumf"])
-def test_vectorised_round_equals_sequential_reference(small, name):
+@pytest.mark.parametrize(
+    ("name", "layout"),
+    [
+        ("mf-bpr", "flat"),
+        ("mf-bpr", "padded"),
+        ("gmf", "flat"),
+        ("gmf", "padded"),
+        ("neumf", "auto"),  # padded: its per-client weight matrices cannot be laid out flat
+    ],
+)
+def test_vectorised_round_equals_sequential_reference(small, name, layout):
     spec, shared, users = _setup(name, small)
     training = LocalTraining(epochs=3, learning_rate=0.3, l2=0.01, negatives=2)
     clients = torch.tensor([0, 2, 3, 5, 8, 13, 21, 34, 55, 59])
     batch = draw_round(small, clients, 3, 2, torch.Generator().manual_seed(3))
     ref_update, ref_users = reference_round(spec, shared, users, batch, training)
-    vec_update, vec_users = vectorised_round(spec, shared, users, batch, training)
+    vec_update, vec_users = vectorised_round(spec, shared, users, batch, training, layout=layout)
     assert set(ref_update) == set(vec_update) == set(shared)
     for k in shared:
         assert ref_update[k].abs().max() > 0, k  # the round really moved every shared parameter
@@ -90,11 +101,19 @@ def test_update_is_sparse_in_item_rows(small):
     assert len(moved) > 0
 
 
-def test_buckets_cover_every_client_once_with_bounded_padding():
+def test_groups_cover_every_client_once_with_bounded_padding_and_memory():
     sizes = torch.from_numpy(np.random.default_rng(0).zipf(1.6, 5000).clip(1, 3000))
+    width = 1024  # wide enough that the memory bound must split the round
+    for plan, slots in (
+        (plan_buckets, lambda g: len(g) * int(sizes[g].max())),  # padded to the largest
+        (plan_chunks, lambda g: int(sizes[g].sum())),  # end to end
+    ):
+        groups = plan(sizes, width=width, negatives=1)
+        assert sorted(torch.cat(groups).tolist()) == list(range(5000))
+        assert len(groups) > 1
+        for group in groups:
+            assert slots(group) * 2 * width <= _BUCKET_FLOATS or len(group) == 1
     buckets = plan_buckets(sizes, width=64, negatives=1)
-    members = torch.cat(buckets)
-    assert sorted(members.tolist()) == list(range(5000))
     for bucket in buckets:
         assert len(bucket) * int(sizes[bucket].max()) <= 1.25 * int(sizes[bucket].sum())
 
