@@ -159,3 +159,25 @@ def test_cross_device_experiment_learns_on_real_data(retail):
     assert federated["hr@10"] > 0.3
     assert result.config.model.silo_item_bias is False
     assert len(result.history) == 8
+
+
+@pytest.mark.parametrize("name", ["gmf", "neumf"])
+def test_ncf_models_train_in_cross_silo_mode_too(retail, name):
+    """Silos send updates of every shared tensor (item tables and layers) and never user vectors."""
+    from fedshop.fl.simulator import run_cross_silo
+
+    config = load_config(
+        overrides={
+            "model.name": name,
+            "model.dim": 8,
+            "federated.rounds": 1,
+            "federated.personalise_epochs": 0,
+            "eval.eval_every": 1,
+        }
+    )
+    run = run_cross_silo(retail, config)
+    spec = get_model(name)
+    assert set(run.server.shared) == set(spec.init_shared(retail.n_items, config.model, None))
+    for client in run.clients:
+        assert set(client.private_state()) == {*spec.user_tables, "silo_item_bias"}
+    assert run.history[0].metrics["users"] > 2000
