@@ -54,11 +54,26 @@ def temporal_split(
         "users": int(n_days.size),
         "users_too_little_history": int(n_days.size - len(eligible_users)),
     }
-    test = _held_out(events.loc[held & (events["back"] == 0)], train, counts, "test")
+    return _assemble(
+        train,
+        events.loc[held & (events["back"] == 0)],
+        events.loc[held & (events["back"] == 1)] if validation else None,
+        counts,
+    )
+
+
+def _assemble(
+    train: pd.DataFrame,
+    test_events: pd.DataFrame,
+    validation_events: pd.DataFrame | None,
+    counts: dict[str, int],
+) -> SplitPairs:
+    """Clean the held-out events against the training pairs and count what each rule removed."""
+    test = _held_out(test_events, train, counts, "test")
     valid = None
-    if validation:
-        valid = _held_out(events.loc[held & (events["back"] == 1)], train, counts, "validation")
-        # A test item bought already on the validation day is a repeat as far as the model is concerned.
+    if validation_events is not None:
+        valid = _held_out(validation_events, train, counts, "validation")
+        # A test item already held out for validation is a repeat as far as the model is concerned.
         before = len(test)
         test = test.merge(valid, on=["user", "item"], how="left", indicator=True)
         test = test.loc[test["_merge"] == "left_only", ["user", "item"]]
@@ -120,26 +135,11 @@ def leave_last_out(events: pd.DataFrame, validation: bool = False) -> SplitPairs
         "interactions": len(events),
         "users_too_little_history": int(n_events.size - len(eligible_users)),
     }
-    test = _held_out(ordered.loc[held & (back == 0)], train, counts, "test")
-    valid = None
-    if validation:
-        valid = _held_out(ordered.loc[held & (back == 1)], train, counts, "validation")
-        # The same item as the validation item would be a repeat as far as the model is concerned.
-        before = len(test)
-        test = test.merge(valid, on=["user", "item"], how="left", indicator=True)
-        test = test.loc[test["_merge"] == "left_only", ["user", "item"]]
-        counts["test_repeat_of_validation_removed"] = before - len(test)
-    counts["train_pairs"] = len(train)
-    counts["test_pairs"] = len(test)
-    counts["test_users"] = int(test["user"].nunique())
-    if valid is not None:
-        counts["validation_pairs"] = len(valid)
-        counts["validation_users"] = int(valid["user"].nunique())
-    return SplitPairs(
-        train=train.reset_index(drop=True),
-        test=test.reset_index(drop=True),
-        validation=None if valid is None else valid.reset_index(drop=True),
-        counts=counts,
+    return _assemble(
+        train,
+        ordered.loc[held & (back == 0)],
+        ordered.loc[held & (back == 1)] if validation else None,
+        counts,
     )
 
 

@@ -129,6 +129,14 @@ def client_loss(
     return loss + l2 * embedding_penalty(pair_users, v_pos, v_neg)
 
 
+def sgd_step(params: list[torch.Tensor], loss: torch.Tensor, learning_rate: float) -> None:
+    """One plain SGD step, in place (clients of the same round never share a parameter)."""
+    grads = torch.autograd.grad(loss, params)
+    with torch.no_grad():
+        for param, grad in zip(params, grads, strict=True):
+            param -= learning_rate * grad
+
+
 def reference_round(
     spec: ModelSpec,
     shared: Params,
@@ -155,10 +163,7 @@ def reference_round(
                 spec, mine, local, spec.dense_of(local),
                 batch.positives[position], batch.negatives[position][epoch], training.l2,
             )  # fmt: skip
-            grads = torch.autograd.grad(loss, params)
-            with torch.no_grad():
-                for param, grad in zip(params, grads, strict=True):
-                    param -= training.learning_rate * grad
+            sgd_step(params, loss, training.learning_rate)
         for k, v in mine.items():
             new_users[k].append(v.detach()[0])
         delta = {k: local[k].detach() - shared[k] for k in shared}
@@ -346,10 +351,7 @@ def train_chunk(
                 norms = v_pos[name].pow(2).sum(-1) + v_neg[name].pow(2).sum(-1).mean(-1)
                 penalty = penalty + per_client(norms)
         total = (per_client(pair_loss) + training.l2 * penalty).sum()
-        grads = torch.autograd.grad(total, params)
-        with torch.no_grad():
-            for param, grad in zip(params, grads, strict=True):
-                param -= training.learning_rate * grad
+        sgd_step(params, total, training.learning_rate)
     with torch.no_grad():
         item_deltas = {k: items[k] - item0[k] for k in items}
         dense_deltas = {k: dense[k] - dense0[k].reshape(1, -1) for k in dense}
@@ -416,10 +418,7 @@ def train_bucket(
                 neg_norm = v_neg[name].pow(2).sum(-1).view(C, P, n_neg).mean(-1)
                 penalty = penalty + pos_norm + (neg_norm * mask).sum(1) / n_pairs
         total = (loss_per_client + training.l2 * penalty).sum()
-        grads = torch.autograd.grad(total, params)
-        with torch.no_grad():
-            for param, grad in zip(params, grads, strict=True):
-                param -= training.learning_rate * grad
+        sgd_step(params, total, training.learning_rate)
     with torch.no_grad():
         item_deltas = {k: items[k] - item0[k] for k in items}
         dense_deltas = {k: dense[k] - dense0[k].reshape(1, *dense[k].shape[1:]) for k in dense}
