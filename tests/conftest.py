@@ -1,4 +1,5 @@
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -25,3 +26,22 @@ def retail():
     from fedshop.data.registry import load_dataset
 
     return load_dataset(DataConfig())
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch) -> Path:
+    """No network for this test (downloads go through a refused proxy), an empty download cache, and
+    an empty data directory, which is returned."""
+    with socket.socket() as probe:  # a port on loopback with nobody listening
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # https only: urllib's global opener keeps the proxies it first saw, and other tests talk plain
+    # http to a server on loopback.
+    for variable in ("https_proxy", "HTTPS_PROXY"):
+        monkeypatch.setenv(variable, f"http://127.0.0.1:{port}")
+    for variable in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("FEDSHOP_CACHE_DIR", str(tmp_path / "cache"))
+    empty = tmp_path / "data"
+    empty.mkdir()
+    return empty

@@ -1,7 +1,6 @@
 """Amazon 2014 5-core: sequential and raw-review files, the leave-one-out split, random shards."""
 
 import gzip
-import socket
 
 import numpy as np
 import pandas as pd
@@ -216,18 +215,8 @@ def test_missing_files_and_impossible_sources(tmp_path, monkeypatch):
         load_sequential(path, silos=5)
 
 
-def test_download_impossible_is_a_clear_error(tmp_path, monkeypatch):
-    with socket.socket() as probe:  # a port on loopback with nobody listening
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    # urllib sends the request through this "proxy", which refuses the connection: offline.
-    for variable in ("https_proxy", "HTTPS_PROXY"):
-        monkeypatch.setenv(variable, f"http://127.0.0.1:{port}")
-    for variable in ("no_proxy", "NO_PROXY"):
-        monkeypatch.delenv(variable, raising=False)
-    monkeypatch.setenv("FEDSHOP_CACHE_DIR", str(tmp_path / "cache"))
-    empty = tmp_path / "data"
-    empty.mkdir()
+def test_download_impossible_is_a_clear_error(offline):
+    empty = offline
     expected = r"could not download .*reviews_Sports_and_Outdoors_5\.json\.gz"
     with pytest.raises(DataError, match=expected):
         load_dataset(DataConfig(dataset="amazon-sports", data_dir=str(empty)))

@@ -1,7 +1,6 @@
 """MovieLens-1M and -100K: the release files, the leave-one-out split (data.leave_out) and the
 ZIP-zone silos; the random leave-out on the other leave-one-out datasets (Amazon)."""
 
-import socket
 import zipfile
 
 import numpy as np
@@ -249,18 +248,8 @@ def test_no_embedded_copy(tmp_path):
         load_dataset(DataConfig(dataset="movielens-1m", source="embedded"))
 
 
-def test_download_impossible_is_a_clear_error(tmp_path, monkeypatch):
-    with socket.socket() as probe:  # a port on loopback with nobody listening
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    # urllib sends the request through this "proxy", which refuses the connection: offline.
-    for variable in ("https_proxy", "HTTPS_PROXY"):
-        monkeypatch.setenv(variable, f"http://127.0.0.1:{port}")
-    for variable in ("no_proxy", "NO_PROXY"):
-        monkeypatch.delenv(variable, raising=False)
-    monkeypatch.setenv("FEDSHOP_CACHE_DIR", str(tmp_path / "cache"))
-    empty = tmp_path / "data"
-    empty.mkdir()
+def test_download_impossible_is_a_clear_error(offline):
+    empty = offline
     with pytest.raises(DataError, match=r"could not download .*ml-1m\.zip"):
         load_dataset(DataConfig(dataset="movielens-1m", data_dir=str(empty)))
     with pytest.raises(DataError, match=r"could not download .*ml-1m\.zip"):
@@ -507,7 +496,7 @@ def test_ml100k_malformed_files_are_data_errors(tmp_path, files, message):
         load_dataset(DataConfig(dataset="movielens-100k", path=str(folder)))
 
 
-def test_ml100k_not_a_release_and_no_download(tmp_path, monkeypatch):
+def test_ml100k_not_a_release_and_no_download(tmp_path, offline):
     with pytest.raises(DataError, match=r"MovieLens-100K path not found"):
         load_dataset(DataConfig(dataset="movielens-100k", path=str(tmp_path / "absent")))
     write_release(tmp_path / "ml-1m")  # an ML-1M folder is not an ML-100K release
@@ -515,14 +504,6 @@ def test_ml100k_not_a_release_and_no_download(tmp_path, monkeypatch):
         load_dataset(DataConfig(dataset="movielens-100k", path=str(tmp_path / "ml-1m")))
     with pytest.raises(DataError, match="no embedded copy"):
         load_dataset(DataConfig(dataset="movielens-100k", source="embedded"))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    for variable in ("https_proxy", "HTTPS_PROXY"):
-        monkeypatch.setenv(variable, f"http://127.0.0.1:{port}")
-    for variable in ("no_proxy", "NO_PROXY"):
-        monkeypatch.delenv(variable, raising=False)
-    monkeypatch.setenv("FEDSHOP_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(DataError, match=r"could not download .*ml-100k\.zip"):
         load_dataset(DataConfig(dataset="movielens-100k", data_dir=str(tmp_path / "ml-1m")))
 
