@@ -43,8 +43,9 @@ from fedshop.seeding import torch_generator
 # Redraws of negatives that hit one of the client's own items; after this many, a hit is tolerated
 # (it only happens for a shopper who bought most of the catalogue).
 _NEGATIVE_REDRAWS = 20
-# Upper bound on floats in one bucket's largest activation (clients × pair slots × width).
-_BUCKET_FLOATS = 1 << 24
+# Upper bound on floats in one group's largest activation (pair slots × width). Measured on ML-1M (all
+# 6,040 clients, CPU): 2^22 runs a round as fast as 2^24 with a quarter of the memory (270 vs 970 MB).
+_BUCKET_FLOATS = 1 << 22
 # A bucket closes when padding would exceed this fraction of its real pairs (measured: allowing more
 # padding for small buckets, to save per-bucket overhead, made 100-client rounds slower, not faster).
 _BUCKET_PADDING = 0.25
