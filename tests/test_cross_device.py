@@ -181,3 +181,14 @@ def test_ncf_models_train_in_cross_silo_mode_too(retail, name):
     for client in run.clients:
         assert set(client.private_state()) == {*spec.user_tables, "silo_item_bias"}
     assert run.history[0].metrics["users"] > 2000
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the message on a machine without CUDA"
+)
+def test_asking_for_cuda_without_a_gpu_is_a_clear_error(retail):
+    from fedshop.errors import FedShopError
+
+    config = load_config(overrides={"federated.mode": "cross-device", "federated.device": "cuda"})
+    with pytest.raises(FedShopError, match="no CUDA device"):
+        run_cross_device(retail, config)

@@ -119,6 +119,8 @@ class FederatedConfig:
     # epoch over the shopper's own items (cross-silo silos use [train] learning_rate with Adam).
     # Cross-device mode also changes some defaults below: see MODE_DEFAULTS.
     client_learning_rate: float = 2.0
+    # Where the cross-device simulator trains: auto = CUDA when torch sees a GPU, else the CPU.
+    device: str = "auto"
     # fedavg: example-weighted mean of the updates. fednova: the same, normalised by each silo's
     # local step count, so a large silo's many local steps do not drown the small ones. Cross-device
     # always uses fedavg: every shopper takes the same number of local steps, so FedNova is a no-op.
@@ -144,6 +146,7 @@ class FederatedConfig:
         _at_least("federated", "silos_per_round", self.silos_per_round, 0)
         _at_least("federated", "clients_per_round", self.clients_per_round, 0)
         _positive("federated", "client_learning_rate", self.client_learning_rate)
+        _choice("federated", "device", self.device, ("auto", "cpu", "cuda"))
         _positive("federated", "server_epsilon", self.server_epsilon)
         _choice("federated", "aggregation", self.aggregation, AGGREGATIONS)
         _choice("federated", "server_optimizer", self.server_optimizer, SERVER_OPTIMIZERS)

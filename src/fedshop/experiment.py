@@ -107,9 +107,9 @@ def run_federated(config: RunConfig, dataset: RecDataset, progress: Progress) ->
             device_run.evaluate(config.eval.split), time.perf_counter() - started
         )
         weights = {
-            "federated/shared": dict(device_run.shared),
+            "federated/shared": {k: v.cpu() for k, v in device_run.shared.items()},
             # Each shopper's vectors belong on their own device; the simulator stores them together.
-            "federated/devices": dict(device_run.user_tables),
+            "federated/devices": {k: v.cpu() for k, v in device_run.user_tables.items()},
         }
         return result, device_run.history, weights
     run = run_cross_silo(dataset, config, on_round=on_round)

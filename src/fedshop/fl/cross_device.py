@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from fedshop.config import RunConfig
 from fedshop.data.interactions import RecDataset
+from fedshop.errors import FedShopError
 from fedshop.eval.metrics import MetricSums, evaluate, summarise
 from fedshop.fl.server_opt import ServerOptimizer, make_server_optimizer
 from fedshop.fl.simulator import RoundRecord
@@ -502,7 +503,8 @@ class CrossDeviceRun:
     history: list[RoundRecord] = field(default_factory=list)
 
     def scores(self, users: torch.Tensor) -> torch.Tensor:
-        return score_all(self.spec, self.shared, self.user_tables, users)
+        device = self.shared[self.spec.item_tables[0]].device
+        return score_all(self.spec, self.shared, self.user_tables, users.to(device)).cpu()
 
     def evaluate(self, split: str = "test") -> dict[str, MetricSums]:
         """Per-silo metrics (for shoppers, a silo is just the reporting group they belong to)."""
@@ -516,6 +518,14 @@ class CrossDeviceRun:
                 negatives=silo.eval_negatives,
             )
         return out
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FedShopError('[federated] device = "cuda" but torch sees no CUDA device')
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
 
 
 def eligible_clients(train: sp.csr_matrix) -> torch.Tensor:
