@@ -542,12 +542,16 @@ def run_cross_device(
     fed = config.federated
     spec = get_model(config.model.name)
     model = config.model
+    device = resolve_device(fed.device)
+    # Initialised on the CPU (the same numbers whatever the device), then moved.
     shared = spec.init_shared(
         dataset.n_items, model, torch_generator(config.seed, "shared", "init")
     )
     user_tables = spec.init_users(
         dataset.n_users, model, torch_generator(config.seed, "devices", "users")
     )
+    shared = {k: v.to(device) for k, v in shared.items()}
+    user_tables = {k: v.to(device) for k, v in user_tables.items()}
     run = CrossDeviceRun(spec, shared, user_tables, dataset)
     optimizer: ServerOptimizer = make_server_optimizer(fed)
     pool = eligible_clients(dataset.train)
