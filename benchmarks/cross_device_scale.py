@@ -33,7 +33,9 @@ from rich.table import Table
 
 from fedshop.config import DataConfig, ModelConfig, TrainConfig
 from fedshop.data.registry import load_dataset
-from fedshop.fl.cross_device import LocalTraining, draw_round, eligible_clients, vectorised_round
+from fedshop.fl.cross_device import eligible_clients
+from fedshop.fl.local_round import LocalTraining, draw_round
+from fedshop.fl.vectorised import vectorised_round
 from fedshop.models.spec import get_model
 from fedshop.models.train import train_bpr
 

@@ -30,7 +30,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from fedshop.fl.cross_device import LocalTraining, RoundInput, vectorised_round
+from fedshop.fl.local_round import LocalTraining, RoundInput
+from fedshop.fl.vectorised import vectorised_round
 from fedshop.models.mf import MF
 
 # flower_side.py is a sibling script, not a package module.

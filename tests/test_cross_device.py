@@ -7,17 +7,9 @@ import torch
 
 from fedshop.config import ModelConfig, load_config
 from fedshop.experiment import run_experiment
-from fedshop.fl.cross_device import (
-    _BUCKET_FLOATS,
-    LocalTraining,
-    draw_round,
-    eligible_clients,
-    plan_buckets,
-    plan_chunks,
-    reference_round,
-    run_cross_device,
-    vectorised_round,
-)
+from fedshop.fl.cross_device import eligible_clients, run_cross_device
+from fedshop.fl.local_round import LocalTraining, draw_round, reference_round
+from fedshop.fl.vectorised import _BUCKET_FLOATS, plan_buckets, plan_chunks, vectorised_round
 from fedshop.models.spec import get_model
 from fedshop.seeding import torch_generator
 

@@ -109,7 +109,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class FederatedConfig:
     # cross-silo: each silo (storefront) is a client. cross-device: each shopper is a client, holding
-    # only their own interactions and user embedding (simulated vectorised, see fl/cross_device.py).
+    # only their own interactions and user embedding (simulated vectorised, see fl/vectorised.py).
     mode: str = "cross-silo"
     rounds: int = 30
     local_epochs: int = 1
