@@ -92,7 +92,10 @@ def curve_figure(metrics: dict[str, Any], metric: str = "hr@10") -> plt.Figure:
             )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round (federated) / epoch (centralized)")
-    ax.set_ylabel(f"{metric.upper()} ({metrics.get('split', 'test')}, full ranking)")
+    protocol = {"full": "full ranking", "sampled-100": "sampled-100"}.get(
+        metrics.get("protocol", "full"), str(metrics.get("protocol"))
+    )
+    ax.set_ylabel(f"{metric.upper()} ({metrics.get('split', 'test')}, {protocol})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
