@@ -1,0 +1,1 @@
+"""Privacy stages and their accounting."""
