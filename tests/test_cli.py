@@ -152,3 +152,15 @@ def test_train_cross_device_on_another_dataset_with_the_sampled_protocol(tmp_pat
 def test_unknown_dataset_and_missing_sequential_path_are_one_line_errors(tmp_path):
     assert_one_line_error(fedshop("train", "--dataset", "netflix"), "dataset")
     assert_one_line_error(fedshop("train", "--dataset", "amazon-sequential"), "path")
+
+
+def test_privacy_ledger_commands(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDSHOP_LEDGER_URL", f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    set_budget = fedshop(
+        "privacy", "budget", "Germany", "online-retail", "--epsilon", "8", "--delta", "1e-5"
+    )
+    assert set_budget.returncode == 0, set_budget.stderr
+    shown = fedshop("privacy", "ledger")
+    assert shown.returncode == 0 and "Germany" in shown.stdout
+    assert_one_line_error(fedshop("privacy", "reset"), "--yes")
+    assert fedshop("privacy", "reset", "--yes").returncode == 0

@@ -196,6 +196,83 @@ def train(
     _execute(run_config, out or _default_out(name), overwrite)
 
 
+privacy_app = typer.Typer(
+    help="The privacy-budget ledger: budgets per silo and dataset, and what runs have spent.",
+    no_args_is_help=True,
+)
+app.add_typer(privacy_app, name="privacy")
+LedgerOption = Annotated[
+    str | None,
+    typer.Option("--ledger", help="SQL URL of the ledger (default: $FEDSHOP_LEDGER_URL, else a "
+                 "SQLite file in the user data folder)."),
+]  # fmt: skip
+
+
+@privacy_app.command("ledger")
+def privacy_ledger(ledger: LedgerOption = None) -> None:
+    """Show every silo's budget, what it has spent, and what is left."""
+    from fedshop.storage.ledger import Ledger
+
+    book = Ledger(ledger)
+    table = Table(title=f"Privacy ledger ({book.url})")
+    for header in (
+        "silo",
+        "dataset",
+        "budget ε",
+        "budget δ",
+        "spent ε",
+        "spent δ",
+        "left ε",
+        "runs",
+    ):
+        table.add_column(header, justify="left" if header in ("silo", "dataset") else "right")
+    for b in book.balances():
+        table.add_row(
+            b.silo, b.dataset,
+            "–" if b.budget_epsilon is None else f"{b.budget_epsilon:.4g}",
+            "–" if b.budget_delta is None else f"{b.budget_delta:.3g}",
+            f"{b.spent_epsilon:.4g}", f"{b.spent_delta:.3g}", f"{b.remaining_epsilon:.4g}",
+            str(b.runs),
+        )  # fmt: skip
+    console.print(table)
+
+
+@privacy_app.command("budget")
+def privacy_budget(
+    silo: Annotated[str, typer.Argument(help="Silo name, as in the run reports.")],
+    dataset: Annotated[str, typer.Argument(help="Dataset name, e.g. online-retail.")],
+    epsilon: Annotated[float, typer.Option("--epsilon", help="Total ε the silo may spend.")],
+    delta: Annotated[float, typer.Option("--delta", help="Total δ the silo may spend.")],
+    ledger: LedgerOption = None,
+) -> None:
+    """Set (or change) a silo's privacy budget on a dataset."""
+    from fedshop.storage.ledger import Ledger
+
+    Ledger(ledger).set_budget(silo, dataset, epsilon, delta)
+    console.print(f"budget for {silo} on {dataset}: ε = {epsilon:g}, δ = {delta:g}")
+
+
+@privacy_app.command("reset")
+def privacy_reset(
+    yes: Annotated[
+        bool, typer.Option("--yes", help="Confirm: recorded spends are forgotten for good.")
+    ] = False,
+    silo: Annotated[str | None, typer.Option("--silo", help="Only this silo.")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", help="Only this dataset.")] = None,
+    ledger: LedgerOption = None,
+) -> None:
+    """Forget recorded spends (budgets stay). Needs --yes."""
+    from fedshop.storage.ledger import Ledger
+
+    if not yes:
+        raise FedShopError(
+            "privacy reset forgets what was spent, which understates past privacy loss; "
+            "pass --yes to confirm"
+        )
+    removed = Ledger(ledger).reset(silo, dataset)
+    console.print(f"removed {removed} recorded spends")
+
+
 def main() -> None:
     # Usage errors (unknown option, bad value type) are reported by typer itself with exit status 2;
     # our own user-facing errors become one line and status 2 as well.

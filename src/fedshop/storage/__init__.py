@@ -1,0 +1,1 @@
+"""Persistent state: the privacy-budget ledger (SQLite by default, any SQL URL)."""

@@ -1,0 +1,263 @@
+"""The privacy-budget ledger: how much of each silo's ε budget each dataset has spent, persistently.
+
+Rules that make it safe:
+- **Write-ahead.** A run records the ε its next release will bring it to *before* the release leaves
+  the silo (`record`). If the process dies between the two, the ledger over-counts; it can never
+  under-count, because nothing is released that was not recorded first.
+- **Refuse before training.** `check` compares the run's planned ε with what is left and raises
+  `BudgetExceededError`, naming the budget, before any work starts.
+- **Composition across runs** is the basic (additive) one: a silo's spend on a dataset is the sum over
+  runs of each run's largest recorded ε (within a run the accountant composes more tightly). δ adds
+  the same way. Conservative, and simple to audit.
+
+Storage is SQLAlchemy: SQLite by default, any SQL URL works. The URL comes from the config, else
+`$FEDSHOP_LEDGER_URL`, else a SQLite file in the user's data folder.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from fedshop.errors import FedShopError
+
+
+class BudgetExceededError(FedShopError):
+    """A planned or recorded spend would take a silo past its privacy budget."""
+
+
+class LedgerError(FedShopError):
+    """The ledger database cannot be opened or written."""
+
+
+_metadata = MetaData()
+budgets = Table(
+    "budgets",
+    _metadata,
+    Column("silo", String, primary_key=True),
+    Column("dataset", String, primary_key=True),
+    Column("epsilon", Float, nullable=False),
+    Column("delta", Float, nullable=False),
+)
+spends = Table(
+    "spends",
+    _metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", String, nullable=False),
+    Column("silo", String, nullable=False),
+    Column("dataset", String, nullable=False),
+    # The run's cumulative (ε, δ) after the release this row announces.
+    Column("epsilon", Float, nullable=False),
+    Column("delta", Float, nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("unit", String, nullable=False),
+    Column("accountant", String, nullable=False),
+    Column("recorded_at", DateTime, nullable=False),
+    UniqueConstraint("run_id", "silo", "dataset", "step"),
+)
+
+
+def default_url() -> str:
+    configured = os.environ.get("FEDSHOP_LEDGER_URL")
+    if configured:
+        return configured
+    folder = Path(platformdirs.user_data_dir("fedshop"))
+    return f"sqlite:///{folder / 'ledger.sqlite'}"
+
+
+@dataclass(frozen=True)
+class Balance:
+    silo: str
+    dataset: str
+    budget_epsilon: float | None  # None: no budget set (nothing may be spent)
+    budget_delta: float | None
+    spent_epsilon: float
+    spent_delta: float
+    runs: int
+
+    @property
+    def remaining_epsilon(self) -> float:
+        return (self.budget_epsilon or 0.0) - self.spent_epsilon
+
+
+class Ledger:
+    def __init__(self, url: str | None = None) -> None:
+        self.url = url or default_url()
+        try:
+            if self.url.startswith("sqlite:///"):
+                Path(self.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            self._engine: Engine = create_engine(self.url)
+            _metadata.create_all(self._engine)
+        except (SQLAlchemyError, OSError) as exc:
+            raise LedgerError(f"cannot open the privacy ledger at {self.url}: {exc}") from None
+
+    def set_budget(self, silo: str, dataset: str, epsilon: float, delta: float) -> None:
+        if epsilon <= 0 or not 0 < delta < 1:
+            raise FedShopError(f"a budget needs ε > 0 and 0 < δ < 1, got ε={epsilon}, δ={delta}")
+        with self._write() as connection:
+            exists = connection.execute(
+                select(budgets.c.silo).where(budgets.c.silo == silo, budgets.c.dataset == dataset)
+            ).first()
+            values = {"epsilon": epsilon, "delta": delta}
+            if exists:
+                connection.execute(
+                    update(budgets)
+                    .where(budgets.c.silo == silo, budgets.c.dataset == dataset)
+                    .values(**values)
+                )
+            else:
+                connection.execute(insert(budgets).values(silo=silo, dataset=dataset, **values))
+
+    def balance(self, silo: str, dataset: str) -> Balance:
+        with self._engine.connect() as connection:
+            budget = connection.execute(
+                select(budgets.c.epsilon, budgets.c.delta).where(
+                    budgets.c.silo == silo, budgets.c.dataset == dataset
+                )
+            ).first()
+            per_run = (
+                select(
+                    func.max(spends.c.epsilon).label("epsilon"),
+                    func.max(spends.c.delta).label("delta"),
+                )
+                .where(spends.c.silo == silo, spends.c.dataset == dataset)
+                .group_by(spends.c.run_id)
+                .subquery()
+            )
+            spent = connection.execute(
+                select(
+                    func.coalesce(func.sum(per_run.c.epsilon), 0.0),
+                    func.coalesce(func.sum(per_run.c.delta), 0.0),
+                    func.count(),
+                )
+            ).one()
+        return Balance(
+            silo, dataset,
+            budget[0] if budget else None, budget[1] if budget else None,
+            float(spent[0]), float(spent[1]), int(spent[2]),
+        )  # fmt: skip
+
+    def balances(self) -> list[Balance]:
+        with self._engine.connect() as connection:
+            keys = connection.execute(
+                select(budgets.c.silo, budgets.c.dataset).union(
+                    select(spends.c.silo, spends.c.dataset)
+                )
+            ).all()
+        return [self.balance(silo, dataset) for silo, dataset in sorted(keys)]
+
+    def check(self, silo: str, dataset: str, planned_epsilon: float, planned_delta: float) -> None:
+        """Refuse, before any training, a run whose planned spend does not fit the budget."""
+        balance = self.balance(silo, dataset)
+        if balance.budget_epsilon is None:
+            raise BudgetExceededError(
+                f"no privacy budget is set for silo '{silo}' on '{dataset}'; set one first"
+            )
+        if balance.spent_epsilon + planned_epsilon > balance.budget_epsilon + 1e-12:
+            raise BudgetExceededError(
+                f"silo '{silo}' on '{dataset}': the run plans ε = {planned_epsilon:.4g} but only "
+                f"{balance.remaining_epsilon:.4g} of the budget ε = {balance.budget_epsilon:.4g} "
+                f"is left (spent {balance.spent_epsilon:.4g} in {balance.runs} runs)"
+            )
+        if balance.spent_delta + planned_delta > (balance.budget_delta or 0.0) * (1 + 1e-9):
+            raise BudgetExceededError(
+                f"silo '{silo}' on '{dataset}': the run plans δ = {planned_delta:.3g} but the "
+                f"budget δ = {balance.budget_delta:.3g} has {balance.spent_delta:.3g} spent"
+            )
+
+    def record(
+        self,
+        run_id: str,
+        silo: str,
+        dataset: str,
+        step: int,
+        epsilon: float,
+        delta: float,
+        unit: str,
+        accountant: str,
+    ) -> None:
+        """Write ahead: the run's cumulative (ε, δ) once release `step` has happened. Call it, and
+        let it commit, before the release leaves the silo; it refuses to pass the budget."""
+        with self._write() as connection:
+            budget = connection.execute(
+                select(budgets.c.epsilon).where(
+                    budgets.c.silo == silo, budgets.c.dataset == dataset
+                )
+            ).first()
+            # Other runs count with their largest recorded ε; this run with the new value.
+            others = connection.execute(
+                select(spends.c.run_id, func.max(spends.c.epsilon))
+                .where(
+                    spends.c.silo == silo, spends.c.dataset == dataset, spends.c.run_id != run_id
+                )
+                .group_by(spends.c.run_id)
+            ).all()
+            spent_by_others = sum(row[1] for row in others)
+            if budget is None or spent_by_others + epsilon > budget[0] + 1e-12:
+                raise BudgetExceededError(
+                    f"silo '{silo}' on '{dataset}': release {step} would bring the spend to "
+                    f"ε = {spent_by_others + epsilon:.4g}, over the budget "
+                    f"ε = {budget[0] if budget else 0:.4g}; nothing was released"
+                )
+            connection.execute(
+                insert(spends).values(
+                    run_id=run_id, silo=silo, dataset=dataset, step=step, epsilon=epsilon,
+                    delta=delta, unit=unit, accountant=accountant,
+                    recorded_at=dt.datetime.now(dt.UTC).replace(tzinfo=None),
+                )
+            )  # fmt: skip
+
+    def reset(self, silo: str | None = None, dataset: str | None = None) -> int:
+        """Forget recorded spends (all, or one silo / dataset). Budgets stay. Returns rows removed."""
+        statement = delete(spends)
+        if silo is not None:
+            statement = statement.where(spends.c.silo == silo)
+        if dataset is not None:
+            statement = statement.where(spends.c.dataset == dataset)
+        with self._write() as connection:
+            return connection.execute(statement).rowcount
+
+    def _write(self):
+        return _Transaction(self._engine, self.url)
+
+
+class _Transaction:
+    """engine.begin() with database errors turned into one clear LedgerError."""
+
+    def __init__(self, engine: Engine, url: str) -> None:
+        self._context = engine.begin()
+        self._url = url
+
+    def __enter__(self):
+        try:
+            return self._context.__enter__()
+        except SQLAlchemyError as exc:
+            raise LedgerError(f"cannot write the privacy ledger at {self._url}: {exc}") from None
+
+    def __exit__(self, *exc_info):
+        try:
+            return self._context.__exit__(*exc_info)
+        except SQLAlchemyError as exc:
+            raise LedgerError(f"cannot write the privacy ledger at {self._url}: {exc}") from None

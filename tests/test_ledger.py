@@ -1,0 +1,112 @@
+"""The privacy-budget ledger on a real SQLite file, including a writer killed mid-run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedshop.errors import FedShopError
+from fedshop.storage.ledger import BudgetExceededError, Ledger
+
+
+@pytest.fixture
+def ledger(tmp_path) -> Ledger:
+    return Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+
+
+def record(ledger: Ledger, run: str, step: int, epsilon: float, silo: str = "Germany") -> None:
+    ledger.record(run, silo, "online-retail", step, epsilon, 1e-6, "customer", "rdp")
+
+
+def test_spend_is_the_sum_over_runs_of_each_runs_largest_epsilon(ledger):
+    ledger.set_budget("Germany", "online-retail", epsilon=10.0, delta=1e-5)
+    for step, epsilon in enumerate([0.5, 1.0, 1.5], start=1):
+        record(ledger, "run-a", step, epsilon)
+    record(ledger, "run-b", 1, 2.0)
+    balance = ledger.balance("Germany", "online-retail")
+    assert balance.spent_epsilon == pytest.approx(3.5)
+    assert balance.spent_delta == pytest.approx(2e-6)
+    assert balance.runs == 2
+    assert balance.remaining_epsilon == pytest.approx(6.5)
+    assert ledger.balance("France", "online-retail").spent_epsilon == 0.0
+
+
+def test_a_run_that_would_overspend_is_refused_before_training(ledger):
+    ledger.set_budget("Germany", "online-retail", epsilon=4.0, delta=1e-5)
+    record(ledger, "run-a", 1, 3.0)
+    ledger.check("Germany", "online-retail", planned_epsilon=1.0, planned_delta=1e-6)
+    with pytest.raises(BudgetExceededError, match=r"budget ε = 4 .*spent 3 in 1 runs"):
+        ledger.check("Germany", "online-retail", planned_epsilon=1.5, planned_delta=1e-6)
+    with pytest.raises(BudgetExceededError, match="no privacy budget is set"):
+        ledger.check("France", "online-retail", planned_epsilon=0.1, planned_delta=1e-6)
+
+
+def test_a_release_past_the_budget_is_not_recorded(ledger):
+    ledger.set_budget("Germany", "online-retail", epsilon=2.0, delta=1e-5)
+    record(ledger, "run-a", 1, 1.5)
+    with pytest.raises(BudgetExceededError, match="nothing was released"):
+        record(ledger, "run-a", 2, 2.5)
+    assert ledger.balance("Germany", "online-retail").spent_epsilon == pytest.approx(1.5)
+
+
+def test_reset_forgets_spends_but_keeps_budgets(ledger, tmp_path):
+    ledger.set_budget("Germany", "online-retail", epsilon=2.0, delta=1e-5)
+    record(ledger, "run-a", 1, 1.0)
+    assert ledger.reset() == 1
+    reopened = Ledger(ledger.url)  # the same file, a new connection: it persisted
+    balance = reopened.balance("Germany", "online-retail")
+    assert balance.spent_epsilon == 0.0 and balance.budget_epsilon == 2.0
+
+
+def test_bad_budgets_and_unwritable_locations_are_clear_errors(ledger, tmp_path):
+    with pytest.raises(FedShopError, match="needs ε > 0"):
+        ledger.set_budget("Germany", "online-retail", epsilon=0.0, delta=1e-5)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(FedShopError, match="cannot open the privacy ledger"):
+        Ledger(f"sqlite:///{blocker / 'ledger.sqlite'}")
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from fedshop.storage.ledger import Ledger
+
+ledger = Ledger(sys.argv[1])
+released = Path(sys.argv[2])
+for step in range(1, 10_000):
+    epsilon = 0.01 * step
+    # Write-ahead: record first, then release.
+    ledger.record("run-killed", "Germany", "online-retail", step, epsilon, 1e-6, "customer", "rdp")
+    with released.open("a") as handle:
+        handle.write(f"{epsilon}\\n")
+    time.sleep(0.002)
+"""
+
+
+def test_a_writer_killed_mid_run_never_leaves_the_ledger_under_counting(ledger, tmp_path):
+    ledger.set_budget("Germany", "online-retail", epsilon=1000.0, delta=0.5)
+    released = tmp_path / "released.txt"
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    process = subprocess.Popen(
+        [sys.executable, str(script), ledger.url, str(released)],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")},
+    )
+    deadline = time.monotonic() + 60
+    while (not released.exists() or len(released.read_text().split()) < 20) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    releases = [float(x) for x in released.read_text().split()]
+    assert len(releases) >= 20
+    spent = Ledger(ledger.url).balance("Germany", "online-retail").spent_epsilon
+    # Everything released was recorded first; at most one recorded release never went out.
+    assert spent >= max(releases) - 1e-12
+    assert spent <= max(releases) + 0.01 + 1e-12
