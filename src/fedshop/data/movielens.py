@@ -176,13 +176,23 @@ def read_movielens(location: Path, release: ReleaseFormat = ML_1M) -> MovieLens:
     return MovieLens(ratings=ratings, users=users, movies=movies, ratings_file=ratings_file)
 
 
+# What pandas raises on a file that is not the expected text table.
+_UNREADABLE = (
+    pd.errors.ParserError,
+    pd.errors.EmptyDataError,
+    ValueError,
+    UnicodeDecodeError,
+    OSError,
+)
+
+
 def read_ratings_dat(handle: IO[bytes], label: str) -> pd.DataFrame:
     """Parse UserID::MovieID::Rating::Timestamp lines."""
     fields = ["UserID", "MovieID", "Rating", "Timestamp"]
     try:
         # The fast C parser cannot split on "::": split on ":" and check the empty fields between.
         raw = pd.read_csv(handle, sep=":", header=None, names=range(7), low_memory=False)
-    except Exception as exc:  # a foreign file: say which and why, without a traceback
+    except _UNREADABLE as exc:  # a foreign file: say which and why, without a traceback
         raise DataError(f"{label} is not in the format {'::'.join(fields)} ({exc})") from None
     gaps = raw[[1, 3, 5]].notna().any(axis=1).to_numpy()
     if gaps.any():
@@ -203,7 +213,7 @@ def read_ratings_csv(handle: IO[bytes], label: str) -> pd.DataFrame:
     fields = ["UserID", "MovieID", "Rating"]
     try:
         raw = pd.read_csv(handle, low_memory=False)
-    except Exception as exc:
+    except _UNREADABLE as exc:
         raise DataError(f"could not read {label} as csv ({exc})") from None
     missing = [name for name in fields if name not in raw.columns]
     if missing:
@@ -268,7 +278,7 @@ def read_ratings_100k(handle: IO[bytes], label: str) -> pd.DataFrame:
     try:
         # One column more than expected, so that a line with a fifth field is caught below.
         raw = pd.read_csv(handle, sep="\t", header=None, names=range(5), low_memory=False)
-    except Exception as exc:  # a foreign file: say which and why, without a traceback
+    except _UNREADABLE as exc:  # a foreign file: say which and why, without a traceback
         raise DataError(f"{label} is not in the format {expected} ({exc})") from None
     extra = raw[4].notna().to_numpy()
     if extra.any():
