@@ -69,3 +69,6 @@ def test_cross_device_mode_brings_its_own_defaults_unless_the_user_chose():
     assert chosen.federated.server_optimizer == "fedavg"
     assert chosen.federated.server_learning_rate == 1.0
     assert load_config().federated.server_optimizer == "fedavg"
+    assert device.model.silo_item_bias is False and load_config().model.silo_item_bias is True
+    with pytest.raises(ConfigError, match="silo_item_bias is cross-silo only"):
+        load_config(overrides={"federated.mode": "cross-device", "model.silo_item_bias": True})

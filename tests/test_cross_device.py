@@ -54,6 +54,13 @@ def test_vectorised_round_equals_sequential_reference(small, name, layout):
         torch.testing.assert_close(vec_users[k], ref_users[k], rtol=1e-4, atol=1e-6)
 
 
+def test_flat_layout_is_refused_for_per_client_weight_matrices(small):
+    spec, shared, users = _setup("neumf", small)
+    batch = draw_round(small, torch.tensor([0, 1]), 1, 1, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="needs the padded layout"):
+        vectorised_round(spec, shared, users, batch, LocalTraining(1, 0.1, 0.0, 1), layout="flat")
+
+
 def test_personalisation_round_moves_only_user_vectors(small):
     spec, shared, users = _setup("neumf", small)
     training = LocalTraining(epochs=2, learning_rate=0.3, l2=0.0, negatives=1, update_shared=False)

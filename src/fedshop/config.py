@@ -74,8 +74,8 @@ class ModelConfig:
     name: str = "mf-bpr"
     dim: int = 64
     init_std: float = 0.1
-    # A private per-silo item-bias offset (local taste); see models/mf.py. Cross-silo only: in
-    # cross-device mode a "silo" is one shopper, whose own taste is their user embedding.
+    # A private per-silo item-bias offset (local taste); see models/mf.py. Cross-silo only (off by
+    # default in cross-device mode, where a shopper's own taste is their user embedding).
     silo_item_bias: bool = True
     mlp_layers: int = 3  # NeuMF: hidden layers of the MLP tower (widths dim, dim/2, ...)
 
@@ -210,6 +210,10 @@ class RunConfig:
             self.eval,
         ):
             section.validate()
+        if self.federated.mode == "cross-device" and self.model.silo_item_bias:
+            raise ConfigError(
+                '[model] silo_item_bias is cross-silo only; set it to false for mode = "cross-device"'
+            )
         if self.eval.split == "validation" and not self.data.validation:
             raise ConfigError('[eval] split = "validation" needs [data] validation = true')
         return self
@@ -265,6 +269,9 @@ MODE_DEFAULTS: dict[str, tuple[dict[str, Any], ...]] = {
             "federated.server_epsilon": 1e-8,
         },
         {"federated.local_epochs": 2},
+        # A shopper's own taste is their user vector; per-silo offsets are a cross-silo idea, and
+        # every method trains the same model, so they are off for the baselines too.
+        {"model.silo_item_bias": False},
     )
 }
 

@@ -11,7 +11,6 @@ the same 100 sampled negatives per user for every method).
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import time
 from collections.abc import Callable
@@ -219,21 +218,10 @@ def popularity(config: RunConfig, dataset: RecDataset, progress: Progress) -> tu
     }
 
 
-def effective_config(config: RunConfig) -> RunConfig:
-    """The configuration as it runs: cross-device shoppers have no silo offsets (a shopper's own
-    taste is their user vector), and every method uses the same model, so the offsets go for all."""
-    if config.federated.mode == "cross-device" and config.model.silo_item_bias:
-        return dataclasses.replace(
-            config, model=dataclasses.replace(config.model, silo_item_bias=False)
-        )
-    return config
-
-
 def run_experiment(
     config: RunConfig, dataset: RecDataset, progress: Progress | None = None
 ) -> ExperimentResult:
     progress = progress or _Silent()
-    config = effective_config(config)
     if config.eval.protocol == "sampled-100":
         dataset = with_eval_negatives(dataset, 100, config.seed)
     methods: dict[str, MethodResult] = {}

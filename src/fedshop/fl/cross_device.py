@@ -17,7 +17,7 @@ import scipy.sparse as sp
 import torch
 
 from fedshop.config import RunConfig
-from fedshop.data.interactions import RecDataset
+from fedshop.data.interactions import RecDataset, SiloData
 from fedshop.errors import FedShopError
 from fedshop.eval.metrics import MetricSums, evaluate, summarise
 from fedshop.fl.local_round import LocalTraining, RoundInput, draw_round
@@ -39,6 +39,11 @@ class CrossDeviceRun:
     user_tables: Params
     dataset: RecDataset
     history: list[RoundRecord] = field(default_factory=list)
+    # Sliced once: the run is evaluated after many rounds.
+    silos: list[SiloData] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.silos = self.dataset.silos()
 
     def scores(self, users: torch.Tensor) -> torch.Tensor:
         device = self.shared[self.spec.item_tables[0]].device
@@ -47,7 +52,7 @@ class CrossDeviceRun:
     def evaluate(self, split: str = "test") -> dict[str, MetricSums]:
         """Per-silo metrics (for shoppers, a silo is just the reporting group they belong to)."""
         out = {}
-        for silo in self.dataset.silos():
+        for silo in self.silos:
             users = torch.from_numpy(silo.users)
             out[silo.name] = evaluate(
                 lambda rows, users=users: self.scores(users[rows]),

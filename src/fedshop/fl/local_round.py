@@ -16,16 +16,15 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 import torch
-import torch.nn.functional as F
 
 from fedshop.fl.stages import AggregationPipeline, ClientMessage
+from fedshop.models.mf import bpr_loss
 from fedshop.models.spec import ModelSpec, Params, gather_rows
-from fedshop.models.train import embedding_penalty
+from fedshop.models.train import batch_scores, embedding_penalty
 
 # Redraws of negatives that hit one of the client's own items; after this many, a hit is tolerated
 # (it only happens for a shopper who bought most of the catalogue).
 _NEGATIVE_REDRAWS = 20
-# Upper bound on floats in one group's largest activation (pair slots × width). Measured on ML-1M (all
 
 
 @dataclass(frozen=True)
@@ -101,10 +100,8 @@ def client_loss(
     pair_users = {k: v.expand(len(positives), -1) for k, v in users.items()}
     v_pos = gather_rows(items, spec.item_tables, positives)
     v_neg = gather_rows(items, spec.item_tables, negatives)
-    pos_score = spec.pair_scores(pair_users, v_pos, dense)
-    neg_score = spec.pair_scores({k: v.unsqueeze(1) for k, v in pair_users.items()}, v_neg, dense)
-    loss = -F.logsigmoid(pos_score.unsqueeze(1) - neg_score).mean()
-    return loss + l2 * embedding_penalty(pair_users, v_pos, v_neg)
+    pos_score, neg_score = batch_scores(spec, pair_users, v_pos, v_neg, dense)
+    return bpr_loss(pos_score, neg_score) + l2 * embedding_penalty(pair_users, v_pos, v_neg)
 
 
 def sgd_step(params: list[torch.Tensor], loss: torch.Tensor, learning_rate: float) -> None:

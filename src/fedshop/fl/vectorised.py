@@ -30,6 +30,11 @@ _BUCKET_FLOATS = 1 << 22
 _BUCKET_PADDING = 0.25
 
 
+def along_rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`values` (one per row of `like`) shaped to broadcast over the rest of `like`."""
+    return values.view(-1, *([1] * (like.dim() - 1)))
+
+
 @dataclass(frozen=True)
 class Bucket:
     """Clients of similar size, their pairs padded to a common length, and the item rows they touch.
@@ -208,7 +213,6 @@ def train_chunk(
         item_deltas = {k: items[k] - item0[k] for k in items}
         dense_deltas = {k: dense[k] - dense0[k].reshape(1, -1) for k in dense}
     return BucketUpdate(
-        bucket=chunk,
         item_deltas=item_deltas if training.update_shared else {},
         dense_deltas=dense_deltas if training.update_shared else {},
         users={k: v.detach() for k, v in users.items()},
@@ -219,7 +223,6 @@ def train_chunk(
 class BucketUpdate:
     """What the clients of one bucket send: deltas of their touched rows and of the dense weights."""
 
-    bucket: Bucket | FlatChunk
     item_deltas: Params  # name -> (R, ...) change of each local row (see `Bucket.row_owner`)
     dense_deltas: Params  # name -> (C, ...)
     users: Params  # name -> (C, dim) the clients' new private rows (stay on the client)
@@ -275,7 +278,6 @@ def train_bucket(
         item_deltas = {k: items[k] - item0[k] for k in items}
         dense_deltas = {k: dense[k] - dense0[k].reshape(1, *dense[k].shape[1:]) for k in dense}
     return BucketUpdate(
-        bucket=bucket,
         item_deltas=item_deltas if training.update_shared else {},
         dense_deltas=dense_deltas if training.update_shared else {},
         users={k: v.detach().squeeze(1) for k, v in users.items()},
@@ -307,9 +309,10 @@ def vectorised_round(
         k: torch.empty(len(batch.clients), v.shape[1], device=device)
         for k, v in user_tables.items()
     }
-    flat = all(v.dim() <= 1 for v in spec.dense_of(shared).values())
-    if layout == "padded" or (layout == "flat" and not flat):
-        flat = False
+    can_flat = all(v.dim() <= 1 for v in spec.dense_of(shared).values())
+    if layout == "flat" and not can_flat:
+        raise ValueError(f"{spec.name} has per-client weight matrices: it needs the padded layout")
+    flat = layout == "flat" or (layout == "auto" and can_flat)
     plan, build, train = (
         (plan_chunks, build_chunk, train_chunk)
         if flat
@@ -327,12 +330,10 @@ def vectorised_round(
         w = weights[members]
         row_weight = w[bucket.row_owner]
         for k, delta in update.item_deltas.items():
-            delta *= row_weight.view(-1, *([1] * (delta.dim() - 1)))
             # The sparse sum: only the rows these clients touched are added.
-            sums[k].index_add_(0, bucket.rows, delta)
+            sums[k].index_add_(0, bucket.rows, delta * along_rows(row_weight, delta))
         for k, delta in update.dense_deltas.items():
-            summed = (delta * w.view(-1, *([1] * (delta.dim() - 1)))).sum(0)
-            sums[k] += summed.reshape(shared[k].shape)
+            sums[k] += (delta * along_rows(w, delta)).sum(0).reshape(shared[k].shape)
     if not training.update_shared:
         return {}, new_users
     total_weight = float(weights.sum())

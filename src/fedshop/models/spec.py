@@ -69,11 +69,6 @@ def stack_dense(dense: Params, copies: int) -> Params:
     return out
 
 
-def unstack_dense(stacked: Params, like: Params) -> Params:
-    """Inverse of `stack_dense` for one client's slice, or for a weighted sum over clients."""
-    return {name: stacked[name].reshape(like[name].shape) for name in like}
-
-
 # Chunk catalogue scoring so that broadcast intermediates stay around this many floats.
 _SCORE_CHUNK_FLOATS = 1 << 24
 

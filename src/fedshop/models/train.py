@@ -75,8 +75,7 @@ def train_bpr(
             u = gather_rows(mine, spec.user_tables, users)
             v_pos = gather_rows(mine_shared, spec.item_tables, positives)
             v_neg = gather_rows(mine_shared, spec.item_tables, negatives)
-            pos_score = spec.pair_scores(u, v_pos, dense)
-            neg_score = spec.pair_scores({k: r.unsqueeze(1) for k, r in u.items()}, v_neg, dense)
+            pos_score, neg_score = batch_scores(spec, u, v_pos, v_neg, dense)
             penalty = embedding_penalty(u, v_pos, v_neg)
             if silo_bias is not None:
                 silos = user_silo[users]
@@ -92,6 +91,15 @@ def train_bpr(
         if on_epoch is not None:
             on_epoch(epoch, _snapshot(mine_shared, mine, total, steps))
     return _snapshot(mine_shared, mine, total, steps)
+
+
+def batch_scores(
+    spec: ModelSpec, users: Params, positives: Params, negatives: Params, dense: Params
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of a batch's positives (batch,) and negatives (batch, n_neg), one user row per pair."""
+    pos_score = spec.pair_scores(users, positives, dense)
+    neg_score = spec.pair_scores({k: u.unsqueeze(1) for k, u in users.items()}, negatives, dense)
+    return pos_score, neg_score
 
 
 def embedding_penalty(users: Params, positives: Params, negatives: Params) -> torch.Tensor:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +40,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from fedshop.errors import FedShopError
@@ -239,25 +241,11 @@ class Ledger:
         with self._write() as connection:
             return connection.execute(statement).rowcount
 
-    def _write(self):
-        return _Transaction(self._engine, self.url)
-
-
-class _Transaction:
-    """engine.begin() with database errors turned into one clear LedgerError."""
-
-    def __init__(self, engine: Engine, url: str) -> None:
-        self._context = engine.begin()
-        self._url = url
-
-    def __enter__(self):
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """A transaction, with database errors turned into one clear LedgerError."""
         try:
-            return self._context.__enter__()
+            with self._engine.begin() as connection:
+                yield connection
         except SQLAlchemyError as exc:
-            raise LedgerError(f"cannot write the privacy ledger at {self._url}: {exc}") from None
-
-    def __exit__(self, *exc_info):
-        try:
-            return self._context.__exit__(*exc_info)
-        except SQLAlchemyError as exc:
-            raise LedgerError(f"cannot write the privacy ledger at {self._url}: {exc}") from None
+            raise LedgerError(f"cannot write the privacy ledger at {self.url}: {exc}") from None
