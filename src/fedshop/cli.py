@@ -112,6 +112,15 @@ def _print_tables(result: ExperimentResult) -> None:
             *(f"{c['hr@10']:.3f}" if c["users"] else "–" for c in cells),
         )
     console.print(per_silo)
+    privacy = result.privacy
+    if privacy["epsilon"] is not None:
+        console.print(
+            f"[bold]Privacy[/] (federated model): ε = {privacy['epsilon']:.3g}, "
+            f"δ = {privacy['delta']:.3g} per {privacy['unit']}; {privacy['accountant']} accountant, "
+            f"noise multiplier {privacy['noise_multiplier']:.3g}, clip {privacy['clip']:g}"
+        )
+    elif "federated" in result.methods:
+        console.print("[dim]No differential privacy in this run (ε = ∞); see --dp.[/]")
 
 
 OutOption = Annotated[
@@ -122,6 +131,46 @@ OverwriteOption = Annotated[
 ]
 SeedOption = Annotated[int | None, typer.Option("--seed", help="Random seed.")]
 RoundsOption = Annotated[int | None, typer.Option("--rounds", help="Federated rounds.")]
+
+
+DpOption = Annotated[
+    str | None,
+    typer.Option("--dp", help="Differential privacy: user (each shopper; cross-device), record "
+                 "(each customer within a silo; cross-silo) or none."),
+]  # fmt: skip
+EpsilonOption = Annotated[
+    float | None, typer.Option("--epsilon", help="Target ε for the whole run (with --dp).")
+]
+DeltaOption = Annotated[
+    float | None, typer.Option("--delta", help="δ (default 1/(10·n) for n protected units).")
+]
+NoiseOption = Annotated[
+    float | None,
+    typer.Option("--noise-multiplier", help="Fixed noise multiplier z instead of a target ε."),
+]
+ClipOption = Annotated[float | None, typer.Option("--clip", help="L2 bound on one unit's update.")]
+BudgetOption = Annotated[
+    float | None,
+    typer.Option("--budget", help="ε budget per silo on this dataset in the privacy ledger (set "
+                 "when the ledger has none; a run is refused if it would overspend it)."),
+]  # fmt: skip
+LedgerOption = Annotated[
+    str | None,
+    typer.Option("--ledger", help="SQL URL of the ledger (default: $FEDSHOP_LEDGER_URL, else a "
+                 "SQLite file in the user data folder)."),
+]  # fmt: skip
+
+
+def _privacy_overrides(dp, epsilon, delta, noise_multiplier, clip, budget, ledger) -> dict:
+    return {
+        "privacy.mode": dp,
+        "privacy.epsilon": epsilon,
+        "privacy.delta": delta,
+        "privacy.noise_multiplier": noise_multiplier,
+        "privacy.clip": clip,
+        "privacy.budget": budget,
+        "privacy.ledger_url": ledger,
+    }
 
 
 @app.command()
@@ -175,12 +224,20 @@ def train(
     ] = None,
     seed: SeedOption = None,
     rounds: RoundsOption = None,
+    dp: DpOption = None,
+    epsilon: EpsilonOption = None,
+    delta: DeltaOption = None,
+    noise_multiplier: NoiseOption = None,
+    clip: ClipOption = None,
+    budget: BudgetOption = None,
+    ledger: LedgerOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Run one configured experiment (a TOML config, command-line options, or both)."""
     run_config = load_config(
         config,
         overrides={
+            **_privacy_overrides(dp, epsilon, delta, noise_multiplier, clip, budget, ledger),
             "data.dataset": dataset,
             "data.path": data_path,
             "data.data_dir": data_dir,
@@ -201,11 +258,6 @@ privacy_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(privacy_app, name="privacy")
-LedgerOption = Annotated[
-    str | None,
-    typer.Option("--ledger", help="SQL URL of the ledger (default: $FEDSHOP_LEDGER_URL, else a "
-                 "SQLite file in the user data folder)."),
-]  # fmt: skip
 
 
 @privacy_app.command("ledger")
@@ -271,6 +323,107 @@ def privacy_reset(
         )
     removed = Ledger(ledger).reset(silo, dataset)
     console.print(f"removed {removed} recorded spends")
+
+
+@privacy_app.command("sweep")
+def privacy_sweep(
+    dataset: Annotated[
+        str | None, typer.Option("--dataset", help="Dataset (default: online-retail).")
+    ] = None,
+    mode: Annotated[
+        str | None,
+        typer.Option("--mode", help="cross-silo (record-level DP) or cross-device (user-level)."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Folder for sweep.json and the report.")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="TOML run configuration.")
+    ] = None,
+    epsilons: Annotated[
+        str | None,
+        typer.Option(
+            "--epsilons",
+            help="Comma-separated target ε values (default "
+            "0.5,1,2,4,8); the non-private run is always added.",
+        ),
+    ] = None,
+    data_dir: Annotated[
+        str | None, typer.Option("--data-dir", help="Data folder (overrides data.data_dir).")
+    ] = None,
+    protocol: Annotated[
+        str | None, typer.Option("--protocol", help="full (rank the catalogue) or sampled-100.")
+    ] = None,
+    seed: SeedOption = None,
+    rounds: RoundsOption = None,
+    delta: DeltaOption = None,
+    clip: ClipOption = None,
+    budget: BudgetOption = None,
+    ledger: LedgerOption = None,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Train at several ε and without DP; write OUT/sweep.json and OUT/report.html (HR@10, NDCG@10
+    and a membership-inference AUC against ε). Every DP point is spent in the privacy ledger."""
+    from fedshop.data.registry import load_dataset
+    from fedshop.sweep import EPSILONS, run_sweep
+
+    targets = EPSILONS if epsilons is None else (*_parse_epsilons(epsilons), None)
+    run_config = load_config(
+        config,
+        overrides={
+            "data.dataset": dataset,
+            "data.data_dir": data_dir,
+            "federated.mode": mode,
+            "eval.protocol": protocol,
+            "seed": seed,
+            "federated.rounds": rounds,
+            **_privacy_overrides(None, None, delta, None, clip, budget, ledger),
+        },
+    )
+    out = out or _default_out("sweep")
+    if (out / "sweep.json").exists() and not overwrite:
+        raise FedShopError(f"{out} already holds a sweep; choose another --out or pass --overwrite")
+    with console.status("Loading and cleaning data…"):
+        data = load_dataset(run_config.data, seed=run_config.seed)
+    table = Table(title=f"Privacy sweep: {data.name}, {run_config.federated.mode}")
+    for header in ("target ε", "ε", "δ", "z", "HR@10", "NDCG@10", "MIA AUC", "time"):
+        table.add_column(header, justify="right")
+
+    def on_point(point: dict) -> None:
+        target = point["target_epsilon"]
+        console.print(
+            f"  ε = {'∞' if target is None else f'{target:g}'}: HR@10 {point['hr@10']:.4f}, "
+            f"MIA AUC {point['mia_auc']:.3f} ({point['seconds']:.0f}s)"
+        )
+        table.add_row(
+            "∞" if target is None else f"{target:g}",
+            "∞" if point["epsilon"] is None else f"{point['epsilon']:.3g}",
+            "–" if point["delta"] is None else f"{point['delta']:.2g}",
+            "–" if point["noise_multiplier"] is None else f"{point['noise_multiplier']:.3g}",
+            f"{point['hr@10']:.4f}", f"{point['ndcg@10']:.4f}", f"{point['mia_auc']:.3f}",
+            f"{point['seconds']:.0f}s",
+        )  # fmt: skip
+
+    columns = (TextColumn("{task.description:<30}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("[dim]{task.fields[note]}"))  # fmt: skip
+    with Progress(*columns, console=console, transient=True) as bars:
+        run_sweep(run_config, data, out, targets, RichProgress(bars), on_point)
+    console.print(table)
+    console.print(
+        f"\nSweep: [bold]{out / 'sweep.json'}[/]  ·  report: [bold]{out / 'report.html'}[/]"
+    )
+
+
+def _parse_epsilons(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise FedShopError(
+            f"--epsilons must be numbers separated by commas, got '{text}'"
+        ) from None
+    if not values or any(not v > 0 for v in values):
+        raise FedShopError(f"--epsilons must be positive numbers, got '{text}'")
+    return tuple(sorted(values))
 
 
 def main() -> None:

@@ -33,6 +33,8 @@ AGGREGATIONS = ("fedavg", "fednova")
 MODELS = ("mf-bpr", "gmf", "neumf")
 MODES = ("cross-silo", "cross-device")
 PROTOCOLS = ("full", "sampled-100")
+PRIVACY_MODES = ("none", "user", "record")
+ACCOUNTANTS = ("rdp", "pld")
 
 
 @dataclass(frozen=True)
@@ -185,6 +187,74 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy of the released shared model (see privacy/ and the README).
+
+    user:   a shopper's whole history is the protected unit (DP-FedAvg, cross-device): each shopper's
+            round update is clipped to L2 norm `clip`, the server adds N(0, (z·clip)²) to the sum.
+    record: each storefront protects each of its customers (cross-silo): inside the silo, DP-SGD
+            with one customer's whole history as the unit (per-customer clipping, Poisson sampling).
+    Private parameters (user vectors) never leave their owner; they are fitted against the noisy
+    shared model and serve only that user, so the guarantee covers what other parties can see.
+    """
+
+    mode: str = "none"
+    # Give one of the two: a target ε for the whole run (the noise multiplier z is calibrated to it),
+    # or z itself (ε is then computed).
+    epsilon: float = 0.0
+    noise_multiplier: float = 0.0
+    # 0 means 1/(10·n) for n protected units (shoppers, or the largest silo's customers). δ ≥ 1/n is
+    # refused: such a δ allows releasing one unit's data outright.
+    delta: float = 0.0
+    clip: float = 0.5  # L2 bound on one unit's contribution to a release
+    accountant: str = "rdp"  # rdp | pld (Google's dp-accounting)
+    # The ε budget of every silo on this dataset in the ledger. Written there when the ledger has none
+    # yet; an existing different budget is changed only with `fedshop privacy budget`.
+    budget: float = 0.0
+    ledger_url: str = ""  # default: $FEDSHOP_LEDGER_URL, else a SQLite file in the user data folder
+    # record mode: DP-SGD steps per round in every silo, and the probability that a customer takes
+    # part in a step. The same for every silo, so neither reveals how many customers a silo has.
+    local_steps: int = 10
+    sampling_rate: float = 0.05
+    # record mode: how silos are weighted in the federated mean: by customer counts released with
+    # the Gaussian mechanism at this noise multiplier (sensitivity 1), composed into ε.
+    count_noise_multiplier: float = 10.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    def validate(self) -> None:
+        _choice("privacy", "mode", self.mode, PRIVACY_MODES)
+        _choice("privacy", "accountant", self.accountant, ACCOUNTANTS)
+        _at_least("privacy", "epsilon", self.epsilon, 0.0)
+        _at_least("privacy", "noise_multiplier", self.noise_multiplier, 0.0)
+        _at_least("privacy", "budget", self.budget, 0.0)
+        _positive("privacy", "clip", self.clip)
+        _at_least("privacy", "local_steps", self.local_steps, 1)
+        _positive("privacy", "count_noise_multiplier", self.count_noise_multiplier)
+        if not 0.0 <= self.delta < 1.0:
+            raise ConfigError(f"[privacy] delta must be in [0, 1), got {self.delta}")
+        if not 0.0 < self.sampling_rate <= 1.0:
+            raise ConfigError(
+                f"[privacy] sampling_rate must be in (0, 1], got {self.sampling_rate}"
+            )
+        chosen = [k for k in ("epsilon", "noise_multiplier") if getattr(self, k) > 0]
+        if not self.enabled:
+            if chosen:
+                raise ConfigError(
+                    f'[privacy] {chosen[0]} is set but mode = "none"; choose mode = "user" or '
+                    '"record" (--dp), or drop it'
+                )
+            return
+        if len(chosen) != 1:
+            raise ConfigError(
+                f'[privacy] mode = "{self.mode}" needs exactly one of epsilon (a target) or '
+                f"noise_multiplier; got {' and '.join(chosen) if chosen else 'neither'}"
+            )
+
+
+@dataclass(frozen=True)
 class RunConfig:
     seed: int = 42
     methods: tuple[str, ...] = METHODS
@@ -194,6 +264,7 @@ class RunConfig:
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def validate(self) -> RunConfig:
         _at_least("", "seed", self.seed, 0)
@@ -208,8 +279,10 @@ class RunConfig:
             self.federated,
             self.baselines,
             self.eval,
+            self.privacy,
         ):
             section.validate()
+        self._validate_privacy()
         if self.federated.mode == "cross-device" and self.model.silo_item_bias:
             raise ConfigError(
                 '[model] silo_item_bias is cross-silo only; set it to false for mode = "cross-device"'
@@ -217,6 +290,24 @@ class RunConfig:
         if self.eval.split == "validation" and not self.data.validation:
             raise ConfigError('[eval] split = "validation" needs [data] validation = true')
         return self
+
+    def _validate_privacy(self) -> None:
+        privacy, mode = self.privacy, self.federated.mode
+        if privacy.mode == "user" and mode != "cross-device":
+            raise ConfigError(
+                '[privacy] mode = "user" protects each shopper as a client: it needs [federated] '
+                'mode = "cross-device" (for storefronts protecting their customers use "record")'
+            )
+        if privacy.mode == "record" and mode != "cross-silo":
+            raise ConfigError(
+                '[privacy] mode = "record" is DP inside each silo: it needs [federated] mode = '
+                '"cross-silo" (in cross-device mode every client is one shopper: use "user")'
+            )
+        if privacy.enabled and self.model.silo_item_bias:
+            raise ConfigError(
+                "[model] silo_item_bias is trained on the silo's customers without clipping or "
+                "noise; set it to false under differential privacy"
+            )
 
     @property
     def baseline_epochs(self) -> int:
@@ -249,7 +340,9 @@ def load_config(
             _set(raw, dotted, value, replace=True)
     federated = raw.get("federated", {})
     mode = federated.get("mode") if isinstance(federated, dict) else None
-    for group in MODE_DEFAULTS.get(mode, ()):
+    privacy = raw.get("privacy", {})
+    privacy_mode = privacy.get("mode") if isinstance(privacy, dict) else None
+    for group in MODE_DEFAULTS.get(mode, ()) + PRIVACY_DEFAULTS.get(privacy_mode, ()):
         # A group applies only as a whole: a user who picks the optimiser picks its settings too.
         if not any(_get(raw, dotted) is not None for dotted in group):
             for dotted, value in group.items():
@@ -273,6 +366,14 @@ MODE_DEFAULTS: dict[str, tuple[dict[str, Any], ...]] = {
         # every method trains the same model, so they are off for the baselines too.
         {"model.silo_item_bias": False},
     )
+}
+
+
+# Under differential privacy, parameters trained on a silo's customers without clipping and noise
+# would escape the guarantee (see PrivacyConfig).
+PRIVACY_DEFAULTS: dict[str, tuple[dict[str, Any], ...]] = {
+    "user": ({"model.silo_item_bias": False},),
+    "record": ({"model.silo_item_bias": False},),
 }
 
 

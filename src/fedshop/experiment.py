@@ -17,16 +17,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import dp_accounting as dpa
 import numpy as np
 import torch
 
 from fedshop.config import RunConfig
 from fedshop.data.interactions import RecDataset, SiloData, with_eval_negatives
 from fedshop.eval.metrics import MetricSums, evaluate, summarise
-from fedshop.fl.cross_device import run_cross_device
+from fedshop.fl.cross_device import eligible_clients, run_cross_device
 from fedshop.fl.simulator import RoundRecord, run_cross_silo
 from fedshop.models.spec import ModelSpec, Params, get_model, score_all
 from fedshop.models.train import TrainResult, train_bpr
+from fedshop.privacy.dp import PrivacyGuard, make_plan
 from fedshop.seeding import torch_generator
 
 
@@ -63,6 +65,11 @@ class ExperimentResult:
     history: list[RoundRecord]
     # file stem -> tensors, written as safetensors into the run folder
     weights: dict[str, dict[str, torch.Tensor]]
+    # metrics.json "privacy": ε (None without DP), δ, protected unit, accountant, mechanism, …
+    privacy: dict = field(default_factory=lambda: dict(NO_PRIVACY))
+
+
+NO_PRIVACY = {"epsilon": None, "delta": None, "unit": None, "accountant": None, "mechanism": None}
 
 
 def slug(name: str) -> str:
@@ -92,16 +99,20 @@ def _evaluate_silos(
     }
 
 
-def run_federated(config: RunConfig, dataset: RecDataset, progress: Progress) -> tuple:
+def run_federated(
+    config: RunConfig, dataset: RecDataset, progress: Progress, guard: PrivacyGuard | None = None
+) -> tuple:
     progress.start("federated", config.federated.rounds)
     started = time.perf_counter()
 
     def on_round(record: RoundRecord) -> None:
         note = f"HR@10 {record.metrics['hr@10']:.3f}" if record.metrics else ""
+        if record.epsilon is not None:
+            note += f"  ε {record.epsilon:.2f}"
         progress.advance("federated", note)
 
     if config.federated.mode == "cross-device":
-        device_run = run_cross_device(dataset, config, on_round=on_round)
+        device_run = run_cross_device(dataset, config, on_round=on_round, guard=guard)
         result = _method_result(
             device_run.evaluate(config.eval.split), time.perf_counter() - started
         )
@@ -111,7 +122,7 @@ def run_federated(config: RunConfig, dataset: RecDataset, progress: Progress) ->
             "federated/devices": {k: v.cpu() for k, v in device_run.user_tables.items()},
         }
         return result, device_run.history, weights
-    run = run_cross_silo(dataset, config, on_round=on_round)
+    run = run_cross_silo(dataset, config, on_round=on_round, guard=guard)
     per_silo = run.evaluate(config.eval.split)
     # The per-round curve lives in the round history (metrics.json "history"), not in `curve`.
     result = _method_result(per_silo, time.perf_counter() - started)
@@ -224,11 +235,13 @@ def run_experiment(
     progress = progress or _Silent()
     if config.eval.protocol == "sampled-100":
         dataset = with_eval_negatives(dataset, 100, config.seed)
+    # Before any training: a run that would overspend a budget stops here.
+    guard = open_privacy(config, dataset) if "federated" in config.methods else None
     methods: dict[str, MethodResult] = {}
     weights: dict[str, dict[str, torch.Tensor]] = {}
     history: list[RoundRecord] = []
     if "federated" in config.methods:
-        methods["federated"], history, w = run_federated(config, dataset, progress)
+        methods["federated"], history, w = run_federated(config, dataset, progress, guard)
         weights.update(w)
     if "centralized" in config.methods:
         methods["centralized"], w = train_centralized(config, dataset, progress)
@@ -239,4 +252,32 @@ def run_experiment(
     if "popularity" in config.methods:
         methods["popularity"], w = popularity(config, dataset, progress)
         weights.update(w)
-    return ExperimentResult(config, dataset, methods, history, weights)
+    privacy = guard.summary() if guard is not None else dict(NO_PRIVACY)
+    return ExperimentResult(config, dataset, methods, history, weights, privacy)
+
+
+def open_privacy(
+    config: RunConfig, dataset: RecDataset, run_id: str | None = None
+) -> PrivacyGuard | None:
+    """The run's DP plan, checked against the ledger (raises BudgetExceededError), or None."""
+    privacy = config.privacy
+    if not privacy.enabled:
+        return None
+    fed = config.federated
+    if privacy.mode == "user":
+        shoppers = len(eligible_clients(dataset.train))
+        expected = fed.clients_per_round or shoppers
+        plan = make_plan(
+            privacy, fed.rounds, units=shoppers,
+            sampling_rate=min(1.0, expected / shoppers), steps_per_round=1,
+        )  # fmt: skip
+    else:
+        largest_silo = int(np.bincount(dataset.user_silo, minlength=dataset.n_silos).max())
+        plan = make_plan(
+            privacy, fed.rounds, units=largest_silo,
+            sampling_rate=privacy.sampling_rate, steps_per_round=privacy.local_steps,
+            # The silos' customer counts, released once with the Gaussian mechanism (one customer
+            # is in one silo: L2 sensitivity 1) to weight the federated mean.
+            fixed_events=(dpa.GaussianDpEvent(privacy.count_noise_multiplier),),
+        )  # fmt: skip
+    return PrivacyGuard.open(plan, privacy, dataset.name, dataset.silo_names, run_id)

@@ -7,9 +7,12 @@ import torch
 from fedshop.config import ModelConfig, TrainConfig
 from fedshop.data.interactions import SiloData
 from fedshop.eval.metrics import MetricSums, evaluate
+from fedshop.fl.dp_local import DpSgdState, dp_sgd_steps
+from fedshop.fl.local_round import LocalTraining
 from fedshop.fl.stages import AggregationPipeline, ClientMessage
 from fedshop.models.spec import Params, get_model, score_all
 from fedshop.models.train import train_bpr
+from fedshop.privacy.dp import DpPlan
 from fedshop.seeding import torch_generator
 
 
@@ -22,6 +25,7 @@ class SiloClient:
         train: TrainConfig,
         pipeline: AggregationPipeline,
         seed: int,
+        client_learning_rate: float = 2.0,
     ) -> None:
         self.index = index
         self.data = data
@@ -33,6 +37,7 @@ class SiloClient:
             data.n_users, data.train.shape[1], model, torch_generator(seed, "silo", index, "users")
         )
         self._generator = torch_generator(seed, "silo", index, "train")
+        self.client_learning_rate = client_learning_rate
 
     @property
     def name(self) -> str:
@@ -56,6 +61,23 @@ class SiloClient:
         delta = {k: result.shared[k] - global_shared[k] for k in global_shared}
         message = ClientMessage(
             tensors=delta, weight=1.0, num_examples=self.data.n_train, local_steps=result.steps
+        )
+        return self.pipeline.on_client(message)
+
+    def fit_private(
+        self, global_shared: Params, plan: DpPlan, state: DpSgdState, weight: float
+    ) -> ClientMessage:
+        """Record-level DP: DP-SGD over this silo's customers (`fl/dp_local.py`). The message's
+        weight is the silo's *released* (noisy) customer count, never the true one."""
+        training = LocalTraining(
+            1, self.client_learning_rate, self.train_config.l2, self.train_config.negatives
+        )
+        local = dp_sgd_steps(
+            self.spec, global_shared, self._private, self.data.train, plan, training, state
+        )
+        delta = {k: local[k] - global_shared[k] for k in global_shared}
+        message = ClientMessage(
+            tensors=delta, weight=1.0, num_examples=weight, local_steps=plan.steps_per_round
         )
         return self.pipeline.on_client(message)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import scipy.sparse as sp
@@ -20,14 +20,15 @@ from fedshop.config import RunConfig
 from fedshop.data.interactions import RecDataset, SiloData
 from fedshop.errors import FedShopError
 from fedshop.eval.metrics import MetricSums, evaluate, summarise
-from fedshop.fl.local_round import LocalTraining, RoundInput, draw_round
+from fedshop.fl.local_round import LocalTraining, draw_round, poisson_sample
 from fedshop.fl.server_opt import ServerOptimizer, make_server_optimizer
 from fedshop.fl.simulator import RoundRecord
-from fedshop.fl.vectorised import vectorised_round
+from fedshop.fl.stages import Aggregate, mean_of
+from fedshop.fl.vectorised import vectorised_round, vectorised_sum
 from fedshop.models.spec import ModelSpec, Params, get_model, score_all
+from fedshop.privacy.dp import PrivacyGuard
+from fedshop.privacy.stages import add_gaussian_noise, fixed_denominator
 from fedshop.seeding import torch_generator
-
-RoundFunction = Callable[[ModelSpec, Params, Params, RoundInput, LocalTraining], tuple]
 
 
 @dataclass
@@ -80,8 +81,11 @@ def run_cross_device(
     dataset: RecDataset,
     config: RunConfig,
     on_round: Callable[[RoundRecord], None] | None = None,
-    round_function: RoundFunction = vectorised_round,
+    guard: PrivacyGuard | None = None,
 ) -> CrossDeviceRun:
+    """Train; with a `guard` (user-level DP) every round is DP-FedAvg: Poisson-sampled shoppers,
+    each update clipped, Gaussian noise on the sum, the expected count as denominator, and the
+    round written to the ledger before its result reaches the server optimiser."""
     fed = config.federated
     spec = get_model(config.model.name)
     model = config.model
@@ -100,12 +104,15 @@ def run_cross_device(
     pool = eligible_clients(dataset.train)
     per_round = len(pool) if fed.clients_per_round <= 0 else min(fed.clients_per_round, len(pool))
     sampling = torch_generator(config.seed, "server", "sampling")
+    noise = torch_generator(config.seed, "server", "noise")
     training = LocalTraining(
         fed.local_epochs, fed.client_learning_rate, config.train.l2, config.train.negatives
     )
     for round_number in range(1, fed.rounds + 1):
         started = time.perf_counter()
-        if per_round == len(pool):
+        if guard is not None:
+            clients = poisson_sample(pool, guard.plan.sampling_rate, sampling)
+        elif per_round == len(pool):
             clients = pool
         else:
             clients = torch.sort(pool[torch.randperm(len(pool), generator=sampling)[:per_round]])[0]
@@ -113,23 +120,40 @@ def run_cross_device(
             dataset.train, clients, training.epochs, training.negatives,
             torch_generator(config.seed, "devices", "round", round_number),
         )  # fmt: skip
-        update, new_users = round_function(spec, run.shared, run.user_tables, batch, training)
+        clip = guard.plan.clip if guard is not None else None
+        total, new_users = vectorised_sum(
+            spec, run.shared, run.user_tables, batch, training, clip=clip
+        )
         for k, v in new_users.items():
             run.user_tables[k][clients] = v
-        run.shared = optimizer.step(run.shared, update)
+        epsilon = None
+        if guard is not None:
+            plan = guard.plan
+            # Write-ahead: the ledger holds this round's ε before the noisy sum exists.
+            epsilon = guard.release(round_number, plan.round_event)
+            total = add_gaussian_noise(plan.noise_std, noise)(_on_cpu(total))
+            total = fixed_denominator(plan.sampling_rate * len(pool))(total)
+            total = replace(total, tensors={k: v.to(device) for k, v in total.tensors.items()})
+        if total.weight > 0:
+            run.shared = optimizer.step(run.shared, mean_of(total))
         seconds = time.perf_counter() - started
         metrics = None
         if round_number % config.eval.eval_every == 0 or round_number == fed.rounds:
             metrics = summarise(run.evaluate(config.eval.split))
-        record = RoundRecord(round_number, clients.tolist(), seconds, metrics)
+        record = RoundRecord(round_number, clients.tolist(), seconds, metrics, epsilon)
         run.history.append(record)
         if on_round is not None:
             on_round(record)
-    personalise(run, config, round_function)
+    personalise(run, config)
     return run
 
 
-def personalise(run: CrossDeviceRun, config: RunConfig, round_function: RoundFunction) -> None:
+def _on_cpu(aggregate: Aggregate) -> Aggregate:
+    # The noise is drawn on the CPU from the run's generator: the same numbers on any device.
+    return replace(aggregate, tensors={k: v.cpu() for k, v in aggregate.tensors.items()})
+
+
+def personalise(run: CrossDeviceRun, config: RunConfig) -> None:
     """Every shopper refits their own vectors against the final shared model; nothing is sent."""
     epochs = config.federated.personalise_epochs
     if epochs <= 0:
@@ -143,6 +167,6 @@ def personalise(run: CrossDeviceRun, config: RunConfig, round_function: RoundFun
         run.dataset.train, pool, epochs, training.negatives,
         torch_generator(config.seed, "devices", "personalise"),
     )  # fmt: skip
-    _, new_users = round_function(run.spec, run.shared, run.user_tables, batch, training)
+    _, new_users = vectorised_round(run.spec, run.shared, run.user_tables, batch, training)
     for k, v in new_users.items():
         run.user_tables[k][pool] = v

@@ -49,6 +49,13 @@ class RoundInput:
         return torch.tensor([len(p) for p in self.positives], dtype=torch.float32)
 
 
+def poisson_sample(pool: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:
+    """Each client independently with probability `rate` (the sampling the DP accountant assumes)."""
+    if rate >= 1.0:
+        return pool
+    return pool[torch.rand(len(pool), generator=generator) < rate]
+
+
 def draw_round(
     train: sp.csr_matrix,
     clients: torch.Tensor,

@@ -10,15 +10,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from fedshop.config import RunConfig
 from fedshop.data.interactions import RecDataset
 from fedshop.eval.metrics import summarise
 from fedshop.fl.client import SiloClient
+from fedshop.fl.dp_local import DpSgdState
 from fedshop.fl.server import FederatedServer
-from fedshop.fl.server_opt import make_server_optimizer
-from fedshop.fl.stages import AggregationPipeline
+from fedshop.fl.server_opt import FedAdam, make_server_optimizer
+from fedshop.fl.stages import AggregationPipeline, ClientMessage
 from fedshop.models.spec import get_model
-from fedshop.seeding import torch_generator
+from fedshop.privacy.dp import DpPlan, PrivacyGuard
+from fedshop.privacy.mechanisms import gaussian_mechanism
+from fedshop.seeding import derive_seed, torch_generator
 
 RoundCallback = Callable[["RoundRecord"], None]
 
@@ -29,6 +34,7 @@ class RoundRecord:
     clients: list[int]
     seconds: float
     metrics: dict[str, float | int] | None  # summarised test metrics, when evaluated this round
+    epsilon: float | None = None  # the run's ε after this round, under differential privacy
 
 
 @dataclass
@@ -49,9 +55,12 @@ def build_federation(
         dataset.n_items, config.model, torch_generator(config.seed, "shared", "init")
     )
     clients = [
-        SiloClient(i, dataset.silo(i), config.model, config.train, pipeline, config.seed)
+        SiloClient(
+            i, dataset.silo(i), config.model, config.train, pipeline, config.seed,
+            config.federated.client_learning_rate,
+        )
         for i in range(dataset.n_silos)
-    ]
+    ]  # fmt: skip
     server = FederatedServer(
         shared,
         pipeline,
@@ -68,26 +77,73 @@ def run_cross_silo(
     config: RunConfig,
     on_round: RoundCallback | None = None,
     pipeline: AggregationPipeline | None = None,
+    guard: PrivacyGuard | None = None,
 ) -> FederatedRun:
+    """Train; with a `guard` (record-level DP) every silo trains by DP-SGD over its customers and
+    each round is written to the ledger before any silo's message leaves."""
     run = build_federation(dataset, config, pipeline)
     fed = config.federated
+    if guard is not None:
+        private = _PrivateSilos.start(run, dataset, config, guard)
     for round_number in range(1, fed.rounds + 1):
         started = time.perf_counter()
         chosen = run.server.sample_clients()
         global_shared = run.server.shared
-        messages = [
-            run.clients[i].fit(global_shared, fed.local_epochs, fed.reconstruction_epochs)
-            for i in chosen
-        ]
+        epsilon = None
+        if guard is not None:
+            epsilon = guard.release(round_number, guard.plan.round_event)
+            messages = [private.fit(run.clients[i], global_shared) for i in chosen]
+        else:
+            messages = [
+                run.clients[i].fit(global_shared, fed.local_epochs, fed.reconstruction_epochs)
+                for i in chosen
+            ]
         run.server.apply(messages)
         seconds = time.perf_counter() - started
         metrics = None
         if round_number % config.eval.eval_every == 0 or round_number == fed.rounds:
             metrics = summarise(run.evaluate(config.eval.split))
-        record = RoundRecord(round_number, chosen, seconds, metrics)
+        record = RoundRecord(round_number, chosen, seconds, metrics, epsilon)
         run.history.append(record)
         if on_round is not None:
             on_round(record)
     for client in run.clients:
         client.personalise(run.server.shared, fed.personalise_epochs)
     return run
+
+
+@dataclass
+class _PrivateSilos:
+    """Record-level DP state of the federation: each silo's DP-SGD state and released count."""
+
+    plan: DpPlan
+    states: list[DpSgdState]
+    released_counts: np.ndarray  # per silo, the noisy customer count (what the server may see)
+
+    @classmethod
+    def start(
+        cls, run: FederatedRun, dataset: RecDataset, config: RunConfig, guard: PrivacyGuard
+    ) -> _PrivateSilos:
+        # The counts' release is already in the ledger (guard.open composes the plan's fixed events).
+        counts = np.array([client.data.n_users for client in run.clients], dtype=np.float64)
+        release = gaussian_mechanism(
+            counts, 1.0, config.privacy.count_noise_multiplier,
+            np.random.default_rng(derive_seed(config.seed, "privacy", "silo-counts")),
+        )  # fmt: skip
+        states = [
+            DpSgdState(
+                optimizer=FedAdam(config.train.learning_rate, tau=1e-8),
+                sampling=torch_generator(config.seed, "silo", i, "dp", "sampling"),
+                negatives=torch_generator(config.seed, "silo", i, "dp", "negatives"),
+                noise=torch_generator(config.seed, "silo", i, "dp", "noise"),
+            )
+            for i in range(len(run.clients))
+        ]
+        # Clamping is post-processing; a silo is never weighted below one customer.
+        return cls(guard.plan, states, np.maximum(release.values, 1.0))
+
+    def fit(self, client: SiloClient, global_shared) -> ClientMessage:
+        return client.fit_private(
+            global_shared, self.plan, self.states[client.index],
+            float(self.released_counts[client.index]),
+        )  # fmt: skip

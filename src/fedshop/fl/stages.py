@@ -23,7 +23,9 @@ class ClientMessage:
 
     tensors: Tensors  # shared-parameter update (after the client stages)
     weight: float  # this message's weight in the sum (1 until a weighting stage sets it)
-    num_examples: int  # training examples behind the update (for weighting and reports)
+    # Training examples behind the update (for weighting and reports); under record-level DP the
+    # silo's released noisy customer count instead.
+    num_examples: float
     local_steps: int  # optimiser steps behind the update (for step normalisation)
 
 

@@ -14,6 +14,8 @@ per round", needs replace-one adjacency, which these accountants handle differen
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import dp_accounting as dpa
@@ -22,6 +24,17 @@ from dp_accounting import mechanism_calibration, pld, rdp
 from fedshop.errors import ConfigError
 
 ACCOUNTANTS = ("rdp", "pld")
+
+
+class _QuietRdpOrders(logging.Filter):
+    """dp-accounting logs a warning each time it drops an RDP order whose series did not converge;
+    dropping it is correct (ε stays an upper bound), and a run would print hundreds of them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "failed to converge" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_QuietRdpOrders())
 # PLD discretisation: finer than the library default so that ε is within about 1% of the exact value.
 _PLD_DISCRETIZATION = 1e-4
 
@@ -72,18 +85,43 @@ def noise_for_epsilon(
     kind: str = "rdp",
 ) -> float:
     """The smallest noise multiplier z with ε(`steps` Gaussian steps at rate q, δ) ≤ target."""
+    return noise_for_target(
+        target_epsilon, delta, lambda z: repeated(gaussian_step(z, sampling_rate), steps), kind
+    )
+
+
+def noise_for_target(
+    target_epsilon: float,
+    delta: float,
+    event_for: Callable[[float], dpa.DpEvent],
+    kind: str = "rdp",
+) -> float:
+    """The smallest noise multiplier z with ε(event_for(z), δ) ≤ target: `event_for` builds the whole
+    run's releases (training steps, and any fixed-noise releases composed with them)."""
     if target_epsilon <= 0:
         raise ConfigError(f"target ε must be positive, got {target_epsilon}")
-    return float(
-        dpa.calibrate_dp_mechanism(
-            lambda: make_accountant(kind),
-            lambda z: repeated(gaussian_step(z, sampling_rate), steps),
-            target_epsilon,
-            delta,
-            # The search must not try z = 0 (no noise is no mechanism); it widens upwards from 1.
-            bracket_interval=mechanism_calibration.LowerEndpointAndGuess(1e-2, 1.0),
-        )
-    )
+    # The search must not try z = 0 (no noise is no mechanism); it widens upwards from 1.
+    bracket = mechanism_calibration.LowerEndpointAndGuess(1e-2, 1.0)
+    if kind == "pld":
+        # PLDs of tiny z take minutes at our discretisation; RDP's answer is an upper bound (PLD is
+        # never looser), so search below it, halving until PLD's ε is over the target.
+        upper = noise_for_target(target_epsilon, delta, event_for, "rdp")
+        lower = upper / 2
+        while lower > 1e-3 and epsilon(event_for(lower), delta, "pld") <= target_epsilon:
+            upper, lower = lower, lower / 2
+        bracket = mechanism_calibration.ExplicitBracketInterval(lower, upper)
+    try:
+        return float(
+            dpa.calibrate_dp_mechanism(
+                lambda: make_accountant(kind), event_for, target_epsilon, delta,
+                bracket_interval=bracket,
+            )
+        )  # fmt: skip
+    except mechanism_calibration.NoBracketIntervalFoundError:
+        raise ConfigError(
+            f"no noise level reaches ε = {target_epsilon:g} at δ = {delta:.3g}: the run's other "
+            "releases (e.g. released counts) already spend more; raise ε or their noise"
+        ) from None
 
 
 @dataclass

@@ -125,6 +125,31 @@ _AMAZON = "Data: Amazon review data 2014 (He &amp; McAuley, WWW 2016), 5-core, r
 ATTRIBUTION.update({f"amazon-{c}": _AMAZON for c in ("toys", "beauty", "sports", "sequential")})
 
 
+def privacy_section(privacy: dict[str, Any]) -> str:
+    if privacy.get("epsilon") is None:
+        return (
+            "<p>No differential privacy in this run: the released shared model carries no (ε, δ) "
+            "guarantee (ε = ∞). Train with <code>--dp user</code> (cross-device) or "
+            "<code>--dp record</code> (cross-silo) for one.</p>"
+        )
+    rows = [
+        ["ε (whole run)", _fmt(privacy["epsilon"], 3)],
+        ["δ", f"{privacy['delta']:.3g}"],
+        ["protected unit", _fmt(privacy.get("unit"))],
+        ["mechanism", _fmt(privacy.get("mechanism"))],
+        ["accountant", _fmt(privacy.get("accountant"))],
+        ["noise multiplier z", _fmt(privacy.get("noise_multiplier"), 3)],
+        ["clip (L2)", _fmt(privacy.get("clip"))],
+        ["sampling", f"{_fmt(privacy.get('sampling'))}, rate {_fmt(privacy.get('sampling_rate'))}"],
+        ["noisy steps", _fmt(privacy.get("steps"))],
+    ]
+    return _table(["", "value"], rows, text_columns=(1,)) + (
+        '<p class="muted">ε is computed by Google\'s dp-accounting from the releases of the federated '
+        "model and was written to the privacy ledger before each release. The other methods are "
+        "non-private reference points that only a simulation can compute (they see pooled data).</p>"
+    )
+
+
 def render_report(metrics: dict[str, Any], data_report: dict[str, Any], config_toml: str) -> str:
     methods = _methods(metrics)
     summary_rows = []
@@ -203,6 +228,8 @@ def render_report(metrics: dict[str, Any], data_report: dict[str, Any], config_t
 <p class="muted">HR@10, NDCG@10 and Recall@20 average over all evaluated customers (for local-only, each
 customer is scored by their own silo's model); silo-mean HR@10 is the unweighted mean over silos, so a
 small storefront counts as much as the large one.</p>
+<h2>Privacy</h2>
+{privacy_section(metrics.get("privacy") or {})}
 <h2>HR@10 during training</h2>
 {curve_svg(metrics)}
 <h2>Per silo</h2>

@@ -53,6 +53,7 @@ def metrics_document(result: ExperimentResult) -> dict[str, Any]:
         "split": config.eval.split,
         "seed": config.seed,
         "rounds": config.federated.rounds,
+        "privacy": result.privacy,
     }
     for method, outcome in result.methods.items():
         doc[method] = {**outcome.summary, "seconds": round(outcome.seconds, 3)}
@@ -66,6 +67,7 @@ def metrics_document(result: ExperimentResult) -> dict[str, Any]:
             "round": record.round,
             "clients": len(record.clients),
             "seconds": round(record.seconds, 4),
+            **({"epsilon": record.epsilon} if record.epsilon is not None else {}),
             **(record.metrics or {}),
         }
         for record in result.history

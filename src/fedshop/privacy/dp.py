@@ -1,0 +1,209 @@
+"""One run's differential privacy: the plan (what is released, with which noise) and the guard that
+accounts each release and writes it to the ledger before it leaves.
+
+    plan  = plan_user_level(...) / plan_record_level(...)   # z calibrated to the target ε, or given
+    guard = PrivacyGuard.open(plan, ledger, ...)              # refuses before training if over budget
+    for each round:  ε = guard.release(round, plan.round_event)  # write-ahead, then release
+
+Under `user` (DP-FedAvg) each release is one round's noisy sum over Poisson-sampled shoppers; under
+`record` it is one round's silo message, made of `local_steps` DP-SGD steps over Poisson-sampled
+customers. Fixed-noise releases (counts) are composed in the same accountant.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+import dp_accounting as dpa
+
+from fedshop.config import PrivacyConfig
+from fedshop.errors import ConfigError
+from fedshop.privacy.accounting import (
+    RunAccountant,
+    epsilon,
+    gaussian_step,
+    noise_for_target,
+    repeated,
+)
+from fedshop.storage.ledger import BudgetExceededError, Ledger
+
+UNITS = {
+    "user": "shopper (all of one user's interactions)",
+    "record": "customer of a silo (all of one customer's interactions in that silo)",
+}
+MECHANISMS = {
+    "user": "DP-FedAvg: per-shopper clipping, Gaussian noise on the sum, Poisson sampling",
+    "record": "DP-SGD in each silo: per-customer clipping, Gaussian noise, Poisson sampling",
+}
+
+
+@dataclass(frozen=True)
+class DpPlan:
+    mode: str  # "user" | "record"
+    noise_multiplier: float  # z: noise std = z × clip on every coordinate of each noisy sum
+    clip: float
+    delta: float
+    sampling_rate: float  # q: each unit takes part in a step with this probability
+    steps_per_round: int  # noisy sums per released round (1 for user, local_steps for record)
+    rounds: int
+    accountant: str
+    units: int  # protected units behind δ (shoppers, or the largest silo's customers)
+    # Releases whose noise is fixed by the config (counts), composed before training.
+    fixed_events: tuple[dpa.DpEvent, ...] = ()
+
+    @property
+    def unit(self) -> str:
+        return UNITS[self.mode]
+
+    @property
+    def mechanism(self) -> str:
+        return MECHANISMS[self.mode]
+
+    @property
+    def noise_std(self) -> float:
+        return self.noise_multiplier * self.clip
+
+    @property
+    def round_event(self) -> dpa.DpEvent:
+        return _round_event(self.noise_multiplier, self.sampling_rate, self.steps_per_round)
+
+    def planned_event(self) -> dpa.DpEvent:
+        return _run_event(
+            self.noise_multiplier, self.sampling_rate, self.steps_per_round, self.rounds,
+            self.fixed_events,
+        )  # fmt: skip
+
+    def planned_epsilon(self) -> float:
+        return epsilon(self.planned_event(), self.delta, self.accountant)
+
+    def describe(self) -> dict:
+        """The plan as it goes into metrics.json (ε itself is added by the guard)."""
+        return {
+            "unit": self.unit,
+            "mechanism": self.mechanism,
+            "accountant": self.accountant,
+            "delta": self.delta,
+            "noise_multiplier": self.noise_multiplier,
+            "clip": self.clip,
+            "sampling_rate": self.sampling_rate,
+            "sampling": "poisson",
+            "steps": self.steps_per_round * self.rounds,
+        }
+
+
+def _round_event(z: float, q: float, steps: int) -> dpa.DpEvent:
+    step = gaussian_step(z, q)
+    return step if steps == 1 else repeated(step, steps)
+
+
+def _run_event(
+    z: float, q: float, steps_per_round: int, rounds: int, fixed: tuple[dpa.DpEvent, ...]
+) -> dpa.DpEvent:
+    training = repeated(gaussian_step(z, q), steps_per_round * rounds)
+    return dpa.ComposedDpEvent([*fixed, training]) if fixed else training
+
+
+def resolve_delta(config: PrivacyConfig, units: int) -> float:
+    """δ from the config, or 1/(10·n); δ ≥ 1/n is refused (it permits publishing one unit's data)."""
+    if units < 1:
+        raise ConfigError("differential privacy needs at least one protected unit with data")
+    delta = config.delta or 1.0 / (10 * units)
+    if delta >= 1.0 / units:
+        raise ConfigError(
+            f"[privacy] delta = {delta:.3g} is not below 1/n = {1 / units:.3g} for n = {units:,} "
+            "protected units; such a δ allows releasing one unit's data outright (use ≤ 1/(10·n))"
+        )
+    return delta
+
+
+def make_plan(
+    config: PrivacyConfig,
+    rounds: int,
+    units: int,
+    sampling_rate: float,
+    steps_per_round: int,
+    fixed_events: tuple[dpa.DpEvent, ...] = (),
+) -> DpPlan:
+    delta = resolve_delta(config, units)
+    z = config.noise_multiplier or noise_for_target(
+        config.epsilon,
+        delta,
+        lambda z: _run_event(z, sampling_rate, steps_per_round, rounds, fixed_events),
+        config.accountant,
+    )
+    return DpPlan(
+        mode=config.mode, noise_multiplier=z, clip=config.clip, delta=delta,
+        sampling_rate=sampling_rate, steps_per_round=steps_per_round, rounds=rounds,
+        accountant=config.accountant, units=units, fixed_events=fixed_events,
+    )  # fmt: skip
+
+
+@dataclass
+class PrivacyGuard:
+    """Accounts every release of one run and writes it to the ledger *before* it leaves (write-ahead:
+    a crash between the two over-counts, never under-counts)."""
+
+    plan: DpPlan
+    ledger: Ledger
+    dataset: str
+    silos: tuple[str, ...]  # every silo whose units the releases touch
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    history: list[tuple[int, float]] = field(default_factory=list)  # (step, ε after it)
+
+    def __post_init__(self) -> None:
+        self._accountant = RunAccountant(self.plan.delta, self.plan.accountant)
+
+    @classmethod
+    def open(
+        cls,
+        plan: DpPlan,
+        config: PrivacyConfig,
+        dataset: str,
+        silos: tuple[str, ...],
+        run_id: str | None = None,
+    ) -> PrivacyGuard:
+        """Check the whole run's planned spend against every silo's budget, before any training."""
+        ledger = Ledger(config.ledger_url or None)
+        planned = plan.planned_epsilon()
+        for silo in silos:
+            balance = ledger.balance(silo, dataset)
+            if balance.budget_epsilon is None:
+                if config.budget <= 0:
+                    raise BudgetExceededError(
+                        f"no privacy budget is set for silo '{silo}' on '{dataset}': pass --budget "
+                        "(or [privacy] budget), or set one with `fedshop privacy budget`"
+                    )
+                # δ budget: 1/n in all, so the runs' δ together stay meaningful.
+                ledger.set_budget(silo, dataset, config.budget, 1.0 / plan.units)
+            elif config.budget > 0 and abs(config.budget - balance.budget_epsilon) > 1e-12:
+                raise BudgetExceededError(
+                    f"silo '{silo}' on '{dataset}' already has the budget ε = "
+                    f"{balance.budget_epsilon:g} in the ledger, not {config.budget:g}; a run cannot "
+                    "change it (use `fedshop privacy budget`)"
+                )
+            ledger.check(silo, dataset, planned, plan.delta)
+        guard = cls(plan, ledger, dataset, silos, **({"run_id": run_id} if run_id else {}))
+        for position, event in enumerate(plan.fixed_events):
+            guard.release(-len(plan.fixed_events) + position, event)
+        return guard
+
+    def release(self, step: int, event: dpa.DpEvent) -> float:
+        """Record the release (step, event) in the ledger, then in the accountant; returns ε after it.
+        Call before the released value leaves; a BudgetExceededError means it must not leave."""
+        after = self._accountant.epsilon_if(event)
+        for silo in self.silos:
+            self.ledger.record(
+                self.run_id, silo, self.dataset, step, after, self.plan.delta,
+                self.plan.unit, self.plan.accountant,
+            )  # fmt: skip
+        self._accountant.record(step, event)
+        self.history.append((step, after))
+        return after
+
+    @property
+    def epsilon(self) -> float:
+        return self.history[-1][1] if self.history else 0.0
+
+    def summary(self) -> dict:
+        return {"epsilon": self.epsilon, **self.plan.describe(), "run_id": self.run_id}
