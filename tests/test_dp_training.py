@@ -226,3 +226,11 @@ def test_privacy_sweep_writes_json_and_report(tmp_path, data_dir):
     assert "popularity" in sweep
     report = (out / "report.html").read_text()
     assert "<svg" in report and "membership" in report.lower()
+
+
+def test_privacy_mistakes_on_the_command_line_are_one_clear_line(tmp_path):
+    command = [sys.executable, "-m", "fedshop", "train", "--epsilon", "1", "--out", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    # The section name survives the terminal markup ("[privacy]" is not a colour tag).
+    assert '[privacy] epsilon is set but mode = "none"' in result.stderr

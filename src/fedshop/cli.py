@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -432,7 +433,8 @@ def main() -> None:
     try:
         app()
     except FedShopError as exc:
-        errors.print(f"[red]error:[/] {exc}", soft_wrap=True, highlight=False)
+        # Escaped: messages name config sections like "[privacy]", which rich would read as markup.
+        errors.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         errors.print("interrupted")

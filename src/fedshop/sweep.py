@@ -54,7 +54,9 @@ def run_sweep(
             noise_multiplier=0.0,
         )
         methods = ("federated", "popularity") if epsilon is None else ("federated",)
-        point_config = replace(config, privacy=privacy, methods=methods).validate()
+        # One model for every point: silo offsets are trained without clipping, so off under DP.
+        model = replace(config.model, silo_item_bias=False)
+        point_config = replace(config, privacy=privacy, methods=methods, model=model).validate()
         started = time.perf_counter()
         result = run_experiment(point_config, split.dataset, progress)
         summary = result.methods["federated"].summary
