@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import dp_accounting as dpa
 import numpy as np
 import torch
 
@@ -276,8 +275,7 @@ def open_privacy(
         plan = make_plan(
             privacy, fed.rounds, units=largest_silo,
             sampling_rate=privacy.sampling_rate, steps_per_round=privacy.local_steps,
-            # The silos' customer counts, released once with the Gaussian mechanism (one customer
-            # is in one silo: L2 sensitivity 1) to weight the federated mean.
-            fixed_events=(dpa.GaussianDpEvent(privacy.count_noise_multiplier),),
+            # The silos' customer counts weight the federated mean: released once, with noise.
+            count_noise_multiplier=privacy.count_noise_multiplier,
         )  # fmt: skip
     return PrivacyGuard.open(plan, privacy, dataset.name, dataset.silo_names, run_id)

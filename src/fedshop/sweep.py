@@ -40,7 +40,8 @@ def run_sweep(
     mode = DP_MODE[config.federated.mode]
     split = hold_out_users(dataset, MEMBERSHIP_FRACTION, config.seed)
     spec = get_model(config.model.name)
-    # The attacker fits a user vector the way a client would at the end of training.
+    # The attacker fits a user vector the way a client does at the end of training (5 epochs if
+    # the run's clients do not personalise: the attack needs a fitted vector either way).
     fit = LocalTraining(
         config.federated.personalise_epochs or 5, config.federated.client_learning_rate,
         config.train.l2, config.train.negatives,

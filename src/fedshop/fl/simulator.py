@@ -84,7 +84,7 @@ def run_cross_silo(
     run = build_federation(dataset, config, pipeline)
     fed = config.federated
     if guard is not None:
-        private = _PrivateSilos.start(run, dataset, config, guard)
+        private = _PrivateSilos.start(run, config, guard)
     for round_number in range(1, fed.rounds + 1):
         started = time.perf_counter()
         chosen = run.server.sample_clients()
@@ -121,13 +121,11 @@ class _PrivateSilos:
     released_counts: np.ndarray  # per silo, the noisy customer count (what the server may see)
 
     @classmethod
-    def start(
-        cls, run: FederatedRun, dataset: RecDataset, config: RunConfig, guard: PrivacyGuard
-    ) -> _PrivateSilos:
+    def start(cls, run: FederatedRun, config: RunConfig, guard: PrivacyGuard) -> _PrivateSilos:
         # The counts' release is already in the ledger (guard.open composes the plan's fixed events).
         counts = np.array([client.data.n_users for client in run.clients], dtype=np.float64)
         release = gaussian_mechanism(
-            counts, 1.0, config.privacy.count_noise_multiplier,
+            counts, 1.0, guard.plan.count_noise_multiplier,
             np.random.default_rng(derive_seed(config.seed, "privacy", "silo-counts")),
         )  # fmt: skip
         states = [

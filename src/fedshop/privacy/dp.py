@@ -1,9 +1,11 @@
 """One run's differential privacy: the plan (what is released, with which noise) and the guard that
 accounts each release and writes it to the ledger before it leaves.
 
-    plan  = plan_user_level(...) / plan_record_level(...)   # z calibrated to the target ε, or given
-    guard = PrivacyGuard.open(plan, ledger, ...)              # refuses before training if over budget
+    plan  = make_plan(config, rounds, units, q, steps)     # z calibrated to the target ε, or given
+    guard = PrivacyGuard.open(plan, config, dataset, silos)  # refuses before training if over budget
     for each round:  ε = guard.release(round, plan.round_event)  # write-ahead, then release
+
+(`experiment.open_privacy` builds the plan of a run from its config.)
 
 Under `user` (DP-FedAvg) each release is one round's noisy sum over Poisson-sampled shoppers; under
 `record` it is one round's silo message, made of `local_steps` DP-SGD steps over Poisson-sampled
@@ -49,8 +51,9 @@ class DpPlan:
     rounds: int
     accountant: str
     units: int  # protected units behind δ (shoppers, or the largest silo's customers)
-    # Releases whose noise is fixed by the config (counts), composed before training.
-    fixed_events: tuple[dpa.DpEvent, ...] = ()
+    # record: the silos' customer counts are released once with the Gaussian mechanism at this
+    # noise multiplier (one customer is in one silo: L2 sensitivity 1); None: no count release.
+    count_noise_multiplier: float | None = None
 
     @property
     def unit(self) -> str:
@@ -65,12 +68,17 @@ class DpPlan:
         return self.noise_multiplier * self.clip
 
     @property
+    def fixed_events(self) -> tuple[dpa.DpEvent, ...]:
+        """Releases whose noise is fixed by the config, composed before training."""
+        return _fixed_events(self.count_noise_multiplier)
+
+    @property
     def round_event(self) -> dpa.DpEvent:
-        return _round_event(self.noise_multiplier, self.sampling_rate, self.steps_per_round)
+        return _gaussian_steps(self.noise_multiplier, self.sampling_rate, self.steps_per_round)
 
     def planned_event(self) -> dpa.DpEvent:
         return _run_event(
-            self.noise_multiplier, self.sampling_rate, self.steps_per_round, self.rounds,
+            self.noise_multiplier, self.sampling_rate, self.steps_per_round * self.rounds,
             self.fixed_events,
         )  # fmt: skip
 
@@ -92,15 +100,19 @@ class DpPlan:
         }
 
 
-def _round_event(z: float, q: float, steps: int) -> dpa.DpEvent:
+def _gaussian_steps(z: float, q: float, steps: int) -> dpa.DpEvent:
     step = gaussian_step(z, q)
     return step if steps == 1 else repeated(step, steps)
 
 
-def _run_event(
-    z: float, q: float, steps_per_round: int, rounds: int, fixed: tuple[dpa.DpEvent, ...]
-) -> dpa.DpEvent:
-    training = repeated(gaussian_step(z, q), steps_per_round * rounds)
+def _fixed_events(count_noise_multiplier: float | None) -> tuple[dpa.DpEvent, ...]:
+    if count_noise_multiplier is None:
+        return ()
+    return (dpa.GaussianDpEvent(count_noise_multiplier),)
+
+
+def _run_event(z: float, q: float, steps: int, fixed: tuple[dpa.DpEvent, ...]) -> dpa.DpEvent:
+    training = _gaussian_steps(z, q, steps)
     return dpa.ComposedDpEvent([*fixed, training]) if fixed else training
 
 
@@ -123,19 +135,20 @@ def make_plan(
     units: int,
     sampling_rate: float,
     steps_per_round: int,
-    fixed_events: tuple[dpa.DpEvent, ...] = (),
+    count_noise_multiplier: float | None = None,
 ) -> DpPlan:
     delta = resolve_delta(config, units)
+    fixed = _fixed_events(count_noise_multiplier)
     z = config.noise_multiplier or noise_for_target(
         config.epsilon,
         delta,
-        lambda z: _run_event(z, sampling_rate, steps_per_round, rounds, fixed_events),
+        lambda z: _run_event(z, sampling_rate, steps_per_round * rounds, fixed),
         config.accountant,
     )
     return DpPlan(
         mode=config.mode, noise_multiplier=z, clip=config.clip, delta=delta,
         sampling_rate=sampling_rate, steps_per_round=steps_per_round, rounds=rounds,
-        accountant=config.accountant, units=units, fixed_events=fixed_events,
+        accountant=config.accountant, units=units, count_noise_multiplier=count_noise_multiplier,
     )  # fmt: skip
 
 
