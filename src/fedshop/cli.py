@@ -122,6 +122,14 @@ def _print_tables(result: ExperimentResult) -> None:
         )
     elif "federated" in result.methods:
         console.print("[dim]No differential privacy in this run (ε = ∞); see --dp.[/]")
+    protection = result.protection
+    if protection.get("seconds_per_round") is not None:
+        console.print(
+            f"[bold]Protection[/]: {protection['kind']}, "
+            f"{protection['seconds_per_round']:.2f} s per round for all parties "
+            f"({protection['latency_seconds_per_round']:.2f} s added latency in a deployment), "
+            f"{protection['bytes_per_client_per_round'] / 1e6:.2f} MB sent per client per round"
+        )
 
 
 OutOption = Annotated[
@@ -162,6 +170,13 @@ LedgerOption = Annotated[
 ]  # fmt: skip
 
 
+ProtectionOption = Annotated[
+    str | None,
+    typer.Option("--protection", help="How updates reach the server: none, secagg (secure "
+                 "aggregation), ckks or paillier (homomorphic encryption); cross-silo."),
+]  # fmt: skip
+
+
 def _privacy_overrides(dp, epsilon, delta, noise_multiplier, clip, budget, ledger) -> dict:
     return {
         "privacy.mode": dp,
@@ -179,12 +194,18 @@ def demo(
     out: OutOption = None,
     seed: SeedOption = None,
     rounds: RoundsOption = None,
+    protection: ProtectionOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Train federated, centralized, local-only and popularity models on the embedded Online Retail
     data (one silo per country) and compare them."""
     config = load_config(
-        overrides={"data.source": "embedded", "seed": seed, "federated.rounds": rounds}
+        overrides={
+            "data.source": "embedded",
+            "seed": seed,
+            "federated.rounds": rounds,
+            "protection.kind": protection,
+        }
     )
     _execute(config, out or _default_out("demo"), overwrite)
 
@@ -232,6 +253,7 @@ def train(
     clip: ClipOption = None,
     budget: BudgetOption = None,
     ledger: LedgerOption = None,
+    protection: ProtectionOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Run one configured experiment (a TOML config, command-line options, or both)."""
@@ -248,6 +270,7 @@ def train(
             "federated.clients_per_round": clients_per_round,
             "seed": seed,
             "federated.rounds": rounds,
+            "protection.kind": protection,
         },
     )
     name = config.stem if config else "train"

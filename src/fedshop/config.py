@@ -254,6 +254,41 @@ class PrivacyConfig:
             )
 
 
+PROTECTION_KINDS = ("none", "secagg", "ckks", "paillier")
+
+
+@dataclass(frozen=True)
+class ProtectionConfig:
+    """How updates travel to the server (see secure/ and the README): so that it learns only the sum.
+
+    secagg:   secure aggregation (SecAgg+ masks; no party holds a key to individual updates)
+    ckks:     CKKS homomorphic encryption (TenSEAL); a key holder decrypts only the aggregate
+    paillier: exact Paillier encryption (phe); slow, for small models only
+    """
+
+    kind: str = "none"
+    # Every protected entry (a silo's update, weighted and divided by the round's total weight;
+    # FedNova's step count travels too) must lie within ±bound; a larger one stops the round with
+    # an error naming this key.
+    bound: float = 65536.0
+    # secagg: the ring Z_2^bits. 32 halves the bytes but leaves a resolution of about
+    # bound·clients/2^31: only for a tight bound (e.g. the DP clip).
+    ring_bits: int = 64
+    neighbours: int = 0  # secagg: k, the SecAgg+ neighbourhood (0: about 4·log2(clients))
+    threshold: float = 0.0  # secagg: Shamir threshold as a fraction of k (0: a strict majority)
+    paillier_key_bits: int = 2048
+
+    def validate(self) -> None:
+        _choice("protection", "kind", self.kind, PROTECTION_KINDS)
+        _positive("protection", "bound", self.bound)
+        if self.ring_bits not in (32, 64):
+            raise ConfigError(f"[protection] ring_bits must be 32 or 64, got {self.ring_bits}")
+        _at_least("protection", "neighbours", self.neighbours, 0)
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"[protection] threshold must be in [0, 1], got {self.threshold}")
+        _at_least("protection", "paillier_key_bits", self.paillier_key_bits, 1024)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     seed: int = 42
@@ -265,6 +300,7 @@ class RunConfig:
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    protection: ProtectionConfig = field(default_factory=ProtectionConfig)
 
     def validate(self) -> RunConfig:
         _at_least("", "seed", self.seed, 0)
@@ -280,9 +316,15 @@ class RunConfig:
             self.baselines,
             self.eval,
             self.privacy,
+            self.protection,
         ):
             section.validate()
         self._validate_privacy()
+        if self.protection.kind != "none" and self.federated.mode != "cross-silo":
+            raise ConfigError(
+                f'[protection] kind = "{self.protection.kind}" is available in cross-silo mode; '
+                "cross-device secure aggregation is not built yet"
+            )
         if self.federated.mode == "cross-device" and self.model.silo_item_bias:
             raise ConfigError(
                 '[model] silo_item_bias is cross-silo only; set it to false for mode = "cross-device"'

@@ -28,6 +28,7 @@ from fedshop.fl.simulator import RoundRecord, run_cross_silo
 from fedshop.models.spec import ModelSpec, Params, get_model, score_all
 from fedshop.models.train import TrainResult, train_bpr
 from fedshop.privacy.dp import PrivacyGuard, make_plan
+from fedshop.secure.stage import summarise_costs
 from fedshop.seeding import torch_generator
 
 
@@ -66,6 +67,8 @@ class ExperimentResult:
     weights: dict[str, dict[str, torch.Tensor]]
     # metrics.json "privacy": ε (None without DP), δ, protected unit, accountant, mechanism, …
     privacy: dict = field(default_factory=lambda: dict(NO_PRIVACY))
+    # metrics.json "protection": kind, seconds_per_round, bytes_per_client_per_round (null: none)
+    protection: dict = field(default_factory=lambda: summarise_costs("none", []))
 
 
 NO_PRIVACY = {"epsilon": None, "delta": None, "unit": None, "accountant": None, "mechanism": None}
@@ -108,6 +111,8 @@ def run_federated(
         note = f"HR@10 {record.metrics['hr@10']:.3f}" if record.metrics else ""
         if record.epsilon is not None:
             note += f"  ε {record.epsilon:.2f}"
+        if record.protection is not None:
+            note += f"  {config.protection.kind} {record.protection['seconds']:.2f}s"
         progress.advance("federated", note)
 
     if config.federated.mode == "cross-device":
@@ -120,7 +125,7 @@ def run_federated(
             # Each shopper's vectors belong on their own device; the simulator stores them together.
             "federated/devices": {k: v.cpu() for k, v in device_run.user_tables.items()},
         }
-        return result, device_run.history, weights
+        return result, device_run.history, weights, summarise_costs("none", [])
     run = run_cross_silo(dataset, config, on_round=on_round, guard=guard)
     per_silo = run.evaluate(config.eval.split)
     # The per-round curve lives in the round history (metrics.json "history"), not in `curve`.
@@ -131,7 +136,8 @@ def run_federated(
         state = client.private_state()
         state["users"] = torch.tensor(client.data.users)
         weights[f"federated/silo-{slug(client.name)}"] = state
-    return result, run.history, weights
+    costs = run.protection.costs if run.protection is not None else []
+    return result, run.history, weights, summarise_costs(config.protection.kind, costs)
 
 
 def train_centralized(config: RunConfig, dataset: RecDataset, progress: Progress) -> tuple:
@@ -239,8 +245,11 @@ def run_experiment(
     methods: dict[str, MethodResult] = {}
     weights: dict[str, dict[str, torch.Tensor]] = {}
     history: list[RoundRecord] = []
+    protection = summarise_costs("none", [])
     if "federated" in config.methods:
-        methods["federated"], history, w = run_federated(config, dataset, progress, guard)
+        methods["federated"], history, w, protection = run_federated(
+            config, dataset, progress, guard
+        )
         weights.update(w)
     if "centralized" in config.methods:
         methods["centralized"], w = train_centralized(config, dataset, progress)
@@ -252,7 +261,7 @@ def run_experiment(
         methods["popularity"], w = popularity(config, dataset, progress)
         weights.update(w)
     privacy = guard.summary() if guard is not None else dict(NO_PRIVACY)
-    return ExperimentResult(config, dataset, methods, history, weights, privacy)
+    return ExperimentResult(config, dataset, methods, history, weights, privacy, protection)
 
 
 def open_privacy(

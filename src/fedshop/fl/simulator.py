@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from fedshop.fl.stages import AggregationPipeline, ClientMessage
 from fedshop.models.spec import get_model
 from fedshop.privacy.dp import DpPlan, PrivacyGuard
 from fedshop.privacy.mechanisms import gaussian_mechanism
+from fedshop.secure.stage import ProtectedSum, make_protection
 from fedshop.seeding import derive_seed, torch_generator
 
 RoundCallback = Callable[["RoundRecord"], None]
@@ -35,6 +36,8 @@ class RoundRecord:
     seconds: float
     metrics: dict[str, float | int] | None  # summarised test metrics, when evaluated this round
     epsilon: float | None = None  # the run's ε after this round, under differential privacy
+    # Under a protection (SecAgg, CKKS, Paillier): its measured cost this round.
+    protection: dict | None = None
 
 
 @dataclass
@@ -42,6 +45,7 @@ class FederatedRun:
     server: FederatedServer
     clients: list[SiloClient]
     history: list[RoundRecord] = field(default_factory=list)
+    protection: ProtectedSum | None = None  # the secure sum, when updates are protected
 
     def evaluate(self, split: str = "test") -> dict:
         return {c.name: c.evaluate(self.server.shared, split) for c in self.clients}
@@ -51,6 +55,11 @@ def build_federation(
     dataset: RecDataset, config: RunConfig, pipeline: AggregationPipeline | None = None
 ) -> FederatedRun:
     pipeline = pipeline or AggregationPipeline.for_aggregation(config.federated.aggregation)
+    protection = make_protection(config.protection)
+    protected = None
+    if protection is not None:
+        protected = ProtectedSum(protection, config.protection.bound)
+        pipeline = replace(pipeline, summation=protected)
     shared = get_model(config.model.name).init_shared(
         dataset.n_items, config.model, torch_generator(config.seed, "shared", "init")
     )
@@ -69,7 +78,7 @@ def build_federation(
         config.federated.silos_per_round,
         torch_generator(config.seed, "server", "sampling"),
     )
-    return FederatedRun(server=server, clients=clients)
+    return FederatedRun(server=server, clients=clients, protection=protected)
 
 
 def run_cross_silo(
@@ -103,7 +112,15 @@ def run_cross_silo(
         metrics = None
         if round_number % config.eval.eval_every == 0 or round_number == fed.rounds:
             metrics = summarise(run.evaluate(config.eval.split))
-        record = RoundRecord(round_number, chosen, seconds, metrics, epsilon)
+        cost = None
+        if run.protection is not None:
+            last = run.protection.costs[-1]
+            cost = {
+                "seconds": last.total_seconds,
+                "latency_seconds": last.latency_seconds,
+                "bytes_per_client": last.mean_bytes_per_client,
+            }
+        record = RoundRecord(round_number, chosen, seconds, metrics, epsilon, cost)
         run.history.append(record)
         if on_round is not None:
             on_round(record)

@@ -92,10 +92,16 @@ def mean_of(aggregate: Aggregate) -> Tensors:
     return {k: v / aggregate.weight for k, v in aggregate.tensors.items()}
 
 
+# protect → sum → unprotect: the plain sum, or a secure one (`secure/stage.py`) that shows the
+# server only the total.
+Summation = Callable[[Sequence[ClientMessage]], Aggregate]
+
+
 @dataclass(frozen=True)
 class AggregationPipeline:
     client_stages: tuple[ClientStage, ...] = (weight_by_examples,)
     server_stages: tuple[ServerStage, ...] = field(default_factory=tuple)
+    summation: Summation = sum_messages
 
     @staticmethod
     def for_aggregation(kind: str) -> AggregationPipeline:
@@ -117,7 +123,7 @@ class AggregationPipeline:
 
     def aggregate(self, messages: Sequence[ClientMessage]) -> Tensors:
         """Runs on the server: combine the messages into the mean update."""
-        aggregate = sum_messages(messages)
+        aggregate = self.summation(messages)
         for stage in self.server_stages:
             aggregate = stage(aggregate)
         return mean_of(aggregate)

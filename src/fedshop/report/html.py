@@ -150,6 +150,46 @@ def privacy_section(privacy: dict[str, Any]) -> str:
     )
 
 
+_PROTECTION_LABELS = {
+    "secagg": "secure aggregation (SecAgg+ pairwise masks, Shamir-shared seeds; no key to any "
+    "single update exists)",
+    "ckks": "CKKS homomorphic encryption (TenSEAL); a key holder decrypts only the aggregate",
+    "paillier": "Paillier homomorphic encryption (phe); a key holder decrypts only the aggregate",
+}
+
+
+def protection_section(protection: dict[str, Any]) -> str:
+    kind = protection.get("kind", "none")
+    if kind == "none" or protection.get("seconds_per_round") is None:
+        return (
+            "<p>Updates travelled unprotected: the server could read each silo's update. Train with "
+            "<code>--protection secagg</code> (or <code>ckks</code>, <code>paillier</code>) so that it "
+            "learns only their sum.</p>"
+        )
+    plain = protection.get("plaintext_bytes_per_client")
+    sent = protection["bytes_per_client_per_round"]
+    rows = [
+        ["protection", html.escape(_PROTECTION_LABELS.get(kind, kind))],
+        [
+            "protocol time per round, all parties (simulator)",
+            f"{protection['seconds_per_round']:.3f} s",
+        ],
+        [
+            "round latency added in a deployment (slowest client + server)",
+            f"{protection.get('latency_seconds_per_round', 0.0):.3f} s",
+        ],
+        ["bytes sent per client per round", f"{sent:,.0f}"],
+        [
+            "unprotected update (float32)",
+            f"{plain:,.0f} bytes ({sent / plain:.1f}× more protected)" if plain else "–",
+        ],
+    ]
+    for key, value in (protection.get("details") or {}).items():
+        shown = f"{value:.3g}" if isinstance(value, float) else _fmt(value)
+        rows.append([html.escape(key.replace("_", " ")), shown])
+    return _table(["", "value"], rows, text_columns=(1,))
+
+
 def render_report(metrics: dict[str, Any], data_report: dict[str, Any], config_toml: str) -> str:
     methods = _methods(metrics)
     summary_rows = []
@@ -230,6 +270,8 @@ customer is scored by their own silo's model); silo-mean HR@10 is the unweighted
 small storefront counts as much as the large one.</p>
 <h2>Privacy</h2>
 {privacy_section(metrics.get("privacy") or {})}
+<h2>Protection of updates in transit</h2>
+{protection_section(metrics.get("protection") or {})}
 <h2>HR@10 during training</h2>
 {curve_svg(metrics)}
 <h2>Per silo</h2>

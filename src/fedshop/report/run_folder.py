@@ -54,6 +54,7 @@ def metrics_document(result: ExperimentResult) -> dict[str, Any]:
         "seed": config.seed,
         "rounds": config.federated.rounds,
         "privacy": result.privacy,
+        "protection": result.protection,
     }
     for method, outcome in result.methods.items():
         doc[method] = {**outcome.summary, "seconds": round(outcome.seconds, 3)}
@@ -68,6 +69,7 @@ def metrics_document(result: ExperimentResult) -> dict[str, Any]:
             "clients": len(record.clients),
             "seconds": round(record.seconds, 4),
             **({"epsilon": record.epsilon} if record.epsilon is not None else {}),
+            **({"protection": record.protection} if record.protection is not None else {}),
             **(record.metrics or {}),
         }
         for record in result.history

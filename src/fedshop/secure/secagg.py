@@ -1,0 +1,508 @@
+"""Secure aggregation (Bonawitz et al., CCS 2017) with SecAgg+ neighbourhoods (Bell et al., CCS 2020).
+
+The server learns the sum of the surviving clients' vectors and nothing else about any one of them,
+even when clients drop out after the key-sharing step. One round, four steps:
+
+1. **Advertise keys.** Each client makes two fresh X25519 key pairs: one to encrypt the shares it
+   sends to its neighbours (c), one to agree pairwise mask seeds (s). Only public keys are sent.
+2. **Share keys.** Each client draws a self-mask seed b, splits b and its secret key s_sk into Shamir
+   shares (threshold t among its k neighbours), and sends each neighbour its two shares encrypted
+   with AES-GCM under a key agreed with that neighbour: the server routes shares but cannot read
+   them, and a tampered share fails authentication. It also sends a SHA-256 commitment to b.
+3. **Masked input.** Each client rounds its update into the ring Z_{2^bits} (`ring.py`) and adds
+   PRG(b) plus, for every neighbour j that shared keys, ±PRG(s_ij) (+ when j > i, − when j < i), where
+   s_ij is agreed by X25519 and HKDF. The pairwise masks cancel in the sum; PRG(b) hides a client
+   whose pairwise masks the server later removes.
+4. **Unmask.** The server names who survived and who dropped. Each survivor returns, per neighbour,
+   the share of b (neighbour survived) or of s_sk (neighbour dropped), never both. The server
+   rebuilds each survivor's b and removes PRG(b), and each dropped client's s_sk and removes the
+   dropped client's pairwise masks from its surviving neighbours' inputs.
+
+Neighbourhoods (SecAgg+): with `neighbours = k < n-1`, clients sit on a randomly permuted ring and
+each is joined to its k nearest, so client cost grows with k ≈ 4·log2(n), not n. Everyone is joined
+to everyone when k ≥ n-1 (the original SecAgg).
+
+Primitives come from well-kept libraries: X25519, HKDF-SHA256, AES-GCM and AES-256-CTR (the mask PRG)
+from `cryptography`, Shamir sharing over GF(2^128) from pycryptodome. Nothing here is a new cipher.
+
+Threat model: an honest-but-curious server and clients; fewer than t of a client's neighbours
+colluding with the server learn nothing about its input. A malicious server that lies about who
+dropped is not covered (the actively secure variant adds signatures and a consistency round).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import random
+import time
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from Crypto.Protocol.SecretSharing import Shamir
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from fedshop.secure.protocol import (
+    ProtectionCost,
+    ProtectionError,
+    SecureSumResult,
+    check_inputs,
+)
+from fedshop.secure.ring import FixedPointRing
+
+# Secrets that get Shamir-shared are 128-bit seeds (one GF(2^128) block each, the security level of
+# X25519 itself); keys are derived from them, so sharing costs one block per secret, not two.
+SEED_BYTES = 16
+_RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+_NONCE_BYTES = 12
+
+
+# ---------------------------------------------------------------------------------------------
+# Primitives
+# ---------------------------------------------------------------------------------------------
+
+
+def expand_mask(seed: bytes, length: int, ring: FixedPointRing) -> np.ndarray:
+    """A uniform vector of ring elements from a seed: the AES-CTR keystream under a key derived from
+    it (a PRG under the standard assumption on AES; hardware AES makes it about 1 GB/s)."""
+    key = seed if len(seed) == 32 else _kdf(seed, b"self-mask/", b"")
+    encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+    stream = encryptor.update(bytes(length * (ring.bits // 8)))
+    return np.frombuffer(stream, dtype=ring.dtype)
+
+
+def _kdf(secret: bytes, purpose: bytes, session: bytes) -> bytes:
+    return HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None, info=b"fedshop-secagg/" + purpose + session
+    ).derive(secret)
+
+
+def _public_bytes(key: X25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(*_RAW)
+
+
+def split_secret(secret: bytes, threshold: int, n_shares: int) -> list[bytes]:
+    """Shamir shares of a 16-byte secret: share x (1-based) is the list's item x-1, 16 bytes."""
+    return [share for _, share in Shamir.split(threshold, n_shares, secret, ssss=False)]
+
+
+def combine_secret(shares: Sequence[tuple[int, bytes]]) -> bytes:
+    """The secret from (x, share) pairs; at least the threshold number of them."""
+    return Shamir.combine(list(shares), ssss=False)
+
+
+def mask_key(seed: bytes) -> X25519PrivateKey:
+    """The X25519 key for pairwise masks, derived from a shareable 16-byte seed."""
+    return X25519PrivateKey.from_private_bytes(_kdf(seed, b"mask-key/", b""))
+
+
+def secagg_plus_graph(
+    n_clients: int, neighbours: int, rng: random.Random
+) -> dict[int, tuple[int, ...]]:
+    """Each client's neighbours: a randomly permuted ring (Harary graph), each client joined to its
+    k/2 nearest on either side; everyone to everyone when k ≥ n-1."""
+    if neighbours >= n_clients - 1:
+        return {i: tuple(j for j in range(n_clients) if j != i) for i in range(n_clients)}
+    order = list(range(n_clients))
+    rng.shuffle(order)
+    position = {client: p for p, client in enumerate(order)}
+    half = neighbours // 2
+    graph = {}
+    for client in range(n_clients):
+        p = position[client]
+        near = {order[(p + d) % n_clients] for d in range(-half, half + 1) if d != 0}
+        graph[client] = tuple(sorted(near))
+    return graph
+
+
+def default_neighbours(n_clients: int) -> int:
+    """k ≈ 4·log2(n) (even), as in SecAgg+'s O(log n) neighbourhoods; everyone for small rounds."""
+    if n_clients <= 2:
+        return max(n_clients - 1, 1)
+    k = 2 * math.ceil(2 * math.log2(n_clients))
+    return min(k, n_clients - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages and the two parties
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoundSetup:
+    """What the server announces when a round starts; every party uses the same values."""
+
+    session: bytes  # fresh per round: binds keys, shares and masks to this round only
+    n_clients: int
+    graph: dict[int, tuple[int, ...]]
+    threshold: int
+    ring: FixedPointRing
+    length: int
+
+    def __post_init__(self) -> None:
+        smallest = min((len(v) for v in self.graph.values()), default=0)
+        if not 1 <= self.threshold <= smallest:
+            raise ProtectionError(
+                f"SecAgg threshold {self.threshold} must be between 1 and the neighbourhood "
+                f"size {smallest}"
+            )
+
+
+@dataclass(frozen=True)
+class SharePackage:
+    commitment: bytes  # SHA-256 of the self-mask seed
+    ciphertexts: dict[int, bytes]  # neighbour → AES-GCM(nonce ‖ shares)
+
+    def size(self) -> int:
+        return len(self.commitment) + sum(4 + len(c) for c in self.ciphertexts.values())
+
+
+class SecAggClient:
+    """One client's side of a round. Holds its secrets; hands out only what the protocol allows."""
+
+    def __init__(self, index: int, setup: RoundSetup) -> None:
+        self.index = index
+        self.setup = setup
+        self.neighbours = setup.graph[index]
+        self._c_key = X25519PrivateKey.generate()
+        self._s_seed = os.urandom(SEED_BYTES)
+        self._s_key = mask_key(self._s_seed)
+        self._seed = os.urandom(SEED_BYTES)
+        self._public: dict[int, tuple[bytes, bytes]] = {}
+        self._held: dict[
+            int, tuple[int, bytes, bytes]
+        ] = {}  # from neighbour: (x, b-share, sk-share)
+        self._masked_with: tuple[int, ...] = ()
+        self._answered = False
+
+    # Step 1
+    def advertise(self) -> tuple[bytes, bytes]:
+        return _public_bytes(self._c_key), _public_bytes(self._s_key)
+
+    # Step 2
+    def share_keys(self, public_keys: dict[int, tuple[bytes, bytes]]) -> SharePackage:
+        """`public_keys`: the advertised keys of this client's neighbours who are still present."""
+        present = [j for j in self.neighbours if j in public_keys]
+        if len(present) < self.setup.threshold:
+            raise ProtectionError(
+                f"client {self.index}: only {len(present)} neighbours advertised keys; the round "
+                f"needs at least {self.setup.threshold}"
+            )
+        self._public = {j: public_keys[j] for j in present}
+        # Shares go to x = position + 1 in the full neighbour list, so every share has a fixed x.
+        k = len(self.neighbours)
+        b_shares = split_secret(self._seed, self.setup.threshold, k)
+        sk_shares = split_secret(self._s_seed, self.setup.threshold, k)
+        ciphertexts = {}
+        for x, j in enumerate(self.neighbours, start=1):
+            if j not in self._public:
+                continue
+            plaintext = x.to_bytes(2, "big") + b_shares[x - 1] + sk_shares[x - 1]
+            nonce = os.urandom(_NONCE_BYTES)
+            ciphertexts[j] = nonce + self._channel(j).encrypt(
+                nonce, plaintext, self._route(self.index, j)
+            )
+        return SharePackage(hashlib.sha256(self._seed).digest(), ciphertexts)
+
+    # Step 3
+    def masked_input(self, vector: np.ndarray, received: dict[int, bytes]) -> np.ndarray:
+        """`received`: the encrypted shares neighbours sent this client (routed by the server)."""
+        if vector.shape != (self.setup.length,):
+            raise ProtectionError(
+                f"client {self.index}: update has shape {vector.shape}; the round expects "
+                f"({self.setup.length},)"
+            )
+        for j, blob in received.items():
+            if j not in self._public:
+                raise ProtectionError(f"client {self.index}: a share from non-neighbour {j}")
+            try:
+                plaintext = self._channel(j).decrypt(
+                    blob[:_NONCE_BYTES], blob[_NONCE_BYTES:], self._route(j, self.index)
+                )
+            except InvalidTag:
+                raise ProtectionError(
+                    f"client {self.index}: the share from client {j} failed authentication "
+                    "(tampered or misrouted); the round is aborted"
+                ) from None
+            x = int.from_bytes(plaintext[:2], "big")
+            self._held[j] = (x, plaintext[2 : 2 + SEED_BYTES], plaintext[2 + SEED_BYTES :])
+        # Mask only with neighbours whose shares arrived: exactly those the server can unmask.
+        self._masked_with = tuple(sorted(self._held))
+        ring = self.setup.ring
+        masked = ring.encode(vector)
+        masked += expand_mask(self._seed, self.setup.length, ring)
+        own_secret = self._s_key
+        for j in self._masked_with:
+            pairwise = expand_mask(
+                _pairwise_seed(own_secret, self._public[j][1], self.setup.session),
+                self.setup.length,
+                ring,
+            )
+            if j > self.index:
+                masked += pairwise
+            else:
+                masked -= pairwise
+        return masked
+
+    # Step 4
+    def unmask(self, survivors: Collection[int], dropped: Collection[int]) -> dict[int, bytes]:
+        """Shares for the server: of b for surviving neighbours, of s_sk for dropped ones. Answers
+        once; refuses a request that would reveal both secrets of one neighbour."""
+        if self._answered:
+            raise ProtectionError(f"client {self.index}: already answered this round's unmasking")
+        survivors, dropped = set(survivors), set(dropped)
+        if survivors & dropped:
+            raise ProtectionError(
+                f"client {self.index}: the server named clients {sorted(survivors & dropped)} "
+                "both survived and dropped; refusing to reveal shares"
+            )
+        self._answered = True
+        answer = {}
+        for j, (x, b_share, sk_share) in self._held.items():
+            if j in survivors:
+                answer[j] = x.to_bytes(2, "big") + b"b" + b_share
+            elif j in dropped:
+                answer[j] = x.to_bytes(2, "big") + b"s" + sk_share
+        return answer
+
+    def _channel(self, j: int) -> AESGCM:
+        shared = self._c_key.exchange(X25519PublicKey.from_public_bytes(self._public[j][0]))
+        return AESGCM(_kdf(shared, b"share-encryption/", self.setup.session))
+
+    def _route(self, sender: int, receiver: int) -> bytes:
+        return self.setup.session + sender.to_bytes(4, "big") + receiver.to_bytes(4, "big")
+
+
+def _pairwise_seed(own: X25519PrivateKey, their_public: bytes, session: bytes) -> bytes:
+    shared = own.exchange(X25519PublicKey.from_public_bytes(their_public))
+    return _kdf(shared, b"pairwise-mask/", session)
+
+
+@dataclass
+class SecAggServer:
+    """The server's side: routes messages, sums masked vectors, removes the masks it may remove."""
+
+    setup: RoundSetup
+    public_keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    packages: dict[int, SharePackage] = field(default_factory=dict)
+    masked: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def collect_keys(self, index: int, keys: tuple[bytes, bytes]) -> None:
+        if any(len(k) != 32 for k in keys):
+            raise ProtectionError(f"client {index} advertised malformed public keys")
+        self.public_keys[index] = keys
+
+    def keys_for(self, index: int) -> dict[int, tuple[bytes, bytes]]:
+        return {j: self.public_keys[j] for j in self.setup.graph[index] if j in self.public_keys}
+
+    def collect_shares(self, index: int, package: SharePackage) -> None:
+        if not set(package.ciphertexts) <= set(self.setup.graph[index]):
+            raise ProtectionError(
+                f"client {index} sent shares to clients outside its neighbourhood"
+            )
+        self.packages[index] = package
+
+    def shares_for(self, index: int) -> dict[int, bytes]:
+        return {
+            j: package.ciphertexts[index]
+            for j, package in self.packages.items()
+            if index in package.ciphertexts
+        }
+
+    def collect_masked(self, index: int, masked: np.ndarray) -> None:
+        ring = self.setup.ring
+        if masked.dtype != ring.dtype or masked.shape != (self.setup.length,):
+            raise ProtectionError(
+                f"client {index} sent a masked input of shape {masked.shape} and type "
+                f"{masked.dtype}; the round expects ({self.setup.length},) of {ring.dtype.__name__}"
+            )
+        if index not in self.packages:
+            raise ProtectionError(f"client {index} sent a masked input without sharing keys")
+        self.masked[index] = masked
+
+    def roster(self) -> tuple[list[int], list[int]]:
+        """Survivors (sent a masked input) and dropped (shared keys, then went silent)."""
+        survivors = sorted(self.masked)
+        dropped = sorted(set(self.packages) - set(self.masked))
+        return survivors, dropped
+
+    def finish(self, answers: dict[int, dict[int, bytes]]) -> np.ndarray:
+        """The float sum of the survivors' inputs, from the survivors' unmasking answers."""
+        survivors, dropped = self.roster()
+        if not survivors:
+            raise ProtectionError("no client sent a masked input; nothing to aggregate")
+        ring, length, t = self.setup.ring, self.setup.length, self.setup.threshold
+        total = np.zeros(length, dtype=ring.dtype)
+        for index in survivors:
+            total += self.masked[index]
+        b_shares: dict[int, list[tuple[int, bytes]]] = {i: [] for i in survivors}
+        sk_shares: dict[int, list[tuple[int, bytes]]] = {i: [] for i in dropped}
+        for answer in answers.values():
+            for owner, blob in answer.items():
+                x, kind, share = int.from_bytes(blob[:2], "big"), blob[2:3], blob[3:]
+                if len(share) != SEED_BYTES or kind not in (b"b", b"s"):
+                    raise ProtectionError(f"a malformed share of client {owner}'s secrets")
+                target = b_shares if kind == b"b" else sk_shares
+                if owner in target:
+                    target[owner].append((x, share))
+        for index in survivors:
+            seed = self._rebuild(index, b_shares[index], t, "self-mask seed")
+            if hashlib.sha256(seed).digest() != self.packages[index].commitment:
+                raise ProtectionError(
+                    f"the rebuilt self-mask seed of client {index} does not match its commitment: "
+                    "a share was tampered with; the round is aborted"
+                )
+            total -= expand_mask(seed, length, ring)
+        for index in dropped:
+            key = mask_key(self._rebuild(index, sk_shares[index], t, "mask key"))
+            if _public_bytes(key) != self.public_keys[index][1]:
+                raise ProtectionError(
+                    f"the rebuilt mask key of dropped client {index} does not match its public "
+                    "key: a share was tampered with; the round is aborted"
+                )
+            for j in self.packages[index].ciphertexts:
+                # A survivor masked with the dropped client iff it received the client's shares.
+                if j in self.masked:
+                    pairwise = expand_mask(
+                        _pairwise_seed(key, self.public_keys[j][1], self.setup.session),
+                        length,
+                        ring,
+                    )
+                    # j added +PRG when index > j: take back what j added.
+                    if index > j:
+                        total -= pairwise
+                    else:
+                        total += pairwise
+        return ring.decode(total)
+
+    @staticmethod
+    def _rebuild(index: int, shares: list[tuple[int, bytes]], threshold: int, what: str) -> bytes:
+        if len(shares) < threshold:
+            raise ProtectionError(
+                f"only {len(shares)} shares of client {index}'s {what} came back; {threshold} "
+                "are needed (too many clients dropped out)"
+            )
+        return combine_secret(shares[:threshold])
+
+
+# ---------------------------------------------------------------------------------------------
+# The in-process driver (the simulator's runtime; a deployment sends the same messages)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SecAggSum:
+    """`SecureSum` by SecAgg(+), all parties in this process, each party's work timed separately.
+
+    `drop_before_shares` / `drop_after_shares` make the listed clients go silent before step 2 or
+    after step 2 (before sending their masked input): for tests and benchmarks of dropout recovery.
+    """
+
+    neighbours: int | None = None  # k; None: `default_neighbours(n)`
+    threshold: float | int | None = None  # t; None: a strict majority of k; a float: fraction of k
+    ring_bits: int = 64
+    drop_before_shares: Collection[int] = ()
+    drop_after_shares: Collection[int] = ()
+    kind: str = "secagg"
+    rng: random.Random = field(default_factory=random.SystemRandom)
+    # Keep what the server received (the masked inputs) in `server_view`: for attack benchmarks.
+    keep_server_view: bool = False
+    server_view: dict[int, np.ndarray] | None = None
+
+    def setup_for(self, n_clients: int, length: int, bound: float) -> RoundSetup:
+        if n_clients < 2:
+            raise ProtectionError("secure aggregation needs at least two clients in a round")
+        k = default_neighbours(n_clients) if self.neighbours is None else self.neighbours
+        k = min(max(k, 1), n_clients - 1)
+        if k < n_clients - 1 and k % 2:
+            k += 1  # the ring neighbourhood is symmetric: k/2 on either side
+        k = min(k, max(n_clients - 1, 1))
+        if self.threshold is None:
+            t = k // 2 + 1
+        elif isinstance(self.threshold, float):
+            t = max(1, math.ceil(self.threshold * k))
+        else:
+            t = self.threshold
+        graph = secagg_plus_graph(n_clients, k, self.rng)
+        return RoundSetup(
+            session=os.urandom(16),
+            n_clients=n_clients,
+            graph=graph,
+            threshold=min(t, k),
+            ring=FixedPointRing.for_sum(bound, n_clients, self.ring_bits),
+            length=length,
+        )
+
+    def sum(self, vectors: Sequence[np.ndarray], bound: float) -> SecureSumResult:
+        length = check_inputs(vectors, bound)
+        n = len(vectors)
+        started = time.perf_counter()
+        setup = self.setup_for(n, length, bound)
+        server = SecAggServer(setup)
+        server_seconds = time.perf_counter() - started
+        client_seconds = [0.0] * n
+        sent = [0] * n
+
+        def timed(i: int, work):
+            t0 = time.perf_counter()
+            out = work()
+            client_seconds[i] += time.perf_counter() - t0
+            return out
+
+        def on_server(work):
+            nonlocal server_seconds
+            t0 = time.perf_counter()
+            out = work()
+            server_seconds += time.perf_counter() - t0
+            return out
+
+        clients = {i: timed(i, lambda i=i: SecAggClient(i, setup)) for i in range(n)}
+        for i in range(n):
+            if i in self.drop_before_shares:
+                continue
+            keys = timed(i, clients[i].advertise)
+            sent[i] += sum(len(k) for k in keys)
+            on_server(lambda i=i, keys=keys: server.collect_keys(i, keys))
+        for i in sorted(server.public_keys):
+            package = timed(i, lambda i=i: clients[i].share_keys(server.keys_for(i)))
+            sent[i] += package.size()
+            on_server(lambda i=i, p=package: server.collect_shares(i, p))
+        for i in sorted(server.packages):
+            if i in self.drop_after_shares:
+                continue
+            masked = timed(i, lambda i=i: clients[i].masked_input(vectors[i], server.shares_for(i)))
+            sent[i] += masked.nbytes
+            on_server(lambda i=i, m=masked: server.collect_masked(i, m))
+        survivors, dropped = server.roster()
+        answers = {}
+        for i in survivors:
+            answer = timed(i, lambda i=i: clients[i].unmask(survivors, dropped))
+            sent[i] += sum(2 + len(v) for v in answer.values())
+            answers[i] = answer
+        total = on_server(lambda: server.finish(answers))
+        if self.keep_server_view:
+            self.server_view = dict(server.masked)
+        k = max((len(v) for v in setup.graph.values()), default=0)
+        cost = ProtectionCost(
+            kind=self.kind,
+            client_seconds=[client_seconds[i] for i in survivors],
+            server_seconds=server_seconds,
+            bytes_sent_per_client=[sent[i] for i in survivors],
+            details={
+                "neighbours": k,
+                "threshold": setup.threshold,
+                "ring_bits": setup.ring.bits,
+                "resolution": setup.ring.resolution,
+                "dropped_after_shares": len(dropped),
+                "dropped_before_shares": n - len(server.packages),
+                "plaintext_bytes_per_client": length * 4,  # float32, as sent unprotected
+            },
+        )
+        return SecureSumResult(total=total, contributors=survivors, cost=cost)
