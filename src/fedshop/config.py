@@ -133,6 +133,9 @@ class FederatedConfig:
     # FedAdam's τ (Reddi et al.): keep it well below the typical update size. Cross-device item
     # updates are tiny (each shopper touches few rows), so they need a much smaller τ than silos.
     server_epsilon: float = 1e-3
+    # Decoupled weight decay of the shared matrices after each server step (0: none); see
+    # fl/server_opt.py. configs/movielens-dp.toml uses it against noise that piles up under DP.
+    server_weight_decay: float = 0.0
     # Federated Reconstruction (Singhal et al., NeurIPS 2021): each round a silo first refits its
     # private parameters (user embeddings, item-bias offsets) against the frozen global parameters for
     # this many epochs, so the item update it then computes starts from well-fitted private state.
@@ -150,6 +153,10 @@ class FederatedConfig:
         _positive("federated", "client_learning_rate", self.client_learning_rate)
         _choice("federated", "device", self.device, ("auto", "cpu", "cuda"))
         _positive("federated", "server_epsilon", self.server_epsilon)
+        if not 0.0 <= self.server_weight_decay < 1.0:
+            raise ConfigError(
+                f"[federated] server_weight_decay must be in [0, 1), got {self.server_weight_decay}"
+            )
         _choice("federated", "aggregation", self.aggregation, AGGREGATIONS)
         _choice("federated", "server_optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
         _positive("federated", "server_learning_rate", self.server_learning_rate)
@@ -270,7 +277,7 @@ class ProtectionConfig:
     # Every protected entry (a silo's update, weighted and divided by the round's total weight;
     # FedNova's step count travels too) must lie within ±bound; a larger one stops the round with
     # an error naming this key.
-    bound: float = 65536.0
+    bound: float = 4096.0
     # secagg: the ring Z_2^bits. 32 halves the bytes but leaves a resolution of about
     # bound·clients/2^31: only for a tight bound (e.g. the DP clip).
     ring_bits: int = 64

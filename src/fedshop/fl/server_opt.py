@@ -52,14 +52,32 @@ class FedAdam:
         return out
 
 
-ServerOptimizer = FedAvg | FedAvgM | FedAdam
+class WeightDecayed:
+    """Decoupled weight decay after the server step (as AdamW): every matrix (item embeddings, dense
+    layers; not biases) shrinks by a factor (1 - decay) per round. Under DP it stops the noise that
+    each round adds to rows nobody trains from piling up."""
+
+    def __init__(self, inner: FedAvg | FedAvgM | FedAdam, decay: float) -> None:
+        self.inner, self.decay = inner, decay
+
+    def step(self, params: Tensors, delta: Tensors) -> Tensors:
+        out = self.inner.step(params, delta)
+        return {k: v * (1 - self.decay) if v.dim() >= 2 else v for k, v in out.items()}
+
+
+ServerOptimizer = FedAvg | FedAvgM | FedAdam | WeightDecayed
 
 
 def make_server_optimizer(config: FederatedConfig) -> ServerOptimizer:
+    optimizer: ServerOptimizer
     if config.server_optimizer == "fedavgm":
-        return FedAvgM(config.server_learning_rate, config.server_momentum)
-    if config.server_optimizer == "fedadam":
-        return FedAdam(
+        optimizer = FedAvgM(config.server_learning_rate, config.server_momentum)
+    elif config.server_optimizer == "fedadam":
+        optimizer = FedAdam(
             config.server_learning_rate, beta1=config.server_momentum, tau=config.server_epsilon
         )
-    return FedAvg(config.server_learning_rate)
+    else:
+        optimizer = FedAvg(config.server_learning_rate)
+    if config.server_weight_decay > 0:
+        optimizer = WeightDecayed(optimizer, config.server_weight_decay)
+    return optimizer

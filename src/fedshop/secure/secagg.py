@@ -32,6 +32,7 @@ dropped is not covered (the actively secure variant adds signatures and a consis
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -74,8 +75,14 @@ def expand_mask(seed: bytes, length: int, ring: FixedPointRing) -> np.ndarray:
     it (a PRG under the standard assumption on AES; hardware AES makes it about 1 GB/s)."""
     key = seed if len(seed) == 32 else _kdf(seed, b"self-mask/", b"")
     encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
-    stream = encryptor.update(bytes(length * (ring.bits // 8)))
+    stream = encryptor.update(_zeros(length * (ring.bits // 8)))
     return np.frombuffer(stream, dtype=ring.dtype)
+
+
+@functools.lru_cache(maxsize=2)
+def _zeros(size: int) -> bytes:
+    # The keystream is the encryption of zeros; one immutable buffer serves every mask of a round.
+    return bytes(size)
 
 
 def _kdf(secret: bytes, purpose: bytes, session: bytes) -> bytes:

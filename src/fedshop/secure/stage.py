@@ -109,5 +109,9 @@ def summarise_costs(kind: str, costs: Sequence[ProtectionCost]) -> dict:
         "bytes_per_client_per_round": float(np.mean([c.mean_bytes_per_client for c in costs])),
         "plaintext_bytes_per_client": costs[-1].details.get("plaintext_bytes_per_client"),
         "rounds": len(costs),
-        "details": {k: v for k, v in costs[-1].details.items() if not isinstance(v, list)},
+        "details": {
+            k: v
+            for k, v in costs[-1].details.items()
+            if not isinstance(v, list) and k != "plaintext_bytes_per_client"
+        },
     }
