@@ -98,3 +98,16 @@ def test_fednova_equals_fedavg_when_steps_are_equal():
     a = nova.aggregate([nova.on_client(m) for m in msgs])["w"]
     b = avg.aggregate([avg.on_client(m) for m in msgs])["w"]
     assert torch.allclose(a, b)
+
+
+def test_server_weight_decay_shrinks_matrices_after_the_step_and_leaves_biases():
+    from fedshop.config import load_config
+    from fedshop.fl.server_opt import make_server_optimizer
+
+    fed = load_config(overrides={"federated.server_weight_decay": 0.1}).federated
+    optimizer = make_server_optimizer(fed)
+    params = {"item_embedding": torch.ones(3, 2), "item_bias": torch.ones(3)}
+    delta = {"item_embedding": torch.ones(3, 2), "item_bias": torch.ones(3)}
+    out = optimizer.step(params, delta)
+    assert torch.allclose(out["item_embedding"], torch.full((3, 2), 2.0 * 0.9))
+    assert torch.allclose(out["item_bias"], torch.full((3,), 2.0))
