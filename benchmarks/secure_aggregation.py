@@ -39,7 +39,6 @@ from fedshop.fl.local_round import LocalTraining, draw_round, reference_round
 from fedshop.fl.simulator import run_cross_silo
 from fedshop.fl.stages import AggregationPipeline, sum_messages
 from fedshop.models.spec import get_model
-from fedshop.secure.ring import FixedPointRing
 from fedshop.secure.secagg import SecAggSum
 from fedshop.secure.stage import flatten, unflatten
 from fedshop.seeding import torch_generator
@@ -221,7 +220,6 @@ def item_inference(shoppers: int, seed: int = 0) -> dict:
     bound = float(max(np.abs(v).max() for v in vectors)) * 1.01
     secagg = SecAggSum(keep_server_view=True)
     result = secagg.sum(vectors, bound)
-    ring = FixedPointRing.for_sum(bound, len(vectors), secagg.ring_bits)
 
     def rows(vector: np.ndarray) -> np.ndarray:
         tensors, _ = unflatten(vector, captured[0], names, normaliser)
@@ -230,7 +228,7 @@ def item_inference(shoppers: int, seed: int = 0) -> dict:
         )
 
     plain_views = [rows(v) for v in vectors]
-    masked_views = [rows(ring.decode(secagg.server_view[i])) for i in range(len(vectors))]
+    masked_views = [rows(secagg.server_view[i]) for i in range(len(vectors))]
     aggregate = rows(result.total)
     return {
         "shoppers": len(vectors),

@@ -113,9 +113,8 @@ def test_neighbourhood_graph_is_symmetric_and_regular():
 # ---- driving the protocol step by step, with a party misbehaving -----------------------------
 
 
-def _run_until_masked(n=6, length=64, tamper=None):
-    """Steps 1–3 by hand; `tamper(server)` may alter what the server routes."""
-    vectors = _vectors(n, length, seed=7)
+def _after_key_sharing(n: int, length: int) -> tuple[SecAggServer, list[SecAggClient]]:
+    """Steps 1–2 by hand: keys advertised, shares sent to the server."""
     setup = SecAggSum().setup_for(n, length, 1.0)
     server = SecAggServer(setup)
     clients = [SecAggClient(i, setup) for i in range(n)]
@@ -123,6 +122,13 @@ def _run_until_masked(n=6, length=64, tamper=None):
         server.collect_keys(c.index, c.advertise())
     for c in clients:
         server.collect_shares(c.index, c.share_keys(server.keys_for(c.index)))
+    return server, clients
+
+
+def _run_until_masked(n=6, length=64, tamper=None):
+    """Steps 1–3 by hand; `tamper(server)` may alter what the server routes."""
+    vectors = _vectors(n, length, seed=7)
+    server, clients = _after_key_sharing(n, length)
     if tamper:
         tamper(server)
     for c in clients:
@@ -181,13 +187,7 @@ def test_a_masked_input_looks_uniform_whatever_the_input():
     length = 20_000
     views = {}
     for name, value in (("zero", 0.0), ("extreme", 1.0)):
-        setup = SecAggSum().setup_for(3, length, 1.0)
-        server = SecAggServer(setup)
-        clients = [SecAggClient(i, setup) for i in range(3)]
-        for c in clients:
-            server.collect_keys(c.index, c.advertise())
-        for c in clients:
-            server.collect_shares(c.index, c.share_keys(server.keys_for(c.index)))
+        server, clients = _after_key_sharing(3, length)
         views[name] = clients[0].masked_input(np.full(length, value), server.shares_for(0))
     scale = float(2**64)
     zero, extreme = (views[k].astype(np.float64) / scale for k in ("zero", "extreme"))
@@ -197,12 +197,6 @@ def test_a_masked_input_looks_uniform_whatever_the_input():
         top_byte = np.floor(view * 256).astype(int)
         assert stats.chisquare(np.bincount(top_byte, minlength=256)).pvalue > 1e-3
     signal = np.random.default_rng(0).uniform(-1, 1, length)
-    setup = SecAggSum().setup_for(2, length, 1.0)
-    server = SecAggServer(setup)
-    pair = [SecAggClient(i, setup) for i in range(2)]
-    for c in pair:
-        server.collect_keys(c.index, c.advertise())
-    for c in pair:
-        server.collect_shares(c.index, c.share_keys(server.keys_for(c.index)))
+    server, pair = _after_key_sharing(2, length)
     masked = pair[0].masked_input(signal, server.shares_for(0)).astype(np.float64)
     assert abs(stats.pearsonr(signal, masked).statistic) < 0.05

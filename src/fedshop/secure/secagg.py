@@ -419,7 +419,8 @@ class SecAggSum:
     drop_after_shares: Collection[int] = ()
     kind: str = "secagg"
     rng: random.Random = field(default_factory=random.SystemRandom)
-    # Keep what the server received (the masked inputs) in `server_view`: for attack benchmarks.
+    # Keep what the server received (the masked inputs, read as numbers the way the server decodes
+    # the sum) in `server_view`: for attack benchmarks.
     keep_server_view: bool = False
     server_view: dict[int, np.ndarray] | None = None
 
@@ -430,7 +431,6 @@ class SecAggSum:
         k = min(max(k, 1), n_clients - 1)
         if k < n_clients - 1 and k % 2:
             k += 1  # the ring neighbourhood is symmetric: k/2 on either side
-        k = min(k, max(n_clients - 1, 1))
         if self.threshold is None:
             t = k // 2 + 1
         elif isinstance(self.threshold, float):
@@ -495,7 +495,7 @@ class SecAggSum:
             answers[i] = answer
         total = on_server(lambda: server.finish(answers))
         if self.keep_server_view:
-            self.server_view = dict(server.masked)
+            self.server_view = {i: setup.ring.decode(m) for i, m in server.masked.items()}
         k = max((len(v) for v in setup.graph.values()), default=0)
         cost = ProtectionCost(
             kind=self.kind,
