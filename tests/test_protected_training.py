@@ -10,10 +10,17 @@ import pytest
 import torch
 
 from fedshop.config import load_config
+from fedshop.data.registry import load_dataset
 from fedshop.errors import ConfigError
-from fedshop.experiment import run_experiment
+from fedshop.experiment import open_privacy, run_experiment
+from fedshop.fl.cross_device import eligible_clients, run_cross_device
+from fedshop.fl.local_round import LocalTraining, draw_round
 from fedshop.fl.simulator import run_cross_silo
+from fedshop.fl.vectorised import vectorised_sum
+from fedshop.models.spec import get_model
 from fedshop.secure.protocol import ProtectionError
+from fedshop.secure.secagg import SecAggSum, default_neighbours
+from fedshop.secure.stage import ProtectedSum
 
 QUICK = {
     "methods": ["federated"], "model.dim": 8, "federated.rounds": 2,
@@ -99,8 +106,16 @@ def test_cli_demo_with_secagg_reports_its_cost(tmp_path, data_dir):
     [
         ({"protection.kind": "rot13"}, "[protection] kind must be one of"),
         (
-            {"protection.kind": "secagg", "federated.mode": "cross-device"},
-            "available in cross-silo mode",
+            {"protection.kind": "ckks", "federated.mode": "cross-device"},
+            'for shoppers\' devices use kind = "secagg"',
+        ),
+        (
+            {
+                "protection.kind": "secagg",
+                "federated.mode": "cross-device",
+                "federated.clients_per_round": 1,
+            },
+            "needs at least two clients per round",
         ),
         ({"protection.ring_bits": 16}, "ring_bits must be 32 or 64"),
         ({"protection.threshold": 1.5}, "threshold must be in [0, 1]"),
@@ -128,3 +143,68 @@ def test_an_update_beyond_the_bound_stops_the_round_with_a_clear_error(tmp_path,
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "beyond the protected range" in result.stderr and "[protection] bound" in result.stderr
+
+
+# Cross-device: every sampled shopper is a SecAgg client.
+
+DEVICE = {
+    "data.dataset": "movielens-100k", "federated.mode": "cross-device", "methods": ["federated"],
+    "model.dim": 8, "federated.personalise_epochs": 0, "eval.eval_every": 100,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_shoppers_secure_sum_equals_the_sparse_plain_sum(retail, clip):
+    """The dense per-shopper messages that SecAgg masks add up to the vectorised sparse sum."""
+    train = retail.train[eligible_clients(retail.train)[:40].numpy()]
+    spec = get_model("mf-bpr")
+    model = load_config(overrides={"model.dim": 8}).model
+    shared = spec.init_shared(train.shape[1], model, torch.Generator().manual_seed(1))
+    users = spec.init_users(train.shape[0], model, torch.Generator().manual_seed(2))
+    training = LocalTraining(epochs=2, learning_rate=0.5, l2=0.01, negatives=2)
+    batch = draw_round(train, torch.arange(0, 40, 2), 2, 2, torch.Generator().manual_seed(3))
+    plain, plain_users = vectorised_sum(spec, shared, users, batch, training, clip=clip)
+    secure_sum = ProtectedSum(SecAggSum(keep_server_view=True), bound=4096.0)
+    secure, secure_users = vectorised_sum(
+        spec, shared, users, batch, training, clip=clip, summation=secure_sum
+    )
+    assert secure.num_clients == 20 and secure.weight == pytest.approx(plain.weight)
+    for name, value in plain.tensors.items():
+        assert value.abs().max() > 0
+        torch.testing.assert_close(secure.tensors[name], value, rtol=1e-5, atol=1e-7)
+    for name, value in plain_users.items():
+        torch.testing.assert_close(secure_users[name], value)
+    # What the server received from each shopper covers the whole catalogue, not touched rows.
+    length = sum(v.numel() for v in shared.values()) + 1
+    assert all(v.shape == (length,) for v in secure_sum.protection.server_view.values())
+    assert secure_sum.costs[0].details["neighbours"] == default_neighbours(20)
+
+
+@pytest.fixture(scope="module")
+def ml100k(data_dir):
+    return load_dataset(load_config(overrides=DEVICE).data, seed=0)
+
+
+def test_user_level_dp_composes_with_secagg_in_cross_device_mode(ml100k, tmp_path):
+    """The server adds the noise to the unmasked sum: the same noise, from the same generator, as
+    without SecAgg, so the released model and ε match the unprotected DP run."""
+    runs = {}
+    for kind in ("none", "secagg"):
+        config = load_config(
+            overrides={
+                **DEVICE, "federated.rounds": 2, "privacy.mode": "user",
+                "privacy.noise_multiplier": 1.0, "privacy.sampling_rate": 0.05,
+                "privacy.budget": 1e6, "privacy.ledger_url": _ledger(tmp_path / kind),
+                "protection.kind": kind,
+            }
+        )  # fmt: skip
+        runs[kind] = run_cross_device(ml100k, config, guard=open_privacy(config, ml100k))
+    plain, secure = runs["none"], runs["secagg"]
+    assert [r.epsilon for r in secure.history] == [r.epsilon for r in plain.history]
+    for name, value in plain.shared.items():
+        torch.testing.assert_close(secure.shared[name], value, rtol=0, atol=1e-5)
+    assert plain.protection is None and len(secure.protection.costs) == 2
+    cost = secure.history[-1].protection
+    # A shopper sends a masked dense update of the whole shared model (8 bytes per entry).
+    n_shared = sum(v.numel() for v in secure.shared.values())
+    assert cost["bytes_per_client"] > 8 * n_shared and cost["latency_seconds"] > 0

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
+from fedshop.secure import shamir
 from fedshop.secure.protocol import ProtectionError
 from fedshop.secure.ring import FixedPointRing
 from fedshop.secure.secagg import (
@@ -200,3 +201,44 @@ def test_a_masked_input_looks_uniform_whatever_the_input():
     server, pair = _after_key_sharing(2, length)
     masked = pair[0].masked_input(signal, server.shares_for(0)).astype(np.float64)
     assert abs(stats.pearsonr(signal, masked).statistic) < 0.05
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    secret=st.binary(min_size=16, max_size=16),
+    threshold=st.integers(1, 8),
+    extra=st.integers(0, 6),
+    pick=st.randoms(use_true_random=False),
+)
+def test_any_threshold_shares_rebuild_the_secret(secret, threshold, extra, pick):
+    shares = shamir.split(secret, threshold, threshold + extra)
+    chosen = pick.sample(range(1, threshold + extra + 1), threshold)
+    assert shamir.combine([(x, shares[x - 1]) for x in chosen], 16) == secret
+
+
+def test_fewer_than_threshold_shares_look_uniform():
+    # With t = 2 one share is secret + a·x for a uniform a: its value is uniform whatever the
+    # secret, so an all-zero and an all-ones secret give shares with the same distribution.
+    low = [shamir.split(bytes(16), 2, 3)[0][-1] % 16 for _ in range(2_000)]
+    high = [shamir.split(b"\xff" * 16, 2, 3)[0][-1] % 16 for _ in range(2_000)]
+    table = np.array([np.bincount(low, minlength=16), np.bincount(high, minlength=16)])
+    assert stats.chi2_contingency(table).pvalue > 1e-3
+    assert stats.chisquare(table[0]).pvalue > 1e-3
+
+
+def test_bad_shares_are_refused():
+    shares = shamir.split(b"k" * 16, 3, 5)
+    with pytest.raises(shamir.ShareError, match="distinct"):
+        shamir.combine([(1, shares[0]), (1, shares[0]), (2, shares[1])], 16)
+    with pytest.raises(shamir.ShareError, match="field"):
+        shamir.combine([(1, b"\xff" * 32), (2, shares[1]), (3, shares[2])], 16)
+    altered = bytearray(shares[0])
+    altered[-1] ^= 1
+    rebuilt = [(1, bytes(altered)), (2, shares[1]), (3, shares[2])]
+    # A small change to a share gives a wrong seed (the SecAgg server's commitment check catches
+    # it); a share replaced by another field element almost surely gives no 16-byte seed at all.
+    assert shamir.combine(rebuilt, 16) != b"k" * 16
+    with pytest.raises(shamir.ShareError, match="expected size"):
+        shamir.combine([(1, shares[3]), (2, shares[1]), (3, shares[2])], 16)
+    with pytest.raises(shamir.ShareError, match="threshold"):
+        shamir.split(b"k" * 16, 6, 5)

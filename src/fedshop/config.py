@@ -327,10 +327,19 @@ class RunConfig:
         ):
             section.validate()
         self._validate_privacy()
-        if self.protection.kind != "none" and self.federated.mode != "cross-silo":
+        if self.federated.mode == "cross-device" and self.protection.kind in ("ckks", "paillier"):
             raise ConfigError(
-                f'[protection] kind = "{self.protection.kind}" is available in cross-silo mode; '
-                "cross-device secure aggregation is not built yet"
+                f'[protection] kind = "{self.protection.kind}" is for cross-silo mode (a few silos '
+                'and one key holder); for shoppers\' devices use kind = "secagg"'
+            )
+        if (
+            self.federated.mode == "cross-device"
+            and self.protection.kind != "none"
+            and self.federated.clients_per_round == 1
+        ):
+            raise ConfigError(
+                "[protection] needs at least two clients per round: a sum of one update hides "
+                "nothing; raise [federated] clients_per_round"
             )
         if self.federated.mode == "cross-device" and self.model.silo_item_bias:
             raise ConfigError(

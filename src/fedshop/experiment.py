@@ -125,19 +125,21 @@ def run_federated(
             # Each shopper's vectors belong on their own device; the simulator stores them together.
             "federated/devices": {k: v.cpu() for k, v in device_run.user_tables.items()},
         }
-        return result, device_run.history, weights, summarise_costs("none", [])
-    run = run_cross_silo(dataset, config, on_round=on_round, guard=guard)
-    per_silo = run.evaluate(config.eval.split)
-    # The per-round curve lives in the round history (metrics.json "history"), not in `curve`.
-    result = _method_result(per_silo, time.perf_counter() - started)
-    weights = {"federated/shared": dict(run.server.shared)}
-    for client in run.clients:
-        # Written by each silo into its own part of the run folder; the server never had these.
-        state = client.private_state()
-        state["users"] = torch.tensor(client.data.users)
-        weights[f"federated/silo-{slug(client.name)}"] = state
-    costs = run.protection.costs if run.protection is not None else []
-    return result, run.history, weights, summarise_costs(config.protection.kind, costs)
+        history, protected = device_run.history, device_run.protection
+    else:
+        run = run_cross_silo(dataset, config, on_round=on_round, guard=guard)
+        per_silo = run.evaluate(config.eval.split)
+        # The per-round curve lives in the round history (metrics.json "history"), not in `curve`.
+        result = _method_result(per_silo, time.perf_counter() - started)
+        weights = {"federated/shared": dict(run.server.shared)}
+        for client in run.clients:
+            # Written by each silo into its own part of the run folder; the server never had these.
+            state = client.private_state()
+            state["users"] = torch.tensor(client.data.users)
+            weights[f"federated/silo-{slug(client.name)}"] = state
+        history, protected = run.history, run.protection
+    costs = protected.costs if protected is not None else []
+    return result, history, weights, summarise_costs(config.protection.kind, costs)
 
 
 def train_centralized(config: RunConfig, dataset: RecDataset, progress: Progress) -> tuple:

@@ -28,6 +28,8 @@ from fedshop.fl.vectorised import vectorised_round, vectorised_sum
 from fedshop.models.spec import ModelSpec, Params, get_model, score_all
 from fedshop.privacy.dp import PrivacyGuard
 from fedshop.privacy.stages import add_gaussian_noise, fixed_denominator
+from fedshop.secure.protocol import ProtectionError
+from fedshop.secure.stage import ProtectedSum, make_protection
 from fedshop.seeding import torch_generator
 
 
@@ -40,6 +42,7 @@ class CrossDeviceRun:
     user_tables: Params
     dataset: RecDataset
     history: list[RoundRecord] = field(default_factory=list)
+    protection: ProtectedSum | None = None  # the secure sum, when updates are protected
     # Sliced once: the run is evaluated after many rounds.
     silos: list[SiloData] = field(init=False)
 
@@ -85,7 +88,11 @@ def run_cross_device(
 ) -> CrossDeviceRun:
     """Train; with a `guard` (user-level DP) every round is DP-FedAvg: Poisson-sampled shoppers,
     each update clipped, Gaussian noise on the sum, the expected count as denominator, and the
-    round written to the ledger before its result reaches the server optimiser."""
+    round written to the ledger before its result reaches the server optimiser.
+
+    With secure aggregation every sampled shopper sends a masked dense update and the server
+    learns only the round's sum; under DP the server adds the noise to that sum after unmasking
+    (the trusted-aggregator placement: the server sees the exact sum, never one shopper's update)."""
     fed = config.federated
     spec = get_model(config.model.name)
     model = config.model
@@ -100,6 +107,9 @@ def run_cross_device(
     shared = {k: v.to(device) for k, v in shared.items()}
     user_tables = {k: v.to(device) for k, v in user_tables.items()}
     run = CrossDeviceRun(spec, shared, user_tables, dataset)
+    protection = make_protection(config.protection)
+    if protection is not None:
+        run.protection = ProtectedSum(protection, config.protection.bound)
     optimizer: ServerOptimizer = make_server_optimizer(fed)
     pool = eligible_clients(dataset.train)
     per_round = len(pool) if fed.clients_per_round <= 0 else min(fed.clients_per_round, len(pool))
@@ -121,8 +131,14 @@ def run_cross_device(
             torch_generator(config.seed, "devices", "round", round_number),
         )  # fmt: skip
         clip = guard.plan.clip if guard is not None else None
+        if run.protection is not None and len(clients) == 1:
+            raise ProtectionError(
+                f"round {round_number} sampled a single shopper: secure aggregation cannot hide "
+                "a lone update; raise [federated] clients_per_round or the sampling rate"
+            )
+        summation = run.protection if len(clients) > 0 else None
         total, new_users = vectorised_sum(
-            spec, run.shared, run.user_tables, batch, training, clip=clip
+            spec, run.shared, run.user_tables, batch, training, clip=clip, summation=summation
         )
         for k, v in new_users.items():
             run.user_tables[k][clients] = v
@@ -133,14 +149,15 @@ def run_cross_device(
             epsilon = guard.release(round_number, plan.round_event)
             total = add_gaussian_noise(plan.noise_std, noise)(_on_cpu(total))
             total = fixed_denominator(plan.sampling_rate * len(pool))(total)
-            total = replace(total, tensors={k: v.to(device) for k, v in total.tensors.items()})
+        total = replace(total, tensors={k: v.to(device) for k, v in total.tensors.items()})
         if total.weight > 0:
             run.shared = optimizer.step(run.shared, mean_of(total))
         seconds = time.perf_counter() - started
         metrics = None
         if round_number % config.eval.eval_every == 0 or round_number == fed.rounds:
             metrics = summarise(run.evaluate(config.eval.split))
-        record = RoundRecord(round_number, clients.tolist(), seconds, metrics, epsilon)
+        cost = run.protection.last_round() if summation is not None else None
+        record = RoundRecord(round_number, clients.tolist(), seconds, metrics, epsilon, cost)
         run.history.append(record)
         if on_round is not None:
             on_round(record)

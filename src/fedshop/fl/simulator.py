@@ -112,14 +112,7 @@ def run_cross_silo(
         metrics = None
         if round_number % config.eval.eval_every == 0 or round_number == fed.rounds:
             metrics = summarise(run.evaluate(config.eval.split))
-        cost = None
-        if run.protection is not None:
-            last = run.protection.costs[-1]
-            cost = {
-                "seconds": last.total_seconds,
-                "latency_seconds": last.latency_seconds,
-                "bytes_per_client": last.mean_bytes_per_client,
-            }
+        cost = run.protection.last_round() if run.protection is not None else None
         record = RoundRecord(round_number, chosen, seconds, metrics, epsilon, cost)
         run.history.append(record)
         if on_round is not None:

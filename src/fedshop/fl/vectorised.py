@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fedshop.fl.local_round import LocalTraining, RoundInput, sgd_step
-from fedshop.fl.stages import Aggregate, mean_of
+from fedshop.fl.stages import Aggregate, ClientMessage, Summation, mean_of
 from fedshop.models.spec import ModelSpec, Params, stack_dense
 from fedshop.privacy.stages import clip_per_client
 
@@ -308,6 +308,7 @@ def vectorised_sum(
     training: LocalTraining,
     layout: str = "auto",
     clip: float | None = None,
+    summation: Summation | None = None,
 ) -> tuple[Aggregate, Params]:
     """Train the round's clients group by group; return the weighted sum of their shared-parameter
     updates (sparse: only touched rows are added) and their new user rows in client order.
@@ -318,6 +319,10 @@ def vectorised_sum(
 
     layout "flat" (pairs end to end, no padding) needs every dense weight to be a vector (MF, GMF);
     "padded" (buckets of similar-size clients) works for any model; "auto" takes flat when it can.
+
+    With a `summation` (secure aggregation) each client's weighted update becomes its own dense
+    message over the whole catalogue and the summation adds them up: a sparse message would tell
+    the server which items the shopper touched, which is what secure aggregation hides.
     """
     n_items = shared[spec.item_tables[0]].shape[0]
     device = shared[spec.item_tables[0]].device
@@ -341,6 +346,7 @@ def vectorised_sum(
     )
     if len(batch.clients) == 0:  # Poisson sampling can pick nobody
         return Aggregate(sums, 0.0, 0), new_users
+    messages: list[ClientMessage] = []
     for members in plan(sizes, width, batch.negatives[0].shape[-1]):
         # Index bookkeeping runs on the CPU; the training maths on the model's device.
         bucket = build(batch, members, n_items).to(device)
@@ -355,10 +361,41 @@ def vectorised_sum(
                 update.item_deltas, bucket.row_owner, update.dense_deltas, len(members), clip
             )
         w = weights[members]
+        if summation is not None:
+            messages += dense_messages(
+                update, bucket, w, shared, sizes[members.cpu()], training.epochs
+            )
+            continue
         row_weight = w[bucket.row_owner]
         for k, delta in update.item_deltas.items():
             # The sparse sum: only the rows these clients touched are added.
             sums[k].index_add_(0, bucket.rows, delta * along_rows(row_weight, delta))
         for k, delta in update.dense_deltas.items():
             sums[k] += (delta * along_rows(w, delta)).sum(0).reshape(shared[k].shape)
+    if summation is not None and training.update_shared:
+        return summation(messages), new_users
     return Aggregate(sums, float(weights.sum()), len(batch.clients)), new_users
+
+
+def dense_messages(
+    update: BucketUpdate,
+    bucket: Bucket | FlatChunk,
+    weights: torch.Tensor,
+    shared: Params,
+    num_examples: torch.Tensor,
+    local_steps: int,
+) -> list[ClientMessage]:
+    """Each client of a group as its own message: its weighted update scattered into tables of the
+    full shared shape, zero where it touched nothing."""
+    messages = []
+    for c in range(len(bucket.members)):
+        mine = (bucket.row_owner == c).nonzero().squeeze(1)
+        w = weights[c]
+        tensors = {
+            k: torch.zeros_like(shared[k]).index_add_(0, bucket.rows[mine], delta[mine] * w)
+            for k, delta in update.item_deltas.items()
+        }
+        for k, delta in update.dense_deltas.items():
+            tensors[k] = (delta[c] * w).reshape(shared[k].shape)
+        messages.append(ClientMessage(tensors, float(w), float(num_examples[c]), local_steps))
+    return messages

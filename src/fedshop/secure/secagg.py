@@ -23,7 +23,8 @@ each is joined to its k nearest, so client cost grows with k ≈ 4·log2(n), not
 to everyone when k ≥ n-1 (the original SecAgg).
 
 Primitives come from well-kept libraries: X25519, HKDF-SHA256, AES-GCM and AES-256-CTR (the mask PRG)
-from `cryptography`, Shamir sharing over GF(2^128) from pycryptodome. Nothing here is a new cipher.
+from `cryptography`; Shamir sharing over a prime field in `shamir.py` (secret sharing, not a cipher).
+Nothing here is a new cipher.
 
 Threat model: an honest-but-curious server and clients; fewer than t of a client's neighbours
 colluding with the server learn nothing about its input. A malicious server that lies about who
@@ -32,17 +33,16 @@ dropped is not covered (the actively secure variant adds signatures and a consis
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 import os
 import random
 import time
 from collections.abc import Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-from Crypto.Protocol.SecretSharing import Shamir
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -50,6 +50,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from fedshop.secure import shamir
 from fedshop.secure.protocol import (
     ProtectionCost,
     ProtectionError,
@@ -58,9 +59,10 @@ from fedshop.secure.protocol import (
 )
 from fedshop.secure.ring import FixedPointRing
 
-# Secrets that get Shamir-shared are 128-bit seeds (one GF(2^128) block each, the security level of
-# X25519 itself); keys are derived from them, so sharing costs one block per secret, not two.
+# Secrets that get Shamir-shared are 128-bit seeds (the security level of X25519 itself); keys are
+# derived from them. Each share is one field element.
 SEED_BYTES = 16
+SHARE_BYTES = shamir.SHARE_BYTES
 _RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
 _NONCE_BYTES = 12
 
@@ -72,17 +74,54 @@ _NONCE_BYTES = 12
 
 def expand_mask(seed: bytes, length: int, ring: FixedPointRing) -> np.ndarray:
     """A uniform vector of ring elements from a seed: the AES-CTR keystream under a key derived from
-    it (a PRG under the standard assumption on AES; hardware AES makes it about 1 GB/s)."""
-    key = seed if len(seed) == 32 else _kdf(seed, b"self-mask/", b"")
-    encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
-    stream = encryptor.update(_zeros(length * (ring.bits // 8)))
-    return np.frombuffer(stream, dtype=ring.dtype)
+    it (a PRG under the standard assumption on AES)."""
+    out = np.zeros(length, dtype=ring.dtype)
+    apply_masks(out, [(seed, 1)])
+    return out
 
 
-@functools.lru_cache(maxsize=2)
-def _zeros(size: int) -> bytes:
-    # The keystream is the encryption of zeros; one immutable buffer serves every mask of a round.
-    return bytes(size)
+def apply_masks(total: np.ndarray, masks: Sequence[tuple[bytes | np.ndarray, int]]) -> None:
+    """total += Σ sign·term over `masks` of (term, ±1), in place, modulo the ring; a term is a seed
+    (its PRG expansion is added) or a ring vector (added as it is).
+
+    Hardware AES-CTR fills a reused buffer at several GB/s, where allocating a fresh keystream per
+    mask costs four times as much; AES and numpy release the GIL, so the terms are split over one
+    thread per core, each with its own buffer and running total."""
+    workers = min(len(masks), os.cpu_count() or 1)
+    if workers <= 1:
+        _masks_into(total, masks)
+        return
+    parts = [masks[w::workers] for w in range(workers)]
+    partial = [np.zeros_like(total) for _ in range(workers - 1)]
+    with ThreadPoolExecutor(workers) as pool:
+        done = [pool.submit(_masks_into, total, parts[0])]
+        done += [
+            pool.submit(_masks_into, acc, part)
+            for acc, part in zip(partial, parts[1:], strict=True)
+        ]
+        for future in done:
+            future.result()
+    for acc in partial:
+        total += acc
+
+
+def _masks_into(total: np.ndarray, masks: Sequence[tuple[bytes | np.ndarray, int]]) -> None:
+    size = total.nbytes
+    zeros = bytes(size)  # the keystream is the encryption of zeros
+    buffer = bytearray(size + 15)  # update_into wants room for a block beyond the data
+    keystream = np.frombuffer(buffer, dtype=total.dtype, count=total.size)
+    for term, sign in masks:
+        if isinstance(term, np.ndarray):
+            stream = term
+        else:
+            key = term if len(term) == 32 else _kdf(term, b"self-mask/", b"")
+            cipher = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+            cipher.update_into(zeros, buffer)
+            stream = keystream
+        if sign > 0:
+            total += stream
+        else:
+            total -= stream
 
 
 def _kdf(secret: bytes, purpose: bytes, session: bytes) -> bytes:
@@ -96,13 +135,16 @@ def _public_bytes(key: X25519PrivateKey) -> bytes:
 
 
 def split_secret(secret: bytes, threshold: int, n_shares: int) -> list[bytes]:
-    """Shamir shares of a 16-byte secret: share x (1-based) is the list's item x-1, 16 bytes."""
-    return [share for _, share in Shamir.split(threshold, n_shares, secret, ssss=False)]
+    """Shamir shares of a 16-byte seed: share x (1-based) is the list's item x-1."""
+    return shamir.split(secret, threshold, n_shares)
 
 
 def combine_secret(shares: Sequence[tuple[int, bytes]]) -> bytes:
-    """The secret from (x, share) pairs; at least the threshold number of them."""
-    return Shamir.combine(list(shares), ssss=False)
+    """The 16-byte seed from exactly the threshold number of (x, share) pairs."""
+    try:
+        return shamir.combine(shares, SEED_BYTES)
+    except shamir.ShareError as error:
+        raise ProtectionError(f"secret shares do not combine: {error}") from None
 
 
 def mask_key(seed: bytes) -> X25519PrivateKey:
@@ -239,23 +281,15 @@ class SecAggClient:
                     "(tampered or misrouted); the round is aborted"
                 ) from None
             x = int.from_bytes(plaintext[:2], "big")
-            self._held[j] = (x, plaintext[2 : 2 + SEED_BYTES], plaintext[2 + SEED_BYTES :])
+            self._held[j] = (x, plaintext[2 : 2 + SHARE_BYTES], plaintext[2 + SHARE_BYTES :])
         # Mask only with neighbours whose shares arrived: exactly those the server can unmask.
         self._masked_with = tuple(sorted(self._held))
-        ring = self.setup.ring
-        masked = ring.encode(vector)
-        masked += expand_mask(self._seed, self.setup.length, ring)
-        own_secret = self._s_key
+        masked = self.setup.ring.encode(vector)
+        masks = [(self._seed, 1)]
         for j in self._masked_with:
-            pairwise = expand_mask(
-                _pairwise_seed(own_secret, self._public[j][1], self.setup.session),
-                self.setup.length,
-                ring,
-            )
-            if j > self.index:
-                masked += pairwise
-            else:
-                masked -= pairwise
+            seed = _pairwise_seed(self._s_key, self._public[j][1], self.setup.session)
+            masks.append((seed, 1 if j > self.index else -1))
+        apply_masks(masked, masks)
         return masked
 
     # Step 4
@@ -346,19 +380,19 @@ class SecAggServer:
         if not survivors:
             raise ProtectionError("no client sent a masked input; nothing to aggregate")
         ring, length, t = self.setup.ring, self.setup.length, self.setup.threshold
-        total = np.zeros(length, dtype=ring.dtype)
-        for index in survivors:
-            total += self.masked[index]
         b_shares: dict[int, list[tuple[int, bytes]]] = {i: [] for i in survivors}
         sk_shares: dict[int, list[tuple[int, bytes]]] = {i: [] for i in dropped}
         for answer in answers.values():
             for owner, blob in answer.items():
                 x, kind, share = int.from_bytes(blob[:2], "big"), blob[2:3], blob[3:]
-                if len(share) != SEED_BYTES or kind not in (b"b", b"s"):
+                if len(share) != SHARE_BYTES or kind not in (b"b", b"s"):
                     raise ProtectionError(f"a malformed share of client {owner}'s secrets")
                 target = b_shares if kind == b"b" else sk_shares
                 if owner in target:
                     target[owner].append((x, share))
+        # Everything the server adds up, in one parallel pass: the masked inputs, minus the
+        # survivors' self masks, minus what dropped clients' pairwise masks left behind.
+        masks: list[tuple[bytes | np.ndarray, int]] = [(self.masked[i], 1) for i in survivors]
         for index in survivors:
             seed = self._rebuild(index, b_shares[index], t, "self-mask seed")
             if hashlib.sha256(seed).digest() != self.packages[index].commitment:
@@ -366,7 +400,7 @@ class SecAggServer:
                     f"the rebuilt self-mask seed of client {index} does not match its commitment: "
                     "a share was tampered with; the round is aborted"
                 )
-            total -= expand_mask(seed, length, ring)
+            masks.append((seed, -1))
         for index in dropped:
             key = mask_key(self._rebuild(index, sk_shares[index], t, "mask key"))
             if _public_bytes(key) != self.public_keys[index][1]:
@@ -377,16 +411,11 @@ class SecAggServer:
             for j in self.packages[index].ciphertexts:
                 # A survivor masked with the dropped client iff it received the client's shares.
                 if j in self.masked:
-                    pairwise = expand_mask(
-                        _pairwise_seed(key, self.public_keys[j][1], self.setup.session),
-                        length,
-                        ring,
-                    )
+                    seed = _pairwise_seed(key, self.public_keys[j][1], self.setup.session)
                     # j added +PRG when index > j: take back what j added.
-                    if index > j:
-                        total -= pairwise
-                    else:
-                        total += pairwise
+                    masks.append((seed, -1 if index > j else 1))
+        total = np.zeros(length, dtype=ring.dtype)
+        apply_masks(total, masks)
         return ring.decode(total)
 
     @staticmethod
@@ -396,7 +425,8 @@ class SecAggServer:
                 f"only {len(shares)} shares of client {index}'s {what} came back; {threshold} "
                 "are needed (too many clients dropped out)"
             )
-        return combine_secret(shares[:threshold])
+        # The lowest indices first: most clients then share one set of Lagrange weights.
+        return combine_secret(sorted(shares)[:threshold])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ WEIGHT_ENTRY = "__weight__"
 
 
 def flatten(message: ClientMessage, names: Sequence[str], normaliser: float) -> np.ndarray:
-    parts = [message.tensors[n].detach().to(torch.float64).reshape(-1).numpy() for n in names]
+    parts = [message.tensors[n].detach().cpu().double().reshape(-1).numpy() for n in names]
     parts.append(np.array([message.weight], dtype=np.float64))
     return np.concatenate(parts) / normaliser
 
@@ -41,7 +41,8 @@ def unflatten(total: np.ndarray, like: ClientMessage, names: Sequence[str], norm
         chunk = torch.from_numpy(total[offset : offset + size].copy())
         tensors[name] = chunk.reshape(template.shape).to(template.dtype)
         offset += size
-    return tensors, float(total[offset])
+    # In the message's own order: server stages that draw noise per tensor follow dict order.
+    return {name: tensors[name] for name in like.tensors}, float(total[offset])
 
 
 @dataclass
@@ -55,6 +56,15 @@ class ProtectedSum:
     @property
     def kind(self) -> str:
         return self.protection.kind
+
+    def last_round(self) -> dict:
+        """The latest round's cost, as each round of the history records it."""
+        last = self.costs[-1]
+        return {
+            "seconds": last.total_seconds,
+            "latency_seconds": last.latency_seconds,
+            "bytes_per_client": last.mean_bytes_per_client,
+        }
 
     def __call__(self, messages: Sequence[ClientMessage]) -> Aggregate:
         if not messages:
