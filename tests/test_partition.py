@@ -38,3 +38,14 @@ def test_every_real_customer_in_exactly_one_silo(retail):
     assert REST_OF_WORLD in retail.silo_names
     sizes = {row["silo"]: row["customers"] for row in retail.report["silos"]}
     assert all(size >= 10 for name, size in sizes.items() if name != REST_OF_WORLD)
+
+
+def test_max_silos_merges_all_but_the_largest_countries():
+    country = pd.Series(["UK"] * 5 + ["FR"] * 4 + ["DE"] * 3 + ["ES"] * 2 + ["IT"])
+    three = assign_silos(country, min_customers=2, max_silos=3)
+    assert three.names == (REST_OF_WORLD, "UK", "FR")  # largest first, as always
+    assert three.merged_countries == ("DE", "ES", "IT")
+    assert np.bincount(three.user_silo).tolist() == [6, 5, 4]
+    # A limit at or above the natural count changes nothing.
+    same, natural = assign_silos(country, 2, max_silos=5), assign_silos(country, 2)
+    assert same.names == natural.names and (same.user_silo == natural.user_silo).all()

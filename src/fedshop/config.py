@@ -46,6 +46,9 @@ class DataConfig:
     path: str = ""
     data_dir: str = ""
     min_silo_customers: int = 10
+    # online-retail: at most this many silos, the smallest countries merged into "Rest of world"
+    # (0: no limit). `fedshop deploy local --silos N` sets it.
+    max_silos: int = 0
     min_train_days: int = 1
     validation: bool = False
     # Leave-one-out datasets (movielens-*, amazon-*): which interaction per user is held out.
@@ -62,6 +65,11 @@ class DataConfig:
         _choice("data", "source", self.source, ("auto", "embedded", "download"))
         _choice("data", "leave_out", self.leave_out, ("last", "random"))
         _at_least("data", "min_silo_customers", self.min_silo_customers, 0)
+        _at_least("data", "max_silos", self.max_silos, 0)
+        if self.max_silos == 1:
+            raise ConfigError(
+                "[data] max_silos = 1 leaves nothing to federate; use 0 or at least 2"
+            )
         _at_least("data", "min_train_days", self.min_train_days, 1)
         _at_least("data", "silos", self.silos, 1)
         if self.dataset == "amazon-sequential" and not self.path:
@@ -376,6 +384,15 @@ class RunConfig:
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.to_dict())
+
+
+def config_from_toml(text: str) -> RunConfig:
+    """A resolved config as `RunConfig.to_toml` wrote it (what a deployment sends its silos)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"the run's config is not valid TOML: {exc}") from None
+    return _build(RunConfig, raw, "").validate()
 
 
 def load_config(

@@ -30,11 +30,15 @@ def home_country(
     return counts.drop_duplicates(user_col).set_index(user_col)[country_col]
 
 
-def assign_silos(user_country: pd.Series, min_customers: int) -> SiloAssignment:
+def assign_silos(user_country: pd.Series, min_customers: int, max_silos: int = 0) -> SiloAssignment:
     """One silo per country; countries with fewer than `min_customers` customers merge into one
-    "Rest of world" silo. Silos are ordered by size (largest first), then name."""
+    "Rest of world" silo, and so do all but the `max_silos` − 1 largest when `max_silos` > 0 and
+    there are more. Silos are ordered by size (largest first), then name."""
     sizes = user_country.value_counts()
     small = sorted(sizes[sizes < min_customers].index) if min_customers > 0 else []
+    kept = sorted(set(sizes.index) - set(small), key=lambda name: (-sizes[name], name))
+    if 0 < max_silos < len(kept) + (1 if small else 0):
+        small = sorted(set(small) | set(kept[max_silos - 1 :]))
     silo_of = user_country.where(~user_country.isin(small), REST_OF_WORLD)
     silo_sizes = silo_of.value_counts()
     names = sorted(silo_sizes.index, key=lambda name: (-silo_sizes[name], name))

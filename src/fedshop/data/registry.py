@@ -62,7 +62,7 @@ def load_online_retail(config: DataConfig) -> RecDataset:
         }
     )
     country = home_country(lines).sort_index()
-    silos = assign_silos(country, config.min_silo_customers)
+    silos = assign_silos(country, config.min_silo_customers, config.max_silos)
     split = temporal_split(lines[["user", "item", "day"]], config.min_train_days, config.validation)
 
     # The most frequent description of each stock code names the item.

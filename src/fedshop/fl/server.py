@@ -39,6 +39,12 @@ class FederatedServer:
         chosen = torch.randperm(self.n_clients, generator=self._generator)[: self.clients_per_round]
         return sorted(chosen.tolist())
 
+    def sampling_state(self) -> torch.Tensor:
+        return self._generator.get_state()
+
+    def load_sampling_state(self, state: torch.Tensor) -> None:
+        self._generator.set_state(state)
+
     def apply(self, messages: Sequence[ClientMessage]) -> Params:
         delta = self.pipeline.aggregate(messages)
         self.shared = self.optimizer.step(self.shared, delta)

@@ -16,6 +16,13 @@ class FedAvg:
     def __init__(self, learning_rate: float = 1.0) -> None:
         self.learning_rate = learning_rate
 
+    # What a checkpoint keeps between rounds: name -> tensors ("m/item_embedding", ...).
+    def state_dict(self) -> Tensors:
+        return {}
+
+    def load_state_dict(self, state: Tensors) -> None:
+        pass
+
     def step(self, params: Tensors, delta: Tensors) -> Tensors:
         return {k: params[k] + self.learning_rate * delta[k] for k in params}
 
@@ -24,6 +31,12 @@ class FedAvgM:
     def __init__(self, learning_rate: float = 1.0, momentum: float = 0.9) -> None:
         self.learning_rate, self.momentum = learning_rate, momentum
         self.velocity: Tensors = {}
+
+    def state_dict(self) -> Tensors:
+        return {f"velocity/{k}": v for k, v in self.velocity.items()}
+
+    def load_state_dict(self, state: Tensors) -> None:
+        self.velocity = _prefixed(state, "velocity/")
 
     def step(self, params: Tensors, delta: Tensors) -> Tensors:
         for k, d in delta.items():
@@ -43,6 +56,15 @@ class FedAdam:
         self.m: Tensors = {}
         self.v: Tensors = {}
 
+    def state_dict(self) -> Tensors:
+        return {
+            **{f"m/{k}": t for k, t in self.m.items()},
+            **{f"v/{k}": t for k, t in self.v.items()},
+        }
+
+    def load_state_dict(self, state: Tensors) -> None:
+        self.m, self.v = _prefixed(state, "m/"), _prefixed(state, "v/")
+
     def step(self, params: Tensors, delta: Tensors) -> Tensors:
         out = {}
         for k, d in delta.items():
@@ -60,12 +82,22 @@ class WeightDecayed:
     def __init__(self, inner: FedAvg | FedAvgM | FedAdam, decay: float) -> None:
         self.inner, self.decay = inner, decay
 
+    def state_dict(self) -> Tensors:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: Tensors) -> None:
+        self.inner.load_state_dict(state)
+
     def step(self, params: Tensors, delta: Tensors) -> Tensors:
         out = self.inner.step(params, delta)
         return {k: v * (1 - self.decay) if v.dim() >= 2 else v for k, v in out.items()}
 
 
 ServerOptimizer = FedAvg | FedAvgM | FedAdam | WeightDecayed
+
+
+def _prefixed(state: Tensors, prefix: str) -> Tensors:
+    return {k[len(prefix) :]: v.clone() for k, v in state.items() if k.startswith(prefix)}
 
 
 def make_server_optimizer(config: FederatedConfig) -> ServerOptimizer:

@@ -60,9 +60,6 @@ def build_federation(
     if protection is not None:
         protected = ProtectedSum(protection, config.protection.bound)
         pipeline = replace(pipeline, summation=protected)
-    shared = get_model(config.model.name).init_shared(
-        dataset.n_items, config.model, torch_generator(config.seed, "shared", "init")
-    )
     clients = [
         SiloClient(
             i, dataset.silo(i), config.model, config.train, pipeline, config.seed,
@@ -70,15 +67,26 @@ def build_federation(
         )
         for i in range(dataset.n_silos)
     ]  # fmt: skip
-    server = FederatedServer(
+    server = make_server(config, dataset.n_items, len(clients), pipeline)
+    return FederatedRun(server=server, clients=clients, protection=protected)
+
+
+def make_server(
+    config: RunConfig, n_items: int, n_silos: int, pipeline: AggregationPipeline
+) -> FederatedServer:
+    """The coordinating server as both runtimes start it: the same initial model and sampling
+    stream for the same seed, whether the silos are simulated or separate processes."""
+    shared = get_model(config.model.name).init_shared(
+        n_items, config.model, torch_generator(config.seed, "shared", "init")
+    )
+    return FederatedServer(
         shared,
         pipeline,
         make_server_optimizer(config.federated),
-        len(clients),
+        n_silos,
         config.federated.silos_per_round,
         torch_generator(config.seed, "server", "sampling"),
     )
-    return FederatedRun(server=server, clients=clients, protection=protected)
 
 
 def run_cross_silo(
