@@ -438,6 +438,118 @@ def privacy_sweep(
     )
 
 
+deploy_app = typer.Typer(
+    help="Real deployment on Flower's deployment engine: one process per party, TLS, node keys.",
+    no_args_is_help=True,
+)
+app.add_typer(deploy_app, name="deploy")
+
+
+@deploy_app.command("local")
+def deploy_local(
+    silos: Annotated[int, typer.Option("--silos", help="Silos (SuperNode processes).")] = 4,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="TOML run configuration.")
+    ] = None,
+    out: OutOption = None,
+    seed: SeedOption = None,
+    rounds: RoundsOption = None,
+    min_silos: Annotated[
+        int,
+        typer.Option(
+            "--min-silos", help="Fewest replies a round is applied with (0: all sampled)."
+        ),
+    ] = 0,
+    round_timeout: Annotated[
+        float, typer.Option("--round-timeout", help="Seconds to wait for a round's replies.")
+    ] = 300.0,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Run a TLS-authenticated federation on this machine: one SuperLink, one SuperNode per silo
+    (each with only its own data file), FedShop's server as the ServerApp; writes the same run
+    folder as the simulator and stops every process it started."""
+    from fedshop.data.registry import load_dataset
+    from fedshop.deploy.local import commands
+    from fedshop.deploy.run import DeploySettings, check_deployable
+    from fedshop.deploy.run import deploy_local as run_deployment
+    from fedshop.report.run_folder import prepare_run_folder, write_run
+
+    if silos < 2:
+        raise FedShopError("--silos must be at least 2")
+    run_config = load_config(
+        config,
+        overrides={
+            "seed": seed,
+            "federated.rounds": rounds,
+            "data.max_silos": silos,
+            "methods": ["federated"],
+        },
+    )
+    check_deployable(run_config)
+    out = prepare_run_folder(out or _default_out("deploy"), overwrite)
+    with console.status("Loading and cleaning data…"):
+        dataset = load_dataset(run_config.data, seed=run_config.seed)
+    if dataset.n_silos != silos:
+        raise FedShopError(
+            f"{dataset.name} splits into {dataset.n_silos} silos here, not {silos}; "
+            "choose --silos accordingly"
+        )
+    console.print(
+        f"[bold]Local federation[/]: 1 SuperLink + {silos} SuperNodes on 127.0.0.1, TLS and "
+        f"SuperNode authentication on; silos: {', '.join(dataset.silo_names)}"
+    )
+    settings = DeploySettings(min_silos=min_silos, round_timeout=round_timeout)
+    result = run_deployment(
+        run_config, dataset, out, settings, on_line=lambda line: console.print(f"  {line}")
+    )
+    write_run(out, result)
+    _print_tables(result)
+    console.print(f"\nRun folder: [bold]{out}[/]  ·  report: [bold]{out / 'report.html'}[/]")
+    console.print("\n[dim]The same on separate hosts:[/]")
+    console.print(escape(commands(silos, "superlink.example.com")), highlight=False)
+
+
+@deploy_app.command("certs")
+def deploy_certs(
+    host: Annotated[
+        list[str], typer.Option("--host", help="The SuperLink's host name or IP (repeatable).")
+    ],
+    silos: Annotated[int, typer.Option("--silos", help="How many silo key pairs to make.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for certs/ and keys/.")],
+) -> None:
+    """Make the CA and SuperLink certificate, and one SuperNode key pair per silo."""
+    from fedshop.deploy.pki import make_node_keys, make_tls
+
+    if silos < 1:
+        raise FedShopError("--silos must be at least 1")
+    files = make_tls(out / "certs", host)
+    for index in range(silos):
+        make_node_keys(out / "keys", f"silo-{index}")
+    console.print(
+        f"CA [bold]{files.ca}[/] (to every silo), SuperLink certificate {files.certificate} and "
+        f"key {files.key} (stay on the SuperLink host), {silos} SuperNode key pairs in "
+        f"{out / 'keys'} (each private key to its silo only; register the .pub files)"
+    )
+
+
+@deploy_app.command("silo-data")
+def deploy_silo_data(
+    out: Annotated[Path, typer.Option("--out", help="Folder for the silo files.")],
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="TOML run configuration.")
+    ] = None,
+) -> None:
+    """Write each silo's data file (silo-N.npz) from a dataset: hand each silo only its own."""
+    from fedshop.data.registry import load_dataset
+    from fedshop.deploy.silo_files import write_silo_file
+
+    run_config = load_config(config)
+    dataset = load_dataset(run_config.data, seed=run_config.seed)
+    for index, name in enumerate(dataset.silo_names):
+        path = write_silo_file(out / f"silo-{index}.npz", dataset, index)
+        console.print(f"{path}  ({name}, {dataset.silo(index).n_users:,} customers)")
+
+
 def _parse_epsilons(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(part) for part in text.split(",") if part.strip())

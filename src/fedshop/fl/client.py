@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from fedshop.config import ModelConfig, TrainConfig
 from fedshop.data.interactions import SiloData
 from fedshop.eval.metrics import MetricSums, evaluate
-from fedshop.fl.dp_local import DpSgdState, dp_sgd_steps
 from fedshop.fl.local_round import LocalTraining
 from fedshop.fl.stages import AggregationPipeline, ClientMessage
 from fedshop.models.spec import Params, get_model, score_all
 from fedshop.models.train import train_bpr
-from fedshop.privacy.dp import DpPlan
 from fedshop.seeding import torch_generator
+
+if TYPE_CHECKING:  # the DP modules (and their accountant) load only for DP runs
+    from fedshop.fl.dp_local import DpSgdState
+    from fedshop.privacy.dp import DpPlan
 
 
 class SiloClient:
@@ -69,6 +73,8 @@ class SiloClient:
     ) -> ClientMessage:
         """Record-level DP: DP-SGD over this silo's customers (`fl/dp_local.py`). The message's
         weight is the silo's *released* (noisy) customer count, never the true one."""
+        from fedshop.fl.dp_local import dp_sgd_steps
+
         training = LocalTraining(
             1, self.client_learning_rate, self.train_config.l2, self.train_config.negatives
         )

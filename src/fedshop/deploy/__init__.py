@@ -1,0 +1,1 @@
+"""Real deployment on Flower's deployment engine: one process per party, TLS, node authentication."""

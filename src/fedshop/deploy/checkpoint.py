@@ -1,0 +1,78 @@
+"""The server's checkpoint: written after every round, read by a restarted server.
+
+It holds the global parameters, the server optimiser's state, the round just finished, the sampling
+stream's state and the round history: everything the next round depends on. Each checkpoint is a
+folder written in full before a one-line `LATEST` file is replaced to point at it, so a server
+killed while writing leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from fedshop.errors import FedShopError
+from fedshop.fl.server import FederatedServer
+from fedshop.fl.simulator import RoundRecord
+
+
+@dataclass
+class Checkpoint:
+    round: int
+    history: list[RoundRecord]
+    config_digest: str
+
+
+def save_checkpoint(
+    folder: Path, server: FederatedServer, history: list[RoundRecord], digest: str
+) -> Path:
+    target = folder / f"round-{server.round:05d}"
+    target.mkdir(parents=True, exist_ok=True)
+    tensors = {f"shared/{k}": v.contiguous() for k, v in server.shared.items()}
+    tensors |= {f"optimizer/{k}": v.contiguous() for k, v in server.optimizer.state_dict().items()}
+    tensors["sampling"] = server.sampling_state()
+    save_file(tensors, str(target / "state.safetensors"))
+    meta = {
+        "round": server.round,
+        "config_digest": digest,
+        "history": [asdict(record) for record in history],
+    }
+    (target / "state.json").write_text(json.dumps(meta) + "\n")
+    latest = folder / "LATEST"
+    latest.with_suffix(".tmp").write_text(target.name + "\n")
+    os.replace(latest.with_suffix(".tmp"), latest)
+    return target
+
+
+def load_checkpoint(folder: Path, server: FederatedServer, digest: str) -> Checkpoint | None:
+    """Restore `server` from the latest checkpoint in `folder`; None when there is none yet."""
+    latest = folder / "LATEST"
+    if not latest.is_file():
+        return None
+    target = folder / latest.read_text().strip()
+    meta = json.loads((target / "state.json").read_text())
+    if meta["config_digest"] != digest:
+        raise FedShopError(
+            f"the checkpoint in {folder} belongs to a run with another config; resume with the "
+            "same config or start in an empty folder"
+        )
+    tensors = load_file(str(target / "state.safetensors"))
+    server.shared = {
+        k.removeprefix("shared/"): v for k, v in tensors.items() if k.startswith("shared/")
+    }
+    server.optimizer.load_state_dict(
+        {k.removeprefix("optimizer/"): v for k, v in tensors.items() if k.startswith("optimizer/")}
+    )
+    server.load_sampling_state(tensors["sampling"])
+    server.round = int(meta["round"])
+    history = [RoundRecord(**record) for record in meta["history"]]
+    return Checkpoint(server.round, history, digest)
+
+
+def config_digest(toml_text: str) -> str:
+    return hashlib.sha256(toml_text.encode()).hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Flower entry points for FedShop (the logic lives in fedshop.deploy)."""

@@ -1,0 +1,342 @@
+"""A whole federation on this machine, one process per party, as it would run across hosts.
+
+`LocalFederation` starts one SuperLink (TLS, SuperNode authentication on) and one SuperNode per silo,
+each in its own process group with its own Flower home folder, registers every silo's key, submits
+the FedShop app with `flwr run`, waits for the run and stops every process it started, also on
+failure or Ctrl-C. `commands()` prints the same steps for separate hosts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedshop.deploy.pki import TlsFiles, make_node_keys, make_tls
+from fedshop.errors import FedShopError
+
+APP_DIR = Path(__file__).parent / "flower_app"
+BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode and flwr come with flwr
+
+
+class DeploymentError(FedShopError):
+    """A party did not start, the run failed, or it did not finish in time."""
+
+
+@dataclass
+class Silo:
+    index: int
+    data: Path
+    state: Path
+    private_key: Path | None = None
+    public_key: Path | None = None
+
+
+@dataclass
+class LocalFederation:
+    folder: Path  # everything of the deployment: certs, keys, logs, each party's home
+    silos: list[Silo]
+    tls: bool = True
+    authenticate: bool = True
+    port: int = 0  # the SuperLink's; 0: a free one
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    tls_files: TlsFiles | None = None
+
+    def __post_init__(self) -> None:
+        if self.authenticate and not self.tls:
+            raise DeploymentError("SuperNode authentication needs TLS")
+        self.folder = self.folder.resolve()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        self.env = {
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            # No internet on a silo host is normal: no telemetry, no update check.
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+        }
+        if self.tls:
+            self.tls_files = make_tls(self.folder / "certs", ["127.0.0.1", "localhost"])
+        if self.authenticate:
+            for silo in self.silos:
+                silo.private_key, silo.public_key = make_node_keys(
+                    self.folder / "keys", f"silo-{silo.index}"
+                )
+        self._write_cli_config()
+
+    # -- parties -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.start_superlink()
+        for silo in self.silos:
+            if self.authenticate:
+                self.register(silo)
+            self.start_silo(silo)
+
+    def start_superlink(self) -> None:
+        command = [
+            str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+            "--disable-runtime-dependency-installation",
+            # On disk, so that a restarted SuperLink still knows the registered nodes.
+            "--database", str(self.folder / "superlink.db"),
+        ]  # fmt: skip
+        if self.tls_files:
+            command += [
+                "--ssl-ca-certfile", str(self.tls_files.ca),
+                "--ssl-certfile", str(self.tls_files.certificate),
+                "--ssl-keyfile", str(self.tls_files.key),
+            ]  # fmt: skip
+        else:
+            command += ["--insecure"]
+        if self.authenticate:
+            command += ["--enable-supernode-auth"]
+        process = self._spawn("superlink", command)
+        deadline = time.monotonic() + 60
+        while not _listening(self.port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise DeploymentError(f"the SuperLink did not start:\n{self.log_tail('superlink')}")
+            time.sleep(0.1)
+
+    def register(self, silo: Silo) -> None:
+        result = self.flwr("supernode", "register", str(silo.public_key), "fedshop")
+        if result.returncode != 0:
+            raise DeploymentError(
+                f"registering silo {silo.index}'s key failed: {result.stdout}{result.stderr}"
+            )
+
+    def start_silo(self, silo: Silo, private_key: Path | None = None) -> subprocess.Popen:
+        node_config = f'silo-data="{silo.data}" state-dir="{silo.state}"'
+        command = [
+            str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+            "--port", str(free_port()), "--node-config", node_config,
+        ]  # fmt: skip
+        command += (
+            ["--root-certificates", str(self.tls_files.ca)] if self.tls_files else ["--insecure"]
+        )
+        key = private_key or silo.private_key
+        if key is not None:
+            command += ["--auth-supernode-private-key", str(key)]
+        return self._spawn(f"silo-{silo.index}", command)
+
+    def stop_process(self, name: str, sig: int = signal.SIGTERM) -> None:
+        """Stop one party (and what it started); for trials of failures."""
+        process = self.processes[name]
+        _signal_tree(process.pid, sig)
+        process.wait(timeout=30)
+
+    # -- runs ----------------------------------------------------------------------------------
+
+    def submit(self, run_config: dict[str, object]) -> int:
+        app = self.folder / "app"
+        if not app.exists():
+            shutil.copytree(APP_DIR, app, ignore=shutil.ignore_patterns("__pycache__"))
+        settings = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
+        result = self.flwr("run", str(app), "fedshop", "--run-config", settings, "--format", "json")
+        reply = _json_in(result.stdout)
+        # flwr exits 0 with --format json even when the run was refused: read "success".
+        if not reply.get("success"):
+            raise DeploymentError(f"flwr run failed: {result.stdout}{result.stderr}")
+        return int(reply["run-id"])
+
+    def status(self, run_id: int) -> tuple[str, str]:
+        result = self.flwr("ls", "fedshop", "--run-id", str(run_id), "--format", "json")
+        reply = _json_in(result.stdout)
+        if not reply.get("success") or not reply.get("runs"):
+            raise DeploymentError(f"flwr ls failed: {result.stdout}{result.stderr}")
+        run = reply["runs"][0]
+        return str(run["status"]), str(run.get("status-details", ""))
+
+    def wait(self, run_id: int, timeout: float, on_poll=None) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            status, details = self.status(run_id)
+            if on_poll is not None:
+                on_poll()
+            if status == "finished:completed":
+                return
+            if status.startswith("finished"):
+                raise DeploymentError(
+                    f"the run ended {status.split(':')[1]}: {details}\n{self.server_log(run_id)}"
+                )
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"the run did not finish within {timeout:.0f} s")
+            if self.processes["superlink"].poll() is not None:
+                raise DeploymentError(f"the SuperLink stopped:\n{self.log_tail('superlink')}")
+            time.sleep(1.0)
+
+    def server_log(self, run_id: int) -> str:
+        return self.flwr("log", str(run_id), "fedshop", "--show").stdout[-4000:]
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def flwr(self, *args: str) -> subprocess.CompletedProcess:
+        env = {**self.env, "FLWR_HOME": str(self.folder / "home" / "cli")}
+        return subprocess.run(
+            [str(BIN / "flwr"), *args], env=env, capture_output=True, text=True, timeout=120
+        )
+
+    def _write_cli_config(self) -> None:
+        home = self.folder / "home" / "cli"
+        home.mkdir(parents=True, exist_ok=True)
+        lines = ["[superlink]", 'default = "fedshop"', "", "[superlink.fedshop]"]
+        lines.append(f'address = "127.0.0.1:{self.port}"')
+        if self.tls_files:
+            lines.append(f'root-certificates = "{self.tls_files.ca}"')
+        else:
+            lines.append("insecure = true")
+        (home / "config.toml").write_text("\n".join(lines) + "\n")
+
+    def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
+        home = self.folder / "home" / name
+        home.mkdir(parents=True, exist_ok=True)
+        log = (self.folder / "logs" / f"{name}.log").open("ab")
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env={**self.env, "FLWR_HOME": str(home)},
+            start_new_session=True,  # its own process group: stopped as a whole
+        )  # fmt: skip
+        self.processes[name] = process
+        return process
+
+    def log_tail(self, name: str, chars: int = 3000) -> str:
+        path = self.folder / "logs" / f"{name}.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+    def stop(self) -> None:
+        """Stop every process this federation started and everything they started, and wait
+        until none is left (SIGKILL for any that outlives a grace period)."""
+        family: set[int] = set(_started_under(self.folder / "home"))
+        for process in self.processes.values():
+            family |= {process.pid, *_descendants(process.pid)}
+        for process in self.processes.values():
+            if process.poll() is None:
+                _signal_tree(process.pid, signal.SIGTERM)
+        for pid in family:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in family) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in family:
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        for process in self.processes.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=10)
+
+    def __enter__(self) -> LocalFederation:
+        (self.folder / "logs").mkdir(parents=True, exist_ok=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, str):
+        return json.dumps(value)  # a quoted string, as --run-config wants
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _json_in(text: str) -> dict:
+    start = text.find("{")
+    try:
+        return json.loads(text[start:]) if start >= 0 else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _started_under(home: Path) -> list[int]:
+    """Processes whose Flower home lies in `home`: every party started here and all they started,
+    also those orphaned when a parent exited (the environment is inherited)."""
+    marker = f"FLWR_HOME={home}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                environ = Path(f"/proc/{entry}/environ").read_bytes()
+            except OSError:
+                continue
+            if any(item.startswith(marker) for item in environ.split(b"\0")):
+                found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie, already exited and waiting to be reaped, counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _signal_tree(pid: int, sig: int) -> None:
+    # The SuperLink starts its executor in a session of its own: killing the group is not enough,
+    # so every descendant is found first (before any of them exits and is re-parented).
+    for target in [*_descendants(pid), pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(target, sig)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def commands(silos: int, superlink_host: str) -> str:
+    """The same deployment by hand on separate hosts (printed by `fedshop deploy local`)."""
+    q = shlex.quote
+    lines = [
+        "# On the SuperLink host (the coordinator):",
+        f"fedshop deploy certs --host {q(superlink_host)} --silos {silos} --out deployment",
+        "flower-superlink --ssl-ca-certfile deployment/certs/ca.crt "
+        "--ssl-certfile deployment/certs/superlink.crt --ssl-keyfile deployment/certs/superlink.key "
+        "--enable-supernode-auth --disable-runtime-dependency-installation",
+    ]
+    for i in range(silos):
+        lines.append(f"flwr supernode register deployment/keys/silo-{i}.pub fedshop")
+    lines += [
+        "",
+        "# On each silo's host i (with its own data file and deployment/certs/ca.crt, "
+        "deployment/keys/silo-i):",
+        f"flower-supernode --superlink {q(superlink_host)}:9092 --root-certificates ca.crt "
+        "--auth-supernode-private-key silo-i "
+        '--node-config \'silo-data="silo-i.npz" state-dir="state"\'',
+    ]
+    return "\n".join(lines)

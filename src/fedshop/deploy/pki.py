@@ -1,0 +1,110 @@
+"""Keys and certificates for a deployment, made with `cryptography`.
+
+- A certificate authority and a SuperLink (server) certificate: every connection to the SuperLink is
+  TLS, and nodes trust only this CA.
+- One SuperNode key pair per silo (EC P-384, OpenSSH format, as Flower expects): the SuperLink admits
+  only nodes whose public key was registered with `flwr supernode register`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+_PEM = serialization.Encoding.PEM
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: Path  # give to every SuperNode and to the flwr CLI (--root-certificates)
+    certificate: Path  # the SuperLink's
+    key: Path  # the SuperLink's private key: stays on the SuperLink host
+
+
+def make_tls(folder: Path, hosts: list[str], days: int = 365) -> TlsFiles:
+    """A CA and a SuperLink certificate valid for `hosts` (names or IP addresses)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "FedShop deployment CA")])
+    ca = (
+        _builder(ca_name, ca_name, ca_key.public_key(), now, days)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_usage(cert_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP384R1())
+    names = [_subject_alt_name(host) for host in hosts]
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
+    certificate = (
+        _builder(subject, ca_name, key.public_key(), now, days)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    files = TlsFiles(folder / "ca.crt", folder / "superlink.crt", folder / "superlink.key")
+    files.ca.write_bytes(ca.public_bytes(_PEM))
+    files.certificate.write_bytes(certificate.public_bytes(_PEM))
+    files.key.write_bytes(
+        key.private_bytes(
+            _PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+        )
+    )
+    files.key.chmod(0o600)
+    return files
+
+
+def make_node_keys(folder: Path, name: str) -> tuple[Path, Path]:
+    """A SuperNode's (private, public) key files; only the public one leaves the silo."""
+    folder.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / name, folder / f"{name}.pub"
+    private.write_bytes(
+        key.private_bytes(_PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    )
+    private.chmod(0o600)
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+    )
+    return private, public
+
+
+def _builder(subject, issuer, public_key, now: dt.datetime, days: int) -> x509.CertificateBuilder:
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+    )
+
+
+def _usage(cert_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=False, key_cert_sign=cert_sign,
+        crl_sign=cert_sign, encipher_only=False, decipher_only=False,
+    )  # fmt: skip
+
+
+def _subject_alt_name(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)

@@ -1,0 +1,143 @@
+"""`fedshop deploy local`: a FedShop run as a real federation on this machine.
+
+The data is split into one file per silo, each silo runs as its own SuperNode process with only its
+own file and state folder, the server runs as Flower's ServerApp, and the result is written as the
+same run folder (config.toml, metrics.json, report.html, models/) as the simulator's.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from fedshop.config import RunConfig
+from fedshop.data.interactions import RecDataset, with_eval_negatives
+from fedshop.deploy.local import LocalFederation, Silo
+from fedshop.deploy.silo_files import write_silo_file
+from fedshop.errors import FedShopError
+from fedshop.eval.metrics import MetricSums, summarise
+from fedshop.experiment import NO_PRIVACY, ExperimentResult, MethodResult, slug
+from fedshop.fl.simulator import RoundRecord
+from fedshop.secure.stage import summarise_costs
+
+
+@dataclass(frozen=True)
+class DeploySettings:
+    min_silos: int = 0  # 0: every sampled silo must reply
+    round_timeout: float = 300.0
+    wait_timeout: float = 300.0
+    run_timeout: float = 3600.0
+    tls: bool = True
+    authenticate: bool = True
+
+
+def check_deployable(config: RunConfig) -> None:
+    if config.federated.mode != "cross-silo":
+        raise FedShopError(
+            "fedshop deploy runs cross-silo federations (each party a process); "
+            'set [federated] mode = "cross-silo"'
+        )
+    if config.privacy.enabled or config.protection.kind != "none":
+        raise FedShopError(
+            "differential privacy and secure aggregation are not available in deployment yet; "
+            "use the simulator (fedshop train) for them"
+        )
+
+
+def prepare(config: RunConfig, dataset: RecDataset, folder: Path) -> tuple[list[Silo], Path]:
+    """One data file and state folder per silo, and the server's config file."""
+    if config.eval.protocol == "sampled-100":
+        dataset = with_eval_negatives(dataset, 100, config.seed)
+    silos = []
+    for index in range(dataset.n_silos):
+        data = write_silo_file(folder / "silos" / f"silo-{index}.npz", dataset, index)
+        state = folder / "silos" / f"silo-{index}-state"
+        state.mkdir(parents=True, exist_ok=True)
+        silos.append(Silo(index, data, state))
+    server_config = folder / "server" / "config.toml"
+    server_config.parent.mkdir(parents=True, exist_ok=True)
+    server_config.write_text(config.to_toml())
+    return silos, server_config
+
+
+def run_config(folder: Path, server_config: Path, n_silos: int, settings: DeploySettings) -> dict:
+    return {
+        "config-path": str(server_config),
+        "out-dir": str(folder / "server"),
+        "silos": n_silos,
+        "min-silos": settings.min_silos,
+        "round-timeout": float(settings.round_timeout),
+        "wait-timeout": float(settings.wait_timeout),
+    }
+
+
+def deploy_local(
+    config: RunConfig,
+    dataset: RecDataset,
+    out: Path,
+    settings: DeploySettings = DeploySettings(),
+    on_line: Callable[[str], None] | None = None,
+) -> ExperimentResult:
+    """Run `config` on `dataset` as a local federation; returns the result the run folder shows."""
+    check_deployable(config)
+    config = replace(config, methods=("federated",))
+    folder = out / "deployment"
+    silos, server_config = prepare(config, dataset, folder)
+    started = time.perf_counter()
+    follower = _LogFollower(folder / "server" / "server.log", on_line)
+    with LocalFederation(
+        folder, silos, tls=settings.tls, authenticate=settings.authenticate
+    ) as fed:
+        fed.start()
+        run_id = fed.submit(run_config(folder, server_config, len(silos), settings))
+        fed.wait(run_id, settings.run_timeout, on_poll=follower)
+    follower()
+    return collect(config, dataset, folder, time.perf_counter() - started)
+
+
+def collect(config: RunConfig, dataset: RecDataset, folder: Path, seconds: float):
+    """The run's result from what the server wrote and what each silo kept."""
+    server = folder / "server"
+    outcome = json.loads((server / "outcome.json").read_text())
+    per_silo = {
+        name: MetricSums(entry["sums"], entry["users"])
+        for name, entry in outcome["per_silo"].items()
+    }
+    federated = MethodResult(
+        summary=summarise(per_silo),
+        per_silo={name: sums.means() for name, sums in per_silo.items()},
+        seconds=seconds,
+    )
+    weights = {"federated/shared": load_file(str(server / "shared.safetensors"))}
+    for index, name in enumerate(dataset.silo_names):
+        final = folder / "silos" / f"silo-{index}-state" / "final.pt"
+        if final.exists():
+            state = torch.load(final, weights_only=True)
+            state["users"] = torch.tensor(dataset.silo(index).users)
+            weights[f"federated/silo-{slug(name)}"] = state
+    history = [RoundRecord(**record) for record in outcome["history"]]
+    return ExperimentResult(
+        config, dataset, {"federated": federated}, history, weights, dict(NO_PRIVACY),
+        summarise_costs("none", []),
+    )  # fmt: skip
+
+
+class _LogFollower:
+    """Hands each new line of the server's log to `on_line` (the CLI prints them)."""
+
+    def __init__(self, path: Path, on_line: Callable[[str], None] | None) -> None:
+        self.path, self.on_line, self.seen = path, on_line, 0
+
+    def __call__(self) -> None:
+        if self.on_line is None or not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines()
+        for line in lines[self.seen :]:
+            self.on_line(line)
+        self.seen = len(lines)

@@ -1,0 +1,232 @@
+"""The server's side of a deployment: FedShop's federated server driving Flower's Grid.
+
+The round is the simulator's (`fl/simulator.py`): the same `FederatedServer` samples silos, adds up
+their staged updates through the same aggregation pipeline and steps the same server optimiser; each
+silo trains with the same `SiloClient` in its own process (`silo_app.py`). Only the transport
+differs, so a deployment and the simulator build the same model for the same seed.
+
+Rounds and failures: a round goes to the sampled silos that are online; replies that fail or do not
+arrive within `round-timeout` seconds count as dropouts, and the round is applied when at least
+`min-silos` replies arrived (else it waits for silos to come back and retries it, applying
+nothing). A checkpoint is written after every round; a restarted server resumes from it.
+
+Run config (set by `fedshop deploy`, see the app's pyproject.toml): `config-path` (the run's TOML on
+the server host), `out-dir` (where the server writes checkpoints and its outcome), `silos` (how many
+silos the federation has), `min-silos`, `round-timeout`, `wait-timeout`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from safetensors.torch import save_file
+
+from fedshop.config import load_config
+from fedshop.deploy import wire
+from fedshop.deploy.checkpoint import config_digest, load_checkpoint, save_checkpoint
+from fedshop.errors import FedShopError
+from fedshop.eval.metrics import MetricSums, summarise
+from fedshop.fl.simulator import RoundRecord, make_server
+from fedshop.fl.stages import AggregationPipeline, ClientMessage
+
+_POLL_SECONDS = 0.2  # Grid.send_and_receive sleeps 3 s between polls; rounds are shorter here
+
+
+class Federation:
+    """Which node serves which silo, learnt by asking the nodes, refreshed as nodes come and go."""
+
+    def __init__(self, grid: Grid, n_silos: int, round_timeout: float) -> None:
+        self.grid = grid
+        self.n_silos = n_silos
+        self.round_timeout = round_timeout
+        self.node_of: dict[int, int] = {}
+        self.names: dict[int, str] = {}
+        self.catalogue: str | None = None
+        self.n_items: int | None = None
+
+    def refresh(self) -> None:
+        online = set(self.grid.get_node_ids())
+        self.node_of = {s: n for s, n in self.node_of.items() if n in online}
+        unknown = sorted(online - set(self.node_of.values()))
+        if not unknown:
+            return
+        hello = RecordDict({"task": ConfigRecord({"kind": "hello"})})
+        for reply in self.exchange({n: (hello, MessageType.QUERY) for n in unknown}, "hello"):
+            info = reply.content["silo"]
+            silo = int(info["silo"])
+            if not 0 <= silo < self.n_silos:
+                raise FedShopError(f"a node serves silo {silo}; this federation has {self.n_silos}")
+            if self.catalogue is None:
+                self.catalogue, self.n_items = str(info["catalogue"]), int(info["n-items"])
+            elif str(info["catalogue"]) != self.catalogue:
+                raise FedShopError(
+                    f"silo {silo} ({info['name']}) indexes another item catalogue; every silo's "
+                    "data file must come from the same catalogue"
+                )
+            self.node_of[silo] = reply.metadata.src_node_id
+            self.names[silo] = str(info["name"])
+
+    def by_name(self, per_silo: dict[int, MetricSums]) -> dict[str, MetricSums]:
+        return {self.names[s]: per_silo[s] for s in sorted(per_silo)}
+
+    def wait_for(self, count: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.refresh()
+            if len(self.node_of) >= count:
+                return
+            if time.monotonic() > deadline:
+                raise FedShopError(
+                    f"only {len(self.node_of)} of the {count} silos needed came online within "
+                    f"{timeout:.0f} s"
+                )
+            time.sleep(1.0)
+
+    def exchange(self, contents: dict[int, tuple[RecordDict, str]], group: str) -> list[Message]:
+        """Send each node its (content, message type); the successful replies that arrive within
+        the timeout."""
+        messages = [
+            Message(content, dst_node_id=node, message_type=kind, group_id=group)
+            for node, (content, kind) in contents.items()
+        ]
+        pending = {i for i in self.grid.push_messages(messages) if i}
+        replies: list[Message] = []
+        deadline = time.monotonic() + self.round_timeout
+        while pending and time.monotonic() < deadline:
+            arrived = list(self.grid.pull_messages(pending))
+            pending -= {r.metadata.reply_to_message_id for r in arrived}
+            replies += [r for r in arrived if not r.has_error()]
+            if pending:
+                time.sleep(_POLL_SECONDS)
+        return replies
+
+
+def serve(grid: Grid, context: Context) -> None:
+    settings = context.run_config
+    config = load_config(Path(str(settings["config-path"])))
+    toml_text = config.to_toml()
+    out = Path(str(settings["out-dir"]))
+    out.mkdir(parents=True, exist_ok=True)
+    n_silos = int(settings["silos"])
+    min_silos = int(settings["min-silos"]) or n_silos
+    federation = Federation(grid, n_silos, float(settings["round-timeout"]))
+    wait_timeout = float(settings["wait-timeout"])
+    # Every silo at the start: the model's shape and the silos' names come from them.
+    federation.wait_for(n_silos, wait_timeout)
+    pipeline = AggregationPipeline.for_aggregation(config.federated.aggregation)
+    server = make_server(config, federation.n_items, n_silos, pipeline)
+    digest = config_digest(toml_text)
+    checkpoints = out / "checkpoints"
+    resumed = load_checkpoint(checkpoints, server, digest)
+    history = resumed.history if resumed else []
+    log = _Log(out / "server.log")
+    if resumed:
+        log(f"resumed from the checkpoint after round {resumed.round}")
+    fed = config.federated
+
+    def is_eval_round(r: int) -> bool:
+        return r % config.eval.eval_every == 0 or r == fed.rounds
+
+    while server.round < fed.rounds:
+        round_number = server.round + 1
+        started = time.perf_counter()
+        # The previous round's model is evaluated by the silos in this round's exchange (before
+        # they train on it): one exchange per round instead of two, and the same metrics as the
+        # simulator's, whose silos evaluate with the same private state.
+        pending = history[-1] if history and is_eval_round(history[-1].round) else None
+        if pending is not None and pending.metrics is not None:
+            pending = None
+        before = server.sampling_state()
+        chosen = server.sample_clients()
+        federation.refresh()
+        shared = wire.params_record(server.shared)
+        contents = {}
+        for silo, node in federation.node_of.items():
+            if silo in chosen:
+                task = _task("train", round_number, toml_text, evaluate=pending is not None)
+                contents[node] = (RecordDict({"task": task, "shared": shared}), MessageType.TRAIN)
+            elif pending is not None:
+                task = _task("evaluate", pending.round, toml_text)
+                contents[node] = (
+                    RecordDict({"task": task, "shared": shared}),
+                    MessageType.EVALUATE,
+                )
+        replies = federation.exchange(contents, f"round-{round_number}")
+        updates = dict(wire.record_update(r.content) for r in replies if "update" in r.content)
+        if pending is not None:
+            sums = dict(wire.record_metrics(r.content) for r in replies)
+            history[-1] = replace(pending, metrics=summarise(federation.by_name(sums)))
+            log(f"round {pending.round}: HR@10 {history[-1].metrics['hr@10']:.4f}")
+        if len(updates) < min(min_silos, len(chosen)):
+            log(
+                f"round {round_number}: {len(updates)} of {len(chosen)} silos replied, "
+                f"{min(min_silos, len(chosen))} needed; waiting for silos and trying again"
+            )
+            federation.wait_for(min_silos, wait_timeout)
+            # The retried round draws the same silos again.
+            server.load_sampling_state(before)
+            continue
+        # In silo order, as the simulator adds them: the same float sums.
+        messages: list[ClientMessage] = [updates[s] for s in sorted(updates)]
+        server.apply(messages)
+        record = RoundRecord(round_number, sorted(updates), time.perf_counter() - started, None)
+        history.append(record)
+        save_checkpoint(checkpoints, server, history, digest)
+        dropped = sorted(set(chosen) - set(updates))
+        log(
+            f"round {round_number}: {len(updates)} silos trained"
+            + (f", silos {dropped} dropped out" if dropped else "")
+            + f" ({record.seconds:.2f} s)"
+        )
+    # The last round's model, as it is and after every silo has refitted its own vectors.
+    federation.wait_for(n_silos, wait_timeout)
+    task = _task("evaluate", server.round, toml_text, final=True)
+    shared = wire.params_record(server.shared)
+    contents = {
+        node: (RecordDict({"task": task, "shared": shared}), MessageType.EVALUATE)
+        for node in federation.node_of.values()
+    }
+    replies = federation.exchange(contents, "final")
+    if history and history[-1].metrics is None:
+        sums = dict(wire.record_metrics(r.content) for r in replies)
+        history[-1] = replace(history[-1], metrics=summarise(federation.by_name(sums)))
+    final = federation.by_name(dict(wire.record_metrics(r.content, "final") for r in replies))
+    write_outcome(out, server.shared, history, final, federation.names)
+    save_checkpoint(checkpoints, server, history, digest)
+    log(f"finished: HR@10 {summarise(final)['hr@10']:.4f}")
+
+
+def _task(kind: str, round_number: int, toml_text: str, evaluate=False, final=False):
+    return ConfigRecord(
+        {
+            "kind": kind, "round": round_number, "config": toml_text,
+            "evaluate": evaluate, "final": final,
+        }
+    )  # fmt: skip
+
+
+def write_outcome(out: Path, shared, history: list[RoundRecord], final, names) -> None:
+    """What the server knows at the end: the shared model, the rounds, the silos' metric sums."""
+    save_file({k: v.contiguous() for k, v in shared.items()}, str(out / "shared.safetensors"))
+    outcome = {
+        "history": [asdict(r) for r in history],
+        "per_silo": {name: {"sums": s.sums, "users": s.users} for name, s in final.items()},
+        "silo_names": [names[s] for s in sorted(names)],
+    }
+    (out / "outcome.json").write_text(json.dumps(outcome, indent=1) + "\n")
+
+
+class _Log:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __call__(self, line: str) -> None:
+        stamped = f"{time.strftime('%H:%M:%S')} {line}"
+        print(stamped, flush=True)
+        with self.path.open("a") as f:
+            f.write(stamped + "\n")

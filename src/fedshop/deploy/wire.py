@@ -1,0 +1,53 @@
+"""FedShop's messages as Flower records: what crosses the network between a silo and the server."""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from fedshop.eval.metrics import METRIC_NAMES, MetricSums
+from fedshop.fl.stages import ClientMessage
+from fedshop.models.spec import Params
+
+
+def params_record(params: Params) -> ArrayRecord:
+    return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in params.items()})
+
+
+def record_params(record: ArrayRecord) -> Params:
+    return {k: v.clone() for k, v in record.to_torch_state_dict().items()}
+
+
+def update_record(silo: int, message: ClientMessage, extra: dict | None = None) -> RecordDict:
+    """A silo's staged update: the shared-parameter tensors and the message's public metadata."""
+    meta = ConfigRecord(
+        {
+            "silo": silo,
+            "weight": float(message.weight),
+            "num-examples": float(message.num_examples),
+            "local-steps": int(message.local_steps),
+        }
+    )
+    return RecordDict({"update": params_record(message.tensors), "meta": meta, **(extra or {})})
+
+
+def record_update(content: RecordDict) -> tuple[int, ClientMessage]:
+    meta = content["meta"]
+    message = ClientMessage(
+        tensors=record_params(content["update"]),
+        weight=float(meta["weight"]),
+        num_examples=float(meta["num-examples"]),
+        local_steps=int(meta["local-steps"]),
+    )
+    return int(meta["silo"]), message
+
+
+def metrics_config(silo: int, sums: MetricSums) -> ConfigRecord:
+    """Only metric sums leave a silo after evaluation, never per-customer scores."""
+    values = {f"sum/{k}": float(sums.sums[k]) for k in METRIC_NAMES}
+    return ConfigRecord({"silo": silo, "users": sums.users, **values})
+
+
+def record_metrics(content: RecordDict, name: str = "metrics") -> tuple[int, MetricSums]:
+    record = content[name]
+    sums = {k: float(record[f"sum/{k}"]) for k in METRIC_NAMES}
+    return int(record["silo"]), MetricSums(sums, int(record["users"]))

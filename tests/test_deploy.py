@@ -1,0 +1,164 @@
+"""Real deployment: SuperLink and SuperNodes as separate processes on 127.0.0.1, with TLS and node
+authentication; the same model as the simulator; failures of a silo and of the server."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedshop.config import DataConfig, load_config
+from fedshop.data.registry import load_dataset
+from fedshop.deploy.local import LocalFederation, Silo
+from fedshop.deploy.pki import make_node_keys
+from fedshop.deploy.run import DeploySettings, deploy_local, prepare, run_config
+from fedshop.deploy.silo_files import SiloFileError, read_silo_file
+from fedshop.errors import FedShopError
+from fedshop.fl.simulator import run_cross_silo
+
+SMALL = {
+    "methods": ["federated"], "model.dim": 8, "federated.rounds": 2, "data.max_silos": 3,
+    "federated.personalise_epochs": 1,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def three_silos(data_dir):
+    return load_dataset(DataConfig(max_silos=3))
+
+
+@pytest.fixture(scope="module")
+def deployed(three_silos, tmp_path_factory):
+    config = load_config(overrides=SMALL)
+    out = tmp_path_factory.mktemp("deployed")
+    result = deploy_local(config, three_silos, out)
+    return config, out, result
+
+
+def _no_flower_processes_left() -> bool:
+    listing = subprocess.run(["ps", "-eo", "stat,args"], capture_output=True, text=True).stdout
+    return not [
+        line
+        for line in listing.splitlines()
+        if ("flower-" in line or "flwr-" in line) and not line.startswith("Z")
+    ]
+
+
+def test_deployment_builds_the_same_model_as_the_simulator(three_silos, deployed):
+    config, out, result = deployed
+    simulated = run_cross_silo(three_silos, config)
+    shared = load_file(str(out / "deployment" / "server" / "shared.safetensors"))
+    assert set(shared) == set(simulated.server.shared)
+    for name, value in simulated.server.shared.items():
+        torch.testing.assert_close(shared[name], value, rtol=0, atol=1e-6)
+    # The per-round metrics too: the silos evaluated with the same private state.
+    for deployed_round, simulated_round in zip(result.history, simulated.history, strict=True):
+        assert deployed_round.clients == simulated_round.clients == [0, 1, 2]
+        assert deployed_round.metrics["hr@10"] == pytest.approx(simulated_round.metrics["hr@10"])
+    assert _no_flower_processes_left()
+
+
+def test_each_silo_holds_only_its_own_data(three_silos, deployed):
+    _, out, _ = deployed
+    for index in range(3):
+        silo, meta = read_silo_file(out / "deployment" / "silos" / f"silo-{index}.npz")
+        assert meta["index"] == index and silo.name == three_silos.silo_names[index]
+        assert (silo.users == three_silos.silo(index).users).all()
+        assert silo.train.shape == (len(silo.users), three_silos.n_items)
+    with pytest.raises(SiloFileError, match="does not exist"):
+        read_silo_file(out / "nowhere.npz")
+
+
+def test_cli_writes_the_same_run_folder_as_the_simulator(tmp_path, data_dir):
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "fedshop", "deploy", "local", "--silos", "3", "--rounds", "1",
+        "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["mode"] == "cross-silo" and metrics["federated"]["hr@10"] > 0
+    assert len(metrics["history"]) == 1 and set(metrics["per_silo"]) == {
+        "United Kingdom", "Rest of world", "Germany",
+    }  # fmt: skip
+    assert (out / "report.html").exists() and (out / "models" / "federated" / "shared.safetensors")
+    assert "flower-supernode" in done.stdout  # the commands for separate hosts
+    assert _no_flower_processes_left()
+
+
+def test_an_unregistered_node_is_refused(tmp_path):
+    silo = Silo(0, tmp_path / "none.npz", tmp_path / "state")
+    with LocalFederation(tmp_path / "fed", [silo]) as federation:
+        federation.start_superlink()
+        intruder, _ = make_node_keys(tmp_path / "intruder", "intruder")
+        process = federation.start_silo(silo, private_key=intruder)
+        assert process.wait(timeout=60) != 0
+        assert "Failed to activate SuperNode" in federation.log_tail("silo-0")
+    assert _no_flower_processes_left()
+
+
+def test_authentication_needs_tls(tmp_path):
+    with pytest.raises(FedShopError, match="needs TLS"):
+        LocalFederation(tmp_path, [], tls=False, authenticate=True)
+
+
+def _wait_for_line(path: Path, text: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{text!r} never appeared in {path}")
+
+
+def test_a_killed_silo_is_left_out_and_rejoins(three_silos, tmp_path):
+    config = load_config(overrides={**SMALL, "federated.rounds": 5})
+    folder = tmp_path / "deployment"
+    silos, server_config = prepare(config, three_silos, folder)
+    settings = DeploySettings(min_silos=2, round_timeout=30)
+    log = folder / "server" / "server.log"
+    with LocalFederation(folder, silos) as federation:
+        federation.start()
+        run_id = federation.submit(run_config(folder, server_config, 3, settings))
+        _wait_for_line(log, "round 1: 3 silos trained")
+        federation.stop_process("silo-2", signal.SIGTERM)
+        _wait_for_line(log, "silos [2] dropped out")
+        federation.start_silo(silos[2])  # the same key: the silo comes back
+        federation.wait(run_id, timeout=600)
+    history = json.loads((folder / "server" / "outcome.json").read_text())["history"]
+    clients = [record["clients"] for record in history]
+    assert [0, 1] in clients and clients[0] == [0, 1, 2] and clients[-1] == [0, 1, 2]
+    assert all(record["metrics"] for record in history)
+
+
+def test_a_restarted_server_resumes_from_its_checkpoint(three_silos, tmp_path):
+    """The SuperLink and the ServerApp are killed after round 2 of 4; a new SuperLink and a new
+    run resume from the checkpoint, and the model is the uninterrupted simulator's."""
+    config = load_config(overrides={**SMALL, "federated.rounds": 4})
+    folder = tmp_path / "deployment"
+    silos, server_config = prepare(config, three_silos, folder)
+    settings = run_config(folder, server_config, 3, DeploySettings(round_timeout=60))
+    log = folder / "server" / "server.log"
+    with LocalFederation(folder, silos) as federation:
+        federation.start()
+        federation.submit(settings)
+        _wait_for_line(log, "round 2: 3 silos trained")
+        federation.stop_process("superlink", signal.SIGKILL)
+        federation.start_superlink()  # the same port and database: the silos reconnect
+        run_id = federation.submit(settings)
+        federation.wait(run_id, timeout=600)
+    assert "resumed from the checkpoint after round 2" in log.read_text()
+    outcome = json.loads((folder / "server" / "outcome.json").read_text())
+    assert [record["round"] for record in outcome["history"]] == [1, 2, 3, 4]
+    simulated = run_cross_silo(three_silos, config)
+    shared = load_file(str(folder / "server" / "shared.safetensors"))
+    for name, value in simulated.server.shared.items():
+        torch.testing.assert_close(shared[name], value, rtol=0, atol=1e-6)
