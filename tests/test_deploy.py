@@ -162,3 +162,37 @@ def test_a_restarted_server_resumes_from_its_checkpoint(three_silos, tmp_path):
     shared = load_file(str(folder / "server" / "shared.safetensors"))
     for name, value in simulated.server.shared.items():
         torch.testing.assert_close(shared[name], value, rtol=0, atol=1e-6)
+
+
+def test_deploy_run_submits_to_a_running_superlink(three_silos, tmp_path):
+    """The coordinator's command for separate hosts, against parties started as they would be."""
+    config = load_config(overrides={**SMALL, "federated.rounds": 1})
+    folder = tmp_path / "deployment"
+    silos, server_config = prepare(config, three_silos, folder)
+    with LocalFederation(folder, silos) as federation:
+        federation.start()
+        command = [
+            sys.executable, "-m", "fedshop", "deploy", "run",
+            "--superlink", f"127.0.0.1:{federation.port}", "--ca", str(federation.tls_files.ca),
+            "--config", str(server_config), "--silos", "3", "--out", str(tmp_path / "run"),
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "round 1: 3 silos trained" in done.stdout
+    outcome = json.loads((tmp_path / "run" / "server" / "outcome.json").read_text())
+    assert len(outcome["history"]) == 1 and len(outcome["per_silo"]) == 3
+
+
+def test_ctrl_c_stops_every_process(tmp_path, data_dir):
+    command = [
+        sys.executable, "-m", "fedshop", "deploy", "local", "--silos", "2", "--rounds", "20",
+        "--out", str(tmp_path / "run"),
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if "round 1: 2 silos trained" in line:
+            break
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert _no_flower_processes_left()

@@ -509,6 +509,78 @@ def deploy_local(
     console.print(escape(commands(silos, "superlink.example.com")), highlight=False)
 
 
+@deploy_app.command("run")
+def deploy_run(
+    superlink: Annotated[str, typer.Option("--superlink", help="The SuperLink's HOST:PORT.")],
+    config: Annotated[Path, typer.Option("--config", "-c", help="TOML run configuration.")],
+    silos: Annotated[int, typer.Option("--silos", help="How many silos the federation has.")],
+    out: Annotated[Path, typer.Option("--out", help="The server's folder (on this host).")],
+    ca: Annotated[
+        Path | None, typer.Option("--ca", help="The deployment's CA certificate (TLS).")
+    ] = None,
+    min_silos: Annotated[
+        int,
+        typer.Option(
+            "--min-silos", help="Fewest replies a round is applied with (0: all sampled)."
+        ),
+    ] = 0,
+    round_timeout: Annotated[
+        float, typer.Option("--round-timeout", help="Seconds to wait for a round's replies.")
+    ] = 300.0,
+    wait_timeout: Annotated[
+        float, typer.Option("--wait-timeout", help="Seconds to wait for silos to come online.")
+    ] = 300.0,
+) -> None:
+    """On the SuperLink host: submit a FedShop run to a running SuperLink and follow it. The server
+    writes its checkpoints, log, outcome and final model into OUT/server; the same command again
+    resumes from the last checkpoint."""
+    from fedshop.deploy.local import Control
+    from fedshop.deploy.run import DeploySettings, check_deployable, follow_log, run_config
+
+    run = load_config(config)
+    check_deployable(run)
+    if ca is None:
+        raise FedShopError("--ca is required: FedShop deployments use TLS")
+    server = (out / "server").resolve()
+    server.mkdir(parents=True, exist_ok=True)
+    (server / "config.toml").write_text(run.to_toml())
+    settings = DeploySettings(
+        min_silos=min_silos, round_timeout=round_timeout, wait_timeout=wait_timeout
+    )
+    control = Control(out / "flwr-home", superlink, ca)
+    settings_record = run_config(out.resolve(), server / "config.toml", silos, settings)
+    run_id = control.submit(settings_record, out / "app")
+    console.print(f"Run {run_id} submitted to {superlink}; following {server / 'server.log'}")
+    follower = follow_log(server / "server.log", lambda line: console.print(f"  {line}"))
+    control.wait(run_id, settings.run_timeout, follower)
+    follower()
+    console.print(
+        f"Outcome: [bold]{server / 'outcome.json'}[/], model {server / 'shared.safetensors'}"
+    )
+
+
+@deploy_app.command("register")
+def deploy_register(
+    keys: Annotated[list[Path], typer.Argument(help="Silos' public key files (.pub).")],
+    superlink: Annotated[str, typer.Option("--superlink", help="The SuperLink's HOST:PORT.")],
+    ca: Annotated[Path, typer.Option("--ca", help="The deployment's CA certificate.")],
+) -> None:
+    """Register silos' SuperNode keys with the SuperLink: only registered nodes may join."""
+    import tempfile
+
+    from fedshop.deploy.local import Control
+
+    with tempfile.TemporaryDirectory() as home:
+        control = Control(Path(home), superlink, ca)
+        for key in keys:
+            if not key.is_file():
+                raise FedShopError(f"public key file {key} does not exist")
+            result = control.flwr("supernode", "register", str(key), "fedshop")
+            if result.returncode != 0:
+                raise FedShopError(f"registering {key} failed: {result.stdout}{result.stderr}")
+            console.print(f"registered {key}")
+
+
 @deploy_app.command("certs")
 def deploy_certs(
     host: Annotated[

@@ -57,13 +57,7 @@ class LocalFederation:
         self.folder = self.folder.resolve()
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
-        self.env = {
-            **os.environ,
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            # No internet on a silo host is normal: no telemetry, no update check.
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-        }
+        self.env = flower_environment()
         if self.tls:
             self.tls_files = make_tls(self.folder / "certs", ["127.0.0.1", "localhost"])
         if self.authenticate:
@@ -71,7 +65,12 @@ class LocalFederation:
                 silo.private_key, silo.public_key = make_node_keys(
                     self.folder / "keys", f"silo-{silo.index}"
                 )
-        self._write_cli_config()
+        self.control = Control(
+            self.folder / "home" / "cli",
+            f"127.0.0.1:{self.port}",
+            self.tls_files.ca if self.tls_files else None,
+            self.env,
+        )
 
     # -- parties -------------------------------------------------------------------------------
 
@@ -107,7 +106,7 @@ class LocalFederation:
             time.sleep(0.1)
 
     def register(self, silo: Silo) -> None:
-        result = self.flwr("supernode", "register", str(silo.public_key), "fedshop")
+        result = self.control.flwr("supernode", "register", str(silo.public_key), "fedshop")
         if result.returncode != 0:
             raise DeploymentError(
                 f"registering silo {silo.index}'s key failed: {result.stdout}{result.stderr}"
@@ -125,7 +124,10 @@ class LocalFederation:
         key = private_key or silo.private_key
         if key is not None:
             command += ["--auth-supernode-private-key", str(key)]
-        return self._spawn(f"silo-{silo.index}", command)
+        # The silos share this machine's cores: as many threads each as would not oversubscribe
+        # them (spinning OpenMP threads of several processes on one core slow all of them ~5×).
+        threads = max(1, (os.cpu_count() or 1) // max(1, len(self.silos)))
+        return self._spawn(f"silo-{silo.index}", command, {"OMP_NUM_THREADS": str(threads)})
 
     def stop_process(self, name: str, sig: int = signal.SIGTERM) -> None:
         """Stop one party (and what it started); for trials of failures."""
@@ -136,71 +138,24 @@ class LocalFederation:
     # -- runs ----------------------------------------------------------------------------------
 
     def submit(self, run_config: dict[str, object]) -> int:
-        app = self.folder / "app"
-        if not app.exists():
-            shutil.copytree(APP_DIR, app, ignore=shutil.ignore_patterns("__pycache__"))
-        settings = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
-        result = self.flwr("run", str(app), "fedshop", "--run-config", settings, "--format", "json")
-        reply = _json_in(result.stdout)
-        # flwr exits 0 with --format json even when the run was refused: read "success".
-        if not reply.get("success"):
-            raise DeploymentError(f"flwr run failed: {result.stdout}{result.stderr}")
-        return int(reply["run-id"])
-
-    def status(self, run_id: int) -> tuple[str, str]:
-        result = self.flwr("ls", "fedshop", "--run-id", str(run_id), "--format", "json")
-        reply = _json_in(result.stdout)
-        if not reply.get("success") or not reply.get("runs"):
-            raise DeploymentError(f"flwr ls failed: {result.stdout}{result.stderr}")
-        run = reply["runs"][0]
-        return str(run["status"]), str(run.get("status-details", ""))
+        return self.control.submit(run_config, self.folder / "app")
 
     def wait(self, run_id: int, timeout: float, on_poll=None) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            status, details = self.status(run_id)
+        def check() -> None:
             if on_poll is not None:
                 on_poll()
-            if status == "finished:completed":
-                return
-            if status.startswith("finished"):
-                raise DeploymentError(
-                    f"the run ended {status.split(':')[1]}: {details}\n{self.server_log(run_id)}"
-                )
-            if time.monotonic() > deadline:
-                raise DeploymentError(f"the run did not finish within {timeout:.0f} s")
             if self.processes["superlink"].poll() is not None:
                 raise DeploymentError(f"the SuperLink stopped:\n{self.log_tail('superlink')}")
-            time.sleep(1.0)
 
-    def server_log(self, run_id: int) -> str:
-        return self.flwr("log", str(run_id), "fedshop", "--show").stdout[-4000:]
+        self.control.wait(run_id, timeout, check)
 
-    # -- plumbing ------------------------------------------------------------------------------
-
-    def flwr(self, *args: str) -> subprocess.CompletedProcess:
-        env = {**self.env, "FLWR_HOME": str(self.folder / "home" / "cli")}
-        return subprocess.run(
-            [str(BIN / "flwr"), *args], env=env, capture_output=True, text=True, timeout=120
-        )
-
-    def _write_cli_config(self) -> None:
-        home = self.folder / "home" / "cli"
-        home.mkdir(parents=True, exist_ok=True)
-        lines = ["[superlink]", 'default = "fedshop"', "", "[superlink.fedshop]"]
-        lines.append(f'address = "127.0.0.1:{self.port}"')
-        if self.tls_files:
-            lines.append(f'root-certificates = "{self.tls_files.ca}"')
-        else:
-            lines.append("insecure = true")
-        (home / "config.toml").write_text("\n".join(lines) + "\n")
-
-    def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, command: list[str], env: dict | None = None) -> subprocess.Popen:
         home = self.folder / "home" / name
         home.mkdir(parents=True, exist_ok=True)
         log = (self.folder / "logs" / f"{name}.log").open("ab")
+        environment = {**self.env, **(env or {}), "FLWR_HOME": str(home)}
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env={**self.env, "FLWR_HOME": str(home)},
+            command, stdout=log, stderr=subprocess.STDOUT, env=environment,
             start_new_session=True,  # its own process group: stopped as a whole
         )  # fmt: skip
         self.processes[name] = process
@@ -239,6 +194,82 @@ class LocalFederation:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class Control:
+    """The `flwr` command line against one SuperLink: register nodes, submit and watch runs."""
+
+    def __init__(self, home: Path, address: str, ca: Path | None, env: dict | None = None) -> None:
+        self.home, self.address, self.ca = home, address, ca
+        self.env = env or flower_environment()
+        self._write_cli_config()
+
+    def submit(self, run_config: dict[str, object], app: Path) -> int:
+        """Submit FedShop's Flower app (copied to `app`) with `run_config`; the run's id."""
+        if not app.exists():
+            shutil.copytree(APP_DIR, app, ignore=shutil.ignore_patterns("__pycache__"))
+        settings = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
+        result = self.flwr("run", str(app), "fedshop", "--run-config", settings, "--format", "json")
+        reply = _json_in(result.stdout)
+        # flwr exits 0 with --format json even when the run was refused: read "success".
+        if not reply.get("success"):
+            raise DeploymentError(f"flwr run failed: {result.stdout}{result.stderr}")
+        return int(reply["run-id"])
+
+    def status(self, run_id: int) -> tuple[str, str]:
+        result = self.flwr("ls", "fedshop", "--run-id", str(run_id), "--format", "json")
+        reply = _json_in(result.stdout)
+        if not reply.get("success") or not reply.get("runs"):
+            raise DeploymentError(f"flwr ls failed: {result.stdout}{result.stderr}")
+        run = reply["runs"][0]
+        return str(run["status"]), str(run.get("status-details", ""))
+
+    def wait(self, run_id: int, timeout: float, on_poll=None) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            status, details = self.status(run_id)
+            if on_poll is not None:
+                on_poll()
+            if status == "finished:completed":
+                return
+            if status.startswith("finished"):
+                raise DeploymentError(
+                    f"the run ended {status.split(':')[1]}: {details}\n{self.server_log(run_id)}"
+                )
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"the run did not finish within {timeout:.0f} s")
+            time.sleep(1.0)
+
+    def server_log(self, run_id: int) -> str:
+        return self.flwr("log", str(run_id), "fedshop", "--show").stdout[-4000:]
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def flwr(self, *args: str) -> subprocess.CompletedProcess:
+        env = {**self.env, "FLWR_HOME": str(self.home)}
+        return subprocess.run(
+            [str(BIN / "flwr"), *args], env=env, capture_output=True, text=True, timeout=120
+        )
+
+    def _write_cli_config(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        lines = ["[superlink]", 'default = "fedshop"', "", "[superlink.fedshop]"]
+        lines.append(f'address = "{self.address}"')
+        if self.ca is not None:
+            lines.append(f'root-certificates = "{Path(self.ca).resolve()}"')
+        else:
+            lines.append("insecure = true")
+        (self.home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def flower_environment() -> dict[str, str]:
+    return {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        # No internet on a silo host is normal: no telemetry, no update check.
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
 
 
 def free_port() -> int:
@@ -321,22 +352,26 @@ def _signal_tree(pid: int, sig: int) -> None:
 
 def commands(silos: int, superlink_host: str) -> str:
     """The same deployment by hand on separate hosts (printed by `fedshop deploy local`)."""
-    q = shlex.quote
+    host = shlex.quote(superlink_host)
+    link = f"{host}:9092"
     lines = [
-        "# On the SuperLink host (the coordinator):",
-        f"fedshop deploy certs --host {q(superlink_host)} --silos {silos} --out deployment",
-        "flower-superlink --ssl-ca-certfile deployment/certs/ca.crt "
-        "--ssl-certfile deployment/certs/superlink.crt --ssl-keyfile deployment/certs/superlink.key "
-        "--enable-supernode-auth --disable-runtime-dependency-installation",
-    ]
-    for i in range(silos):
-        lines.append(f"flwr supernode register deployment/keys/silo-{i}.pub fedshop")
-    lines += [
+        "# 1. The coordinator (SuperLink host): keys and certificates, then the SuperLink",
+        f"fedshop deploy certs --host {host} --silos {silos} --out deployment",
+        "flower-superlink --host 0.0.0.0 --port 9092 --database deployment/superlink.db \\",
+        "  --ssl-ca-certfile deployment/certs/ca.crt --ssl-certfile deployment/certs/superlink.crt \\",
+        "  --ssl-keyfile deployment/certs/superlink.key --enable-supernode-auth \\",
+        "  --disable-runtime-dependency-installation",
+        f"fedshop deploy register --superlink {link} --ca deployment/certs/ca.crt "
+        "deployment/keys/silo-*.pub",
         "",
-        "# On each silo's host i (with its own data file and deployment/certs/ca.crt, "
-        "deployment/keys/silo-i):",
-        f"flower-supernode --superlink {q(superlink_host)}:9092 --root-certificates ca.crt "
-        "--auth-supernode-private-key silo-i "
-        '--node-config \'silo-data="silo-i.npz" state-dir="state"\'',
+        "# 2. Each silo's host i: its own data file, ca.crt and its private key silo-i only",
+        "fedshop deploy silo-data --config run.toml --out silos   # or each silo exports its own",
+        f"flower-supernode --superlink {link} --root-certificates ca.crt \\",
+        "  --auth-supernode-private-key silo-i --port 9094 \\",
+        '  --node-config \'silo-data="silo-i.npz" state-dir="fedshop-state"\'',
+        "",
+        "# 3. The coordinator: submit the run and wait (run it again to resume after a failure)",
+        f"fedshop deploy run --superlink {link} --ca deployment/certs/ca.crt --config run.toml "
+        f"--silos {silos} --out run",
     ]
     return "\n".join(lines)

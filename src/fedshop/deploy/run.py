@@ -67,6 +67,7 @@ def prepare(config: RunConfig, dataset: RecDataset, folder: Path) -> tuple[list[
 
 
 def run_config(folder: Path, server_config: Path, n_silos: int, settings: DeploySettings) -> dict:
+    """The Flower run config of the FedShop app (see flower_app/pyproject.toml)."""
     return {
         "config-path": str(server_config),
         "out-dir": str(folder / "server"),
@@ -87,10 +88,10 @@ def deploy_local(
     """Run `config` on `dataset` as a local federation; returns the result the run folder shows."""
     check_deployable(config)
     config = replace(config, methods=("federated",))
-    folder = out / "deployment"
+    folder = (out / "deployment").resolve()  # the parties run in folders of their own
     silos, server_config = prepare(config, dataset, folder)
     started = time.perf_counter()
-    follower = _LogFollower(folder / "server" / "server.log", on_line)
+    follower = follow_log(folder / "server" / "server.log", on_line)
     with LocalFederation(
         folder, silos, tls=settings.tls, authenticate=settings.authenticate
     ) as fed:
@@ -128,9 +129,12 @@ def collect(config: RunConfig, dataset: RecDataset, folder: Path, seconds: float
     )  # fmt: skip
 
 
-class _LogFollower:
-    """Hands each new line of the server's log to `on_line` (the CLI prints them)."""
+def follow_log(path: Path, on_line: Callable[[str], None] | None) -> _LogFollower:
+    """A callable that hands each new line of the server's log to `on_line` (the CLI prints them)."""
+    return _LogFollower(path, on_line)
 
+
+class _LogFollower:
     def __init__(self, path: Path, on_line: Callable[[str], None] | None) -> None:
         self.path, self.on_line, self.seen = path, on_line, 0
 

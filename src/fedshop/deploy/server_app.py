@@ -40,8 +40,9 @@ _POLL_SECONDS = 0.2  # Grid.send_and_receive sleeps 3 s between polls; rounds ar
 class Federation:
     """Which node serves which silo, learnt by asking the nodes, refreshed as nodes come and go."""
 
-    def __init__(self, grid: Grid, n_silos: int, round_timeout: float) -> None:
+    def __init__(self, grid: Grid, n_silos: int, round_timeout: float, log) -> None:
         self.grid = grid
+        self.log = log
         self.n_silos = n_silos
         self.round_timeout = round_timeout
         self.node_of: dict[int, int] = {}
@@ -94,13 +95,19 @@ class Federation:
             Message(content, dst_node_id=node, message_type=kind, group_id=group)
             for node, (content, kind) in contents.items()
         ]
-        pending = {i for i in self.grid.push_messages(messages) if i}
+        pushed = list(self.grid.push_messages(messages))
+        destination = {i: m.metadata.dst_node_id for i, m in zip(pushed, messages, strict=False)}
+        pending = {i for i in pushed if i}
         replies: list[Message] = []
         deadline = time.monotonic() + self.round_timeout
         while pending and time.monotonic() < deadline:
             arrived = list(self.grid.pull_messages(pending))
             pending -= {r.metadata.reply_to_message_id for r in arrived}
             replies += [r for r in arrived if not r.has_error()]
+            for failed in (r for r in arrived if r.has_error()):
+                # A silo's failure is its own business, but its reason helps whoever runs it.
+                node = destination.get(failed.metadata.reply_to_message_id, "?")
+                self.log(f"node {node} failed: {failed.error.reason.strip()[-500:]}")
             if pending:
                 time.sleep(_POLL_SECONDS)
         return replies
@@ -114,7 +121,8 @@ def serve(grid: Grid, context: Context) -> None:
     out.mkdir(parents=True, exist_ok=True)
     n_silos = int(settings["silos"])
     min_silos = int(settings["min-silos"]) or n_silos
-    federation = Federation(grid, n_silos, float(settings["round-timeout"]))
+    log = _Log(out / "server.log")
+    federation = Federation(grid, n_silos, float(settings["round-timeout"]), log)
     wait_timeout = float(settings["wait-timeout"])
     # Every silo at the start: the model's shape and the silos' names come from them.
     federation.wait_for(n_silos, wait_timeout)
@@ -124,7 +132,6 @@ def serve(grid: Grid, context: Context) -> None:
     checkpoints = out / "checkpoints"
     resumed = load_checkpoint(checkpoints, server, digest)
     history = resumed.history if resumed else []
-    log = _Log(out / "server.log")
     if resumed:
         log(f"resumed from the checkpoint after round {resumed.round}")
     fed = config.federated
