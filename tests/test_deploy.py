@@ -196,3 +196,32 @@ def test_ctrl_c_stops_every_process(tmp_path, data_dir):
     process.communicate(timeout=120)
     assert process.returncode == 130
     assert _no_flower_processes_left()
+
+
+def test_record_level_dp_in_deployment_states_and_ledgers_its_epsilon(three_silos, tmp_path):
+    from fedshop.experiment import open_privacy
+    from fedshop.storage.ledger import Ledger
+
+    ledger = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    config = load_config(
+        overrides={
+            **SMALL, "privacy.mode": "record", "privacy.epsilon": 8.0, "privacy.budget": 20.0,
+            "privacy.local_steps": 2, "privacy.ledger_url": ledger,
+        }
+    )  # fmt: skip
+    result = deploy_local(config, three_silos, tmp_path / "run")
+    # The simulator's plan for the same config, in a ledger of its own.
+    (tmp_path / "run.toml").write_text(config.to_toml())
+    separate = {"privacy.ledger_url": f"sqlite:///{tmp_path / 'simulator.sqlite'}"}
+    simulated = open_privacy(load_config(tmp_path / "run.toml", separate), three_silos)
+    assert result.privacy["epsilon"] == pytest.approx(simulated.plan.planned_epsilon(), rel=1e-6)
+    assert result.privacy["noise_multiplier"] == pytest.approx(simulated.plan.noise_multiplier)
+    epsilons = [record.epsilon for record in result.history]
+    assert epsilons == sorted(epsilons) and epsilons[-1] == result.privacy["epsilon"]
+    balances = {b.silo: b.spent_epsilon for b in Ledger(ledger).balances()}
+    assert balances == pytest.approx(dict.fromkeys(three_silos.silo_names, epsilons[-1]))
+    # Each silo's DP noise comes from a secret of its own, never from the run's seed.
+    for index in range(3):
+        assert (
+            tmp_path / "run" / "deployment" / "silos" / f"silo-{index}-state" / "secret"
+        ).exists()

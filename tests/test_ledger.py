@@ -111,3 +111,30 @@ def test_a_writer_killed_mid_run_never_leaves_the_ledger_under_counting(ledger, 
     assert spent >= max(releases) - 1e-12
     # ... and at most one recorded release never went out (the next step's ε).
     assert spent <= max(releases) + 0.1
+
+
+def test_a_resumed_run_continues_its_ledger_run_without_counting_twice(tmp_path):
+    """A restarted server resumes its guard: the ledger shows the run's ε as if it had never
+    stopped, even when the budget has no room for the whole plan counted a second time."""
+    from fedshop.config import PrivacyConfig
+    from fedshop.privacy.dp import PrivacyGuard, make_plan
+
+    url = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    config = PrivacyConfig(mode="record", noise_multiplier=1.0, budget=0.0, ledger_url=url)
+    plan = make_plan(config, rounds=4, units=1000, sampling_rate=0.05, steps_per_round=5,
+                     count_noise_multiplier=10.0)  # fmt: skip
+    Ledger(url).set_budget("A", "d", plan.planned_epsilon() * 1.2, 1e-3)
+    guard = PrivacyGuard.open(plan, config, "d", ("A",))
+    for round_number in (1, 2):
+        guard.release(round_number, plan.round_event)
+    after_two = guard.epsilon
+    resumed = PrivacyGuard.resume(plan, config, "d", ("A",), guard.run_id, completed_rounds=2)
+    assert resumed.epsilon == pytest.approx(after_two)
+    assert Ledger(url).balance("A", "d").spent_epsilon == pytest.approx(after_two)
+    for round_number in (3, 4):
+        resumed.release(round_number, plan.round_event)
+    assert resumed.epsilon == pytest.approx(plan.planned_epsilon(), rel=1e-6)
+    assert Ledger(url).balance("A", "d").spent_epsilon == pytest.approx(resumed.epsilon)
+    # Opening it afresh instead would have checked the whole plan against what is left.
+    with pytest.raises(BudgetExceededError):
+        PrivacyGuard.open(plan, config, "d", ("A",))

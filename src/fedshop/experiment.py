@@ -27,7 +27,7 @@ from fedshop.fl.cross_device import eligible_clients, run_cross_device
 from fedshop.fl.simulator import RoundRecord, run_cross_silo
 from fedshop.models.spec import ModelSpec, Params, get_model, score_all
 from fedshop.models.train import TrainResult, train_bpr
-from fedshop.privacy.dp import PrivacyGuard, make_plan
+from fedshop.privacy.dp import DpPlan, PrivacyGuard, make_plan
 from fedshop.secure.stage import summarise_costs
 from fedshop.seeding import torch_generator
 
@@ -283,10 +283,16 @@ def open_privacy(
         )  # fmt: skip
     else:
         largest_silo = int(np.bincount(dataset.user_silo, minlength=dataset.n_silos).max())
-        plan = make_plan(
-            privacy, fed.rounds, units=largest_silo,
-            sampling_rate=privacy.sampling_rate, steps_per_round=privacy.local_steps,
-            # The silos' customer counts weight the federated mean: released once, with noise.
-            count_noise_multiplier=privacy.count_noise_multiplier,
-        )  # fmt: skip
+        plan = record_level_plan(config, largest_silo)
     return PrivacyGuard.open(plan, privacy, dataset.name, dataset.silo_names, run_id)
+
+
+def record_level_plan(config: RunConfig, largest_silo: int) -> DpPlan:
+    """Record-level DP of a cross-silo run (the simulator's and a deployment's)."""
+    privacy = config.privacy
+    return make_plan(
+        privacy, config.federated.rounds, units=largest_silo,
+        sampling_rate=privacy.sampling_rate, steps_per_round=privacy.local_steps,
+        # The silos' customer counts weight the federated mean: released once, with noise.
+        count_noise_multiplier=privacy.count_noise_multiplier,
+    )  # fmt: skip

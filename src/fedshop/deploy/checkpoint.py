@@ -1,7 +1,8 @@
 """The server's checkpoint: written after every round, read by a restarted server.
 
 It holds the global parameters, the server optimiser's state, the round just finished, the sampling
-stream's state and the round history: everything the next round depends on. Each checkpoint is a
+stream's state, the round history and the privacy ledger's run id (a resumed run continues that
+ledger run and composes its completed rounds again): everything the next round depends on. Each checkpoint is a
 folder written in full before a one-line `LATEST` file is replaced to point at it, so a server
 killed while writing leaves the previous checkpoint intact.
 """
@@ -26,10 +27,15 @@ class Checkpoint:
     round: int
     history: list[RoundRecord]
     config_digest: str
+    run_id: str | None  # the privacy ledger's run, continued after a restart
 
 
 def save_checkpoint(
-    folder: Path, server: FederatedServer, history: list[RoundRecord], digest: str
+    folder: Path,
+    server: FederatedServer,
+    history: list[RoundRecord],
+    digest: str,
+    run_id: str | None = None,
 ) -> Path:
     target = folder / f"round-{server.round:05d}"
     target.mkdir(parents=True, exist_ok=True)
@@ -40,6 +46,7 @@ def save_checkpoint(
     meta = {
         "round": server.round,
         "config_digest": digest,
+        "run_id": run_id,
         "history": [asdict(record) for record in history],
     }
     (target / "state.json").write_text(json.dumps(meta) + "\n")
@@ -71,7 +78,7 @@ def load_checkpoint(folder: Path, server: FederatedServer, digest: str) -> Check
     server.load_sampling_state(tensors["sampling"])
     server.round = int(meta["round"])
     history = [RoundRecord(**record) for record in meta["history"]]
-    return Checkpoint(server.round, history, digest)
+    return Checkpoint(server.round, history, digest, meta.get("run_id"))
 
 
 def config_digest(toml_text: str) -> str:

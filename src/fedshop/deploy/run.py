@@ -43,9 +43,9 @@ def check_deployable(config: RunConfig) -> None:
             "fedshop deploy runs cross-silo federations (each party a process); "
             'set [federated] mode = "cross-silo"'
         )
-    if config.privacy.enabled or config.protection.kind != "none":
+    if config.protection.kind != "none":
         raise FedShopError(
-            "differential privacy and secure aggregation are not available in deployment yet; "
+            "secure aggregation and homomorphic encryption are not available in deployment yet; "
             "use the simulator (fedshop train) for them"
         )
 
@@ -123,8 +123,9 @@ def collect(config: RunConfig, dataset: RecDataset, folder: Path, seconds: float
             state["users"] = torch.tensor(dataset.silo(index).users)
             weights[f"federated/silo-{slug(name)}"] = state
     history = [RoundRecord(**record) for record in outcome["history"]]
+    privacy = outcome.get("privacy") or dict(NO_PRIVACY)
     return ExperimentResult(
-        config, dataset, {"federated": federated}, history, weights, dict(NO_PRIVACY),
+        config, dataset, {"federated": federated}, history, weights, privacy,
         summarise_costs("none", []),
     )  # fmt: skip
 

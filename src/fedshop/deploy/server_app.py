@@ -49,6 +49,8 @@ class Federation:
         self.names: dict[int, str] = {}
         self.catalogue: str | None = None
         self.n_items: int | None = None
+        self.dataset = ""
+        self.customers: dict[int, int] = {}
 
     def refresh(self) -> None:
         online = set(self.grid.get_node_ids())
@@ -71,6 +73,8 @@ class Federation:
                 )
             self.node_of[silo] = reply.metadata.src_node_id
             self.names[silo] = str(info["name"])
+            self.dataset = str(info["dataset"])
+            self.customers[silo] = int(info["customers"])
 
     def by_name(self, per_silo: dict[int, MetricSums]) -> dict[str, MetricSums]:
         return {self.names[s]: per_silo[s] for s in sorted(per_silo)}
@@ -132,6 +136,7 @@ def serve(grid: Grid, context: Context) -> None:
     checkpoints = out / "checkpoints"
     resumed = load_checkpoint(checkpoints, server, digest)
     history = resumed.history if resumed else []
+    guard = _privacy_guard(config, federation, resumed)
     if resumed:
         log(f"resumed from the checkpoint after round {resumed.round}")
     fed = config.federated
@@ -152,10 +157,16 @@ def serve(grid: Grid, context: Context) -> None:
         chosen = server.sample_clients()
         federation.refresh()
         shared = wire.params_record(server.shared)
+        if guard is not None and len(guard.history) < len(guard.plan.fixed_events) + round_number:
+            # Write-ahead: the ledger holds this round's ε before any silo's message exists. A
+            # retried round is not charged again (the silos send the very same messages).
+            guard.release(round_number, guard.plan.round_event)
         contents = {}
         for silo, node in federation.node_of.items():
             if silo in chosen:
                 task = _task("train", round_number, toml_text, evaluate=pending is not None)
+                if guard is not None:
+                    task["dp-plan"] = json.dumps(asdict(guard.plan))
                 contents[node] = (RecordDict({"task": task, "shared": shared}), MessageType.TRAIN)
             elif pending is not None:
                 task = _task("evaluate", pending.round, toml_text)
@@ -181,9 +192,11 @@ def serve(grid: Grid, context: Context) -> None:
         # In silo order, as the simulator adds them: the same float sums.
         messages: list[ClientMessage] = [updates[s] for s in sorted(updates)]
         server.apply(messages)
-        record = RoundRecord(round_number, sorted(updates), time.perf_counter() - started, None)
+        epsilon = guard.epsilon if guard is not None else None
+        seconds = time.perf_counter() - started
+        record = RoundRecord(round_number, sorted(updates), seconds, None, epsilon)
         history.append(record)
-        save_checkpoint(checkpoints, server, history, digest)
+        save_checkpoint(checkpoints, server, history, digest, _run_id(guard))
         dropped = sorted(set(chosen) - set(updates))
         log(
             f"round {round_number}: {len(updates)} silos trained"
@@ -203,9 +216,31 @@ def serve(grid: Grid, context: Context) -> None:
         sums = dict(wire.record_metrics(r.content) for r in replies)
         history[-1] = replace(history[-1], metrics=summarise(federation.by_name(sums)))
     final = federation.by_name(dict(wire.record_metrics(r.content, "final") for r in replies))
-    write_outcome(out, server.shared, history, final, federation.names)
-    save_checkpoint(checkpoints, server, history, digest)
+    privacy = guard.summary() if guard is not None else None
+    write_outcome(out, server.shared, history, final, federation.names, privacy)
+    save_checkpoint(checkpoints, server, history, digest, _run_id(guard))
     log(f"finished: HR@10 {summarise(final)['hr@10']:.4f}")
+
+
+def _privacy_guard(config, federation: Federation, resumed):
+    """Record-level DP: the run's guard, opened (the budgets checked before any training) or, after
+    a restart, resumed under the same ledger run with the completed rounds composed again."""
+    if not config.privacy.enabled:
+        return None
+    from fedshop.experiment import record_level_plan
+    from fedshop.privacy.dp import PrivacyGuard
+
+    plan = record_level_plan(config, max(federation.customers.values()))
+    names = tuple(federation.names[s] for s in sorted(federation.names))
+    if resumed is not None and resumed.run_id:
+        return PrivacyGuard.resume(
+            plan, config.privacy, federation.dataset, names, resumed.run_id, resumed.round
+        )
+    return PrivacyGuard.open(plan, config.privacy, federation.dataset, names)
+
+
+def _run_id(guard) -> str | None:
+    return guard.run_id if guard is not None else None
 
 
 def _task(kind: str, round_number: int, toml_text: str, evaluate=False, final=False):
@@ -217,13 +252,16 @@ def _task(kind: str, round_number: int, toml_text: str, evaluate=False, final=Fa
     )  # fmt: skip
 
 
-def write_outcome(out: Path, shared, history: list[RoundRecord], final, names) -> None:
+def write_outcome(
+    out: Path, shared, history: list[RoundRecord], final, names, privacy: dict | None
+) -> None:
     """What the server knows at the end: the shared model, the rounds, the silos' metric sums."""
     save_file({k: v.contiguous() for k, v in shared.items()}, str(out / "shared.safetensors"))
     outcome = {
         "history": [asdict(r) for r in history],
         "per_silo": {name: {"sums": s.sums, "users": s.users} for name, s in final.items()},
         "silo_names": [names[s] for s in sorted(names)],
+        "privacy": privacy,
     }
     (out / "outcome.json").write_text(json.dumps(outcome, indent=1) + "\n")
 

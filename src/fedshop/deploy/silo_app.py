@@ -12,10 +12,14 @@ Node config (`flower-supernode --node-config`): `silo-data` (the silo's data fil
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
@@ -24,9 +28,15 @@ from fedshop.deploy import wire
 from fedshop.deploy.silo_files import read_silo_file
 from fedshop.errors import FedShopError
 from fedshop.fl.client import SiloClient
+from fedshop.fl.server_opt import FedAdam
 from fedshop.fl.stages import AggregationPipeline
 
+if TYPE_CHECKING:  # DP and its accountant load only in DP runs: every message is a new process
+    from fedshop.fl.dp_local import DpSgdState
+    from fedshop.privacy.dp import DpPlan
+
 _STATE = re.compile(r"round-(\d+)\.pt$")
+_DP_STREAMS = ("sampling", "negatives", "noise")
 
 
 class SiloNode:
@@ -51,6 +61,10 @@ class SiloNode:
                         "name": self.data.name,
                         "n-items": int(self.meta["n_items"]),
                         "catalogue": self.meta["catalogue_digest"],
+                        "dataset": str(self.meta["dataset"]),
+                        # For the DP plan's δ, which counts on the largest silo (as in the
+                        # simulator); the weights of the mean use a noisy count instead.
+                        "customers": int(self.data.n_users),
                     }
                 )
             }
@@ -68,15 +82,68 @@ class SiloNode:
             int(m.group(1)) for p in self.state_dir.iterdir() if (m := _STATE.match(p.name))
         )
         earlier = [r for r in rounds if r < before_round]
+        self._dp_state = None
         if earlier:
             state = torch.load(self.state_dir / f"round-{earlier[-1]}.pt", weights_only=True)
-            client.load_state_dict(state)
+            client.load_state_dict(state["client"])
+            self._dp_state = state.get("dp")
         return client
 
-    def save(self, client: SiloClient, round_number: int) -> None:
+    def save(self, client: SiloClient, round_number: int, dp: DpSgdState | None = None) -> None:
         path = self.state_dir / f"round-{round_number}.pt"
-        torch.save(client.state_dict(), path.with_suffix(".tmp"))
+        state = {"client": client.state_dict()}
+        if dp is not None:
+            state["dp"] = {
+                "optimizer": dp.optimizer.state_dict(),
+                **{name: getattr(dp, name).get_state() for name in _DP_STREAMS},
+            }
+        torch.save(state, path.with_suffix(".tmp"))
         os.replace(path.with_suffix(".tmp"), path)
+
+    # Record-level DP. The silo's noise must be secret from the server, which knows the run's
+    # seed: its random streams come from a secret that never leaves the silo's state folder (so a
+    # DP deployment is not bit-equal to the simulator, whose streams follow the seed).
+
+    def _secret(self) -> bytes:
+        path = self.state_dir / "secret"
+        if not path.exists():
+            path.write_bytes(os.urandom(32))
+            path.chmod(0o600)
+        return path.read_bytes()
+
+    def _stream(self, label: str) -> torch.Generator:
+        digest = hashlib.sha256(self._secret() + label.encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") >> 1)
+
+    def dp_state(self, config: RunConfig) -> DpSgdState:
+        """The DP-SGD state after the latest round loaded by `client`, or a fresh one."""
+        from fedshop.fl.dp_local import DpSgdState
+
+        state = DpSgdState(
+            optimizer=FedAdam(config.train.learning_rate, tau=1e-8),
+            **{name: self._stream(name) for name in _DP_STREAMS},
+        )
+        if self._dp_state is not None:
+            state.optimizer.load_state_dict(self._dp_state["optimizer"])
+            for name in _DP_STREAMS:
+                getattr(state, name).set_state(self._dp_state[name])
+        return state
+
+    def released_count(self, plan: DpPlan) -> float:
+        """The silo's customer count with Gaussian noise, released once (its accounting is the
+        plan's fixed event) and reused as the silo's weight every round."""
+        from fedshop.privacy.mechanisms import gaussian_mechanism
+
+        path = self.state_dir / "released-count.json"
+        if not path.exists():
+            digest = hashlib.sha256(self._secret() + b"count").digest()
+            release = gaussian_mechanism(
+                np.array([float(self.data.n_users)]), 1.0, plan.count_noise_multiplier,
+                np.random.default_rng(int.from_bytes(digest, "big")),
+            )  # fmt: skip
+            # Clamping is post-processing; a silo is never weighted below one customer.
+            path.write_text(json.dumps({"count": max(float(release.values[0]), 1.0)}))
+        return float(json.loads(path.read_text())["count"])
 
     def train(self, content: RecordDict) -> RecordDict:
         """Train on the received model; with `evaluate`, first evaluate it (the server's previous
@@ -91,8 +158,16 @@ class SiloNode:
             sums = client.evaluate(shared, config.eval.split)
             reply["metrics"] = wire.metrics_config(self.index, sums)
         fed = config.federated
-        message = client.fit(shared, fed.local_epochs, fed.reconstruction_epochs)
-        self.save(client, round_number)
+        if "dp-plan" in task:
+            from fedshop.privacy.dp import DpPlan
+
+            plan = DpPlan(**json.loads(str(task["dp-plan"])))
+            dp = self.dp_state(config)
+            message = client.fit_private(shared, plan, dp, self.released_count(plan))
+            self.save(client, round_number, dp)
+        else:
+            message = client.fit(shared, fed.local_epochs, fed.reconstruction_epochs)
+            self.save(client, round_number)
         return wire.update_record(self.index, message, reply)
 
     def evaluate(self, content: RecordDict) -> RecordDict:

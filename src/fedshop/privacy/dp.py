@@ -201,6 +201,27 @@ class PrivacyGuard:
             guard.release(-len(plan.fixed_events) + position, event)
         return guard
 
+    @classmethod
+    def resume(
+        cls,
+        plan: DpPlan,
+        config: PrivacyConfig,
+        dataset: str,
+        silos: tuple[str, ...],
+        run_id: str,
+        completed_rounds: int,
+    ) -> PrivacyGuard:
+        """The guard of an interrupted run, with its fixed releases and its first
+        `completed_rounds` rounds composed again. The ledger keeps each run's largest ε, so writing
+        the same cumulative values again changes nothing; the whole plan was checked against the
+        budgets when the run opened (checking it again would count the spent part twice)."""
+        guard = cls(plan, Ledger(config.ledger_url or None), dataset, silos, run_id=run_id)
+        for position, event in enumerate(plan.fixed_events):
+            guard.release(-len(plan.fixed_events) + position, event)
+        for round_number in range(1, completed_rounds + 1):
+            guard.release(round_number, plan.round_event)
+        return guard
+
     def release(self, step: int, event: dpa.DpEvent) -> float:
         """Record the release (step, event) in the ledger, then in the accountant; returns ε after it.
         Call before the released value leaves; a BudgetExceededError means it must not leave."""

@@ -223,6 +223,17 @@ class Ledger:
                     f"ε = {spent_by_others + epsilon:.4g}, over the budget "
                     f"ε = {budget[0] if budget else 0:.4g}; nothing was released"
                 )
+            key = (
+                (spends.c.run_id == run_id) & (spends.c.silo == silo)
+                & (spends.c.dataset == dataset) & (spends.c.step == step)
+            )  # fmt: skip
+            recorded = connection.execute(select(spends.c.epsilon).where(key)).first()
+            if recorded is not None:
+                # A resumed run writing a step again (it was written before a crash): keep the
+                # larger value, so a spend is never lowered.
+                if epsilon > recorded[0]:
+                    connection.execute(update(spends).where(key).values(epsilon=epsilon))
+                return
             connection.execute(
                 insert(spends).values(
                     run_id=run_id, silo=silo, dataset=dataset, step=step, epsilon=epsilon,
