@@ -438,6 +438,13 @@ def privacy_sweep(
     )
 
 
+MinSilosOption = Annotated[
+    int,
+    typer.Option("--min-silos", help="Fewest replies a round is applied with (0: all sampled)."),
+]
+RoundTimeoutOption = Annotated[
+    float, typer.Option("--round-timeout", help="Seconds to wait for a round's replies.")
+]
 deploy_app = typer.Typer(
     help="Real deployment on Flower's deployment engine: one process per party, TLS, node keys.",
     no_args_is_help=True,
@@ -454,15 +461,8 @@ def deploy_local(
     out: OutOption = None,
     seed: SeedOption = None,
     rounds: RoundsOption = None,
-    min_silos: Annotated[
-        int,
-        typer.Option(
-            "--min-silos", help="Fewest replies a round is applied with (0: all sampled)."
-        ),
-    ] = 0,
-    round_timeout: Annotated[
-        float, typer.Option("--round-timeout", help="Seconds to wait for a round's replies.")
-    ] = 300.0,
+    min_silos: MinSilosOption = 0,
+    round_timeout: RoundTimeoutOption = 300.0,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Run a TLS-authenticated federation on this machine: one SuperLink, one SuperNode per silo
@@ -518,15 +518,8 @@ def deploy_run(
     ca: Annotated[
         Path | None, typer.Option("--ca", help="The deployment's CA certificate (TLS).")
     ] = None,
-    min_silos: Annotated[
-        int,
-        typer.Option(
-            "--min-silos", help="Fewest replies a round is applied with (0: all sampled)."
-        ),
-    ] = 0,
-    round_timeout: Annotated[
-        float, typer.Option("--round-timeout", help="Seconds to wait for a round's replies.")
-    ] = 300.0,
+    min_silos: MinSilosOption = 0,
+    round_timeout: RoundTimeoutOption = 300.0,
     wait_timeout: Annotated[
         float, typer.Option("--wait-timeout", help="Seconds to wait for silos to come online.")
     ] = 300.0,

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -297,16 +298,21 @@ def _json_in(text: str) -> dict:
         return {}
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
+def _processes(name: str) -> Iterator[tuple[int, bytes]]:
+    """(pid, contents of /proc/pid/`name`) for every process that can be read."""
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
+                yield int(entry), Path(f"/proc/{entry}/{name}").read_bytes()
             except OSError:
                 continue
-            parent = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(parent, []).append(int(entry))
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for child, stat in _processes("stat"):
+        parent = int(stat.rsplit(b")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(child)
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -319,16 +325,11 @@ def _started_under(home: Path) -> list[int]:
     """Processes whose Flower home lies in `home`: every party started here and all they started,
     also those orphaned when a parent exited (the environment is inherited)."""
     marker = f"FLWR_HOME={home}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                environ = Path(f"/proc/{entry}/environ").read_bytes()
-            except OSError:
-                continue
-            if any(item.startswith(marker) for item in environ.split(b"\0")):
-                found.append(int(entry))
-    return found
+    return [
+        pid
+        for pid, environ in _processes("environ")
+        if any(item.startswith(marker) for item in environ.split(b"\0"))
+    ]
 
 
 def _alive(pid: int) -> bool:
