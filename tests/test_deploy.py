@@ -89,7 +89,8 @@ def test_cli_writes_the_same_run_folder_as_the_simulator(tmp_path, data_dir):
     assert len(metrics["history"]) == 1 and set(metrics["per_silo"]) == {
         "United Kingdom", "Rest of world", "Germany",
     }  # fmt: skip
-    assert (out / "report.html").exists() and (out / "models" / "federated" / "shared.safetensors")
+    assert (out / "report.html").exists()
+    assert (out / "models" / "federated" / "shared.safetensors").exists()
     assert "flower-supernode" in done.stdout  # the commands for separate hosts
     assert _no_flower_processes_left()
 

@@ -528,7 +528,7 @@ def deploy_run(
     writes its checkpoints, log, outcome and final model into OUT/server; the same command again
     resumes from the last checkpoint."""
     from fedshop.deploy.local import Control
-    from fedshop.deploy.run import DeploySettings, check_deployable, follow_log, run_config
+    from fedshop.deploy.run import DeploySettings, LogFollower, check_deployable, run_config
 
     run = load_config(config)
     check_deployable(run)
@@ -544,7 +544,7 @@ def deploy_run(
     settings_record = run_config(out.resolve(), server / "config.toml", silos, settings)
     run_id = control.submit(settings_record, out / "app")
     console.print(f"Run {run_id} submitted to {superlink}; following {server / 'server.log'}")
-    follower = follow_log(server / "server.log", lambda line: console.print(f"  {line}"))
+    follower = LogFollower(server / "server.log", lambda line: console.print(f"  {line}"))
     control.wait(run_id, settings.run_timeout, follower)
     follower()
     console.print(

@@ -78,7 +78,7 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def _method_result(per_silo: dict[str, MetricSums], seconds: float, curve=None) -> MethodResult:
+def method_result(per_silo: dict[str, MetricSums], seconds: float, curve=None) -> MethodResult:
     return MethodResult(
         summary=summarise(per_silo),
         per_silo={name: sums.means() for name, sums in per_silo.items()},
@@ -117,7 +117,7 @@ def run_federated(
 
     if config.federated.mode == "cross-device":
         device_run = run_cross_device(dataset, config, on_round=on_round, guard=guard)
-        result = _method_result(
+        result = method_result(
             device_run.evaluate(config.eval.split), time.perf_counter() - started
         )
         weights = {
@@ -130,7 +130,7 @@ def run_federated(
         run = run_cross_silo(dataset, config, on_round=on_round, guard=guard)
         per_silo = run.evaluate(config.eval.split)
         # The per-round curve lives in the round history (metrics.json "history"), not in `curve`.
-        result = _method_result(per_silo, time.perf_counter() - started)
+        result = method_result(per_silo, time.perf_counter() - started)
         weights = {"federated/shared": dict(run.server.shared)}
         for client in run.clients:
             # Written by each silo into its own part of the run folder; the server never had these.
@@ -182,7 +182,7 @@ def train_centralized(config: RunConfig, dataset: RecDataset, progress: Progress
         split,
     )
     weights = {"centralized": {**result.shared, **result.private, "user_silo": user_silo}}
-    return _method_result(per_silo, time.perf_counter() - started, curve), weights
+    return method_result(per_silo, time.perf_counter() - started, curve), weights
 
 
 def _pooled_rows(
@@ -219,7 +219,7 @@ def train_local_only(config: RunConfig, dataset: RecDataset, progress: Progress)
         )
         weights[f"local_only/silo-{slug(silo.name)}"] = {**result.shared, **result.private}
         progress.advance("local_only", silo.name)
-    return _method_result(per_silo, time.perf_counter() - started), weights
+    return method_result(per_silo, time.perf_counter() - started), weights
 
 
 def popularity(config: RunConfig, dataset: RecDataset, progress: Progress) -> tuple:
@@ -231,7 +231,7 @@ def popularity(config: RunConfig, dataset: RecDataset, progress: Progress) -> tu
         dataset.silos(), lambda silo: lambda rows: counts.expand(len(rows), -1), config.eval.split
     )
     progress.advance("popularity")
-    return _method_result(per_silo, time.perf_counter() - started), {
+    return method_result(per_silo, time.perf_counter() - started), {
         "popularity": {"counts": counts}
     }
 

@@ -2,9 +2,10 @@
 
 It holds the global parameters, the server optimiser's state, the round just finished, the sampling
 stream's state, the round history and the privacy ledger's run id (a resumed run continues that
-ledger run and composes its completed rounds again): everything the next round depends on. Each checkpoint is a
-folder written in full before a one-line `LATEST` file is replaced to point at it, so a server
-killed while writing leaves the previous checkpoint intact.
+ledger run and composes its completed rounds again): everything the next round depends on. Each
+checkpoint is a folder written in full before a one-line `LATEST` file is replaced to point at it,
+so a server killed while writing leaves the previous checkpoint intact; older ones are removed
+then.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -53,6 +55,9 @@ def save_checkpoint(
     latest = folder / "LATEST"
     latest.with_suffix(".tmp").write_text(target.name + "\n")
     os.replace(latest.with_suffix(".tmp"), latest)
+    for older in folder.glob("round-*"):
+        if older != target:
+            shutil.rmtree(older)
     return target
 
 

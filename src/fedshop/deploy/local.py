@@ -56,7 +56,7 @@ class LocalFederation:
         if self.authenticate and not self.tls:
             raise DeploymentError("SuperNode authentication needs TLS")
         self.folder = self.folder.resolve()
-        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "logs").mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         self.env = flower_environment()
         if self.tls:
@@ -153,12 +153,12 @@ class LocalFederation:
     def _spawn(self, name: str, command: list[str], env: dict | None = None) -> subprocess.Popen:
         home = self.folder / "home" / name
         home.mkdir(parents=True, exist_ok=True)
-        log = (self.folder / "logs" / f"{name}.log").open("ab")
         environment = {**self.env, **(env or {}), "FLWR_HOME": str(home)}
-        process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=environment,
-            start_new_session=True,  # its own process group: stopped as a whole
-        )  # fmt: skip
+        with (self.folder / "logs" / f"{name}.log").open("ab") as log:
+            process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=environment,
+                start_new_session=True,  # its own process group: stopped as a whole
+            )  # fmt: skip
         self.processes[name] = process
         return process
 
@@ -169,28 +169,20 @@ class LocalFederation:
     def stop(self) -> None:
         """Stop every process this federation started and everything they started, and wait
         until none is left (SIGKILL for any that outlives a grace period)."""
+        # Everyone first (before any exits and its children are re-parented), then the signals.
         family: set[int] = set(_started_under(self.folder / "home"))
         for process in self.processes.values():
             family |= {process.pid, *_descendants(process.pid)}
-        for process in self.processes.values():
-            if process.poll() is None:
-                _signal_tree(process.pid, signal.SIGTERM)
-        for pid in family:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+        _signal(family, signal.SIGTERM)
         deadline = time.monotonic() + 10
         while any(_alive(pid) for pid in family) and time.monotonic() < deadline:
             time.sleep(0.1)
-        for pid in family:
-            if _alive(pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        _signal({pid for pid in family if _alive(pid)}, signal.SIGKILL)
         for process in self.processes.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=10)
 
     def __enter__(self) -> LocalFederation:
-        (self.folder / "logs").mkdir(parents=True, exist_ok=True)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -308,11 +300,15 @@ def _processes(name: str) -> Iterator[tuple[int, bytes]]:
                 continue
 
 
+def _stat_fields(stat: bytes) -> list[bytes]:
+    # /proc/pid/stat after the command name (which may hold spaces): state, parent, group, …
+    return stat.rsplit(b")", 1)[1].split()
+
+
 def _descendants(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for child, stat in _processes("stat"):
-        parent = int(stat.rsplit(b")", 1)[1].split()[1])
-        children.setdefault(parent, []).append(child)
+        children.setdefault(int(_stat_fields(stat)[1]), []).append(child)
     found, todo = [], [pid]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -335,20 +331,22 @@ def _started_under(home: Path) -> list[int]:
 def _alive(pid: int) -> bool:
     """Running (a zombie, already exited and waiting to be reaped, counts as gone)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
         return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return _stat_fields(stat)[0] != b"Z"
+
+
+def _signal(pids: set[int] | list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
 
 
 def _signal_tree(pid: int, sig: int) -> None:
     # The SuperLink starts its executor in a session of its own: killing the group is not enough,
     # so every descendant is found first (before any of them exits and is re-parented).
-    for target in [*_descendants(pid), pid]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(target, sig)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
+    _signal([*_descendants(pid), pid], sig)
 
 
 def commands(silos: int, superlink_host: str) -> str:

@@ -21,8 +21,8 @@ from fedshop.data.interactions import RecDataset, with_eval_negatives
 from fedshop.deploy.local import LocalFederation, Silo
 from fedshop.deploy.silo_files import write_silo_file
 from fedshop.errors import FedShopError
-from fedshop.eval.metrics import MetricSums, summarise
-from fedshop.experiment import NO_PRIVACY, ExperimentResult, MethodResult, slug
+from fedshop.eval.metrics import MetricSums
+from fedshop.experiment import NO_PRIVACY, ExperimentResult, method_result, slug
 from fedshop.fl.simulator import RoundRecord
 from fedshop.secure.stage import summarise_costs
 
@@ -33,8 +33,6 @@ class DeploySettings:
     round_timeout: float = 300.0
     wait_timeout: float = 300.0
     run_timeout: float = 3600.0
-    tls: bool = True
-    authenticate: bool = True
 
 
 def check_deployable(config: RunConfig) -> None:
@@ -91,10 +89,8 @@ def deploy_local(
     folder = (out / "deployment").resolve()  # the parties run in folders of their own
     silos, server_config = prepare(config, dataset, folder)
     started = time.perf_counter()
-    follower = follow_log(folder / "server" / "server.log", on_line)
-    with LocalFederation(
-        folder, silos, tls=settings.tls, authenticate=settings.authenticate
-    ) as fed:
+    follower = LogFollower(folder / "server" / "server.log", on_line)
+    with LocalFederation(folder, silos) as fed:
         fed.start()
         run_id = fed.submit(run_config(folder, server_config, len(silos), settings))
         fed.wait(run_id, settings.run_timeout, on_poll=follower)
@@ -110,11 +106,7 @@ def collect(config: RunConfig, dataset: RecDataset, folder: Path, seconds: float
         name: MetricSums(entry["sums"], entry["users"])
         for name, entry in outcome["per_silo"].items()
     }
-    federated = MethodResult(
-        summary=summarise(per_silo),
-        per_silo={name: sums.means() for name, sums in per_silo.items()},
-        seconds=seconds,
-    )
+    federated = method_result(per_silo, seconds)
     weights = {"federated/shared": load_file(str(server / "shared.safetensors"))}
     for index, name in enumerate(dataset.silo_names):
         final = folder / "silos" / f"silo-{index}-state" / "final.pt"
@@ -130,12 +122,10 @@ def collect(config: RunConfig, dataset: RecDataset, folder: Path, seconds: float
     )  # fmt: skip
 
 
-def follow_log(path: Path, on_line: Callable[[str], None] | None) -> _LogFollower:
-    """A callable that hands each new line of the server's log to `on_line` (the CLI prints them)."""
-    return _LogFollower(path, on_line)
+class LogFollower:
+    """Called now and then, hands each new line of the server's log to `on_line` (the CLI prints
+    them)."""
 
-
-class _LogFollower:
     def __init__(self, path: Path, on_line: Callable[[str], None] | None) -> None:
         self.path, self.on_line, self.seen = path, on_line, 0
 

@@ -31,7 +31,7 @@ from fedshop.deploy import wire
 from fedshop.deploy.checkpoint import config_digest, load_checkpoint, save_checkpoint
 from fedshop.errors import FedShopError
 from fedshop.eval.metrics import MetricSums, summarise
-from fedshop.fl.simulator import RoundRecord, make_server
+from fedshop.fl.simulator import RoundRecord, evaluated_after, make_server
 from fedshop.fl.stages import AggregationPipeline, ClientMessage
 
 _POLL_SECONDS = 0.2  # Grid.send_and_receive sleeps 3 s between polls; rounds are shorter here
@@ -58,7 +58,7 @@ class Federation:
         unknown = sorted(online - set(self.node_of.values()))
         if not unknown:
             return
-        hello = RecordDict({"task": ConfigRecord({"kind": "hello"})})
+        hello = RecordDict()
         for reply in self.exchange({n: (hello, MessageType.QUERY) for n in unknown}, "hello"):
             info = reply.content["silo"]
             silo = int(info["silo"])
@@ -76,7 +76,9 @@ class Federation:
             self.dataset = str(info["dataset"])
             self.customers[silo] = int(info["customers"])
 
-    def by_name(self, per_silo: dict[int, MetricSums]) -> dict[str, MetricSums]:
+    def metrics(self, replies: list[Message], name: str = "metrics") -> dict[str, MetricSums]:
+        """The silos' metric sums in `replies`, by silo name in silo order."""
+        per_silo = dict(wire.record_metrics(r.content, name) for r in replies)
         return {self.names[s]: per_silo[s] for s in sorted(per_silo)}
 
     def wait_for(self, count: int, timeout: float) -> None:
@@ -137,22 +139,29 @@ def serve(grid: Grid, context: Context) -> None:
     resumed = load_checkpoint(checkpoints, server, digest)
     history = resumed.history if resumed else []
     guard = _privacy_guard(config, federation, resumed)
+    # Sent with every silo's training task; a silo builds its DP-SGD from it.
+    dp_plan = json.dumps(asdict(guard.plan)) if guard is not None else None
     if resumed:
         log(f"resumed from the checkpoint after round {resumed.round}")
-    fed = config.federated
 
-    def is_eval_round(r: int) -> bool:
-        return r % config.eval.eval_every == 0 or r == fed.rounds
+    def settle(replies: list[Message]) -> None:
+        # The last recorded round's metrics, from the silos' replies about its model.
+        history[-1] = replace(history[-1], metrics=summarise(federation.metrics(replies)))
+        log(f"round {history[-1].round}: HR@10 {history[-1].metrics['hr@10']:.4f}")
 
-    while server.round < fed.rounds:
+    while server.round < config.federated.rounds:
         round_number = server.round + 1
         started = time.perf_counter()
         # The previous round's model is evaluated by the silos in this round's exchange (before
         # they train on it): one exchange per round instead of two, and the same metrics as the
         # simulator's, whose silos evaluate with the same private state.
-        pending = history[-1] if history and is_eval_round(history[-1].round) else None
-        if pending is not None and pending.metrics is not None:
-            pending = None
+        pending = (
+            history[-1]
+            if history
+            and history[-1].metrics is None
+            and evaluated_after(config, history[-1].round)
+            else None
+        )
         before = server.sampling_state()
         chosen = server.sample_clients()
         federation.refresh()
@@ -164,12 +173,10 @@ def serve(grid: Grid, context: Context) -> None:
         contents = {}
         for silo, node in federation.node_of.items():
             if silo in chosen:
-                task = _task("train", round_number, toml_text, evaluate=pending is not None)
-                if guard is not None:
-                    task["dp-plan"] = json.dumps(asdict(guard.plan))
+                task = _task(round_number, toml_text, evaluate=pending is not None, dp=dp_plan)
                 contents[node] = (RecordDict({"task": task, "shared": shared}), MessageType.TRAIN)
             elif pending is not None:
-                task = _task("evaluate", pending.round, toml_text)
+                task = _task(pending.round, toml_text)
                 contents[node] = (
                     RecordDict({"task": task, "shared": shared}),
                     MessageType.EVALUATE,
@@ -177,9 +184,7 @@ def serve(grid: Grid, context: Context) -> None:
         replies = federation.exchange(contents, f"round-{round_number}")
         updates = dict(wire.record_update(r.content) for r in replies if "update" in r.content)
         if pending is not None:
-            sums = dict(wire.record_metrics(r.content) for r in replies)
-            history[-1] = replace(pending, metrics=summarise(federation.by_name(sums)))
-            log(f"round {pending.round}: HR@10 {history[-1].metrics['hr@10']:.4f}")
+            settle(replies)
         if len(updates) < min(min_silos, len(chosen)):
             log(
                 f"round {round_number}: {len(updates)} of {len(chosen)} silos replied, "
@@ -205,7 +210,7 @@ def serve(grid: Grid, context: Context) -> None:
         )
     # The last round's model, as it is and after every silo has refitted its own vectors.
     federation.wait_for(n_silos, wait_timeout)
-    task = _task("evaluate", server.round, toml_text, final=True)
+    task = _task(server.round, toml_text, final=True)
     shared = wire.params_record(server.shared)
     contents = {
         node: (RecordDict({"task": task, "shared": shared}), MessageType.EVALUATE)
@@ -213,9 +218,8 @@ def serve(grid: Grid, context: Context) -> None:
     }
     replies = federation.exchange(contents, "final")
     if history and history[-1].metrics is None:
-        sums = dict(wire.record_metrics(r.content) for r in replies)
-        history[-1] = replace(history[-1], metrics=summarise(federation.by_name(sums)))
-    final = federation.by_name(dict(wire.record_metrics(r.content, "final") for r in replies))
+        settle(replies)
+    final = federation.metrics(replies, "final")
     privacy = guard.summary() if guard is not None else None
     write_outcome(out, server.shared, history, final, federation.names, privacy)
     save_checkpoint(checkpoints, server, history, digest, _run_id(guard))
@@ -243,13 +247,11 @@ def _run_id(guard) -> str | None:
     return guard.run_id if guard is not None else None
 
 
-def _task(kind: str, round_number: int, toml_text: str, evaluate=False, final=False):
-    return ConfigRecord(
-        {
-            "kind": kind, "round": round_number, "config": toml_text,
-            "evaluate": evaluate, "final": final,
-        }
-    )  # fmt: skip
+def _task(
+    round_number: int, toml_text: str, evaluate=False, final=False, dp: str | None = None
+) -> ConfigRecord:
+    task = {"round": round_number, "config": toml_text, "evaluate": evaluate, "final": final}
+    return ConfigRecord({**task, **({"dp-plan": dp} if dp is not None else {})})
 
 
 def write_outcome(

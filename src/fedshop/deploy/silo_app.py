@@ -12,6 +12,7 @@ Node config (`flower-supernode --node-config`): `silo-data` (the silo's data fil
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -28,7 +29,6 @@ from fedshop.deploy import wire
 from fedshop.deploy.silo_files import read_silo_file
 from fedshop.errors import FedShopError
 from fedshop.fl.client import SiloClient
-from fedshop.fl.server_opt import FedAdam
 from fedshop.fl.stages import AggregationPipeline
 
 if TYPE_CHECKING:  # DP and its accountant load only in DP runs: every message is a new process
@@ -36,7 +36,6 @@ if TYPE_CHECKING:  # DP and its accountant load only in DP runs: every message i
     from fedshop.privacy.dp import DpPlan
 
 _STATE = re.compile(r"round-(\d+)\.pt$")
-_DP_STREAMS = ("sampling", "negatives", "noise")
 
 
 class SiloNode:
@@ -70,24 +69,21 @@ class SiloNode:
             }
         )
 
-    def client(self, config: RunConfig, before_round: int) -> SiloClient:
+    def client(self, config: RunConfig, before_round: int) -> tuple[SiloClient, dict | None]:
         """The silo's `SiloClient` (the simulator's class) with its state after the latest round
-        it trained in before `before_round`."""
+        it trained in before `before_round`, and that round's saved DP-SGD state (or None)."""
         client = SiloClient(
             self.index, self.data, config.model, config.train,
             AggregationPipeline.for_aggregation(config.federated.aggregation), config.seed,
             config.federated.client_learning_rate,
         )  # fmt: skip
-        rounds = sorted(
-            int(m.group(1)) for p in self.state_dir.iterdir() if (m := _STATE.match(p.name))
-        )
+        rounds = [int(m.group(1)) for p in self.state_dir.iterdir() if (m := _STATE.match(p.name))]
         earlier = [r for r in rounds if r < before_round]
-        self._dp_state = None
-        if earlier:
-            state = torch.load(self.state_dir / f"round-{earlier[-1]}.pt", weights_only=True)
-            client.load_state_dict(state["client"])
-            self._dp_state = state.get("dp")
-        return client
+        if not earlier:
+            return client, None
+        state = torch.load(self.state_dir / f"round-{max(earlier)}.pt", weights_only=True)
+        client.load_state_dict(state["client"])
+        return client, state.get("dp")
 
     def save(self, client: SiloClient, round_number: int, dp: DpSgdState | None = None) -> None:
         path = self.state_dir / f"round-{round_number}.pt"
@@ -95,7 +91,7 @@ class SiloNode:
         if dp is not None:
             state["dp"] = {
                 "optimizer": dp.optimizer.state_dict(),
-                **{name: getattr(dp, name).get_state() for name in _DP_STREAMS},
+                **{name: getattr(dp, name).get_state() for name in dp.STREAMS},
             }
         torch.save(state, path.with_suffix(".tmp"))
         os.replace(path.with_suffix(".tmp"), path)
@@ -104,81 +100,76 @@ class SiloNode:
     # seed: its random streams come from a secret that never leaves the silo's state folder (so a
     # DP deployment is not bit-equal to the simulator, whose streams follow the seed).
 
-    def _secret(self) -> bytes:
+    @functools.cached_property
+    def secret(self) -> bytes:
         path = self.state_dir / "secret"
         if not path.exists():
             path.write_bytes(os.urandom(32))
             path.chmod(0o600)
         return path.read_bytes()
 
-    def _stream(self, label: str) -> torch.Generator:
-        digest = hashlib.sha256(self._secret() + label.encode()).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") >> 1)
+    def _seed(self, label: str) -> int:
+        return int.from_bytes(hashlib.sha256(self.secret + label.encode()).digest()[:8], "big")
 
-    def dp_state(self, config: RunConfig) -> DpSgdState:
-        """The DP-SGD state after the latest round loaded by `client`, or a fresh one."""
+    def dp_state(self, config: RunConfig, saved: dict | None) -> DpSgdState:
+        """The DP-SGD state as `saved` after an earlier round, or a fresh one."""
         from fedshop.fl.dp_local import DpSgdState
 
-        state = DpSgdState(
-            optimizer=FedAdam(config.train.learning_rate, tau=1e-8),
-            **{name: self._stream(name) for name in _DP_STREAMS},
-        )
-        if self._dp_state is not None:
-            state.optimizer.load_state_dict(self._dp_state["optimizer"])
-            for name in _DP_STREAMS:
-                getattr(state, name).set_state(self._dp_state[name])
+        streams = {
+            name: torch.Generator().manual_seed(self._seed(name) >> 1)
+            for name in DpSgdState.STREAMS
+        }
+        state = DpSgdState.start(config.train.learning_rate, streams)
+        if saved is not None:
+            state.optimizer.load_state_dict(saved["optimizer"])
+            for name in DpSgdState.STREAMS:
+                getattr(state, name).set_state(saved[name])
         return state
 
     def released_count(self, plan: DpPlan) -> float:
         """The silo's customer count with Gaussian noise, released once (its accounting is the
         plan's fixed event) and reused as the silo's weight every round."""
-        from fedshop.privacy.mechanisms import gaussian_mechanism
+        from fedshop.fl.dp_local import release_counts
 
         path = self.state_dir / "released-count.json"
         if not path.exists():
-            digest = hashlib.sha256(self._secret() + b"count").digest()
-            release = gaussian_mechanism(
-                np.array([float(self.data.n_users)]), 1.0, plan.count_noise_multiplier,
-                np.random.default_rng(int.from_bytes(digest, "big")),
-            )  # fmt: skip
-            # Clamping is post-processing; a silo is never weighted below one customer.
-            path.write_text(json.dumps({"count": max(float(release.values[0]), 1.0)}))
+            rng = np.random.default_rng(self._seed("count"))
+            count = release_counts([self.data.n_users], plan, rng)[0]
+            path.write_text(json.dumps({"count": float(count)}))
         return float(json.loads(path.read_text())["count"])
+
+    def _task(self, content: RecordDict, before_offset: int):
+        task = content["task"]
+        config = config_from_toml(str(task["config"]))
+        client, saved_dp = self.client(config, int(task["round"]) + before_offset)
+        return task, config, client, saved_dp, wire.record_params(content["shared"])
 
     def train(self, content: RecordDict) -> RecordDict:
         """Train on the received model; with `evaluate`, first evaluate it (the server's previous
         round) with the private state it will train from, as the simulator evaluates it."""
-        task = content["task"]
-        config = config_from_toml(str(task["config"]))
-        round_number = int(task["round"])
-        client = self.client(config, round_number)
-        shared = wire.record_params(content["shared"])
+        task, config, client, saved_dp, shared = self._task(content, 0)
         reply = {}
         if bool(task["evaluate"]):
             sums = client.evaluate(shared, config.eval.split)
             reply["metrics"] = wire.metrics_config(self.index, sums)
-        fed = config.federated
         if "dp-plan" in task:
             from fedshop.privacy.dp import DpPlan
 
             plan = DpPlan(**json.loads(str(task["dp-plan"])))
-            dp = self.dp_state(config)
+            dp = self.dp_state(config, saved_dp)
             message = client.fit_private(shared, plan, dp, self.released_count(plan))
-            self.save(client, round_number, dp)
         else:
+            dp = None
+            fed = config.federated
             message = client.fit(shared, fed.local_epochs, fed.reconstruction_epochs)
-            self.save(client, round_number)
+        self.save(client, int(task["round"]), dp)
         return wire.update_record(self.index, message, reply)
 
     def evaluate(self, content: RecordDict) -> RecordDict:
         """Metric sums of this silo's customers for the model of round `round`. With `final`, also
         after refitting its private vectors to it (personalisation, kept), as the simulator does
         after the last round."""
-        task = content["task"]
-        config = config_from_toml(str(task["config"]))
-        round_number = int(task["round"])
-        client = self.client(config, round_number + 1)
-        shared = wire.record_params(content["shared"])
+        task, config, client, _, shared = self._task(content, 1)
         reply = {
             "metrics": wire.metrics_config(self.index, client.evaluate(shared, config.eval.split))
         }

@@ -22,7 +22,7 @@ from fedshop.errors import FedShopError
 from fedshop.eval.metrics import MetricSums, evaluate, summarise
 from fedshop.fl.local_round import LocalTraining, draw_round, poisson_sample
 from fedshop.fl.server_opt import ServerOptimizer, make_server_optimizer
-from fedshop.fl.simulator import RoundRecord
+from fedshop.fl.simulator import RoundRecord, evaluated_after
 from fedshop.fl.stages import Aggregate, mean_of
 from fedshop.fl.vectorised import vectorised_round, vectorised_sum
 from fedshop.models.spec import ModelSpec, Params, get_model, score_all
@@ -154,7 +154,7 @@ def run_cross_device(
             run.shared = optimizer.step(run.shared, mean_of(total))
         seconds = time.perf_counter() - started
         metrics = None
-        if round_number % config.eval.eval_every == 0 or round_number == fed.rounds:
+        if evaluated_after(config, round_number):
             metrics = summarise(run.evaluate(config.eval.split))
         cost = run.protection.last_round() if summation is not None else None
         record = RoundRecord(round_number, clients.tolist(), seconds, metrics, epsilon, cost)

@@ -14,8 +14,11 @@ released: each serves only its customer (the "billboard" setting of joint DP).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
+import numpy as np
 import scipy.sparse as sp
 import torch
 
@@ -25,6 +28,7 @@ from fedshop.fl.stages import mean_of
 from fedshop.fl.vectorised import vectorised_sum
 from fedshop.models.spec import ModelSpec, Params
 from fedshop.privacy.dp import DpPlan
+from fedshop.privacy.mechanisms import gaussian_mechanism
 from fedshop.privacy.stages import add_gaussian_noise, fixed_denominator
 
 
@@ -36,6 +40,14 @@ class DpSgdState:
     sampling: torch.Generator
     negatives: torch.Generator
     noise: torch.Generator
+
+    STREAMS: ClassVar[tuple[str, ...]] = ("sampling", "negatives", "noise")
+
+    @classmethod
+    def start(cls, learning_rate: float, streams: dict[str, torch.Generator]) -> DpSgdState:
+        """A silo's state before its first DP-SGD step: fresh Adam moments and its random streams
+        (named as in `STREAMS`)."""
+        return cls(optimizer=FedAdam(learning_rate, tau=1e-8), **streams)
 
 
 def dp_sgd_steps(
@@ -63,3 +75,12 @@ def dp_sgd_steps(
         total = fixed_denominator(plan.sampling_rate * len(customers))(total)
         shared = state.optimizer.step(shared, mean_of(total))
     return shared
+
+
+def release_counts(counts: Sequence[int], plan: DpPlan, rng: np.random.Generator) -> np.ndarray:
+    """Silos' customer counts with Gaussian noise (one customer is in one silo: L2 sensitivity 1),
+    the plan's fixed release. Clamping is post-processing; a silo never weighs below one customer."""
+    release = gaussian_mechanism(
+        np.asarray(counts, dtype=np.float64), 1.0, plan.count_noise_multiplier, rng
+    )
+    return np.maximum(release.values, 1.0)

@@ -16,13 +16,12 @@ from fedshop.config import RunConfig
 from fedshop.data.interactions import RecDataset
 from fedshop.eval.metrics import summarise
 from fedshop.fl.client import SiloClient
-from fedshop.fl.dp_local import DpSgdState
+from fedshop.fl.dp_local import DpSgdState, release_counts
 from fedshop.fl.server import FederatedServer
-from fedshop.fl.server_opt import FedAdam, make_server_optimizer
+from fedshop.fl.server_opt import make_server_optimizer
 from fedshop.fl.stages import AggregationPipeline, ClientMessage
 from fedshop.models.spec import get_model
 from fedshop.privacy.dp import DpPlan, PrivacyGuard
-from fedshop.privacy.mechanisms import gaussian_mechanism
 from fedshop.secure.stage import ProtectedSum, make_protection
 from fedshop.seeding import derive_seed, torch_generator
 
@@ -38,6 +37,11 @@ class RoundRecord:
     epsilon: float | None = None  # the run's ε after this round, under differential privacy
     # Under a protection (SecAgg, CKKS, Paillier): its measured cost this round.
     protection: dict | None = None
+
+
+def evaluated_after(config: RunConfig, round_number: int) -> bool:
+    """Whether the model is evaluated after this round (every `eval_every` rounds, and the last)."""
+    return round_number % config.eval.eval_every == 0 or round_number == config.federated.rounds
 
 
 @dataclass
@@ -118,7 +122,7 @@ def run_cross_silo(
         run.server.apply(messages)
         seconds = time.perf_counter() - started
         metrics = None
-        if round_number % config.eval.eval_every == 0 or round_number == fed.rounds:
+        if evaluated_after(config, round_number):
             metrics = summarise(run.evaluate(config.eval.split))
         cost = run.protection.last_round() if run.protection is not None else None
         record = RoundRecord(round_number, chosen, seconds, metrics, epsilon, cost)
@@ -141,22 +145,18 @@ class _PrivateSilos:
     @classmethod
     def start(cls, run: FederatedRun, config: RunConfig, guard: PrivacyGuard) -> _PrivateSilos:
         # The counts' release is already in the ledger (guard.open composes the plan's fixed events).
-        counts = np.array([client.data.n_users for client in run.clients], dtype=np.float64)
-        release = gaussian_mechanism(
-            counts, 1.0, guard.plan.count_noise_multiplier,
+        counts = release_counts(
+            [client.data.n_users for client in run.clients], guard.plan,
             np.random.default_rng(derive_seed(config.seed, "privacy", "silo-counts")),
         )  # fmt: skip
         states = [
-            DpSgdState(
-                optimizer=FedAdam(config.train.learning_rate, tau=1e-8),
-                sampling=torch_generator(config.seed, "silo", i, "dp", "sampling"),
-                negatives=torch_generator(config.seed, "silo", i, "dp", "negatives"),
-                noise=torch_generator(config.seed, "silo", i, "dp", "noise"),
+            DpSgdState.start(
+                config.train.learning_rate,
+                {s: torch_generator(config.seed, "silo", i, "dp", s) for s in DpSgdState.STREAMS},
             )
             for i in range(len(run.clients))
         ]
-        # Clamping is post-processing; a silo is never weighted below one customer.
-        return cls(guard.plan, states, np.maximum(release.values, 1.0))
+        return cls(guard.plan, states, counts)
 
     def fit(self, client: SiloClient, global_shared) -> ClientMessage:
         return client.fit_private(

@@ -387,13 +387,16 @@ def dense_messages(
 ) -> list[ClientMessage]:
     """Each client of a group as its own message: its weighted update scattered into tables of the
     full shared shape, zero where it touched nothing."""
+    # Local rows are grouped by client in client order: each client's rows are one slice.
+    sizes = torch.bincount(bucket.row_owner, minlength=len(bucket.members)).tolist()
+    rows = torch.split(bucket.rows, sizes)
+    deltas = {k: torch.split(delta, sizes) for k, delta in update.item_deltas.items()}
     messages = []
     for c in range(len(bucket.members)):
-        mine = (bucket.row_owner == c).nonzero().squeeze(1)
         w = weights[c]
         tensors = {
-            k: torch.zeros_like(shared[k]).index_add_(0, bucket.rows[mine], delta[mine] * w)
-            for k, delta in update.item_deltas.items()
+            k: torch.zeros_like(shared[k]).index_add_(0, rows[c], per_client[c] * w)
+            for k, per_client in deltas.items()
         }
         for k, delta in update.dense_deltas.items():
             tensors[k] = (delta[c] * w).reshape(shared[k].shape)
