@@ -40,7 +40,7 @@ from fedshop.fl.simulator import run_cross_silo
 from fedshop.fl.stages import AggregationPipeline, sum_messages
 from fedshop.models.spec import get_model
 from fedshop.secure.secagg import SecAggSum
-from fedshop.secure.stage import flatten, unflatten
+from fedshop.secure.stage import flatten, layout_of, unflatten
 from fedshop.seeding import torch_generator
 
 console = Console()
@@ -214,15 +214,14 @@ def item_inference(shoppers: int, seed: int = 0) -> dict:
 
     reference_round(spec, shared, users, batch, training, AggregationPipeline(summation=capture))
     purchased = [p.numpy() for p in batch.positives]
-    names = sorted(captured[0].tensors)
     normaliser = sum(m.weight for m in captured)
-    vectors = [flatten(m, names, normaliser) for m in captured]
+    vectors = [flatten(m, normaliser) for m in captured]
     bound = float(max(np.abs(v).max() for v in vectors)) * 1.01
     secagg = SecAggSum(keep_server_view=True)
     result = secagg.sum(vectors, bound)
 
     def rows(vector: np.ndarray) -> np.ndarray:
-        tensors, _ = unflatten(vector, captured[0], names, normaliser)
+        tensors, _ = unflatten(vector, layout_of(captured[0]), normaliser)
         return np.concatenate(
             [tensors[n].reshape(dataset.n_items, -1).numpy() for n in spec.item_tables], axis=1
         )

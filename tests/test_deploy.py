@@ -36,7 +36,9 @@ def three_silos(data_dir):
 
 @pytest.fixture(scope="module")
 def deployed(three_silos, tmp_path_factory):
-    config = load_config(overrides=SMALL)
+    """A deployment under secure aggregation (the plain one is compared with the simulator in the
+    restart test)."""
+    config = load_config(overrides={**SMALL, "protection.kind": "secagg"})
     out = tmp_path_factory.mktemp("deployed")
     result = deploy_local(config, three_silos, out)
     return config, out, result
@@ -51,7 +53,9 @@ def _no_flower_processes_left() -> bool:
     ]
 
 
-def test_deployment_builds_the_same_model_as_the_simulator(three_silos, deployed):
+def test_deployment_builds_the_same_model_as_the_simulator_under_secagg(three_silos, deployed):
+    """SecAgg's four steps as messages between the processes: the server sees only masked
+    updates, and the model is the simulator's (whose SecAgg sums in one process)."""
     config, out, result = deployed
     simulated = run_cross_silo(three_silos, config)
     shared = load_file(str(out / "deployment" / "server" / "shared.safetensors"))
@@ -62,6 +66,13 @@ def test_deployment_builds_the_same_model_as_the_simulator(three_silos, deployed
     for deployed_round, simulated_round in zip(result.history, simulated.history, strict=True):
         assert deployed_round.clients == simulated_round.clients == [0, 1, 2]
         assert deployed_round.metrics["hr@10"] == pytest.approx(simulated_round.metrics["hr@10"])
+        assert deployed_round.protection["bytes_per_client"] > 0
+    assert result.protection["kind"] == "secagg" and result.protection["rounds"] == 2
+    assert result.protection["details"]["dropped_after_shares"] == 0
+    # No silo keeps a round's secrets once the round is over.
+    for index in range(3):
+        state = out / "deployment" / "silos" / f"silo-{index}-state" / "secagg"
+        assert state.is_dir() and not list(state.iterdir())
     assert _no_flower_processes_left()
 
 

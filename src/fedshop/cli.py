@@ -463,6 +463,7 @@ def deploy_local(
     rounds: RoundsOption = None,
     min_silos: MinSilosOption = 0,
     round_timeout: RoundTimeoutOption = 300.0,
+    protection: ProtectionOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Run a TLS-authenticated federation on this machine: one SuperLink, one SuperNode per silo
@@ -483,6 +484,7 @@ def deploy_local(
             "federated.rounds": rounds,
             "data.max_silos": silos,
             "methods": ["federated"],
+            "protection.kind": protection,
         },
     )
     check_deployable(run_config)

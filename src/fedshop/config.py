@@ -340,14 +340,13 @@ class RunConfig:
                 f'[protection] kind = "{self.protection.kind}" is for cross-silo mode (a few silos '
                 'and one key holder); for shoppers\' devices use kind = "secagg"'
             )
-        if (
-            self.federated.mode == "cross-device"
-            and self.protection.kind != "none"
-            and self.federated.clients_per_round == 1
-        ):
+        per_round = (
+            "clients_per_round" if self.federated.mode == "cross-device" else "silos_per_round"
+        )
+        if self.protection.kind != "none" and getattr(self.federated, per_round) == 1:
             raise ConfigError(
                 "[protection] needs at least two clients per round: a sum of one update hides "
-                "nothing; raise [federated] clients_per_round"
+                f"nothing; raise [federated] {per_round}"
             )
         if self.federated.mode == "cross-device" and self.model.silo_item_bias:
             raise ConfigError(

@@ -41,10 +41,10 @@ def check_deployable(config: RunConfig) -> None:
             "fedshop deploy runs cross-silo federations (each party a process); "
             'set [federated] mode = "cross-silo"'
         )
-    if config.protection.kind != "none":
+    if config.protection.kind in ("ckks", "paillier"):
         raise FedShopError(
-            "secure aggregation and homomorphic encryption are not available in deployment yet; "
-            "use the simulator (fedshop train) for them"
+            f"{config.protection.kind} needs a key-holder party, which deployment does not run; "
+            'use [protection] kind = "secagg" (no party holds a key), or the simulator'
         )
 
 
@@ -118,7 +118,7 @@ def collect(config: RunConfig, dataset: RecDataset, folder: Path, seconds: float
     privacy = outcome.get("privacy") or dict(NO_PRIVACY)
     return ExperimentResult(
         config, dataset, {"federated": federated}, history, weights, privacy,
-        summarise_costs("none", []),
+        outcome.get("protection") or summarise_costs("none", []),
     )  # fmt: skip
 
 

@@ -29,12 +29,16 @@ from safetensors.torch import save_file
 from fedshop.config import load_config
 from fedshop.deploy import wire
 from fedshop.deploy.checkpoint import config_digest, load_checkpoint, save_checkpoint
+from fedshop.deploy.server_secagg import SECAGG_MESSAGE, SecureRound, expected_layout
 from fedshop.errors import FedShopError
 from fedshop.eval.metrics import MetricSums, summarise
 from fedshop.fl.simulator import RoundRecord, evaluated_after, make_server
-from fedshop.fl.stages import AggregationPipeline, ClientMessage
+from fedshop.fl.stages import AggregationPipeline
+from fedshop.secure.protocol import ProtectionCost, ProtectionError
+from fedshop.secure.stage import make_protection, round_cost, summarise_costs
 
 _POLL_SECONDS = 0.2  # Grid.send_and_receive sleeps 3 s between polls; rounds are shorter here
+_MAX_ATTEMPTS = 5  # a round that fails this often in a row stops the run
 
 
 class Federation:
@@ -143,6 +147,9 @@ def serve(grid: Grid, context: Context) -> None:
     dp_plan = json.dumps(asdict(guard.plan)) if guard is not None else None
     if resumed:
         log(f"resumed from the checkpoint after round {resumed.round}")
+    layout = expected_layout(pipeline, server.shared)
+    costs: list[ProtectionCost] = []  # each protected round's measured cost
+    attempts = 0  # failed attempts at the current round
 
     def settle(replies: list[Message]) -> None:
         # The last recorded round's metrics, from the silos' replies about its model.
@@ -170,41 +177,52 @@ def serve(grid: Grid, context: Context) -> None:
             # Write-ahead: the ledger holds this round's ε before any silo's message exists. A
             # retried round is not charged again (the silos send the very same messages).
             guard.release(round_number, guard.plan.round_event)
-        contents = {}
-        for silo, node in federation.node_of.items():
-            if silo in chosen:
-                task = _task(round_number, toml_text, evaluate=pending is not None, dp=dp_plan)
-                contents[node] = (RecordDict({"task": task, "shared": shared}), MessageType.TRAIN)
-            elif pending is not None:
-                task = _task(pending.round, toml_text)
-                contents[node] = (
-                    RecordDict({"task": task, "shared": shared}),
-                    MessageType.EVALUATE,
-                )
-        replies = federation.exchange(contents, f"round-{round_number}")
-        updates = dict(wire.record_update(r.content) for r in replies if "update" in r.content)
-        if pending is not None:
-            settle(replies)
-        if len(updates) < min(min_silos, len(chosen)):
-            log(
-                f"round {round_number}: {len(updates)} of {len(chosen)} silos replied, "
-                f"{min(min_silos, len(chosen))} needed; waiting for silos and trying again"
-            )
-            federation.wait_for(min_silos, wait_timeout)
+        needed = min(min_silos, len(chosen))
+        try:
+            secure = _secure_round(config, layout, [s for s in chosen if s in federation.node_of])
+            contents = {}
+            for silo, node in federation.node_of.items():
+                if silo in chosen:
+                    extra = secure.task_for(silo) if secure else {}
+                    task = _task(round_number, toml_text, pending is not None, dp=dp_plan, **extra)
+                    contents[node] = (
+                        RecordDict({"task": task, "shared": shared}),
+                        MessageType.TRAIN,
+                    )
+                elif pending is not None:
+                    task = _task(pending.round, toml_text)
+                    contents[node] = (
+                        RecordDict({"task": task, "shared": shared}),
+                        MessageType.EVALUATE,
+                    )
+            replies = federation.exchange(contents, f"round-{round_number}")
+            if pending is not None:
+                settle(replies)
+            contributors, cost = _aggregate(server, replies, secure, federation, needed, log)
+        except ProtectionError as reason:
+            attempts += 1
+            if attempts >= _MAX_ATTEMPTS:
+                raise FedShopError(
+                    f"round {round_number} failed {attempts} times; the last time: {reason}"
+                ) from None
+            log(f"round {round_number}: {reason}; waiting for silos and trying again")
+            federation.wait_for(max(min_silos, 2 if secure else 1), wait_timeout)
             # The retried round draws the same silos again.
             server.load_sampling_state(before)
             continue
-        # In silo order, as the simulator adds them: the same float sums.
-        messages: list[ClientMessage] = [updates[s] for s in sorted(updates)]
-        server.apply(messages)
+        attempts = 0
         epsilon = guard.epsilon if guard is not None else None
         seconds = time.perf_counter() - started
-        record = RoundRecord(round_number, sorted(updates), seconds, None, epsilon)
+        protection = None
+        if cost is not None:
+            costs.append(cost)
+            protection = round_cost(cost)
+        record = RoundRecord(round_number, contributors, seconds, None, epsilon, protection)
         history.append(record)
         save_checkpoint(checkpoints, server, history, digest, _run_id(guard))
-        dropped = sorted(set(chosen) - set(updates))
+        dropped = sorted(set(chosen) - set(contributors))
         log(
-            f"round {round_number}: {len(updates)} silos trained"
+            f"round {round_number}: {len(contributors)} silos trained"
             + (f", silos {dropped} dropped out" if dropped else "")
             + f" ({record.seconds:.2f} s)"
         )
@@ -221,7 +239,8 @@ def serve(grid: Grid, context: Context) -> None:
         settle(replies)
     final = federation.metrics(replies, "final")
     privacy = guard.summary() if guard is not None else None
-    write_outcome(out, server.shared, history, final, federation.names, privacy)
+    protection = summarise_costs(config.protection.kind, costs)
+    write_outcome(out, server.shared, history, final, federation.names, privacy, protection)
     save_checkpoint(checkpoints, server, history, digest, _run_id(guard))
     log(f"finished: HR@10 {summarise(final)['hr@10']:.4f}")
 
@@ -243,20 +262,63 @@ def _privacy_guard(config, federation: Federation, resumed):
     return PrivacyGuard.open(plan, config.privacy, federation.dataset, names)
 
 
+def _secure_round(config, layout, silos: list[int]) -> SecureRound | None:
+    """The round's secure aggregation, or None without protection."""
+    if config.protection.kind == "none":
+        return None
+    protection = make_protection(config.protection)
+    secure = SecureRound(protection, config.protection.bound, layout, silos)
+    secure.start()
+    return secure
+
+
+def _aggregate(server, replies, secure, federation: Federation, needed: int, log):
+    """Apply the round from the training replies: their updates, or (under secure aggregation)
+    the sum that the remaining SecAgg steps unmask. Returns the silos in the sum and the
+    protection's cost; raises `ProtectionError` when too few silos took part."""
+    if secure is None:
+        updates = dict(wire.record_update(r.content) for r in replies if "update" in r.content)
+        if len(updates) < needed:
+            raise ProtectionError(f"{len(updates)} silos replied, {needed} needed")
+        # In silo order, as the simulator adds them: the same float sums.
+        server.apply([updates[s] for s in sorted(updates)])
+        return sorted(updates), None
+    index_of_node = {federation.node_of[s]: i for i, s in enumerate(secure.silos)}
+    trained = {
+        index_of_node[r.metadata.src_node_id]: r.content
+        for r in replies
+        if "secagg" in r.content and r.metadata.src_node_id in index_of_node
+    }
+    if len(trained) < max(needed, 2):
+        raise ProtectionError(f"{len(trained)} silos replied, {max(needed, 2)} needed")
+
+    def exchange(step: str, contents: dict[int, RecordDict]) -> dict[int, RecordDict]:
+        # By node, not by what a reply says of itself: a node is authenticated, a claim is not.
+        nodes = {federation.node_of[secure.silos[i]]: i for i in contents}
+        messages = {node: (contents[i], SECAGG_MESSAGE) for node, i in nodes.items()}
+        replies = federation.exchange(messages, f"secagg-{step}")
+        return {nodes[r.metadata.src_node_id]: r.content for r in replies}
+
+    aggregate, contributors, cost = secure.finish(trained, exchange, needed, log)
+    server.apply_sum(aggregate)
+    return contributors, cost
+
+
 def _run_id(guard) -> str | None:
     return guard.run_id if guard is not None else None
 
 
 def _task(
-    round_number: int, toml_text: str, evaluate=False, final=False, dp: str | None = None
+    round_number: int, toml_text: str, evaluate=False, final=False, dp: str | None = None, **extra
 ) -> ConfigRecord:
     task = {"round": round_number, "config": toml_text, "evaluate": evaluate, "final": final}
-    return ConfigRecord({**task, **({"dp-plan": dp} if dp is not None else {})})
+    return ConfigRecord({**task, **({"dp-plan": dp} if dp is not None else {}), **extra})
 
 
 def write_outcome(
-    out: Path, shared, history: list[RoundRecord], final, names, privacy: dict | None
-) -> None:
+    out: Path, shared, history: list[RoundRecord], final, names, privacy: dict | None,
+    protection: dict,
+) -> None:  # fmt: skip
     """What the server knows at the end: the shared model, the rounds, the silos' metric sums."""
     save_file({k: v.contiguous() for k, v in shared.items()}, str(out / "shared.safetensors"))
     outcome = {
@@ -264,6 +326,7 @@ def write_outcome(
         "per_silo": {name: {"sums": s.sums, "users": s.users} for name, s in final.items()},
         "silo_names": [names[s] for s in sorted(names)],
         "privacy": privacy,
+        "protection": protection,
     }
     (out / "outcome.json").write_text(json.dumps(outcome, indent=1) + "\n")
 

@@ -27,9 +27,12 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from fedshop.config import RunConfig, config_from_toml
 from fedshop.deploy import wire
 from fedshop.deploy.silo_files import read_silo_file
+from fedshop.deploy.silo_secagg import SecAggSilo
 from fedshop.errors import FedShopError
 from fedshop.fl.client import SiloClient
 from fedshop.fl.stages import AggregationPipeline
+from fedshop.secure.secagg import RoundSetup
+from fedshop.secure.stage import flatten
 
 if TYPE_CHECKING:  # DP and its accountant load only in DP runs: every message is a new process
     from fedshop.fl.dp_local import DpSgdState
@@ -163,6 +166,13 @@ class SiloNode:
             fed = config.federated
             message = client.fit(shared, fed.local_epochs, fed.reconstruction_epochs)
         self.save(client, int(task["round"]), dp)
+        if "secagg-setup" in task:
+            # Under secure aggregation the update stays here; the reply advertises SecAgg keys.
+            setup = RoundSetup.from_json(str(task["secagg-setup"]))
+            update = flatten(message, 1.0)
+            keys = SecAggSilo(self.state_dir).start(setup, int(task["secagg-index"]), update)
+            meta = wire.meta_record(self.index, message)
+            return RecordDict({"meta": meta, "secagg": keys, **reply})
         return wire.update_record(self.index, message, reply)
 
     def evaluate(self, content: RecordDict) -> RecordDict:

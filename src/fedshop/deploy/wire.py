@@ -17,9 +17,9 @@ def record_params(record: ArrayRecord) -> Params:
     return {k: v.clone() for k, v in record.to_torch_state_dict().items()}
 
 
-def update_record(silo: int, message: ClientMessage, extra: dict | None = None) -> RecordDict:
-    """A silo's staged update: the shared-parameter tensors and the message's public metadata."""
-    meta = ConfigRecord(
+def meta_record(silo: int, message: ClientMessage) -> ConfigRecord:
+    """A staged message's public metadata (also sent under secure aggregation)."""
+    return ConfigRecord(
         {
             "silo": silo,
             "weight": float(message.weight),
@@ -27,6 +27,11 @@ def update_record(silo: int, message: ClientMessage, extra: dict | None = None) 
             "local-steps": int(message.local_steps),
         }
     )
+
+
+def update_record(silo: int, message: ClientMessage, extra: dict | None = None) -> RecordDict:
+    """A silo's staged update: the shared-parameter tensors and the message's public metadata."""
+    meta = meta_record(silo, message)
     return RecordDict({"update": params_record(message.tensors), "meta": meta, **(extra or {})})
 
 

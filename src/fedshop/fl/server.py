@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from fedshop.fl.server_opt import ServerOptimizer
-from fedshop.fl.stages import AggregationPipeline, ClientMessage
+from fedshop.fl.stages import Aggregate, AggregationPipeline, ClientMessage
 from fedshop.models.mf import Params
 
 
@@ -46,7 +46,13 @@ class FederatedServer:
         self._generator.set_state(state)
 
     def apply(self, messages: Sequence[ClientMessage]) -> Params:
-        delta = self.pipeline.aggregate(messages)
+        return self._step(self.pipeline.aggregate(messages))
+
+    def apply_sum(self, aggregate: Aggregate) -> Params:
+        """Apply a round whose messages were summed elsewhere (a deployed secure sum)."""
+        return self._step(self.pipeline.finish(aggregate))
+
+    def _step(self, delta: Params) -> Params:
         self.shared = self.optimizer.step(self.shared, delta)
         self.round += 1
         return self.shared

@@ -123,7 +123,11 @@ class AggregationPipeline:
 
     def aggregate(self, messages: Sequence[ClientMessage]) -> Tensors:
         """Runs on the server: combine the messages into the mean update."""
-        aggregate = self.summation(messages)
+        return self.finish(self.summation(messages))
+
+    def finish(self, aggregate: Aggregate) -> Tensors:
+        """The server stages and the mean, on a sum however it was made (in a deployment, a secure
+        sum runs as message steps between the parties, outside `summation`)."""
         for stage in self.server_stages:
             aggregate = stage(aggregate)
         return mean_of(aggregate)

@@ -34,6 +34,7 @@ dropped is not covered (the actively secure variant adds signatures and a consis
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import random
@@ -203,6 +204,33 @@ class RoundSetup:
                 f"size {smallest}"
             )
 
+    def to_json(self) -> str:
+        """What the server announces, as text for a message between processes."""
+        ring = self.ring
+        return json.dumps(
+            {
+                "session": self.session.hex(),
+                "n_clients": self.n_clients,
+                "graph": {str(i): list(v) for i, v in self.graph.items()},
+                "threshold": self.threshold,
+                "ring": [ring.bound, ring.n_clients, ring.bits],
+                "length": self.length,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> RoundSetup:
+        data = json.loads(text)
+        bound, n_clients, bits = data["ring"]
+        return cls(
+            session=bytes.fromhex(data["session"]),
+            n_clients=int(data["n_clients"]),
+            graph={int(i): tuple(int(j) for j in v) for i, v in data["graph"].items()},
+            threshold=int(data["threshold"]),
+            ring=FixedPointRing.for_sum(float(bound), int(n_clients), int(bits)),
+            length=int(data["length"]),
+        )
+
 
 @dataclass(frozen=True)
 class SharePackage:
@@ -211,6 +239,33 @@ class SharePackage:
 
     def size(self) -> int:
         return len(self.commitment) + sum(4 + len(c) for c in self.ciphertexts.values())
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"commitment": self.commitment.hex(), **_hex_by_index(self.ciphertexts, "ciphertexts")}
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> SharePackage:
+        data = json.loads(text)
+        return cls(bytes.fromhex(data["commitment"]), _bytes_by_index(data["ciphertexts"]))
+
+
+def _hex_by_index(blobs: dict[int, bytes], name: str) -> dict:
+    return {name: {str(i): blob.hex() for i, blob in blobs.items()}}
+
+
+def _bytes_by_index(blobs: dict[str, str]) -> dict[int, bytes]:
+    return {int(i): bytes.fromhex(blob) for i, blob in blobs.items()}
+
+
+def blobs_to_json(blobs: dict[int, bytes]) -> str:
+    """Index → bytes (routed shares, unmasking answers) as text for a message."""
+    return json.dumps(_hex_by_index(blobs, "blobs"))
+
+
+def blobs_from_json(text: str) -> dict[int, bytes]:
+    return _bytes_by_index(json.loads(text)["blobs"])
 
 
 class SecAggClient:
@@ -225,11 +280,49 @@ class SecAggClient:
         self._s_key = mask_key(self._s_seed)
         self._seed = os.urandom(SEED_BYTES)
         self._public: dict[int, tuple[bytes, bytes]] = {}
-        self._held: dict[
-            int, tuple[int, bytes, bytes]
-        ] = {}  # from neighbour: (x, b-share, sk-share)
-        self._masked_with: tuple[int, ...] = ()
+        # From each neighbour: (x, b-share, sk-share).
+        self._held: dict[int, tuple[int, bytes, bytes]] = {}
+        self._masked_with: tuple[int, ...] | None = None  # set once the masked input is out
         self._answered = False
+
+    # A deployed client is a fresh process at every step (Flower starts one per message): its
+    # round secrets are kept between steps by the client's owner, in a file only it can read.
+
+    def secrets(self) -> str:
+        """Everything this client holds for the round, secret keys included, as text."""
+        return json.dumps(
+            {
+                "c_key": self._c_key.private_bytes_raw().hex(),
+                "s_seed": self._s_seed.hex(),
+                "seed": self._seed.hex(),
+                "public": {str(j): [a.hex(), b.hex()] for j, (a, b) in self._public.items()},
+                "held": {str(j): [x, b.hex(), s.hex()] for j, (x, b, s) in self._held.items()},
+                "masked_with": self._masked_with,
+                "answered": self._answered,
+            }
+        )
+
+    @classmethod
+    def resume(cls, index: int, setup: RoundSetup, secrets: str) -> SecAggClient:
+        """The client as `secrets()` left it, for the same round."""
+        data = json.loads(secrets)
+        client = cls.__new__(cls)
+        client.index, client.setup, client.neighbours = index, setup, setup.graph[index]
+        client._c_key = X25519PrivateKey.from_private_bytes(bytes.fromhex(data["c_key"]))
+        client._s_seed = bytes.fromhex(data["s_seed"])
+        client._s_key = mask_key(client._s_seed)
+        client._seed = bytes.fromhex(data["seed"])
+        client._public = {
+            int(j): (bytes.fromhex(a), bytes.fromhex(b)) for j, (a, b) in data["public"].items()
+        }
+        client._held = {
+            int(j): (int(x), bytes.fromhex(b), bytes.fromhex(s))
+            for j, (x, b, s) in data["held"].items()
+        }
+        masked_with = data["masked_with"]
+        client._masked_with = None if masked_with is None else tuple(masked_with)
+        client._answered = bool(data["answered"])
+        return client
 
     # Step 1
     def advertise(self) -> tuple[bytes, bytes]:
@@ -263,6 +356,10 @@ class SecAggClient:
     # Step 3
     def masked_input(self, vector: np.ndarray, received: dict[int, bytes]) -> np.ndarray:
         """`received`: the encrypted shares neighbours sent this client (routed by the server)."""
+        if self._masked_with is not None:
+            # Two masked inputs under one set of masks but different neighbour sets would show
+            # the server the difference of their pairwise masks.
+            raise ProtectionError(f"client {self.index}: already sent this round's masked input")
         if vector.shape != (self.setup.length,):
             raise ProtectionError(
                 f"client {self.index}: update has shape {vector.shape}; the round expects "

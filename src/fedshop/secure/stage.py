@@ -5,14 +5,16 @@ Each client's staged message (its clipped, weighted update) is flattened into on
 server stages (noise, FedNova rescaling) and the server optimiser run on that total unchanged.
 
 Weights: a message's weight (its example count, or under record-level DP its released noisy count)
-is public metadata, as it is without protection. Each vector is divided by the round's total
-weight before it is protected, so that every entry is of the size of one update, not of one update
-times a silo's example count, and fits the protection's range; the weights themselves travel inside
-the protected vector, so the server learns only their sum (which the mean needs anyway).
+is public metadata, as it is without protection. Each vector is divided by the round's total weight
+before it is protected, so that every entry is of the size of one update, not of one update times a
+silo's example count, and fits the protection's range. The weights also travel inside the protected
+vector, so the mean is weighted by exactly the clients whose vectors reached the sum, also when some
+drop out after the total was announced.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -26,23 +28,53 @@ from fedshop.secure.protocol import ProtectionCost, ProtectionError, SecureSum
 WEIGHT_ENTRY = "__weight__"
 
 
-def flatten(message: ClientMessage, names: Sequence[str], normaliser: float) -> np.ndarray:
+# A message's tensors as (name, shape, dtype) in the message's own order: all a server needs to
+# turn a summed vector back into tensors, and the same for every message of a round.
+Layout = list[tuple[str, tuple[int, ...], str]]
+
+
+def layout_of(message: ClientMessage) -> Layout:
+    return [
+        (n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in message.tensors.items()
+    ]
+
+
+def vector_length(layout: Layout) -> int:
+    """The flattened size: every tensor entry, and the weight."""
+    return sum(math.prod(shape) for _, shape, _ in layout) + 1
+
+
+def flatten(message: ClientMessage, normaliser: float) -> np.ndarray:
+    """The message's tensors (in name order) and its weight as one vector, divided by the
+    round's `normaliser` (see the module's docstring)."""
+    names = sorted(message.tensors)
     parts = [message.tensors[n].detach().cpu().double().reshape(-1).numpy() for n in names]
     parts.append(np.array([message.weight], dtype=np.float64))
     return np.concatenate(parts) / normaliser
 
 
-def unflatten(total: np.ndarray, like: ClientMessage, names: Sequence[str], normaliser: float):
+def unflatten(
+    total: np.ndarray, layout: Layout, normaliser: float
+) -> tuple[dict[str, torch.Tensor], float]:
+    """The summed vector back as tensors (in the layout's order) and the summed weight."""
     tensors, offset = {}, 0
     total = total * normaliser
-    for name in names:
-        template = like.tensors[name]
-        size = template.numel()
+    for name, shape, dtype in sorted(layout):
+        size = math.prod(shape)
         chunk = torch.from_numpy(total[offset : offset + size].copy())
-        tensors[name] = chunk.reshape(template.shape).to(template.dtype)
+        tensors[name] = chunk.reshape(shape).to(getattr(torch, dtype))
         offset += size
     # In the message's own order: server stages that draw noise per tensor follow dict order.
-    return {name: tensors[name] for name in like.tensors}, float(total[offset])
+    return {name: tensors[name] for name, _, _ in layout}, float(total[offset])
+
+
+def check_layouts(layouts: Sequence[Layout]) -> Layout:
+    """The round's layout; every message must carry the same tensors."""
+    names = sorted(layouts[0])
+    for layout in layouts[1:]:
+        if sorted(layout) != names:
+            raise ProtectionError("client messages carry different parameter names or shapes")
+    return layouts[0]
 
 
 @dataclass
@@ -59,28 +91,35 @@ class ProtectedSum:
 
     def last_round(self) -> dict:
         """The latest round's cost, as each round of the history records it."""
-        last = self.costs[-1]
-        return {
-            "seconds": last.total_seconds,
-            "latency_seconds": last.latency_seconds,
-            "bytes_per_client": last.mean_bytes_per_client,
-        }
+        return round_cost(self.costs[-1])
 
     def __call__(self, messages: Sequence[ClientMessage]) -> Aggregate:
         if not messages:
             raise ValueError("cannot aggregate an empty round")
-        names = sorted(messages[0].tensors)
-        for message in messages[1:]:
-            if sorted(message.tensors) != names:
-                raise ProtectionError("client messages carry different parameter names")
-        normaliser = sum(m.weight for m in messages)
-        if not normaliser > 0:
-            raise ProtectionError("the round's messages carry no weight")
-        vectors = [flatten(m, names, normaliser) for m in messages]
+        layout = check_layouts([layout_of(m) for m in messages])
+        normaliser = round_normaliser([m.weight for m in messages])
+        vectors = [flatten(m, normaliser) for m in messages]
         result = self.protection.sum(vectors, self.bound)
         self.costs.append(result.cost)
-        tensors, weight = unflatten(result.total, messages[0], names, normaliser)
+        tensors, weight = unflatten(result.total, layout, normaliser)
         return Aggregate(tensors=tensors, weight=weight, num_clients=len(result.contributors))
+
+
+def round_cost(cost: ProtectionCost) -> dict:
+    """One round's protection cost, as the round's history entry records it."""
+    return {
+        "seconds": cost.total_seconds,
+        "latency_seconds": cost.latency_seconds,
+        "bytes_per_client": cost.mean_bytes_per_client,
+    }
+
+
+def round_normaliser(weights: Sequence[float]) -> float:
+    """What every vector of a round is divided by: the round's total weight."""
+    normaliser = float(sum(weights))
+    if not normaliser > 0:
+        raise ProtectionError("the round's messages carry no weight")
+    return normaliser
 
 
 def make_protection(config: ProtectionConfig) -> SecureSum | None:

@@ -1,0 +1,159 @@
+"""Secure aggregation as deployed: the server's `SecureRound` and each silo's `SecAggSilo` (its secrets in
+its state folder between steps), with the step messages handed over in this process instead of by
+Flower; `test_deploy.py` runs the same over real processes."""
+
+from __future__ import annotations
+
+import stat
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, RecordDict
+
+from fedshop.deploy.server_secagg import SecureRound, expected_layout
+from fedshop.deploy.silo_secagg import SecAggSilo
+from fedshop.fl.stages import AggregationPipeline, ClientMessage
+from fedshop.secure.protocol import ProtectionError
+from fedshop.secure.secagg import SecAggSum
+from fedshop.secure.stage import flatten
+
+SHARED = {"item_embedding": torch.zeros(40, 4), "item_bias": torch.zeros(40)}
+
+
+def _messages(pipeline: AggregationPipeline, n: int) -> list[ClientMessage]:
+    generator = torch.Generator().manual_seed(3)
+    return [
+        pipeline.on_client(
+            ClientMessage(
+                {k: torch.randn(v.shape, generator=generator) * 0.1 for k, v in SHARED.items()},
+                1.0, float(10 + 7 * i), 1 + i,
+            )
+        )
+        for i in range(n)
+    ]  # fmt: skip
+
+
+class _Round:
+    """A protected round over `n` silos (silo numbers 10, 11, …) whose listed indices go silent at
+    the named step."""
+
+    def __init__(self, tmp_path, n: int, aggregation="fedavg", silent=None, needed=0) -> None:
+        self.pipeline = AggregationPipeline.for_aggregation(aggregation)
+        self.messages = _messages(self.pipeline, n)
+        self.silos = [SecAggSilo(tmp_path / f"silo-{i}") for i in range(n)]
+        self.silent = silent or {}
+        self.needed = needed
+        self.steps: list[str] = []
+        layout = expected_layout(self.pipeline, SHARED)
+        self.secure = SecureRound(SecAggSum(), 4.0, layout, [10 + i for i in range(n)])
+        self.log: list[str] = []
+
+    def exchange(self, step: str, contents: dict[int, RecordDict]) -> dict[int, RecordDict]:
+        self.steps.append(step)
+        quiet = self.silent.get(step, ())
+        return {i: self.silos[i].step(c) for i, c in contents.items() if i not in quiet}
+
+    def run(self):
+        self.secure.start()
+        trained = {}
+        for i, message in enumerate(self.messages):
+            if i in self.silent.get("train", ()):
+                continue
+            task = self.secure.task_for(10 + i)
+            assert task["secagg-index"] == i
+            meta = ConfigRecord({"silo": 10 + i, "weight": float(message.weight)})
+            keys = self.silos[i].start(self.secure.setup, i, flatten(message, 1.0))
+            trained[i] = RecordDict({"meta": meta, "secagg": keys})
+        return self.secure.finish(trained, self.exchange, self.needed, self.log.append)
+
+
+def _assert_mean_of(run: _Round, aggregate, indices) -> None:
+    expected = run.pipeline.aggregate([run.messages[i] for i in indices])
+    got = run.pipeline.finish(aggregate)
+    for name, value in expected.items():
+        # float32 tensors: the plain sum rounds at every addition, the secure one once.
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("aggregation", ["fedavg", "fednova"])
+def test_the_deployed_secure_sum_is_the_plain_sum(tmp_path, aggregation):
+    run = _Round(tmp_path, 4, aggregation)
+    aggregate, contributors, cost = run.run()
+    assert contributors == [10, 11, 12, 13] and run.steps == ["share", "mask", "unmask"]
+    _assert_mean_of(run, aggregate, range(4))
+    assert cost.kind == "secagg" and len(cost.bytes_sent_per_client) == 4
+    # Masked 64-bit ring entries: twice the float32 plaintext, plus keys and shares.
+    assert min(cost.bytes_sent_per_client) > cost.details["plaintext_bytes_per_client"] * 2
+    # Nothing secret is left behind once the round is over.
+    assert all(not list(silo.folder.iterdir()) for silo in run.silos)
+
+
+def test_secrets_between_steps_are_readable_by_the_silo_only(tmp_path):
+    run = _Round(tmp_path, 3)
+    run.secure.start()
+    run.silos[0].start(run.secure.setup, 0, flatten(run.messages[0], 1.0))
+    (secrets,) = run.silos[0].folder.glob("*.json")
+    assert stat.S_IMODE(secrets.stat().st_mode) == 0o600
+    assert '"c_key"' in secrets.read_text()
+
+
+def test_a_silo_that_drops_after_sharing_keys_is_recovered(tmp_path):
+    run = _Round(tmp_path, 5, silent={"mask": {2}})
+    aggregate, contributors, cost = run.run()
+    assert contributors == [10, 11, 13, 14]
+    _assert_mean_of(run, aggregate, [0, 1, 3, 4])
+    assert cost.details["dropped_after_shares"] == 1
+    assert any("dropped after sharing keys" in line for line in run.log)
+
+
+def test_a_silo_that_never_trained_is_left_out(tmp_path):
+    run = _Round(tmp_path, 4, silent={"train": {1}})
+    aggregate, contributors, cost = run.run()
+    assert contributors == [10, 12, 13]
+    _assert_mean_of(run, aggregate, [0, 2, 3])
+    assert cost.details["dropped_before_shares"] == 1
+
+
+def test_too_few_survivors_abandon_the_round_before_unmasking(tmp_path):
+    run = _Round(tmp_path, 3, silent={"mask": {0}}, needed=3)
+    with pytest.raises(ProtectionError, match="abandoned before unmasking"):
+        run.run()
+    assert "unmask" not in run.steps
+
+
+def test_one_silo_alone_is_never_a_secure_round(tmp_path):
+    run = _Round(tmp_path, 1)
+    with pytest.raises(ProtectionError, match="at least two"):
+        run.secure.start()
+
+
+def test_a_step_for_an_unknown_round_is_refused(tmp_path):
+    first, second = _Round(tmp_path / "a", 2), _Round(tmp_path / "b", 2)
+    first.secure.start()
+    second.secure.start()
+    first.silos[0].start(first.secure.setup, 0, flatten(first.messages[0], 1.0))
+    # A share request for another session (a stale or forged round) finds no secrets.
+    record = {"step": "share", "setup": second.secure.setup.to_json(), "index": 0, "payload": "{}"}
+    with pytest.raises(ProtectionError, match="no secrets for session"):
+        first.silos[0].step(RecordDict({"secagg": ConfigRecord(record)}))
+
+
+def test_an_update_beyond_the_bound_is_a_clear_error(tmp_path):
+    run = _Round(tmp_path, 2)
+    run.secure = SecureRound(SecAggSum(), 1e-6, run.secure.layout, run.secure.silos)
+    run.log_errors = []
+
+    def exchange(step, contents):
+        run.steps.append(step)
+        replies = {}
+        for i, content in contents.items():
+            try:
+                replies[i] = run.silos[i].step(content)
+            except ProtectionError as error:  # Flower reports a silo's error as a failed reply
+                run.log_errors.append(str(error))
+        return replies
+
+    run.exchange = exchange
+    with pytest.raises(ProtectionError, match="abandoned before unmasking"):
+        run.run()
+    assert any("raise [protection] bound" in e for e in run.log_errors)
