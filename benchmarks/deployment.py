@@ -4,9 +4,10 @@ The same config and seed run twice, one after the other: in the simulator (`run_
 local federation (`fedshop deploy local`: one SuperLink and one SuperNode process per silo, TLS and
 SuperNode authentication on, each silo reading only its own data file). Both evaluate the model after
 every round. Reported: the median seconds per round of each, their ratio, the deployment's start-up
-(processes, registration, first contact) and whether the two final models agree.
+(processes, registration, first contact) and whether the two final models agree; without protection
+and under secure aggregation (four message steps per round in a deployment).
 
-    python benchmarks/deployment.py --out benchmarks/out [--silos 4] [--rounds 5]
+    python benchmarks/deployment.py --out benchmarks/out [--silos 4] [--rounds 5] [--protection none secagg]
 """
 
 from __future__ import annotations
@@ -35,20 +36,56 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     parser.add_argument("--silos", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--protection", nargs="+", default=["none", "secagg"], choices=["none", "secagg"]
+    )
     args = parser.parse_args()
-    config = load_config(
-        overrides={
-            "data.source": "embedded", "data.max_silos": args.silos,
-            "federated.rounds": args.rounds, "methods": ["federated"],
-        }
-    )  # fmt: skip
-    dataset = load_dataset(config.data, seed=config.seed)
+    results = {}
+    for protection in args.protection:
+        config = load_config(
+            overrides={
+                "data.source": "embedded", "data.max_silos": args.silos,
+                "federated.rounds": args.rounds, "methods": ["federated"],
+                "protection.kind": protection,
+            }
+        )  # fmt: skip
+        results[protection] = compare(config)
+    table = Table(title=f"Embedded data, {args.silos} silos, {args.rounds} rounds (medians)")
+    for column in ("protection", "runtime", "s / round", "total s", "ratio", "HR@10"):
+        table.add_column(column, justify="right")
+    for protection, result in results.items():
+        for runtime in ("simulator", "deployment"):
+            ratio = f"{result['overhead_ratio']:.1f}×" if runtime == "deployment" else ""
+            table.add_row(
+                protection, runtime, f"{result[f'{runtime}_seconds_per_round']:.2f}",
+                f"{result[f'{runtime}_total_seconds']:.1f}", ratio,
+                f"{result['hr@10'][f'{runtime}_last_round']:.4f}",
+            )  # fmt: skip
+    console.print(table)
+    for protection, result in results.items():
+        console.print(
+            f"{protection}: deployment / simulator per round {result['overhead_ratio']:.1f}× "
+            f"(+{result['overhead_seconds_per_round']:.1f} s); fixed cost "
+            f"{result['deployment_fixed_seconds']:.1f} s; largest parameter difference "
+            f"{result['largest_parameter_difference']:.1e}"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "deployment.json"
+    path.write_text(
+        json.dumps({"silos": args.silos, "rounds": args.rounds, **results}, indent=2) + "\n"
+    )
+    console.print(f"Wrote {path}")
 
-    with console.status("Simulator…"):
+
+def compare(config) -> dict:
+    """The same config and seed in the simulator and as a local federation, one after the other."""
+    kind = config.protection.kind
+    dataset = load_dataset(config.data, seed=config.seed)
+    with console.status(f"Simulator ({kind})…"):
         started = time.perf_counter()
         simulated = run_cross_silo(dataset, config)
         simulator_total = time.perf_counter() - started
-    with console.status("Local deployment…"), tempfile.TemporaryDirectory() as folder:
+    with console.status(f"Local deployment ({kind})…"), tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
         deployed = deploy_local(config, dataset, Path(folder))
         deployment_total = time.perf_counter() - started
@@ -58,9 +95,7 @@ def main() -> None:
     )
     simulator_round = statistics.median(r.seconds for r in simulated.history)
     deployment_round = statistics.median(r.seconds for r in deployed.history)
-    result = {
-        "silos": args.silos,
-        "rounds": args.rounds,
+    return {
         "simulator_seconds_per_round": simulator_round,
         "deployment_seconds_per_round": deployment_round,
         "overhead_ratio": deployment_round / simulator_round,
@@ -70,27 +105,13 @@ def main() -> None:
         # Processes, keys, registration, waiting for the silos, the final evaluation and stopping.
         "deployment_fixed_seconds": deployment_total - sum(r.seconds for r in deployed.history),
         "largest_parameter_difference": largest_difference,
+        "protection_bytes_per_silo_per_round": deployed.protection["bytes_per_client_per_round"],
+        "plaintext_bytes_per_silo_per_round": deployed.protection.get("plaintext_bytes_per_client"),
         "hr@10": {
             "simulator_last_round": simulated.history[-1].metrics["hr@10"],
             "deployment_last_round": deployed.history[-1].metrics["hr@10"],
         },
     }
-    table = Table(title=f"Embedded data, {args.silos} silos, {args.rounds} rounds (medians)")
-    for column in ("runtime", "s / round", "total s"):
-        table.add_column(column, justify="right")
-    table.add_row("simulator", f"{simulator_round:.2f}", f"{simulator_total:.1f}")
-    table.add_row("deployment", f"{deployment_round:.2f}", f"{deployment_total:.1f}")
-    console.print(table)
-    console.print(
-        f"Deployment / simulator per round: {result['overhead_ratio']:.1f}× "
-        f"(+{result['overhead_seconds_per_round']:.1f} s); fixed cost "
-        f"{result['deployment_fixed_seconds']:.1f} s; largest parameter difference "
-        f"{largest_difference:.1e}"
-    )
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "deployment.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    console.print(f"Wrote {path}")
 
 
 if __name__ == "__main__":

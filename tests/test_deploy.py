@@ -210,7 +210,9 @@ def test_ctrl_c_stops_every_process(tmp_path, data_dir):
     assert _no_flower_processes_left()
 
 
-def test_record_level_dp_in_deployment_states_and_ledgers_its_epsilon(three_silos, tmp_path):
+def test_record_level_dp_and_secagg_in_deployment_state_and_ledger_epsilon(three_silos, tmp_path):
+    """DP-SGD in each silo, its noisy update then masked by SecAgg: the two combine in deployment
+    as in the simulator, with the simulator's ε."""
     from fedshop.experiment import open_privacy
     from fedshop.storage.ledger import Ledger
 
@@ -218,10 +220,11 @@ def test_record_level_dp_in_deployment_states_and_ledgers_its_epsilon(three_silo
     config = load_config(
         overrides={
             **SMALL, "privacy.mode": "record", "privacy.epsilon": 8.0, "privacy.budget": 20.0,
-            "privacy.local_steps": 2, "privacy.ledger_url": ledger,
+            "privacy.local_steps": 2, "privacy.ledger_url": ledger, "protection.kind": "secagg",
         }
     )  # fmt: skip
     result = deploy_local(config, three_silos, tmp_path / "run")
+    assert result.protection["kind"] == "secagg" and result.protection["rounds"] == 2
     # The simulator's plan for the same config, in a ledger of its own.
     (tmp_path / "run.toml").write_text(config.to_toml())
     separate = {"privacy.ledger_url": f"sqlite:///{tmp_path / 'simulator.sqlite'}"}
