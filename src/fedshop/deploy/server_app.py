@@ -180,21 +180,18 @@ def serve(grid: Grid, context: Context) -> None:
         needed = min(min_silos, len(chosen))
         try:
             secure = _secure_round(config, layout, [s for s in chosen if s in federation.node_of])
-            contents = {}
-            for silo, node in federation.node_of.items():
+            tasks = {}
+            for silo in federation.node_of:
                 if silo in chosen:
                     extra = secure.task_for(silo) if secure else {}
                     task = _task(round_number, toml_text, pending is not None, dp=dp_plan, **extra)
-                    contents[node] = (
-                        RecordDict({"task": task, "shared": shared}),
-                        MessageType.TRAIN,
-                    )
+                    tasks[silo] = (task, MessageType.TRAIN)
                 elif pending is not None:
-                    task = _task(pending.round, toml_text)
-                    contents[node] = (
-                        RecordDict({"task": task, "shared": shared}),
-                        MessageType.EVALUATE,
-                    )
+                    tasks[silo] = (_task(pending.round, toml_text), MessageType.EVALUATE)
+            contents = {
+                federation.node_of[silo]: (RecordDict({"task": task, "shared": shared}), kind)
+                for silo, (task, kind) in tasks.items()
+            }
             replies = federation.exchange(contents, f"round-{round_number}")
             if pending is not None:
                 settle(replies)
@@ -206,7 +203,8 @@ def serve(grid: Grid, context: Context) -> None:
                     f"round {round_number} failed {attempts} times; the last time: {reason}"
                 ) from None
             log(f"round {round_number}: {reason}; waiting for silos and trying again")
-            federation.wait_for(max(min_silos, 2 if secure else 1), wait_timeout)
+            protected = config.protection.kind != "none"
+            federation.wait_for(max(min_silos, 2 if protected else 1), wait_timeout)
             # The retried round draws the same silos again.
             server.load_sampling_state(before)
             continue

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from flwr.app import ConfigRecord, MessageType, RecordDict
@@ -29,6 +29,8 @@ from fedshop.secure.secagg import (
     SharePackage,
     blobs_from_json,
     blobs_to_json,
+    keys_to_json,
+    round_details,
 )
 from fedshop.secure.stage import Layout, layout_of, round_normaliser, unflatten, vector_length
 
@@ -77,66 +79,27 @@ class SecureRound:
         that arrived, by index. Returns the aggregate, the silos in it and the round's measured
         cost; raises `ProtectionError` when the round cannot complete securely."""
         assert self.setup is not None
-        setup = self.setup
-        server = SecAggServer(setup)
-        server_seconds, sent, client_seconds = 0.0, {}, {}
-        weights = {}
-
-        def timed(work):
-            nonlocal server_seconds
-            t0 = time.perf_counter()
-            out = work()
-            server_seconds += time.perf_counter() - t0
-            return out
-
-        def account(i: int, reply: RecordDict, size: int) -> None:
-            sent[i] = sent.get(i, 0) + size
-            client_seconds[i] = client_seconds.get(i, 0.0) + float(reply["secagg"]["seconds"])
-
-        for i, reply in trained.items():
-            keys, meta = reply["secagg"], reply["meta"]
-            if int(keys["index"]) != i or int(meta["silo"]) != self.silos[i]:
-                raise ProtectionError(f"silo {meta['silo']} answered as SecAgg client {i}")
-            timed(lambda i=i, k=keys: server.collect_keys(i, (k["c-public"], k["s-public"])))
-            weights[i] = float(meta["weight"])
-            account(i, reply, 64)
-
-        def step(name: str, payloads: dict[int, dict]) -> dict[int, RecordDict]:
-            contents = {}
-            for i, payload in payloads.items():
-                record = {"step": name, "setup": setup.to_json(), "index": i}
-                record["payload"] = json.dumps(payload)
-                contents[i] = RecordDict({"secagg": ConfigRecord(record)})
-            return exchange(name, contents)
-
-        keys_of = {
-            i: {
-                "keys": {
-                    str(j): [c.hex(), s.hex()]
-                    for j, (c, s) in timed(lambda i=i: server.keys_for(i)).items()
-                }
-            }
-            for i in sorted(server.public_keys)
-        }
-        for i, reply in step("share", keys_of).items():
+        server, tally = SecAggServer(self.setup), _Tally()
+        weights = self._collect_keys(server, trained, tally)
+        for i, reply in self._send(exchange, "share", self._keys_step(server, tally)).items():
             package = SharePackage.from_json(str(reply["secagg"]["package"]))
-            timed(lambda i=i, p=package: server.collect_shares(i, p))
-            account(i, reply, package.size())
+            tally.server(lambda i=i, p=package: server.collect_shares(i, p))
+            tally.client(i, reply, package.size())
         # Every vector is divided by the total weight of the silos that shared keys (public, as
         # without protection); the weights inside the vectors give the survivors' own total.
         normaliser = round_normaliser([weights[i] for i in server.packages])
-        shares_of = {
+        shares = {
             i: {
-                "shares": blobs_to_json(timed(lambda i=i: server.shares_for(i))),
+                "shares": blobs_to_json(tally.server(lambda i=i: server.shares_for(i))),
                 "normaliser": normaliser,
                 "bound": self.bound,
             }
             for i in sorted(server.packages)
         }
-        for i, reply in step("mask", shares_of).items():
+        for i, reply in self._send(exchange, "mask", shares).items():
             masked = reply["masked"]["masked"].numpy()
-            timed(lambda i=i, m=masked: server.collect_masked(i, m))
-            account(i, reply, masked.nbytes)
+            tally.server(lambda i=i, m=masked: server.collect_masked(i, m))
+            tally.client(i, reply, masked.nbytes)
         survivors, dropped = server.roster()
         if len(survivors) < max(2, needed):
             # Unmasking now would reveal the sum of fewer silos than the round promised.
@@ -145,30 +108,80 @@ class SecureRound:
                 "is abandoned before unmasking"
             )
         if dropped:
-            log(
-                f"secure aggregation: silos {[self.silos[i] for i in dropped]} dropped after sharing keys"
-            )
+            names = [self.silos[i] for i in dropped]
+            log(f"secure aggregation: silos {names} dropped after sharing keys")
         roster = {"survivors": survivors, "dropped": dropped}
         answers = {}
-        for i, reply in step("unmask", {i: roster for i in survivors}).items():
+        for i, reply in self._send(exchange, "unmask", dict.fromkeys(survivors, roster)).items():
             answers[i] = blobs_from_json(str(reply["secagg"]["answer"]))
-            account(i, reply, sum(2 + len(v) for v in answers[i].values()))
-        total = timed(lambda: server.finish(answers))
+            tally.client(i, reply, sum(2 + len(v) for v in answers[i].values()))
+        total = tally.server(lambda: server.finish(answers))
         tensors, weight = unflatten(total, self.layout, normaliser)
         aggregate = Aggregate(tensors=tensors, weight=weight, num_clients=len(survivors))
-        cost = ProtectionCost(
-            kind=self.protection.kind,
-            client_seconds=[client_seconds[i] for i in survivors],
-            server_seconds=server_seconds,
-            bytes_sent_per_client=[sent[i] for i in survivors],
-            details={
-                "neighbours": max(len(v) for v in setup.graph.values()),
-                "threshold": setup.threshold,
-                "ring_bits": setup.ring.bits,
-                "resolution": setup.ring.resolution,
-                "dropped_after_shares": len(dropped),
-                "dropped_before_shares": len(self.silos) - len(server.packages),
-                "plaintext_bytes_per_client": vector_length(self.layout) * 4,  # as in the simulator
-            },
-        )
+        details = round_details(self.setup, len(dropped), len(self.silos) - len(server.packages))
+        cost = tally.cost(self.protection.kind, survivors, details)
         return aggregate, [self.silos[i] for i in survivors], cost
+
+    def _collect_keys(self, server: SecAggServer, trained, tally: _Tally) -> dict[int, float]:
+        """Step 1's replies: each silo's public keys and its weight."""
+        weights = {}
+        for i, reply in trained.items():
+            keys, meta = reply["secagg"], reply["meta"]
+            if int(keys["index"]) != i or int(meta["silo"]) != self.silos[i]:
+                raise ProtectionError(f"silo {meta['silo']} answered as SecAgg client {i}")
+            public = (keys["c-public"], keys["s-public"])
+            tally.server(lambda i=i, k=public: server.collect_keys(i, k))
+            tally.client(i, reply, sum(len(k) for k in public))
+            weights[i] = float(meta["weight"])
+        return weights
+
+    def _keys_step(self, server: SecAggServer, tally: _Tally) -> dict[int, dict]:
+        return {
+            i: {"keys": keys_to_json(tally.server(lambda i=i: server.keys_for(i)))}
+            for i in sorted(server.public_keys)
+        }
+
+    def _send(self, exchange: Exchange, step: str, payloads: dict[int, dict]):
+        assert self.setup is not None
+        setup = self.setup.to_json()
+        contents = {
+            i: RecordDict(
+                {
+                    "secagg": ConfigRecord(
+                        {"step": step, "setup": setup, "index": i, "payload": json.dumps(payload)}
+                    )
+                }
+            )
+            for i, payload in payloads.items()
+        }
+        return exchange(step, contents)
+
+
+@dataclass
+class _Tally:
+    """What a round cost: the server's own protocol seconds, and each silo's reported seconds and
+    the bytes it sent."""
+
+    server_seconds: float = 0.0
+    client_seconds: dict[int, float] = field(default_factory=dict)
+    sent: dict[int, int] = field(default_factory=dict)
+
+    def server(self, work):
+        started = time.perf_counter()
+        out = work()
+        self.server_seconds += time.perf_counter() - started
+        return out
+
+    def client(self, i: int, reply: RecordDict, size: int) -> None:
+        self.sent[i] = self.sent.get(i, 0) + size
+        seconds = float(reply["secagg"]["seconds"])
+        self.client_seconds[i] = self.client_seconds.get(i, 0.0) + seconds
+
+    def cost(self, kind: str, survivors: list[int], details: dict) -> ProtectionCost:
+        return ProtectionCost(
+            kind=kind,
+            client_seconds=[self.client_seconds[i] for i in survivors],
+            server_seconds=self.server_seconds,
+            bytes_sent_per_client=[self.sent[i] for i in survivors],
+            details=details,
+        )

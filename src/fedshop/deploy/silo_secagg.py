@@ -28,6 +28,7 @@ from fedshop.secure.secagg import (
     SecAggClient,
     blobs_from_json,
     blobs_to_json,
+    keys_from_json,
 )
 
 STEPS = ("share", "mask", "unmask")
@@ -84,11 +85,7 @@ class SecAggSilo:
         payload = json.loads(str(record["payload"]))
         reply: dict = {}
         if step == "share":
-            keys = {
-                int(j): (bytes.fromhex(c), bytes.fromhex(s))
-                for j, (c, s) in payload["keys"].items()
-            }
-            reply["package"] = client.share_keys(keys).to_json()
+            reply["package"] = client.share_keys(keys_from_json(payload["keys"])).to_json()
         elif step == "mask":
             vector = np.load(update_path) / float(payload["normaliser"])
             check_inputs([vector], float(payload["bound"]))

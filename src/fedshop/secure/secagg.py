@@ -259,6 +259,28 @@ def _bytes_by_index(blobs: dict[str, str]) -> dict[int, bytes]:
     return {int(i): bytes.fromhex(blob) for i, blob in blobs.items()}
 
 
+def keys_to_json(keys: dict[int, tuple[bytes, bytes]]) -> str:
+    """Index → advertised public keys (c, s) as text for a message."""
+    return json.dumps({str(i): [c.hex(), s.hex()] for i, (c, s) in keys.items()})
+
+
+def keys_from_json(text: str) -> dict[int, tuple[bytes, bytes]]:
+    return {int(i): (bytes.fromhex(c), bytes.fromhex(s)) for i, (c, s) in json.loads(text).items()}
+
+
+def round_details(setup: RoundSetup, dropped_after: int, dropped_before: int) -> dict:
+    """What a round's cost record says of the protocol, in either runtime."""
+    return {
+        "neighbours": max((len(v) for v in setup.graph.values()), default=0),
+        "threshold": setup.threshold,
+        "ring_bits": setup.ring.bits,
+        "resolution": setup.ring.resolution,
+        "dropped_after_shares": dropped_after,
+        "dropped_before_shares": dropped_before,
+        "plaintext_bytes_per_client": setup.length * 4,  # float32, as sent unprotected
+    }
+
+
 def blobs_to_json(blobs: dict[int, bytes]) -> str:
     """Index → bytes (routed shares, unmasking answers) as text for a message."""
     return json.dumps(_hex_by_index(blobs, "blobs"))
@@ -623,20 +645,11 @@ class SecAggSum:
         total = on_server(lambda: server.finish(answers))
         if self.keep_server_view:
             self.server_view = {i: setup.ring.decode(m) for i, m in server.masked.items()}
-        k = max((len(v) for v in setup.graph.values()), default=0)
         cost = ProtectionCost(
             kind=self.kind,
             client_seconds=[client_seconds[i] for i in survivors],
             server_seconds=server_seconds,
             bytes_sent_per_client=[sent[i] for i in survivors],
-            details={
-                "neighbours": k,
-                "threshold": setup.threshold,
-                "ring_bits": setup.ring.bits,
-                "resolution": setup.ring.resolution,
-                "dropped_after_shares": len(dropped),
-                "dropped_before_shares": n - len(server.packages),
-                "plaintext_bytes_per_client": length * 4,  # float32, as sent unprotected
-            },
+            details=round_details(setup, len(dropped), n - len(server.packages)),
         )
         return SecureSumResult(total=total, contributors=survivors, cost=cost)
