@@ -37,7 +37,9 @@ class _Round:
     """A protected round over `n` silos (silo numbers 10, 11, …) whose listed indices go silent at
     the named step."""
 
-    def __init__(self, tmp_path, n: int, aggregation="fedavg", silent=None, needed=0) -> None:
+    def __init__(
+        self, tmp_path, n: int, aggregation="fedavg", silent=None, needed=0, bound=4.0
+    ) -> None:
         self.pipeline = AggregationPipeline.for_aggregation(aggregation)
         self.messages = _messages(self.pipeline, n)
         self.silos = [SecAggSilo(tmp_path / f"silo-{i}") for i in range(n)]
@@ -45,13 +47,21 @@ class _Round:
         self.needed = needed
         self.steps: list[str] = []
         layout = expected_layout(self.pipeline, SHARED)
-        self.secure = SecureRound(SecAggSum(), 4.0, layout, [10 + i for i in range(n)])
+        self.secure = SecureRound(SecAggSum(), bound, layout, [10 + i for i in range(n)])
         self.log: list[str] = []
+        self.errors: list[str] = []
 
     def exchange(self, step: str, contents: dict[int, RecordDict]) -> dict[int, RecordDict]:
         self.steps.append(step)
-        quiet = self.silent.get(step, ())
-        return {i: self.silos[i].step(c) for i, c in contents.items() if i not in quiet}
+        replies = {}
+        for i, content in contents.items():
+            if i in self.silent.get(step, ()):
+                continue
+            try:
+                replies[i] = self.silos[i].step(content)
+            except ProtectionError as error:  # Flower reports a silo's error as a failed reply
+                self.errors.append(str(error))
+        return replies
 
     def run(self):
         self.secure.start()
@@ -139,21 +149,7 @@ def test_a_step_for_an_unknown_round_is_refused(tmp_path):
 
 
 def test_an_update_beyond_the_bound_is_a_clear_error(tmp_path):
-    run = _Round(tmp_path, 2)
-    run.secure = SecureRound(SecAggSum(), 1e-6, run.secure.layout, run.secure.silos)
-    run.log_errors = []
-
-    def exchange(step, contents):
-        run.steps.append(step)
-        replies = {}
-        for i, content in contents.items():
-            try:
-                replies[i] = run.silos[i].step(content)
-            except ProtectionError as error:  # Flower reports a silo's error as a failed reply
-                run.log_errors.append(str(error))
-        return replies
-
-    run.exchange = exchange
+    run = _Round(tmp_path, 2, bound=1e-6)
     with pytest.raises(ProtectionError, match="abandoned before unmasking"):
         run.run()
-    assert any("raise [protection] bound" in e for e in run.log_errors)
+    assert len(run.errors) == 2 and all("raise [protection] bound" in e for e in run.errors)
