@@ -570,9 +570,7 @@ def deploy_register(
         for key in keys:
             if not key.is_file():
                 raise FedShopError(f"public key file {key} does not exist")
-            result = control.flwr("supernode", "register", str(key), "fedshop")
-            if result.returncode != 0:
-                raise FedShopError(f"registering {key} failed: {result.stdout}{result.stderr}")
+            control.register(key)
             console.print(f"registered {key}")
 
 
@@ -608,12 +606,12 @@ def deploy_silo_data(
 ) -> None:
     """Write each silo's data file (silo-N.npz) from a dataset: hand each silo only its own."""
     from fedshop.data.registry import load_dataset
-    from fedshop.deploy.silo_files import write_silo_file
+    from fedshop.deploy.run import write_silo_files
 
     run_config = load_config(config)
     dataset = load_dataset(run_config.data, seed=run_config.seed)
-    for index, name in enumerate(dataset.silo_names):
-        path = write_silo_file(out / f"silo-{index}.npz", dataset, index)
+    paths = write_silo_files(run_config, dataset, out)
+    for index, (name, path) in enumerate(zip(dataset.silo_names, paths, strict=True)):
         console.print(f"{path}  ({name}, {dataset.silo(index).n_users:,} customers)")
 
 

@@ -107,11 +107,8 @@ class LocalFederation:
             time.sleep(0.1)
 
     def register(self, silo: Silo) -> None:
-        result = self.control.flwr("supernode", "register", str(silo.public_key), "fedshop")
-        if result.returncode != 0:
-            raise DeploymentError(
-                f"registering silo {silo.index}'s key failed: {result.stdout}{result.stderr}"
-            )
+        assert silo.public_key is not None
+        self.control.register(silo.public_key)
 
     def start_silo(self, silo: Silo, private_key: Path | None = None) -> subprocess.Popen:
         node_config = f'silo-data="{silo.data}" state-dir="{silo.state}"'
@@ -196,6 +193,14 @@ class Control:
         self.home, self.address, self.ca = home, address, ca
         self.env = env or flower_environment()
         self._write_cli_config()
+
+    def register(self, public_key: Path) -> None:
+        """Let the SuperNode with this key join."""
+        result = self.flwr("supernode", "register", str(public_key), "fedshop")
+        if result.returncode != 0:
+            raise DeploymentError(
+                f"registering {public_key} failed: {result.stdout}{result.stderr}"
+            )
 
     def submit(self, run_config: dict[str, object], app: Path) -> int:
         """Submit FedShop's Flower app (copied to `app`) with `run_config`; the run's id."""

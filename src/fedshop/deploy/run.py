@@ -48,13 +48,20 @@ def check_deployable(config: RunConfig) -> None:
         )
 
 
-def prepare(config: RunConfig, dataset: RecDataset, folder: Path) -> tuple[list[Silo], Path]:
-    """One data file and state folder per silo, and the server's config file."""
+def write_silo_files(config: RunConfig, dataset: RecDataset, folder: Path) -> list[Path]:
+    """Each silo's data file, silo-N.npz in `folder`, with what the config's evaluation needs."""
     if config.eval.protocol == "sampled-100":
         dataset = with_eval_negatives(dataset, 100, config.seed)
+    return [
+        write_silo_file(folder / f"silo-{index}.npz", dataset, index)
+        for index in range(dataset.n_silos)
+    ]
+
+
+def prepare(config: RunConfig, dataset: RecDataset, folder: Path) -> tuple[list[Silo], Path]:
+    """One data file and state folder per silo, and the server's config file."""
     silos = []
-    for index in range(dataset.n_silos):
-        data = write_silo_file(folder / "silos" / f"silo-{index}.npz", dataset, index)
+    for index, data in enumerate(write_silo_files(config, dataset, folder / "silos")):
         state = folder / "silos" / f"silo-{index}-state"
         state.mkdir(parents=True, exist_ok=True)
         silos.append(Silo(index, data, state))

@@ -41,6 +41,10 @@ _POLL_SECONDS = 0.2  # Grid.send_and_receive sleeps 3 s between polls; rounds ar
 _MAX_ATTEMPTS = 5  # a round that fails this often in a row stops the run
 
 
+class IncompleteRoundError(FedShopError):
+    """Too few silos took part in a round for it to be applied; it is retried."""
+
+
 class Federation:
     """Which node serves which silo, learnt by asking the nodes, refreshed as nodes come and go."""
 
@@ -148,6 +152,7 @@ def serve(grid: Grid, context: Context) -> None:
     if resumed:
         log(f"resumed from the checkpoint after round {resumed.round}")
     layout = expected_layout(pipeline, server.shared)
+    protection = make_protection(config.protection)
     costs: list[ProtectionCost] = []  # each protected round's measured cost
     attempts = 0  # failed attempts at the current round
 
@@ -179,7 +184,8 @@ def serve(grid: Grid, context: Context) -> None:
             guard.release(round_number, guard.plan.round_event)
         needed = min(min_silos, len(chosen))
         try:
-            secure = _secure_round(config, layout, [s for s in chosen if s in federation.node_of])
+            online = [s for s in chosen if s in federation.node_of]
+            secure = _secure_round(config, protection, layout, online)
             tasks = {}
             for silo in federation.node_of:
                 if silo in chosen:
@@ -196,26 +202,25 @@ def serve(grid: Grid, context: Context) -> None:
             if pending is not None:
                 settle(replies)
             contributors, cost = _aggregate(server, replies, secure, federation, needed, log)
-        except ProtectionError as reason:
+        except (IncompleteRoundError, ProtectionError) as reason:
             attempts += 1
             if attempts >= _MAX_ATTEMPTS:
                 raise FedShopError(
                     f"round {round_number} failed {attempts} times; the last time: {reason}"
                 ) from None
             log(f"round {round_number}: {reason}; waiting for silos and trying again")
-            protected = config.protection.kind != "none"
-            federation.wait_for(max(min_silos, 2 if protected else 1), wait_timeout)
+            federation.wait_for(max(min_silos, 2 if protection else 1), wait_timeout)
             # The retried round draws the same silos again.
             server.load_sampling_state(before)
             continue
         attempts = 0
         epsilon = guard.epsilon if guard is not None else None
         seconds = time.perf_counter() - started
-        protection = None
+        round_protection = None
         if cost is not None:
             costs.append(cost)
-            protection = round_cost(cost)
-        record = RoundRecord(round_number, contributors, seconds, None, epsilon, protection)
+            round_protection = round_cost(cost)
+        record = RoundRecord(round_number, contributors, seconds, None, epsilon, round_protection)
         history.append(record)
         save_checkpoint(checkpoints, server, history, digest, _run_id(guard))
         dropped = sorted(set(chosen) - set(contributors))
@@ -237,8 +242,8 @@ def serve(grid: Grid, context: Context) -> None:
         settle(replies)
     final = federation.metrics(replies, "final")
     privacy = guard.summary() if guard is not None else None
-    protection = summarise_costs(config.protection.kind, costs)
-    write_outcome(out, server.shared, history, final, federation.names, privacy, protection)
+    summary = summarise_costs(config.protection.kind, costs)
+    write_outcome(out, server.shared, history, final, federation.names, privacy, summary)
     save_checkpoint(checkpoints, server, history, digest, _run_id(guard))
     log(f"finished: HR@10 {summarise(final)['hr@10']:.4f}")
 
@@ -260,11 +265,10 @@ def _privacy_guard(config, federation: Federation, resumed):
     return PrivacyGuard.open(plan, config.privacy, federation.dataset, names)
 
 
-def _secure_round(config, layout, silos: list[int]) -> SecureRound | None:
+def _secure_round(config, protection, layout, silos: list[int]) -> SecureRound | None:
     """The round's secure aggregation, or None without protection."""
-    if config.protection.kind == "none":
+    if protection is None:
         return None
-    protection = make_protection(config.protection)
     secure = SecureRound(protection, config.protection.bound, layout, silos)
     secure.start()
     return secure
@@ -273,11 +277,12 @@ def _secure_round(config, layout, silos: list[int]) -> SecureRound | None:
 def _aggregate(server, replies, secure, federation: Federation, needed: int, log):
     """Apply the round from the training replies: their updates, or (under secure aggregation)
     the sum that the remaining SecAgg steps unmask. Returns the silos in the sum and the
-    protection's cost; raises `ProtectionError` when too few silos took part."""
+    protection's cost; raises `IncompleteRoundError` (or `ProtectionError` from the secure sum) when
+    too few silos took part."""
     if secure is None:
         updates = dict(wire.record_update(r.content) for r in replies if "update" in r.content)
         if len(updates) < needed:
-            raise ProtectionError(f"{len(updates)} silos replied, {needed} needed")
+            raise IncompleteRoundError(f"{len(updates)} silos replied, {needed} needed")
         # In silo order, as the simulator adds them: the same float sums.
         server.apply([updates[s] for s in sorted(updates)])
         return sorted(updates), None
@@ -288,7 +293,7 @@ def _aggregate(server, replies, secure, federation: Federation, needed: int, log
         if "secagg" in r.content and r.metadata.src_node_id in index_of_node
     }
     if len(trained) < max(needed, 2):
-        raise ProtectionError(f"{len(trained)} silos replied, {max(needed, 2)} needed")
+        raise IncompleteRoundError(f"{len(trained)} silos replied, {max(needed, 2)} needed")
 
     def exchange(step: str, contents: dict[int, RecordDict]) -> dict[int, RecordDict]:
         # By node, not by what a reply says of itself: a node is authenticated, a claim is not.
