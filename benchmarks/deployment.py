@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from fedshop.config import load_config
 from fedshop.data.registry import load_dataset
 from fedshop.deploy.run import deploy_local
-from fedshop.fl.simulator import run_cross_silo
+from fedshop.fl.in_process import run_cross_silo
 
 console = Console()
 

@@ -35,12 +35,12 @@ from fedshop.config import load_config
 from fedshop.data.registry import load_dataset
 from fedshop.eval.item_inference import chance_accuracy, item_inference_accuracy
 from fedshop.fl.cross_device import eligible_clients
+from fedshop.fl.in_process import run_cross_silo
 from fedshop.fl.local_round import LocalTraining, draw_round, reference_round
-from fedshop.fl.simulator import run_cross_silo
-from fedshop.fl.stages import AggregationPipeline, sum_messages
+from fedshop.messages import AggregationPipeline, sum_messages
 from fedshop.models.spec import get_model
+from fedshop.secure.protected_sum import flatten, layout_of, unflatten
 from fedshop.secure.secagg import SecAggSum
-from fedshop.secure.stage import flatten, layout_of, unflatten
 from fedshop.seeding import torch_generator
 
 console = Console()

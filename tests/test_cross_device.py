@@ -163,7 +163,7 @@ def test_cross_device_experiment_learns_on_real_data(retail):
 @pytest.mark.parametrize("name", ["gmf", "neumf"])
 def test_ncf_models_train_in_cross_silo_mode_too(retail, name):
     """Silos send updates of every shared tensor (item tables and layers) and never user vectors."""
-    from fedshop.fl.simulator import run_cross_silo
+    from fedshop.fl.in_process import run_cross_silo
 
     config = load_config(
         overrides={

@@ -21,7 +21,7 @@ from fedshop.deploy.pki import make_node_keys
 from fedshop.deploy.run import DeploySettings, deploy_local, prepare, run_config
 from fedshop.deploy.silo_files import SiloFileError, read_silo_file
 from fedshop.errors import FedShopError
-from fedshop.fl.simulator import run_cross_silo
+from fedshop.fl.in_process import run_cross_silo
 
 SMALL = {
     "methods": ["federated"], "model.dim": 8, "federated.rounds": 2, "data.max_silos": 3,

@@ -12,10 +12,11 @@ from flwr.app import ConfigRecord, RecordDict
 
 from fedshop.deploy.server_secagg import SecureRound, expected_layout
 from fedshop.deploy.silo_secagg import SecAggSilo
-from fedshop.fl.stages import AggregationPipeline, ClientMessage
+from fedshop.fl.aggregation import aggregation_pipeline
+from fedshop.messages import AggregationPipeline, ClientMessage
+from fedshop.secure.protected_sum import flatten
 from fedshop.secure.protocol import ProtectionError
 from fedshop.secure.secagg import SecAggSum
-from fedshop.secure.stage import flatten
 
 SHARED = {"item_embedding": torch.zeros(40, 4), "item_bias": torch.zeros(40)}
 
@@ -40,7 +41,7 @@ class _Round:
     def __init__(
         self, tmp_path, n: int, aggregation="fedavg", silent=None, needed=0, bound=4.0
     ) -> None:
-        self.pipeline = AggregationPipeline.for_aggregation(aggregation)
+        self.pipeline = aggregation_pipeline(aggregation)
         self.messages = _messages(self.pipeline, n)
         self.silos = [SecAggSilo(tmp_path / f"silo-{i}") for i in range(n)]
         self.silent = silent or {}

@@ -16,11 +16,11 @@ from fedshop.eval.membership import attack_auc, hold_out_users
 from fedshop.experiment import open_privacy, run_experiment
 from fedshop.fl.cross_device import eligible_clients, run_cross_device
 from fedshop.fl.local_round import LocalTraining, draw_round, reference_round
-from fedshop.fl.stages import AggregationPipeline, mean_of
 from fedshop.fl.vectorised import vectorised_sum
+from fedshop.messages import AggregationPipeline, mean_of
 from fedshop.models.spec import get_model
 from fedshop.privacy.dp import resolve_delta
-from fedshop.privacy.stages import clip_update
+from fedshop.privacy.noise import clip_update
 from fedshop.seeding import torch_generator
 from fedshop.storage.ledger import BudgetExceededError, Ledger
 

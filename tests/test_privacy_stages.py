@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from fedshop.fl.stages import AggregationPipeline, ClientMessage
-from fedshop.privacy.stages import (
-    add_gaussian_noise,
+from fedshop.messages import AggregationPipeline, ClientMessage
+from fedshop.privacy.noise import (
+    GaussianNoise,
     clip_per_client,
     clip_update,
     fixed_denominator,
@@ -46,7 +46,7 @@ def test_dp_pipeline_sums_clipped_updates_adds_noise_and_divides_by_the_expected
     noisy = AggregationPipeline(
         client_stages=(clip_update(1.0),),
         server_stages=(
-            add_gaussian_noise(2.0, torch.Generator().manual_seed(0)),
+            GaussianNoise(2.0, 1.0, torch.Generator().manual_seed(0)),
             fixed_denominator(4.0),
         ),
     )

@@ -7,8 +7,10 @@ import dataclasses
 import torch
 
 from fedshop.config import RunConfig, load_config
-from fedshop.fl.simulator import build_federation
-from fedshop.fl.stages import STEPS_KEY, ClientMessage
+from fedshop.fl.aggregation import STEPS_KEY
+from fedshop.fl.client import LocalTask
+from fedshop.fl.in_process import build_federation
+from fedshop.messages import ClientMessage
 from fedshop.models.mf import PRIVATE_PARAMETERS, SHARED_PARAMETERS
 
 
@@ -21,17 +23,20 @@ def test_a_silo_sends_only_shared_parameters(retail):
     run = build_federation(retail, config)
     silo = run.clients[2]  # a small storefront
     before_state = silo.private_state()
-    sent = silo.fit(run.server.shared, epochs=1)
+    sent = silo.fit(run.server.shared, LocalTask(epochs=1))
     after_state = silo.private_state()
     before, after = before_state["user_embedding"], after_state["user_embedding"]
 
-    # The message type has exactly these fields: tensors, weight, example and step counts.
+    # The message type has exactly these fields: tensors, weight, example and step counts, and
+    # the DP event of the noise the silo added (none here: a plan's public parameters under DP).
     assert [f.name for f in dataclasses.fields(ClientMessage)] == [
         "tensors",
         "weight",
         "num_examples",
         "local_steps",
+        "dp_event",
     ]
+    assert sent.dp_event is None
     assert set(before_state) == set(PRIVATE_PARAMETERS)
     assert set(sent.tensors) - {STEPS_KEY} == set(SHARED_PARAMETERS)
     assert not set(sent.tensors) & set(PRIVATE_PARAMETERS)
@@ -65,7 +70,7 @@ def test_the_server_only_ever_holds_what_silos_sent(retail):
 
     run.server.apply = recording_apply
     shared = run.server.shared
-    run.server.apply([client.fit(shared, 1) for client in run.clients])
+    run.server.apply([client.fit(shared, LocalTask(1)) for client in run.clients])
     assert len(received) == retail.n_silos
     for message in received:
         assert set(message.tensors) - {STEPS_KEY} == set(SHARED_PARAMETERS)

@@ -14,13 +14,13 @@ from fedshop.data.registry import load_dataset
 from fedshop.errors import ConfigError
 from fedshop.experiment import open_privacy, run_experiment
 from fedshop.fl.cross_device import eligible_clients, run_cross_device
+from fedshop.fl.in_process import run_cross_silo
 from fedshop.fl.local_round import LocalTraining, draw_round
-from fedshop.fl.simulator import run_cross_silo
 from fedshop.fl.vectorised import vectorised_sum
 from fedshop.models.spec import get_model
+from fedshop.secure.protected_sum import ProtectedSum
 from fedshop.secure.protocol import ProtectionError
 from fedshop.secure.secagg import SecAggSum, default_neighbours
-from fedshop.secure.stage import ProtectedSum
 
 QUICK = {
     "methods": ["federated"], "model.dim": 8, "federated.rounds": 2,

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from fedshop.fl.aggregation import aggregation_pipeline
 from fedshop.fl.server_opt import FedAdam, FedAvg, FedAvgM
-from fedshop.fl.stages import (
+from fedshop.messages import (
     Aggregate,
     AggregationPipeline,
     ClientMessage,
@@ -77,20 +78,20 @@ def test_fednova_normalises_by_local_steps():
     # Silo A: 30 examples, 10 steps, update 10 (1 per step). Silo B: 10 examples, 2 steps, update 4
     # (2 per step). Per-step mean = (30·1 + 10·2)/40 = 1.25; effective steps = (30·10 + 10·2)/40 = 8
     # → mean update 10. Plain FedAvg would give (30·10 + 10·4)/40 = 8.5.
-    pipeline = AggregationPipeline.for_aggregation("fednova")
+    pipeline = aggregation_pipeline("fednova")
     a = ClientMessage({"w": torch.tensor([10.0])}, 1.0, num_examples=30, local_steps=10)
     b = ClientMessage({"w": torch.tensor([4.0])}, 1.0, num_examples=10, local_steps=2)
     mean = pipeline.aggregate([pipeline.on_client(a), pipeline.on_client(b)])
     assert set(mean) == {"w"}
     assert mean["w"].item() == pytest.approx(10.0)
-    fedavg = AggregationPipeline.for_aggregation("fedavg")
+    fedavg = aggregation_pipeline("fedavg")
     plain = fedavg.aggregate([fedavg.on_client(a), fedavg.on_client(b)])
     assert plain["w"].item() == pytest.approx(8.5)
 
 
 def test_fednova_equals_fedavg_when_steps_are_equal():
-    nova = AggregationPipeline.for_aggregation("fednova")
-    avg = AggregationPipeline.for_aggregation("fedavg")
+    nova = aggregation_pipeline("fednova")
+    avg = aggregation_pipeline("fedavg")
     msgs = [
         ClientMessage({"w": torch.tensor([1.0, -2.0])}, 1.0, num_examples=7, local_steps=5),
         ClientMessage({"w": torch.tensor([3.0, 0.5])}, 1.0, num_examples=2, local_steps=5),

@@ -24,11 +24,12 @@ from fedshop.config import RunConfig
 from fedshop.data.interactions import RecDataset, SiloData, with_eval_negatives
 from fedshop.eval.metrics import MetricSums, evaluate, summarise
 from fedshop.fl.cross_device import eligible_clients, run_cross_device
-from fedshop.fl.simulator import RoundRecord, run_cross_silo
+from fedshop.fl.in_process import run_cross_silo
+from fedshop.fl.rounds import RoundRecord
 from fedshop.models.spec import ModelSpec, Params, get_model, score_all
 from fedshop.models.train import TrainResult, train_bpr
 from fedshop.privacy.dp import DpPlan, PrivacyGuard, make_plan
-from fedshop.secure.stage import summarise_costs
+from fedshop.secure.protected_sum import summarise_costs
 from fedshop.seeding import torch_generator
 
 
@@ -117,9 +118,7 @@ def run_federated(
 
     if config.federated.mode == "cross-device":
         device_run = run_cross_device(dataset, config, on_round=on_round, guard=guard)
-        result = method_result(
-            device_run.evaluate(config.eval.split), time.perf_counter() - started
-        )
+        result = method_result(device_run.final, time.perf_counter() - started)
         weights = {
             "federated/shared": {k: v.cpu() for k, v in device_run.shared.items()},
             # Each shopper's vectors belong on their own device; the simulator stores them together.
@@ -128,9 +127,8 @@ def run_federated(
         history, protected = device_run.history, device_run.protection
     else:
         run = run_cross_silo(dataset, config, on_round=on_round, guard=guard)
-        per_silo = run.evaluate(config.eval.split)
         # The per-round curve lives in the round history (metrics.json "history"), not in `curve`.
-        result = method_result(per_silo, time.perf_counter() - started)
+        result = method_result(run.final, time.perf_counter() - started)
         weights = {"federated/shared": dict(run.server.shared)}
         for client in run.clients:
             # Written by each silo into its own part of the run folder; the server never had these.

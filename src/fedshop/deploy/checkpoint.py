@@ -20,8 +20,8 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from fedshop.errors import FedShopError
+from fedshop.fl.rounds import RoundRecord
 from fedshop.fl.server import FederatedServer
-from fedshop.fl.simulator import RoundRecord
 
 
 @dataclass

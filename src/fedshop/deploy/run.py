@@ -7,7 +7,6 @@ same run folder (config.toml, metrics.json, report.html, models/) as the simulat
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -19,12 +18,10 @@ from safetensors.torch import load_file
 from fedshop.config import RunConfig
 from fedshop.data.interactions import RecDataset, with_eval_negatives
 from fedshop.deploy.local import LocalFederation, Silo
+from fedshop.deploy.outcome import SHARED_FILE, Outcome
 from fedshop.deploy.silo_files import write_silo_file
 from fedshop.errors import FedShopError
-from fedshop.eval.metrics import MetricSums
 from fedshop.experiment import NO_PRIVACY, ExperimentResult, method_result, slug
-from fedshop.fl.simulator import RoundRecord
-from fedshop.secure.stage import summarise_costs
 
 
 @dataclass(frozen=True)
@@ -108,24 +105,18 @@ def deploy_local(
 def collect(config: RunConfig, dataset: RecDataset, folder: Path, seconds: float):
     """The run's result from what the server wrote and what each silo kept."""
     server = folder / "server"
-    outcome = json.loads((server / "outcome.json").read_text())
-    per_silo = {
-        name: MetricSums(entry["sums"], entry["users"])
-        for name, entry in outcome["per_silo"].items()
-    }
-    federated = method_result(per_silo, seconds)
-    weights = {"federated/shared": load_file(str(server / "shared.safetensors"))}
+    outcome = Outcome.read(server)
+    federated = method_result(outcome.per_silo, seconds)
+    weights = {"federated/shared": load_file(str(server / SHARED_FILE))}
     for index, name in enumerate(dataset.silo_names):
         final = folder / "silos" / f"silo-{index}-state" / "final.pt"
         if final.exists():
             state = torch.load(final, weights_only=True)
             state["users"] = torch.tensor(dataset.silo(index).users)
             weights[f"federated/silo-{slug(name)}"] = state
-    history = [RoundRecord(**record) for record in outcome["history"]]
-    privacy = outcome.get("privacy") or dict(NO_PRIVACY)
     return ExperimentResult(
-        config, dataset, {"federated": federated}, history, weights, privacy,
-        outcome.get("protection") or summarise_costs("none", []),
+        config, dataset, {"federated": federated}, outcome.history, weights,
+        outcome.privacy or dict(NO_PRIVACY), outcome.protection,
     )  # fmt: skip
 
 

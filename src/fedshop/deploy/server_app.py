@@ -1,13 +1,13 @@
-"""The server's side of a deployment: FedShop's federated server driving Flower's Grid.
+"""The server's side of a deployment: FedShop's round driver carried over Flower's Grid.
 
-The round is the simulator's (`fl/simulator.py`): the same `FederatedServer` samples silos, adds up
-their staged updates through the same aggregation pipeline and steps the same server optimiser; each
-silo trains with the same `SiloClient` in its own process (`silo_app.py`). Only the transport
-differs, so a deployment and the simulator build the same model for the same seed.
+The round is `fl/rounds.py`'s `RoundDriver`, the simulator's: the same `FederatedServer` samples
+silos, the same pipeline and server optimiser apply their updates; each silo trains with the same
+`SiloClient` in its own process (`silo_app.py`). `GridTransport` is only the transport, so a
+deployment and the simulator build the same model for the same seed.
 
 Rounds and failures: a round goes to the sampled silos that are online; replies that fail or do not
 arrive within `round-timeout` seconds count as dropouts, and the round is applied when at least
-`min-silos` replies arrived (else it waits for silos to come back and retries it, applying
+`min-silos` replies arrived (else the driver waits for silos to come back and retries it, applying
 nothing). A checkpoint is written after every round; a restarted server resumes from it.
 
 Run config (set by `fedshop deploy`, see the app's pyproject.toml): `config-path` (the run's TOML on
@@ -19,30 +19,30 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from safetensors.torch import save_file
 
-from fedshop.config import load_config
+from fedshop.config import RunConfig, load_config
 from fedshop.deploy import wire
 from fedshop.deploy.checkpoint import config_digest, load_checkpoint, save_checkpoint
+from fedshop.deploy.outcome import Outcome
 from fedshop.deploy.server_secagg import SECAGG_MESSAGE, SecureRound, expected_layout
 from fedshop.errors import FedShopError
 from fedshop.eval.metrics import MetricSums, summarise
-from fedshop.fl.simulator import RoundRecord, evaluated_after, make_server
-from fedshop.fl.stages import AggregationPipeline
-from fedshop.secure.protocol import ProtectionCost, ProtectionError
-from fedshop.secure.stage import make_protection, round_cost, summarise_costs
+from fedshop.fl.aggregation import aggregation_pipeline
+from fedshop.fl.in_process import local_task, make_server
+from fedshop.fl.rounds import FinalEvaluation, IncompleteRoundError, RoundDriver, RoundReply
+from fedshop.messages import AggregationPipeline
+from fedshop.models.spec import Params
+from fedshop.secure.protected_sum import make_protection, summarise_costs
+from fedshop.secure.protocol import SecureSum
 
 _POLL_SECONDS = 0.2  # Grid.send_and_receive sleeps 3 s between polls; rounds are shorter here
-_MAX_ATTEMPTS = 5  # a round that fails this often in a row stops the run
-
-
-class IncompleteRoundError(FedShopError):
-    """Too few silos took part in a round for it to be applied; it is retried."""
 
 
 class Federation:
@@ -127,124 +127,167 @@ class Federation:
         return replies
 
 
+@dataclass
+class GridTransport:
+    """A round's messages over Flower's Grid: one exchange per round. A round's evaluation travels
+    with the next round's training message (`evaluate` returns None), so that silos evaluate with
+    the private state they will train from, as the simulator's do."""
+
+    federation: Federation
+    config: RunConfig
+    pipeline: AggregationPipeline
+    protection: SecureSum | None
+    layout: list
+    min_silos: int
+    wait_timeout: float
+    dp_plan: str | None  # the DP plan as sent to the silos, under record-level DP
+    client_dp_event: object = None
+    unit: str = "silos"
+    retries: bool = True  # a silo that failed may come back
+
+    def __post_init__(self) -> None:
+        self.toml = self.config.to_toml()
+
+    def train(
+        self, round_number: int, clients: Sequence[int], shared: Params, evaluate: int | None
+    ) -> RoundReply:
+        federation = self.federation
+        federation.refresh()
+        chosen = list(clients)
+        online = [s for s in chosen if s in federation.node_of]
+        secure = None
+        if self.protection is not None:
+            secure = SecureRound(self.protection, self.config.protection.bound, self.layout, online)
+            secure.start()
+        tasks = {}
+        for silo in federation.node_of:
+            if silo in chosen:
+                extra = secure.task_for(silo) if secure else {}
+                task = self._task(round_number, evaluate is not None, dp=self.dp_plan, **extra)
+                tasks[silo] = (task, MessageType.TRAIN)
+            elif evaluate is not None:
+                tasks[silo] = (self._task(evaluate), MessageType.EVALUATE)
+        record = wire.params_record(shared)
+        contents = {
+            federation.node_of[silo]: (RecordDict({"task": task, "shared": record}), kind)
+            for silo, (task, kind) in tasks.items()
+        }
+        replies = federation.exchange(contents, f"round-{round_number}")
+        previous = federation.metrics(replies) if evaluate is not None else None
+        needed = min(self.min_silos, len(chosen))
+        if secure is None:
+            updates = dict(wire.record_update(r.content) for r in replies if "update" in r.content)
+            if len(updates) < needed:
+                raise IncompleteRoundError(f"{len(updates)} silos replied, {needed} needed")
+            # In silo order, as the simulator adds them: the same float sums.
+            silos = sorted(updates)
+            aggregate = self.pipeline.summation([updates[s] for s in silos])
+            events = {s: updates[s].dp_event for s in silos if updates[s].dp_event is not None}
+            return RoundReply(aggregate, silos, None, events, previous)
+        aggregate, silos, cost, events = self._secure_sum(secure, replies, needed)
+        return RoundReply(aggregate, silos, cost, events, previous)
+
+    def _secure_sum(self, secure: SecureRound, replies: list[Message], needed: int):
+        """Steps 2–4 of SecAgg with the silos whose training replies advertised keys."""
+        federation = self.federation
+        index_of_node = {federation.node_of[s]: i for i, s in enumerate(secure.silos)}
+        trained = {
+            index_of_node[r.metadata.src_node_id]: r.content
+            for r in replies
+            if "secagg" in r.content and r.metadata.src_node_id in index_of_node
+        }
+        if len(trained) < max(needed, 2):
+            raise IncompleteRoundError(f"{len(trained)} silos replied, {max(needed, 2)} needed")
+
+        def exchange(step: str, contents: dict[int, RecordDict]) -> dict[int, RecordDict]:
+            # By node, not by what a reply says of itself: a node is authenticated, a claim is not.
+            nodes = {federation.node_of[secure.silos[i]]: i for i in contents}
+            messages = {node: (contents[i], SECAGG_MESSAGE) for node, i in nodes.items()}
+            replies = federation.exchange(messages, f"secagg-{step}")
+            return {nodes[r.metadata.src_node_id]: r.content for r in replies}
+
+        aggregate, silos, cost = secure.finish(trained, exchange, needed, federation.log)
+        events = {}
+        for i, content in trained.items():
+            event = wire.record_dp_event(content["meta"])
+            if event is not None and secure.silos[i] in silos:
+                events[secure.silos[i]] = event
+        return aggregate, silos, cost, events
+
+    def evaluate(self, round_number: int, shared: Params) -> None:
+        return None  # with the next exchange
+
+    def finish(self, shared: Params, evaluate: int | None) -> FinalEvaluation:
+        """The last round's model, as it is and after every silo has refitted its own vectors."""
+        federation = self.federation
+        federation.wait_for(federation.n_silos, self.wait_timeout)
+        task = self._task(self.config.federated.rounds, final=True)
+        record = wire.params_record(shared)
+        contents = {
+            node: (RecordDict({"task": task, "shared": record}), MessageType.EVALUATE)
+            for node in federation.node_of.values()
+        }
+        replies = federation.exchange(contents, "final")
+        last = federation.metrics(replies) if evaluate is not None else None
+        return FinalEvaluation(federation.metrics(replies, "final"), last)
+
+    def recover(self) -> None:
+        needed = max(self.min_silos, 2 if self.protection is not None else 1)
+        self.federation.wait_for(needed, self.wait_timeout)
+
+    def _task(
+        self, round_number: int, evaluate=False, final=False, dp: str | None = None, **extra
+    ) -> ConfigRecord:
+        task = {"round": round_number, "config": self.toml, "evaluate": evaluate, "final": final}
+        return ConfigRecord({**task, **({"dp-plan": dp} if dp is not None else {}), **extra})
+
+
 def serve(grid: Grid, context: Context) -> None:
     settings = context.run_config
     config = load_config(Path(str(settings["config-path"])))
-    toml_text = config.to_toml()
     out = Path(str(settings["out-dir"]))
     out.mkdir(parents=True, exist_ok=True)
     n_silos = int(settings["silos"])
-    min_silos = int(settings["min-silos"]) or n_silos
     log = _Log(out / "server.log")
     federation = Federation(grid, n_silos, float(settings["round-timeout"]), log)
     wait_timeout = float(settings["wait-timeout"])
     # Every silo at the start: the model's shape and the silos' names come from them.
     federation.wait_for(n_silos, wait_timeout)
-    pipeline = AggregationPipeline.for_aggregation(config.federated.aggregation)
-    server = make_server(config, federation.n_items, n_silos, pipeline)
-    digest = config_digest(toml_text)
+    pipeline = aggregation_pipeline(config.federated.aggregation)
+    server = make_server(config, federation.n_items, torch.arange(n_silos), pipeline)
+    digest = config_digest(config.to_toml())
     checkpoints = out / "checkpoints"
     resumed = load_checkpoint(checkpoints, server, digest)
-    history = resumed.history if resumed else []
     guard = _privacy_guard(config, federation, resumed)
-    # Sent with every silo's training task; a silo builds its DP-SGD from it.
-    dp_plan = json.dumps(asdict(guard.plan)) if guard is not None else None
     if resumed:
         log(f"resumed from the checkpoint after round {resumed.round}")
-    layout = expected_layout(pipeline, server.shared)
-    protection = make_protection(config.protection)
-    costs: list[ProtectionCost] = []  # each protected round's measured cost
-    attempts = 0  # failed attempts at the current round
+    task = local_task(config, guard.plan if guard is not None else None)
+    transport = GridTransport(
+        federation, config, pipeline, make_protection(config.protection),
+        expected_layout(pipeline, server.shared), int(settings["min-silos"]) or n_silos,
+        wait_timeout,
+        # Sent with every silo's training task; a silo builds its DP-SGD from it.
+        json.dumps(asdict(guard.plan)) if guard is not None else None,
+        task.dp.dp_event if task.dp is not None else None,
+    )  # fmt: skip
+    run_id = guard.run_id if guard is not None else None
 
-    def settle(replies: list[Message]) -> None:
-        # The last recorded round's metrics, from the silos' replies about its model.
-        history[-1] = replace(history[-1], metrics=summarise(federation.metrics(replies)))
-        log(f"round {history[-1].round}: HR@10 {history[-1].metrics['hr@10']:.4f}")
+    def checkpoint(server, history) -> None:
+        save_checkpoint(checkpoints, server, history, digest, run_id)
 
-    while server.round < config.federated.rounds:
-        round_number = server.round + 1
-        started = time.perf_counter()
-        # The previous round's model is evaluated by the silos in this round's exchange (before
-        # they train on it): one exchange per round instead of two, and the same metrics as the
-        # simulator's, whose silos evaluate with the same private state.
-        pending = (
-            history[-1]
-            if history
-            and history[-1].metrics is None
-            and evaluated_after(config, history[-1].round)
-            else None
-        )
-        before = server.sampling_state()
-        chosen = server.sample_clients()
-        federation.refresh()
-        shared = wire.params_record(server.shared)
-        if guard is not None and len(guard.history) < len(guard.plan.fixed_events) + round_number:
-            # Write-ahead: the ledger holds this round's ε before any silo's message exists. A
-            # retried round is not charged again (the silos send the very same messages).
-            guard.release(round_number, guard.plan.round_event)
-        needed = min(min_silos, len(chosen))
-        try:
-            online = [s for s in chosen if s in federation.node_of]
-            secure = _secure_round(config, protection, layout, online)
-            tasks = {}
-            for silo in federation.node_of:
-                if silo in chosen:
-                    extra = secure.task_for(silo) if secure else {}
-                    task = _task(round_number, toml_text, pending is not None, dp=dp_plan, **extra)
-                    tasks[silo] = (task, MessageType.TRAIN)
-                elif pending is not None:
-                    tasks[silo] = (_task(pending.round, toml_text), MessageType.EVALUATE)
-            contents = {
-                federation.node_of[silo]: (RecordDict({"task": task, "shared": shared}), kind)
-                for silo, (task, kind) in tasks.items()
-            }
-            replies = federation.exchange(contents, f"round-{round_number}")
-            if pending is not None:
-                settle(replies)
-            contributors, cost = _aggregate(server, replies, secure, federation, needed, log)
-        except (IncompleteRoundError, ProtectionError) as reason:
-            attempts += 1
-            if attempts >= _MAX_ATTEMPTS:
-                raise FedShopError(
-                    f"round {round_number} failed {attempts} times; the last time: {reason}"
-                ) from None
-            log(f"round {round_number}: {reason}; waiting for silos and trying again")
-            federation.wait_for(max(min_silos, 2 if protection else 1), wait_timeout)
-            # The retried round draws the same silos again.
-            server.load_sampling_state(before)
-            continue
-        attempts = 0
-        epsilon = guard.epsilon if guard is not None else None
-        seconds = time.perf_counter() - started
-        round_protection = None
-        if cost is not None:
-            costs.append(cost)
-            round_protection = round_cost(cost)
-        record = RoundRecord(round_number, contributors, seconds, None, epsilon, round_protection)
-        history.append(record)
-        save_checkpoint(checkpoints, server, history, digest, _run_id(guard))
-        dropped = sorted(set(chosen) - set(contributors))
-        log(
-            f"round {round_number}: {len(contributors)} silos trained"
-            + (f", silos {dropped} dropped out" if dropped else "")
-            + f" ({record.seconds:.2f} s)"
-        )
-    # The last round's model, as it is and after every silo has refitted its own vectors.
-    federation.wait_for(n_silos, wait_timeout)
-    task = _task(server.round, toml_text, final=True)
-    shared = wire.params_record(server.shared)
-    contents = {
-        node: (RecordDict({"task": task, "shared": shared}), MessageType.EVALUATE)
-        for node in federation.node_of.values()
-    }
-    replies = federation.exchange(contents, "final")
-    if history and history[-1].metrics is None:
-        settle(replies)
-    final = federation.metrics(replies, "final")
-    privacy = guard.summary() if guard is not None else None
-    summary = summarise_costs(config.protection.kind, costs)
-    write_outcome(out, server.shared, history, final, federation.names, privacy, summary)
-    save_checkpoint(checkpoints, server, history, digest, _run_id(guard))
+    driver = RoundDriver(
+        config, server, transport, guard, resumed.history if resumed else None,
+        checkpoint=checkpoint, log=log,
+    )  # fmt: skip
+    run = driver.run_all()
+    final = run.final.per_silo
+    Outcome(
+        history=run.history,
+        per_silo=final,
+        silo_names=[federation.names[s] for s in sorted(federation.names)],
+        privacy=guard.summary() if guard is not None else None,
+        protection=summarise_costs(config.protection.kind, run.costs),
+    ).write(out, server.shared)
     log(f"finished: HR@10 {summarise(final)['hr@10']:.4f}")
 
 
@@ -263,75 +306,6 @@ def _privacy_guard(config, federation: Federation, resumed):
             plan, config.privacy, federation.dataset, names, resumed.run_id, resumed.round
         )
     return PrivacyGuard.open(plan, config.privacy, federation.dataset, names)
-
-
-def _secure_round(config, protection, layout, silos: list[int]) -> SecureRound | None:
-    """The round's secure aggregation, or None without protection."""
-    if protection is None:
-        return None
-    secure = SecureRound(protection, config.protection.bound, layout, silos)
-    secure.start()
-    return secure
-
-
-def _aggregate(server, replies, secure, federation: Federation, needed: int, log):
-    """Apply the round from the training replies: their updates, or (under secure aggregation)
-    the sum that the remaining SecAgg steps unmask. Returns the silos in the sum and the
-    protection's cost; raises `IncompleteRoundError` (or `ProtectionError` from the secure sum) when
-    too few silos took part."""
-    if secure is None:
-        updates = dict(wire.record_update(r.content) for r in replies if "update" in r.content)
-        if len(updates) < needed:
-            raise IncompleteRoundError(f"{len(updates)} silos replied, {needed} needed")
-        # In silo order, as the simulator adds them: the same float sums.
-        server.apply([updates[s] for s in sorted(updates)])
-        return sorted(updates), None
-    index_of_node = {federation.node_of[s]: i for i, s in enumerate(secure.silos)}
-    trained = {
-        index_of_node[r.metadata.src_node_id]: r.content
-        for r in replies
-        if "secagg" in r.content and r.metadata.src_node_id in index_of_node
-    }
-    if len(trained) < max(needed, 2):
-        raise IncompleteRoundError(f"{len(trained)} silos replied, {max(needed, 2)} needed")
-
-    def exchange(step: str, contents: dict[int, RecordDict]) -> dict[int, RecordDict]:
-        # By node, not by what a reply says of itself: a node is authenticated, a claim is not.
-        nodes = {federation.node_of[secure.silos[i]]: i for i in contents}
-        messages = {node: (contents[i], SECAGG_MESSAGE) for node, i in nodes.items()}
-        replies = federation.exchange(messages, f"secagg-{step}")
-        return {nodes[r.metadata.src_node_id]: r.content for r in replies}
-
-    aggregate, contributors, cost = secure.finish(trained, exchange, needed, log)
-    server.apply_sum(aggregate)
-    return contributors, cost
-
-
-def _run_id(guard) -> str | None:
-    return guard.run_id if guard is not None else None
-
-
-def _task(
-    round_number: int, toml_text: str, evaluate=False, final=False, dp: str | None = None, **extra
-) -> ConfigRecord:
-    task = {"round": round_number, "config": toml_text, "evaluate": evaluate, "final": final}
-    return ConfigRecord({**task, **({"dp-plan": dp} if dp is not None else {}), **extra})
-
-
-def write_outcome(
-    out: Path, shared, history: list[RoundRecord], final, names, privacy: dict | None,
-    protection: dict,
-) -> None:  # fmt: skip
-    """What the server knows at the end: the shared model, the rounds, the silos' metric sums."""
-    save_file({k: v.contiguous() for k, v in shared.items()}, str(out / "shared.safetensors"))
-    outcome = {
-        "history": [asdict(r) for r in history],
-        "per_silo": {name: {"sums": s.sums, "users": s.users} for name, s in final.items()},
-        "silo_names": [names[s] for s in sorted(names)],
-        "privacy": privacy,
-        "protection": protection,
-    }
-    (out / "outcome.json").write_text(json.dumps(outcome, indent=1) + "\n")
 
 
 class _Log:

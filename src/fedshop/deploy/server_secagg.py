@@ -12,27 +12,31 @@ without unmasking anything and retried with fresh keys.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from flwr.app import ConfigRecord, MessageType, RecordDict
 
-from fedshop.fl.stages import Aggregate, AggregationPipeline, ClientMessage
+from fedshop.messages import Aggregate, AggregationPipeline, ClientMessage
 from fedshop.models.spec import Params
-from fedshop.secure.protocol import ProtectionCost, ProtectionError
+from fedshop.secure.protected_sum import (
+    Layout,
+    layout_of,
+    round_normaliser,
+    unflatten,
+    vector_length,
+)
+from fedshop.secure.protocol import ProtectionError
 from fedshop.secure.secagg import (
     RoundSetup,
-    SecAggServer,
     SecAggSum,
     SharePackage,
     blobs_from_json,
     blobs_to_json,
     keys_to_json,
-    round_details,
+    run_secagg_round,
 )
-from fedshop.secure.stage import Layout, layout_of, round_normaliser, unflatten, vector_length
 
 SECAGG_MESSAGE = f"{MessageType.TRAIN}.secagg"  # the ClientApp's @app.train("secagg")
 
@@ -74,75 +78,85 @@ class SecureRound:
         return {"secagg-setup": self.setup.to_json(), "secagg-index": self.silos.index(silo)}
 
     def finish(self, trained: dict[int, RecordDict], exchange: Exchange, needed: int, log):
-        """Steps 2–4 with the silos whose training replies (step 1) are `trained`, by index in the
-        round. `exchange(step, contents)` sends each index its content and returns the replies
-        that arrived, by index. Returns the aggregate, the silos in it and the round's measured
-        cost; raises `ProtectionError` when the round cannot complete securely."""
+        """Steps 2–4 (`secure/secagg.py`'s one round driver) with the silos whose training replies
+        (step 1) are `trained`, by index in the round. `exchange(step, contents)` sends each index
+        its content and returns the replies that arrived, by index. Returns the aggregate, the
+        silos in it and the round's measured cost; raises `ProtectionError` when the round cannot
+        complete securely."""
         assert self.setup is not None
-        server, tally = SecAggServer(self.setup), _Tally()
-        weights = self._collect_keys(server, trained, tally)
-        for i, reply in self._send(exchange, "share", self._keys_step(server, tally)).items():
-            package = SharePackage.from_json(str(reply["secagg"]["package"]))
-            tally.server(lambda i=i, p=package: server.collect_shares(i, p))
-            tally.client(i, reply, package.size())
-        # Every vector is divided by the total weight of the silos that shared keys (public, as
-        # without protection); the weights inside the vectors give the survivors' own total.
-        normaliser = round_normaliser([weights[i] for i in server.packages])
-        shares = {
-            i: {
-                "shares": blobs_to_json(tally.server(lambda i=i: server.shares_for(i))),
-                "normaliser": normaliser,
-                "bound": self.bound,
-            }
-            for i in sorted(server.packages)
-        }
-        for i, reply in self._send(exchange, "mask", shares).items():
-            masked = reply["masked"]["masked"].numpy()
-            tally.server(lambda i=i, m=masked: server.collect_masked(i, m))
-            tally.client(i, reply, masked.nbytes)
-        survivors, dropped = server.roster()
-        if len(survivors) < max(2, needed):
-            # Unmasking now would reveal the sum of fewer silos than the round promised.
-            raise ProtectionError(
-                f"{len(survivors)} silos sent masked updates, {max(2, needed)} needed; the round "
-                "is abandoned before unmasking"
-            )
+        parties = MessageParties(self.setup, self.silos, self.bound, trained, exchange)
+        outcome = run_secagg_round(self.setup, parties, needed, self.protection.kind)
+        dropped = sorted(set(outcome.server.packages) - set(outcome.survivors))
         if dropped:
             names = [self.silos[i] for i in dropped]
             log(f"secure aggregation: silos {names} dropped after sharing keys")
+        tensors, weight = unflatten(outcome.total, self.layout, parties.normaliser)
+        aggregate = Aggregate(tensors=tensors, weight=weight, num_clients=len(outcome.survivors))
+        return aggregate, [self.silos[i] for i in outcome.survivors], outcome.cost
+
+
+@dataclass
+class MessageParties:
+    """A round's silos reached by Flower messages (`secure.secagg.SecAggParties`). Step 1 came with
+    the training replies; each later step is one exchange. Seconds are what each silo reports of
+    its own protocol work; bytes what it sent."""
+
+    setup: RoundSetup
+    silos: list[int]
+    bound: float
+    trained: dict[int, RecordDict]
+    exchange: Exchange
+    seconds: dict[int, float] = field(default_factory=dict)
+    sent: dict[int, int] = field(default_factory=dict)
+    weights: dict[int, float] = field(default_factory=dict)
+    normaliser: float = 1.0
+
+    def _tally(self, i: int, reply: RecordDict, size: int) -> None:
+        self.sent[i] = self.sent.get(i, 0) + size
+        self.seconds[i] = self.seconds.get(i, 0.0) + float(reply["secagg"]["seconds"])
+
+    def advertise(self) -> dict[int, tuple[bytes, bytes]]:
+        keys = {}
+        for i, reply in self.trained.items():
+            advertised, meta = reply["secagg"], reply["meta"]
+            if int(advertised["index"]) != i or int(meta["silo"]) != self.silos[i]:
+                raise ProtectionError(f"silo {meta['silo']} answered as SecAgg client {i}")
+            keys[i] = (advertised["c-public"], advertised["s-public"])
+            self._tally(i, reply, sum(len(k) for k in keys[i]))
+            self.weights[i] = float(meta["weight"])
+        return keys
+
+    def share_keys(self, keys):
+        packages = {}
+        payloads = {i: {"keys": keys_to_json(k)} for i, k in keys.items()}
+        for i, reply in self._send("share", payloads).items():
+            packages[i] = SharePackage.from_json(str(reply["secagg"]["package"]))
+            self._tally(i, reply, packages[i].size())
+        return packages
+
+    def masked_inputs(self, shares):
+        # Every vector is divided by the total weight of the silos that shared keys (public, as
+        # without protection); the weights inside the vectors give the survivors' own total.
+        self.normaliser = round_normaliser([self.weights[i] for i in shares])
+        payloads = {
+            i: {"shares": blobs_to_json(s), "normaliser": self.normaliser, "bound": self.bound}
+            for i, s in shares.items()
+        }
+        masked = {}
+        for i, reply in self._send("mask", payloads).items():
+            masked[i] = reply["masked"]["masked"].numpy()
+            self._tally(i, reply, masked[i].nbytes)
+        return masked
+
+    def unmask(self, survivors, dropped):
         roster = {"survivors": survivors, "dropped": dropped}
         answers = {}
-        for i, reply in self._send(exchange, "unmask", dict.fromkeys(survivors, roster)).items():
+        for i, reply in self._send("unmask", dict.fromkeys(survivors, roster)).items():
             answers[i] = blobs_from_json(str(reply["secagg"]["answer"]))
-            tally.client(i, reply, sum(2 + len(v) for v in answers[i].values()))
-        total = tally.server(lambda: server.finish(answers))
-        tensors, weight = unflatten(total, self.layout, normaliser)
-        aggregate = Aggregate(tensors=tensors, weight=weight, num_clients=len(survivors))
-        details = round_details(self.setup, len(dropped), len(self.silos) - len(server.packages))
-        cost = tally.cost(self.protection.kind, survivors, details)
-        return aggregate, [self.silos[i] for i in survivors], cost
+            self._tally(i, reply, sum(2 + len(v) for v in answers[i].values()))
+        return answers
 
-    def _collect_keys(self, server: SecAggServer, trained, tally: _Tally) -> dict[int, float]:
-        """Step 1's replies: each silo's public keys and its weight."""
-        weights = {}
-        for i, reply in trained.items():
-            keys, meta = reply["secagg"], reply["meta"]
-            if int(keys["index"]) != i or int(meta["silo"]) != self.silos[i]:
-                raise ProtectionError(f"silo {meta['silo']} answered as SecAgg client {i}")
-            public = (keys["c-public"], keys["s-public"])
-            tally.server(lambda i=i, k=public: server.collect_keys(i, k))
-            tally.client(i, reply, sum(len(k) for k in public))
-            weights[i] = float(meta["weight"])
-        return weights
-
-    def _keys_step(self, server: SecAggServer, tally: _Tally) -> dict[int, dict]:
-        return {
-            i: {"keys": keys_to_json(tally.server(lambda i=i: server.keys_for(i)))}
-            for i in sorted(server.public_keys)
-        }
-
-    def _send(self, exchange: Exchange, step: str, payloads: dict[int, dict]):
-        assert self.setup is not None
+    def _send(self, step: str, payloads: dict[int, dict]) -> dict[int, RecordDict]:
         setup = self.setup.to_json()
         contents = {
             i: RecordDict(
@@ -154,34 +168,4 @@ class SecureRound:
             )
             for i, payload in payloads.items()
         }
-        return exchange(step, contents)
-
-
-@dataclass
-class _Tally:
-    """What a round cost: the server's own protocol seconds, and each silo's reported seconds and
-    the bytes it sent."""
-
-    server_seconds: float = 0.0
-    client_seconds: dict[int, float] = field(default_factory=dict)
-    sent: dict[int, int] = field(default_factory=dict)
-
-    def server(self, work):
-        started = time.perf_counter()
-        out = work()
-        self.server_seconds += time.perf_counter() - started
-        return out
-
-    def client(self, i: int, reply: RecordDict, size: int) -> None:
-        self.sent[i] = self.sent.get(i, 0) + size
-        seconds = float(reply["secagg"]["seconds"])
-        self.client_seconds[i] = self.client_seconds.get(i, 0.0) + seconds
-
-    def cost(self, kind: str, survivors: list[int], details: dict) -> ProtectionCost:
-        return ProtectionCost(
-            kind=kind,
-            client_seconds=[self.client_seconds[i] for i in survivors],
-            server_seconds=self.server_seconds,
-            bytes_sent_per_client=[self.sent[i] for i in survivors],
-            details=details,
-        )
+        return self.exchange(step, contents)

@@ -29,10 +29,11 @@ from fedshop.deploy import wire
 from fedshop.deploy.silo_files import read_silo_file
 from fedshop.deploy.silo_secagg import SecAggSilo
 from fedshop.errors import FedShopError
-from fedshop.fl.client import SiloClient
-from fedshop.fl.stages import AggregationPipeline
+from fedshop.fl.aggregation import aggregation_pipeline
+from fedshop.fl.client import SiloClient, SiloDp
+from fedshop.fl.in_process import local_task
+from fedshop.secure.protected_sum import flatten
 from fedshop.secure.secagg import RoundSetup
-from fedshop.secure.stage import flatten
 
 if TYPE_CHECKING:  # DP and its accountant load only in DP runs: every message is a new process
     from fedshop.fl.dp_local import DpSgdState
@@ -77,7 +78,7 @@ class SiloNode:
         it trained in before `before_round`, and that round's saved DP-SGD state (or None)."""
         client = SiloClient(
             self.index, self.data, config.model, config.train,
-            AggregationPipeline.for_aggregation(config.federated.aggregation), config.seed,
+            aggregation_pipeline(config.federated.aggregation), config.seed,
             config.federated.client_learning_rate,
         )  # fmt: skip
         rounds = [int(m.group(1)) for p in self.state_dir.iterdir() if (m := _STATE.match(p.name))]
@@ -132,12 +133,12 @@ class SiloNode:
     def released_count(self, plan: DpPlan) -> float:
         """The silo's customer count with Gaussian noise, released once (its accounting is the
         plan's fixed event) and reused as the silo's weight every round."""
-        from fedshop.fl.dp_local import release_counts
+        from fedshop.privacy.dp import release_silo_counts
 
         path = self.state_dir / "released-count.json"
         if not path.exists():
             rng = np.random.default_rng(self._seed("count"))
-            count = release_counts([self.data.n_users], plan, rng)[0]
+            count = release_silo_counts([self.data.n_users], plan, rng)[0]
             path.write_text(json.dumps({"count": float(count)}))
         return float(json.loads(path.read_text())["count"])
 
@@ -155,17 +156,14 @@ class SiloNode:
         if bool(task["evaluate"]):
             sums = client.evaluate(shared, config.eval.split)
             reply["metrics"] = wire.metrics_config(self.index, sums)
+        plan = None
         if "dp-plan" in task:
             from fedshop.privacy.dp import DpPlan
 
             plan = DpPlan(**json.loads(str(task["dp-plan"])))
-            dp = self.dp_state(config, saved_dp)
-            message = client.fit_private(shared, plan, dp, self.released_count(plan))
-        else:
-            dp = None
-            fed = config.federated
-            message = client.fit(shared, fed.local_epochs, fed.reconstruction_epochs)
-        self.save(client, int(task["round"]), dp)
+            client.dp = SiloDp(self.dp_state(config, saved_dp), self.released_count(plan))
+        message = client.fit(shared, local_task(config, plan))
+        self.save(client, int(task["round"]), client.dp.state if client.dp else None)
         if "secagg-setup" in task:
             # Under secure aggregation the update stays here; the reply advertises SecAgg keys.
             setup = RoundSetup.from_json(str(task["secagg-setup"]))

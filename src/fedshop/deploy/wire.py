@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedshop.eval.metrics import METRIC_NAMES, MetricSums
-from fedshop.fl.stages import ClientMessage
+from fedshop.messages import ClientMessage
 from fedshop.models.spec import Params
 
 
@@ -18,15 +20,28 @@ def record_params(record: ArrayRecord) -> Params:
 
 
 def meta_record(silo: int, message: ClientMessage) -> ConfigRecord:
-    """A staged message's public metadata (also sent under secure aggregation)."""
-    return ConfigRecord(
-        {
-            "silo": silo,
-            "weight": float(message.weight),
-            "num-examples": float(message.num_examples),
-            "local-steps": int(message.local_steps),
-        }
-    )
+    """A staged message's public metadata (also sent under secure aggregation): under record-level
+    DP with the event of the noise the silo added, which the server checks against its ledger."""
+    meta = {
+        "silo": silo,
+        "weight": float(message.weight),
+        "num-examples": float(message.num_examples),
+        "local-steps": int(message.local_steps),
+    }
+    if message.dp_event is not None:
+        from fedshop.privacy.accounting import event_to_data
+
+        meta["dp-event"] = json.dumps(event_to_data(message.dp_event))
+    return ConfigRecord(meta)
+
+
+def record_dp_event(meta: ConfigRecord):
+    """The DP event a silo's metadata declares, or None."""
+    if "dp-event" not in meta:
+        return None
+    from fedshop.privacy.accounting import event_from_data
+
+    return event_from_data(json.loads(str(meta["dp-event"])))
 
 
 def update_record(silo: int, message: ClientMessage, extra: dict | None = None) -> RecordDict:
@@ -42,6 +57,7 @@ def record_update(content: RecordDict) -> tuple[int, ClientMessage]:
         weight=float(meta["weight"]),
         num_examples=float(meta["num-examples"]),
         local_steps=int(meta["local-steps"]),
+        dp_event=record_dp_event(meta),
     )
     return int(meta["silo"]), message
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -10,14 +11,32 @@ from fedshop.config import ModelConfig, TrainConfig
 from fedshop.data.interactions import SiloData
 from fedshop.eval.metrics import MetricSums, evaluate
 from fedshop.fl.local_round import LocalTraining
-from fedshop.fl.stages import AggregationPipeline, ClientMessage
+from fedshop.messages import AggregationPipeline, ClientMessage
 from fedshop.models.spec import Params, get_model, score_all
 from fedshop.models.train import train_bpr
 from fedshop.seeding import torch_generator
 
 if TYPE_CHECKING:  # the DP modules (and their accountant) load only for DP runs
-    from fedshop.fl.dp_local import DpSgdState
-    from fedshop.privacy.dp import DpPlan
+    from fedshop.fl.dp_local import DpSgd, DpSgdState
+
+
+@dataclass(frozen=True)
+class LocalTask:
+    """What a silo does with the shared model each round."""
+
+    epochs: int  # local epochs of BPR training
+    reconstruction_epochs: int = 0  # first refit the private parameters alone (FedRecon)
+    # Record-level DP: DP-SGD over the silo's customers replaces the epochs.
+    dp: DpSgd | None = None
+
+
+@dataclass
+class SiloDp:
+    """A silo's record-level DP state: its DP-SGD streams and moments, and its customer count as
+    released once with noise (its weight in the mean, never the true count)."""
+
+    state: DpSgdState
+    released_count: float
 
 
 class SiloClient:
@@ -42,48 +61,45 @@ class SiloClient:
         )
         self._generator = torch_generator(seed, "silo", index, "train")
         self.client_learning_rate = client_learning_rate
+        self.dp: SiloDp | None = None  # set for record-level DP runs
 
     @property
     def name(self) -> str:
         return self.data.name
 
-    def fit(
-        self, global_shared: Params, epochs: int, reconstruction_epochs: int = 0
-    ) -> ClientMessage:
+    def fit(self, global_shared: Params, task: LocalTask) -> ClientMessage:
         """Train locally from the global shared parameters; return the (staged) update to send.
 
-        With `reconstruction_epochs`, the private parameters are first refitted against the frozen
-        global parameters (Federated Reconstruction, Singhal et al. 2021); only the joint epochs that
-        follow produce the update.
+        With `task.reconstruction_epochs`, the private parameters are first refitted against the
+        frozen global parameters (Federated Reconstruction, Singhal et al. 2021); only the training
+        that follows produces the update. With `task.dp` that training is DP-SGD over the silo's
+        customers (`fl/dp_local.py`), the message carries the DP event of the noise added, and its
+        weight is the silo's released (noisy) customer count.
         """
-        self.personalise(global_shared, reconstruction_epochs)
-        result = train_bpr(
-            global_shared, self._private, self.data.train, epochs,
-            self.train_config, self._generator, spec=self.spec,
-        )  # fmt: skip
-        self._private = result.private
-        delta = {k: result.shared[k] - global_shared[k] for k in global_shared}
-        message = ClientMessage(
-            tensors=delta, weight=1.0, num_examples=self.data.n_train, local_steps=result.steps
-        )
-        return self.pipeline.on_client(message)
+        self.personalise(global_shared, task.reconstruction_epochs)
+        if task.dp is None:
+            result = train_bpr(
+                global_shared, self._private, self.data.train, task.epochs,
+                self.train_config, self._generator, spec=self.spec,
+            )  # fmt: skip
+            self._private = result.private
+            local, steps, examples, event = result.shared, result.steps, self.data.n_train, None
+        else:
+            from fedshop.fl.dp_local import dp_sgd_steps
 
-    def fit_private(
-        self, global_shared: Params, plan: DpPlan, state: DpSgdState, weight: float
-    ) -> ClientMessage:
-        """Record-level DP: DP-SGD over this silo's customers (`fl/dp_local.py`). The message's
-        weight is the silo's *released* (noisy) customer count, never the true one."""
-        from fedshop.fl.dp_local import dp_sgd_steps
-
-        training = LocalTraining(
-            1, self.client_learning_rate, self.train_config.l2, self.train_config.negatives
-        )
-        local = dp_sgd_steps(
-            self.spec, global_shared, self._private, self.data.train, plan, training, state
-        )
+            if self.dp is None:
+                raise RuntimeError(f"silo {self.name} has no DP state for a DP round")
+            training = LocalTraining(
+                1, self.client_learning_rate, self.train_config.l2, self.train_config.negatives
+            )
+            local, event = dp_sgd_steps(
+                self.spec, global_shared, self._private, self.data.train, task.dp, training,
+                self.dp.state,
+            )  # fmt: skip
+            steps, examples = task.dp.steps, self.dp.released_count
         delta = {k: local[k] - global_shared[k] for k in global_shared}
         message = ClientMessage(
-            tensors=delta, weight=1.0, num_examples=weight, local_steps=plan.steps_per_round
+            tensors=delta, weight=1.0, num_examples=examples, local_steps=steps, dp_event=event
         )
         return self.pipeline.on_client(message)
 

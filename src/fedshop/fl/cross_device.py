@@ -8,9 +8,8 @@ returns only the change to the shared parameters, and the server takes the examp
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
@@ -19,17 +18,17 @@ import torch
 from fedshop.config import RunConfig
 from fedshop.data.interactions import RecDataset, SiloData
 from fedshop.errors import FedShopError
-from fedshop.eval.metrics import MetricSums, evaluate, summarise
-from fedshop.fl.local_round import LocalTraining, draw_round, poisson_sample
-from fedshop.fl.server_opt import ServerOptimizer, make_server_optimizer
-from fedshop.fl.simulator import RoundRecord, evaluated_after
-from fedshop.fl.stages import Aggregate, mean_of
+from fedshop.eval.metrics import MetricSums, evaluate
+from fedshop.fl.in_process import make_server
+from fedshop.fl.local_round import LocalTraining, draw_round
+from fedshop.fl.rounds import FinalEvaluation, RoundCallback, RoundDriver, RoundRecord, RoundReply
 from fedshop.fl.vectorised import vectorised_round, vectorised_sum
+from fedshop.messages import AggregationPipeline
 from fedshop.models.spec import ModelSpec, Params, get_model, score_all
 from fedshop.privacy.dp import PrivacyGuard
-from fedshop.privacy.stages import add_gaussian_noise, fixed_denominator
+from fedshop.privacy.noise import ClipUpdate, GaussianNoise, fixed_denominator
+from fedshop.secure.protected_sum import ProtectedSum, make_protection
 from fedshop.secure.protocol import ProtectionError
-from fedshop.secure.stage import ProtectedSum, make_protection
 from fedshop.seeding import torch_generator
 
 
@@ -43,6 +42,7 @@ class CrossDeviceRun:
     dataset: RecDataset
     history: list[RoundRecord] = field(default_factory=list)
     protection: ProtectedSum | None = None  # the secure sum, when updates are protected
+    final: dict[str, MetricSums] | None = None  # after every shopper refitted their vectors
     # Sliced once: the run is evaluated after many rounds.
     silos: list[SiloData] = field(init=False)
 
@@ -80,109 +80,129 @@ def eligible_clients(train: sp.csr_matrix) -> torch.Tensor:
     return torch.from_numpy(np.flatnonzero(np.diff(train.indptr) > 0).astype(np.int64))
 
 
+@dataclass
+class ShopperTransport:
+    """A round's messages as the vectorised simulator computes them: every sampled shopper trains
+    on its own device (`fl/vectorised.py`, many at once), only shared-parameter updates are summed."""
+
+    run: CrossDeviceRun
+    training: LocalTraining
+    seed: int
+    split: str
+    personalise_epochs: int
+    pipeline: AggregationPipeline
+    unit: str = "shoppers"
+    retries: bool = False
+    client_dp_event: None = None  # shoppers add no noise of their own; the server does (user DP)
+
+    def train(
+        self, round_number: int, clients: Sequence[int], shared: Params, evaluate: int | None
+    ) -> RoundReply:
+        run = self.run
+        clients = torch.as_tensor(clients, dtype=torch.int64)
+        batch = draw_round(
+            run.dataset.train, clients, self.training.epochs, self.training.negatives,
+            torch_generator(self.seed, "devices", "round", round_number),
+        )  # fmt: skip
+        if run.protection is not None and len(clients) == 1:
+            raise ProtectionError(
+                f"round {round_number} sampled a single shopper: secure aggregation cannot hide "
+                "a lone update; raise [federated] clients_per_round or the sampling rate"
+            )
+        clip = self.pipeline.stage_of(ClipUpdate)
+        summation = run.protection if len(clients) > 0 else None
+        total, new_users = vectorised_sum(
+            run.spec, shared, run.user_tables, batch, self.training,
+            clip=clip.clip if clip is not None else None, summation=summation,
+        )  # fmt: skip
+        for k, v in new_users.items():
+            run.user_tables[k][clients] = v
+        cost = run.protection.costs[-1] if summation is not None else None
+        return RoundReply(total, clients.tolist(), cost)
+
+    def evaluate(self, round_number: int, shared: Params) -> dict[str, MetricSums]:
+        self.run.shared = shared
+        return self.run.evaluate(self.split)
+
+    def finish(self, shared: Params, evaluate: int | None) -> FinalEvaluation:
+        self.run.shared = shared
+        personalise(self.run, self.personalise_epochs, self.training, self.seed)
+        return FinalEvaluation(self.run.evaluate(self.split))
+
+    def recover(self) -> None:
+        pass
+
+
+def shopper_pipeline(
+    config: RunConfig, guard: PrivacyGuard | None, pool_size: int, protection: ProtectedSum | None
+) -> AggregationPipeline:
+    """FedAvg over shoppers; under user-level DP, DP-FedAvg: each update clipped, Gaussian noise on
+    the sum, the expected count as denominator."""
+    summation = {"summation": protection} if protection is not None else {}
+    if guard is None:
+        return AggregationPipeline(**summation)
+    plan = guard.plan
+    noise = GaussianNoise(
+        plan.noise_multiplier, plan.clip, torch_generator(config.seed, "server", "noise"),
+        plan.sampling_rate,
+    )  # fmt: skip
+    return AggregationPipeline(
+        client_stages=(ClipUpdate(plan.clip),),
+        server_stages=(noise, fixed_denominator(plan.sampling_rate * pool_size)),
+        **summation,
+    )
+
+
 def run_cross_device(
     dataset: RecDataset,
     config: RunConfig,
-    on_round: Callable[[RoundRecord], None] | None = None,
+    on_round: RoundCallback | None = None,
     guard: PrivacyGuard | None = None,
 ) -> CrossDeviceRun:
     """Train; with a `guard` (user-level DP) every round is DP-FedAvg: Poisson-sampled shoppers,
     each update clipped, Gaussian noise on the sum, the expected count as denominator, and the
-    round written to the ledger before its result reaches the server optimiser.
+    round written to the ledger before its noisy sum exists.
 
     With secure aggregation every sampled shopper sends a masked dense update and the server
     learns only the round's sum; under DP the server adds the noise to that sum after unmasking
     (the trusted-aggregator placement: the server sees the exact sum, never one shopper's update)."""
     fed = config.federated
     spec = get_model(config.model.name)
-    model = config.model
     device = resolve_device(fed.device)
-    # Initialised on the CPU (the same numbers whatever the device), then moved.
-    shared = spec.init_shared(
-        dataset.n_items, model, torch_generator(config.seed, "shared", "init")
-    )
     user_tables = spec.init_users(
-        dataset.n_users, model, torch_generator(config.seed, "devices", "users")
+        dataset.n_users, config.model, torch_generator(config.seed, "devices", "users")
     )
-    shared = {k: v.to(device) for k, v in shared.items()}
     user_tables = {k: v.to(device) for k, v in user_tables.items()}
-    run = CrossDeviceRun(spec, shared, user_tables, dataset)
-    protection = make_protection(config.protection)
-    if protection is not None:
-        run.protection = ProtectedSum(protection, config.protection.bound)
-    optimizer: ServerOptimizer = make_server_optimizer(fed)
     pool = eligible_clients(dataset.train)
-    per_round = len(pool) if fed.clients_per_round <= 0 else min(fed.clients_per_round, len(pool))
-    sampling = torch_generator(config.seed, "server", "sampling")
-    noise = torch_generator(config.seed, "server", "noise")
+    protection = make_protection(config.protection)
+    protected = ProtectedSum(protection, config.protection.bound) if protection else None
+    pipeline = shopper_pipeline(config, guard, len(pool), protected)
+    rate = guard.plan.sampling_rate if guard is not None else None
+    server = make_server(config, dataset.n_items, pool, pipeline, rate, device)
+    run = CrossDeviceRun(spec, server.shared, user_tables, dataset, protection=protected)
     training = LocalTraining(
         fed.local_epochs, fed.client_learning_rate, config.train.l2, config.train.negatives
     )
-    for round_number in range(1, fed.rounds + 1):
-        started = time.perf_counter()
-        if guard is not None:
-            clients = poisson_sample(pool, guard.plan.sampling_rate, sampling)
-        elif per_round == len(pool):
-            clients = pool
-        else:
-            clients = torch.sort(pool[torch.randperm(len(pool), generator=sampling)[:per_round]])[0]
-        batch = draw_round(
-            dataset.train, clients, training.epochs, training.negatives,
-            torch_generator(config.seed, "devices", "round", round_number),
-        )  # fmt: skip
-        clip = guard.plan.clip if guard is not None else None
-        if run.protection is not None and len(clients) == 1:
-            raise ProtectionError(
-                f"round {round_number} sampled a single shopper: secure aggregation cannot hide "
-                "a lone update; raise [federated] clients_per_round or the sampling rate"
-            )
-        summation = run.protection if len(clients) > 0 else None
-        total, new_users = vectorised_sum(
-            spec, run.shared, run.user_tables, batch, training, clip=clip, summation=summation
-        )
-        for k, v in new_users.items():
-            run.user_tables[k][clients] = v
-        epsilon = None
-        if guard is not None:
-            plan = guard.plan
-            # Write-ahead: the ledger holds this round's ε before the noisy sum exists.
-            epsilon = guard.release(round_number, plan.round_event)
-            total = add_gaussian_noise(plan.noise_std, noise)(_on_cpu(total))
-            total = fixed_denominator(plan.sampling_rate * len(pool))(total)
-        total = replace(total, tensors={k: v.to(device) for k, v in total.tensors.items()})
-        if total.weight > 0:
-            run.shared = optimizer.step(run.shared, mean_of(total))
-        seconds = time.perf_counter() - started
-        metrics = None
-        if evaluated_after(config, round_number):
-            metrics = summarise(run.evaluate(config.eval.split))
-        cost = run.protection.last_round() if summation is not None else None
-        record = RoundRecord(round_number, clients.tolist(), seconds, metrics, epsilon, cost)
-        run.history.append(record)
-        if on_round is not None:
-            on_round(record)
-    personalise(run, config)
+    transport = ShopperTransport(
+        run, training, config.seed, config.eval.split, fed.personalise_epochs, pipeline
+    )
+    finished = RoundDriver(config, server, transport, guard, on_round=on_round).run_all()
+    run.shared, run.history = server.shared, finished.history
+    run.final = finished.final.per_silo
     return run
 
 
-def _on_cpu(aggregate: Aggregate) -> Aggregate:
-    # The noise is drawn on the CPU from the run's generator: the same numbers on any device.
-    return replace(aggregate, tensors={k: v.cpu() for k, v in aggregate.tensors.items()})
-
-
-def personalise(run: CrossDeviceRun, config: RunConfig) -> None:
+def personalise(run: CrossDeviceRun, epochs: int, training: LocalTraining, seed: int) -> None:
     """Every shopper refits their own vectors against the final shared model; nothing is sent."""
-    epochs = config.federated.personalise_epochs
     if epochs <= 0:
         return
     pool = eligible_clients(run.dataset.train)
     training = LocalTraining(
-        epochs, config.federated.client_learning_rate, config.train.l2, config.train.negatives,
-        update_shared=False,
-    )  # fmt: skip
+        epochs, training.learning_rate, training.l2, training.negatives, update_shared=False
+    )
     batch = draw_round(
         run.dataset.train, pool, epochs, training.negatives,
-        torch_generator(config.seed, "devices", "personalise"),
+        torch_generator(seed, "devices", "personalise"),
     )  # fmt: skip
     _, new_users = vectorised_round(run.spec, run.shared, run.user_tables, batch, training)
     for k, v in new_users.items():

@@ -17,7 +17,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from fedshop.fl.stages import AggregationPipeline, ClientMessage
+from fedshop.messages import AggregationPipeline, ClientMessage
 from fedshop.models.mf import bpr_loss
 from fedshop.models.spec import ModelSpec, Params, gather_rows
 from fedshop.models.train import batch_scores, embedding_penalty
@@ -129,7 +129,7 @@ def reference_round(
 ) -> tuple[Params, Params]:
     """One round, one client at a time. Returns (mean update of the shared parameters, new user rows
     of the round's clients, stacked in client order)."""
-    pipeline = pipeline or AggregationPipeline.for_aggregation("fedavg")
+    pipeline = pipeline or AggregationPipeline()
     messages, new_users = [], {k: [] for k in user_tables}
     for position, user in enumerate(batch.clients.tolist()):
         local = {

@@ -1,14 +1,36 @@
-"""The coordinating server: samples silos, aggregates their messages, steps the shared model."""
+"""The coordinating server: samples clients, turns a round's aggregate into a step of the shared model."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
+from fedshop.fl.local_round import poisson_sample
 from fedshop.fl.server_opt import ServerOptimizer
-from fedshop.fl.stages import Aggregate, AggregationPipeline, ClientMessage
-from fedshop.models.mf import Params
+from fedshop.messages import AggregationPipeline, ClientMessage
+from fedshop.models.spec import Params
+
+
+@dataclass
+class Sampler:
+    """Which clients of `pool` take part in a round: a fixed number drawn uniformly without
+    replacement (`per_round`), or each independently with probability `poisson_rate` (the sampling
+    the DP accountant assumes). Everyone, in pool order, when that is all of them."""
+
+    pool: torch.Tensor
+    generator: torch.Generator
+    per_round: int = 0  # 0 (or more than the pool): everyone
+    poisson_rate: float | None = None
+
+    def sample(self) -> torch.Tensor:
+        if self.poisson_rate is not None:
+            return poisson_sample(self.pool, self.poisson_rate, self.generator)
+        if self.per_round <= 0 or self.per_round >= len(self.pool):
+            return self.pool
+        chosen = torch.randperm(len(self.pool), generator=self.generator)[: self.per_round]
+        return torch.sort(self.pool[chosen])[0]
 
 
 class FederatedServer:
@@ -17,42 +39,32 @@ class FederatedServer:
         shared: Params,
         pipeline: AggregationPipeline,
         optimizer: ServerOptimizer,
-        n_clients: int,
-        clients_per_round: int,
-        generator: torch.Generator,
+        sampler: Sampler,
     ) -> None:
         self.shared = shared
         self.pipeline = pipeline
         self.optimizer = optimizer
-        self.n_clients = n_clients
-        # 0 (or more than there are) means everyone takes part in every round.
-        self.clients_per_round = (
-            n_clients if clients_per_round <= 0 else min(clients_per_round, n_clients)
-        )
-        self._generator = generator
+        self.sampler = sampler
         self.round = 0
 
     def sample_clients(self) -> list[int]:
-        """Uniform sampling without replacement of a fixed number of clients per round."""
-        if self.clients_per_round == self.n_clients:
-            return list(range(self.n_clients))
-        chosen = torch.randperm(self.n_clients, generator=self._generator)[: self.clients_per_round]
-        return sorted(chosen.tolist())
+        return self.sampler.sample().tolist()
 
     def sampling_state(self) -> torch.Tensor:
-        return self._generator.get_state()
+        return self.sampler.generator.get_state()
 
     def load_sampling_state(self, state: torch.Tensor) -> None:
-        self._generator.set_state(state)
+        self.sampler.generator.set_state(state)
 
     def apply(self, messages: Sequence[ClientMessage]) -> Params:
-        return self._step(self.pipeline.aggregate(messages))
+        """One step from messages summed here (the plain in-process aggregation)."""
+        return self.step(self.pipeline.aggregate(messages))
 
-    def apply_sum(self, aggregate: Aggregate) -> Params:
-        """Apply a round whose messages were summed elsewhere (a deployed secure sum)."""
-        return self._step(self.pipeline.finish(aggregate))
-
-    def _step(self, delta: Params) -> Params:
-        self.shared = self.optimizer.step(self.shared, delta)
+    def step(self, delta: Params | None) -> Params:
+        """Apply the round's mean update (None: a round that moved nothing) and count the round."""
+        if delta is not None:
+            device = next(iter(self.shared.values())).device
+            delta = {k: v.to(device) for k, v in delta.items()}
+            self.shared = self.optimizer.step(self.shared, delta)
         self.round += 1
         return self.shared

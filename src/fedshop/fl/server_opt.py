@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from fedshop.config import FederatedConfig
-from fedshop.fl.stages import Tensors
+from fedshop.messages import Tensors
 
 
 class FedAvg:

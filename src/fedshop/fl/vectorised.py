@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from fedshop.fl.local_round import LocalTraining, RoundInput, sgd_step
-from fedshop.fl.stages import Aggregate, ClientMessage, Summation, mean_of
+from fedshop.messages import Aggregate, ClientMessage, Summation, mean_of
 from fedshop.models.spec import ModelSpec, Params, stack_dense
-from fedshop.privacy.stages import clip_per_client
+from fedshop.privacy.noise import clip_per_client
 
 # Upper bound on floats in one group's largest activation (pair slots × width). Measured on ML-1M (all
 # 6,040 clients, CPU): 2^22 runs a round as fast as 2^24 with a quarter of the memory (270 vs 970 MB).
@@ -315,7 +315,7 @@ def vectorised_sum(
 
     Without `clip` each update is weighted by the client's example count (FedAvg). With `clip` it is
     the DP-FedAvg client stage instead: each client's whole update is scaled to L2 norm ≤ clip and
-    weighs 1 (`privacy.stages.clip_update`, computed for the group at once).
+    weighs 1 (`privacy.noise.ClipUpdate`, computed for the group at once).
 
     layout "flat" (pairs end to end, no padding) needs every dense weight to be a vector (MF, GMF);
     "padded" (buckets of similar-size clients) works for any model; "auto" takes flat when it can.

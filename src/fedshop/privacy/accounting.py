@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import dp_accounting as dpa
@@ -61,6 +61,55 @@ def gaussian_step(noise_multiplier: float, sampling_rate: float = 1.0) -> dpa.Dp
 
 def repeated(event: dpa.DpEvent, times: int) -> dpa.DpEvent:
     return dpa.SelfComposedDpEvent(event, times)
+
+
+def together(events: Sequence[dpa.DpEvent]) -> dpa.DpEvent | None:
+    """The composition of `events` as one event: n equal events as one self-composition (what
+    the accountant composes fastest), none as None."""
+    if not events:
+        return None
+    if all(e == events[0] for e in events):
+        return events[0] if len(events) == 1 else repeated(events[0], len(events))
+    return dpa.ComposedDpEvent(list(events))
+
+
+# Events as plain data, for a message between parties (a silo says what noise it added).
+_EVENT_FIELDS = {
+    "GaussianDpEvent": ("noise_multiplier",),
+    "PoissonSampledDpEvent": ("sampling_probability", "event"),
+    "SelfComposedDpEvent": ("event", "count"),
+    "ComposedDpEvent": ("events",),
+}
+
+
+def event_to_data(event: dpa.DpEvent) -> dict:
+    kind = type(event).__name__
+    if kind not in _EVENT_FIELDS:
+        raise ValueError(f"cannot send a {kind}")
+    out: dict = {"kind": kind}
+    for name in _EVENT_FIELDS[kind]:
+        value = getattr(event, name)
+        if name == "event":
+            value = event_to_data(value)
+        elif name == "events":
+            value = [event_to_data(e) for e in value]
+        out[name] = value
+    return out
+
+
+def event_from_data(data: dict) -> dpa.DpEvent:
+    kind = data.get("kind")
+    if kind not in _EVENT_FIELDS:
+        raise ValueError(f"not a DP event: {kind!r}")
+    fields = {}
+    for name in _EVENT_FIELDS[kind]:
+        value = data[name]
+        if name == "event":
+            value = event_from_data(value)
+        elif name == "events":
+            value = [event_from_data(e) for e in value]
+        fields[name] = value
+    return getattr(dpa, kind)(**fields)
 
 
 def compose(accountant: dpa.PrivacyAccountant, event: dpa.DpEvent) -> None:

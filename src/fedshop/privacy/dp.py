@@ -15,9 +15,11 @@ customers. Fixed-noise releases (counts) are composed in the same accountant.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import dp_accounting as dpa
+import numpy as np
 
 from fedshop.config import PrivacyConfig
 from fedshop.errors import ConfigError
@@ -28,6 +30,7 @@ from fedshop.privacy.accounting import (
     noise_for_target,
     repeated,
 )
+from fedshop.privacy.mechanisms import gaussian_mechanism
 from fedshop.storage.ledger import BudgetExceededError, Ledger
 
 UNITS = {
@@ -114,6 +117,21 @@ def _fixed_events(count_noise_multiplier: float | None) -> tuple[dpa.DpEvent, ..
 def _run_event(z: float, q: float, steps: int, fixed: tuple[dpa.DpEvent, ...]) -> dpa.DpEvent:
     training = _gaussian_steps(z, q, steps)
     return dpa.ComposedDpEvent([*fixed, training]) if fixed else training
+
+
+def release_silo_counts(
+    counts: Sequence[int], plan: DpPlan, rng: np.random.Generator
+) -> np.ndarray:
+    """Silos' customer counts with Gaussian noise, the plan's fixed release (one customer is in one
+    silo: L2 sensitivity 1). Clamping is post-processing; a silo never weighs below one customer."""
+    if plan.count_noise_multiplier is None:
+        raise ValueError("this plan releases no counts")
+    release = gaussian_mechanism(
+        np.asarray(counts, dtype=np.float64), 1.0, plan.count_noise_multiplier, rng
+    )
+    if release.event != plan.fixed_events[0]:
+        raise ValueError("the counts' noise is not the plan's accounted release")
+    return np.maximum(release.values, 1.0)
 
 
 def resolve_delta(config: PrivacyConfig, units: int) -> float:

@@ -42,6 +42,7 @@ import time
 from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -549,13 +550,147 @@ class SecAggServer:
 
 
 # ---------------------------------------------------------------------------------------------
-# The in-process driver (the simulator's runtime; a deployment sends the same messages)
+# The one driver of a round, and the in-process parties (a deployment's go by message)
 # ---------------------------------------------------------------------------------------------
+
+
+class SecAggParties(Protocol):
+    """How the server reaches a round's clients: objects in this process, or messages over the
+    network (`deploy/server_secagg.py`). Each step sends what the server routes to the listed
+    clients and returns the answers that came back, by client index; a client that fails or stays
+    silent is a dropout. `seconds` and `sent` are each client's own protocol time and bytes."""
+
+    seconds: dict[int, float]
+    sent: dict[int, int]
+
+    def advertise(self) -> dict[int, tuple[bytes, bytes]]: ...
+
+    def share_keys(
+        self, keys: dict[int, dict[int, tuple[bytes, bytes]]]
+    ) -> dict[int, SharePackage]: ...
+
+    def masked_inputs(self, shares: dict[int, dict[int, bytes]]) -> dict[int, np.ndarray]: ...
+
+    def unmask(self, survivors: list[int], dropped: list[int]) -> dict[int, dict[int, bytes]]: ...
+
+
+@dataclass
+class SecAggOutcome:
+    total: np.ndarray  # float64: the sum of the survivors' vectors
+    survivors: list[int]
+    cost: ProtectionCost
+    server: SecAggServer  # what the server saw (the masked inputs), for attack benchmarks
+
+
+def run_secagg_round(
+    setup: RoundSetup, parties: SecAggParties, needed: int = 2, kind: str = "secagg"
+) -> SecAggOutcome:
+    """One SecAgg round, the server's order of the four steps, in either runtime. Fewer than
+    `needed` (never fewer than 2) masked inputs abandon the round before unmasking: unmasking then
+    would reveal the sum of a smaller group than the round promised."""
+    server = SecAggServer(setup)
+    server_seconds = 0.0
+
+    def on_server(work):
+        nonlocal server_seconds
+        started = time.perf_counter()
+        out = work()
+        server_seconds += time.perf_counter() - started
+        return out
+
+    for i, keys in sorted(parties.advertise().items()):
+        on_server(lambda i=i, keys=keys: server.collect_keys(i, keys))
+    routed = on_server(lambda: {i: server.keys_for(i) for i in sorted(server.public_keys)})
+    for i, package in sorted(parties.share_keys(routed).items()):
+        on_server(lambda i=i, p=package: server.collect_shares(i, p))
+    routed = on_server(lambda: {i: server.shares_for(i) for i in sorted(server.packages)})
+    for i, masked in sorted(parties.masked_inputs(routed).items()):
+        on_server(lambda i=i, m=masked: server.collect_masked(i, m))
+    survivors, dropped = server.roster()
+    if len(survivors) < max(2, needed):
+        raise ProtectionError(
+            f"{len(survivors)} clients sent masked updates, {max(2, needed)} needed; the round "
+            "is abandoned before unmasking"
+        )
+    answers = parties.unmask(survivors, dropped)
+    total = on_server(lambda: server.finish(answers))
+    cost = ProtectionCost(
+        kind=kind,
+        client_seconds=[parties.seconds.get(i, 0.0) for i in survivors],
+        server_seconds=server_seconds,
+        bytes_sent_per_client=[parties.sent.get(i, 0) for i in survivors],
+        details=round_details(setup, len(dropped), setup.n_clients - len(server.packages)),
+    )
+    return SecAggOutcome(total, survivors, cost, server)
+
+
+@dataclass
+class InProcessParties:
+    """The round's clients as `SecAggClient` objects in this process, each one's work timed; the
+    clients in `silent_before_shares` / `silent_after_shares` go silent before step 2 / after step
+    2 (for tests and benchmarks of dropout recovery)."""
+
+    setup: RoundSetup
+    vectors: Sequence[np.ndarray]
+    silent_before_shares: Collection[int] = ()
+    silent_after_shares: Collection[int] = ()
+    seconds: dict[int, float] = field(default_factory=dict)
+    sent: dict[int, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.vectors)
+        self.clients = {
+            i: self._timed(i, lambda i=i: SecAggClient(i, self.setup)) for i in range(n)
+        }
+
+    def _timed(self, i: int, work, size=lambda out: 0):
+        started = time.perf_counter()
+        out = work()
+        self.seconds[i] = self.seconds.get(i, 0.0) + time.perf_counter() - started
+        self.sent[i] = self.sent.get(i, 0) + size(out)
+        return out
+
+    def advertise(self) -> dict[int, tuple[bytes, bytes]]:
+        return {
+            i: self._timed(i, client.advertise, lambda keys: sum(len(k) for k in keys))
+            for i, client in self.clients.items()
+            if i not in self.silent_before_shares
+        }
+
+    def share_keys(self, keys):
+        return {
+            i: self._timed(i, lambda i=i, k=k: self.clients[i].share_keys(k), SharePackage.size)
+            for i, k in keys.items()
+        }
+
+    def masked_inputs(self, shares):
+        return {
+            i: self._timed(i, lambda i=i, s=s: self._mask(i, s), _nbytes)
+            for i, s in shares.items()
+            if i not in self.silent_after_shares
+        }
+
+    def _mask(self, i: int, shares: dict[int, bytes]) -> np.ndarray:
+        return self.clients[i].masked_input(self.vectors[i], shares)
+
+    def unmask(self, survivors, dropped):
+        return {
+            i: self._timed(i, lambda i=i: self.clients[i].unmask(survivors, dropped), _answer_bytes)
+            for i in survivors
+        }
+
+
+def _nbytes(array: np.ndarray) -> int:
+    return array.nbytes
+
+
+def _answer_bytes(answer: dict[int, bytes]) -> int:
+    return sum(2 + len(v) for v in answer.values())
 
 
 @dataclass
 class SecAggSum:
-    """`SecureSum` by SecAgg(+), all parties in this process, each party's work timed separately.
+    """`SecureSum` by SecAgg(+), all parties in this process (`InProcessParties`).
 
     `drop_before_shares` / `drop_after_shares` make the listed clients go silent before step 2 or
     after step 2 (before sending their masked input): for tests and benchmarks of dropout recovery.
@@ -598,58 +733,17 @@ class SecAggSum:
 
     def sum(self, vectors: Sequence[np.ndarray], bound: float) -> SecureSumResult:
         length = check_inputs(vectors, bound)
-        n = len(vectors)
         started = time.perf_counter()
-        setup = self.setup_for(n, length, bound)
-        server = SecAggServer(setup)
-        server_seconds = time.perf_counter() - started
-        client_seconds = [0.0] * n
-        sent = [0] * n
-
-        def timed(i: int, work):
-            t0 = time.perf_counter()
-            out = work()
-            client_seconds[i] += time.perf_counter() - t0
-            return out
-
-        def on_server(work):
-            nonlocal server_seconds
-            t0 = time.perf_counter()
-            out = work()
-            server_seconds += time.perf_counter() - t0
-            return out
-
-        clients = {i: timed(i, lambda i=i: SecAggClient(i, setup)) for i in range(n)}
-        for i in range(n):
-            if i in self.drop_before_shares:
-                continue
-            keys = timed(i, clients[i].advertise)
-            sent[i] += sum(len(k) for k in keys)
-            on_server(lambda i=i, keys=keys: server.collect_keys(i, keys))
-        for i in sorted(server.public_keys):
-            package = timed(i, lambda i=i: clients[i].share_keys(server.keys_for(i)))
-            sent[i] += package.size()
-            on_server(lambda i=i, p=package: server.collect_shares(i, p))
-        for i in sorted(server.packages):
-            if i in self.drop_after_shares:
-                continue
-            masked = timed(i, lambda i=i: clients[i].masked_input(vectors[i], server.shares_for(i)))
-            sent[i] += masked.nbytes
-            on_server(lambda i=i, m=masked: server.collect_masked(i, m))
-        survivors, dropped = server.roster()
-        answers = {}
-        for i in survivors:
-            answer = timed(i, lambda i=i: clients[i].unmask(survivors, dropped))
-            sent[i] += sum(2 + len(v) for v in answer.values())
-            answers[i] = answer
-        total = on_server(lambda: server.finish(answers))
+        setup = self.setup_for(len(vectors), length, bound)
+        setup_seconds = time.perf_counter() - started
+        parties = InProcessParties(setup, vectors, self.drop_before_shares, self.drop_after_shares)
+        outcome = run_secagg_round(setup, parties, kind=self.kind)
         if self.keep_server_view:
-            self.server_view = {i: setup.ring.decode(m) for i, m in server.masked.items()}
+            masked = outcome.server.masked
+            self.server_view = {i: setup.ring.decode(m) for i, m in masked.items()}
+        cost = outcome.cost
         cost = ProtectionCost(
-            kind=self.kind,
-            client_seconds=[client_seconds[i] for i in survivors],
-            server_seconds=server_seconds,
-            bytes_sent_per_client=[sent[i] for i in survivors],
-            details=round_details(setup, len(dropped), n - len(server.packages)),
-        )
-        return SecureSumResult(total=total, contributors=survivors, cost=cost)
+            cost.kind, cost.client_seconds, cost.server_seconds + setup_seconds,
+            cost.bytes_sent_per_client, cost.details,
+        )  # fmt: skip
+        return SecureSumResult(total=outcome.total, contributors=outcome.survivors, cost=cost)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from fedshop.config import ProtectionConfig
-from fedshop.fl.stages import Aggregate, ClientMessage
+from fedshop.messages import Aggregate, ClientMessage
 from fedshop.secure.protocol import ProtectionCost, ProtectionError, SecureSum
 
 WEIGHT_ENTRY = "__weight__"

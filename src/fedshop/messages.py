@@ -1,16 +1,25 @@
-"""Aggregation as a pipeline of small stages.
+"""What travels in a federated round, and the pipeline of stages it passes through.
 
-    silo:   update → [client stages: clip, weight, protect …] → message   (only the message leaves)
-    server: messages → sum → [server stages: unprotect, noise …] → mean → server optimiser
+    client: update → [client stages: weight, clip, normalise …] → message   (only the message leaves)
+    server: messages → sum (plain or protected) → [server stages: noise, rescale …] → mean
 
-Each stage is a plain function (or a small object with `__call__`), so differential privacy, secure
-aggregation and encryption slot in between without the models or the runtime knowing which are on.
+This is the lowest layer of the federated code: the aggregation rules (`fl/aggregation.py`), the
+privacy stages (`privacy/noise.py`) and the protections (`secure/`) all build on these types and on
+nothing above them. Each stage is a plain function (or a small object with `__call__`), so
+differential privacy, secure aggregation and encryption combine without the models or the runtime
+knowing which are on.
+
+Differential privacy: a stage that adds noise says so. Its `dp_event` (a dp-accounting `DpEvent`) is
+what it *will* add, read by the round driver before the round to write the ledger ahead of any
+release; when it runs it appends the event of what it *did* add to the result's `dp_events`, and the
+driver refuses a round whose two differ.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -27,6 +36,8 @@ class ClientMessage:
     # silo's released noisy customer count instead.
     num_examples: float
     local_steps: int  # optimiser steps behind the update (for step normalisation)
+    # The DP event of the noise the client added to its update (record-level DP-SGD), or None.
+    dp_event: Any = None
 
 
 @dataclass(frozen=True)
@@ -36,41 +47,15 @@ class Aggregate:
     tensors: Tensors
     weight: float
     num_clients: int
+    # The DP events of the noise server stages added to this sum, in order.
+    dp_events: tuple[Any, ...] = ()
 
 
 ClientStage = Callable[[ClientMessage], ClientMessage]
 ServerStage = Callable[[Aggregate], Aggregate]
-
-
-def weight_by_examples(message: ClientMessage) -> ClientMessage:
-    """FedAvg weighting: scale the update by its example count, so the mean is example-weighted."""
-    n = float(message.num_examples)
-    return replace(message, tensors={k: v * n for k, v in message.tensors.items()}, weight=n)
-
-
-# Carried as a tensor so that it is summed like the update itself, also under secure aggregation.
-STEPS_KEY = "__weighted_local_steps__"
-
-
-def normalise_by_local_steps(message: ClientMessage) -> ClientMessage:
-    """FedNova (Wang et al., NeurIPS 2020), client half: divide the update by its local step count.
-
-    With plain FedAvg a silo that takes ten times more local steps moves the model about ten times
-    further, on top of its larger weight, so large silos dominate beyond their share of the data. Runs
-    after the weighting stage: the step count is weighted like the update, so the server can form the
-    weighted mean step count.
-    """
-    steps = max(message.local_steps, 1)
-    tensors = {k: v / steps for k, v in message.tensors.items()}
-    tensors[STEPS_KEY] = torch.tensor([message.weight * steps], dtype=torch.float64)
-    return replace(message, tensors=tensors)
-
-
-def rescale_by_effective_steps(aggregate: Aggregate) -> Aggregate:
-    """FedNova, server half: scale the step-normalised sum by the weighted mean step count."""
-    tensors = dict(aggregate.tensors)
-    effective_steps = float(tensors.pop(STEPS_KEY)) / aggregate.weight
-    return replace(aggregate, tensors={k: v * effective_steps for k, v in tensors.items()})
+# protect → sum → unprotect: the plain sum, or a secure one (`secure/protected_sum.py`) that shows the
+# server only the total.
+Summation = Callable[[Sequence[ClientMessage]], Aggregate]
 
 
 def sum_messages(messages: Sequence[ClientMessage]) -> Aggregate:
@@ -92,9 +77,10 @@ def mean_of(aggregate: Aggregate) -> Tensors:
     return {k: v / aggregate.weight for k, v in aggregate.tensors.items()}
 
 
-# protect → sum → unprotect: the plain sum, or a secure one (`secure/stage.py`) that shows the
-# server only the total.
-Summation = Callable[[Sequence[ClientMessage]], Aggregate]
+def weight_by_examples(message: ClientMessage) -> ClientMessage:
+    """FedAvg weighting: scale the update by its example count, so the mean is example-weighted."""
+    n = float(message.num_examples)
+    return replace(message, tensors={k: v * n for k, v in message.tensors.items()}, weight=n)
 
 
 @dataclass(frozen=True)
@@ -102,18 +88,6 @@ class AggregationPipeline:
     client_stages: tuple[ClientStage, ...] = (weight_by_examples,)
     server_stages: tuple[ServerStage, ...] = field(default_factory=tuple)
     summation: Summation = sum_messages
-
-    @staticmethod
-    def for_aggregation(kind: str) -> AggregationPipeline:
-        """The base pipeline of an aggregation rule; privacy stages are added around it."""
-        if kind == "fednova":
-            return AggregationPipeline(
-                client_stages=(weight_by_examples, normalise_by_local_steps),
-                server_stages=(rescale_by_effective_steps,),
-            )
-        if kind == "fedavg":
-            return AggregationPipeline()
-        raise ValueError(f"unknown aggregation '{kind}'")
 
     def on_client(self, message: ClientMessage) -> ClientMessage:
         """Runs inside the silo, before anything is sent."""
@@ -128,6 +102,18 @@ class AggregationPipeline:
     def finish(self, aggregate: Aggregate) -> Tensors:
         """The server stages and the mean, on a sum however it was made (in a deployment, a secure
         sum runs as message steps between the parties, outside `summation`)."""
+        return mean_of(self.server_side(aggregate))
+
+    def server_side(self, aggregate: Aggregate) -> Aggregate:
         for stage in self.server_stages:
             aggregate = stage(aggregate)
-        return mean_of(aggregate)
+        return aggregate
+
+    def stage_of(self, kind: type) -> Any:
+        """The first client or server stage of this type, or None."""
+        stages = (*self.client_stages, *self.server_stages)
+        return next((s for s in stages if isinstance(s, kind)), None)
+
+    def server_dp_events(self) -> tuple[Any, ...]:
+        """What the server stages will add, declared before the round (see the module's docstring)."""
+        return tuple(s.dp_event for s in self.server_stages if hasattr(s, "dp_event"))

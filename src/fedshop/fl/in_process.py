@@ -1,0 +1,182 @@
+"""The in-process cross-silo runtime: every silo a `SiloClient` object, the server in the same process.
+
+`SiloTransport` carries a round to the silo objects; the round itself is `fl/rounds.py`'s, the same
+that a deployment drives over Flower, with the same `SiloClient`, pipeline and server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from fedshop.config import RunConfig
+from fedshop.data.interactions import RecDataset
+from fedshop.eval.metrics import MetricSums
+from fedshop.fl.aggregation import aggregation_pipeline
+from fedshop.fl.client import LocalTask, SiloClient, SiloDp
+from fedshop.fl.rounds import (
+    FinalEvaluation,
+    RoundCallback,
+    RoundDriver,
+    RoundRecord,
+    RoundReply,
+)
+from fedshop.fl.server import FederatedServer, Sampler
+from fedshop.fl.server_opt import make_server_optimizer
+from fedshop.messages import AggregationPipeline
+from fedshop.models.spec import Params, get_model
+from fedshop.secure.protected_sum import ProtectedSum, make_protection
+from fedshop.seeding import derive_seed, torch_generator
+
+if TYPE_CHECKING:
+    from fedshop.privacy.dp import DpPlan, PrivacyGuard
+
+
+def make_server(
+    config: RunConfig,
+    n_items: int,
+    pool: torch.Tensor,
+    pipeline: AggregationPipeline,
+    poisson_rate: float | None = None,
+    device: torch.device | None = None,
+) -> FederatedServer:
+    """The coordinating server as every runtime starts it: the same initial model and sampling
+    stream for the same seed, whether the clients are simulated or separate processes."""
+    shared = get_model(config.model.name).init_shared(
+        n_items, config.model, torch_generator(config.seed, "shared", "init")
+    )
+    if device is not None:  # initialised on the CPU: the same numbers whatever the device
+        shared = {k: v.to(device) for k, v in shared.items()}
+    fed = config.federated
+    per_round = (
+        fed.silos_per_round if config.federated.mode == "cross-silo" else fed.clients_per_round
+    )
+    sampler = Sampler(
+        pool, torch_generator(config.seed, "server", "sampling"), per_round, poisson_rate
+    )
+    return FederatedServer(shared, pipeline, make_server_optimizer(fed), sampler)
+
+
+def local_task(config: RunConfig, plan: DpPlan | None = None) -> LocalTask:
+    """Each silo's work in a round: local epochs, or under record-level DP the plan's DP-SGD."""
+    fed = config.federated
+    dp = None
+    if plan is not None:
+        from fedshop.fl.dp_local import DpSgd
+
+        dp = DpSgd(plan.noise_multiplier, plan.clip, plan.sampling_rate, plan.steps_per_round)
+    return LocalTask(fed.local_epochs, fed.reconstruction_epochs, dp)
+
+
+@dataclass
+class SiloTransport:
+    """A round's messages handed to silo objects in this process."""
+
+    clients: list[SiloClient]
+    task: LocalTask
+    split: str
+    personalise_epochs: int
+    protection: ProtectedSum | None = None
+    unit: str = "silos"
+    retries: bool = False  # a simulated silo does not come back: a failure stops the run
+
+    @property
+    def client_dp_event(self):
+        return self.task.dp.dp_event if self.task.dp is not None else None
+
+    def train(
+        self, round_number: int, clients: Sequence[int], shared: Params, evaluate: int | None
+    ) -> RoundReply:
+        messages = [self.clients[i].fit(shared, self.task) for i in clients]
+        summation = self.clients[0].pipeline.summation
+        events = {i: m.dp_event for i, m in zip(clients, messages, strict=True) if m.dp_event}
+        cost = None
+        aggregate = summation(messages)
+        if self.protection is not None:
+            cost = self.protection.costs[-1]
+        return RoundReply(aggregate, list(clients), cost, events)
+
+    def evaluate(self, round_number: int, shared: Params) -> dict[str, MetricSums]:
+        return {c.name: c.evaluate(shared, self.split) for c in self.clients}
+
+    def finish(self, shared: Params, evaluate: int | None) -> FinalEvaluation:
+        for client in self.clients:
+            client.personalise(shared, self.personalise_epochs)
+        return FinalEvaluation(self.evaluate(0, shared))
+
+    def recover(self) -> None:
+        pass
+
+
+@dataclass
+class FederatedRun:
+    server: FederatedServer
+    clients: list[SiloClient]
+    history: list[RoundRecord]
+    protection: ProtectedSum | None = None  # the secure sum, when updates are protected
+    # Per silo, the final model's metrics after every silo refitted its private parameters.
+    final: dict[str, MetricSums] | None = None
+
+    def evaluate(self, split: str = "test") -> dict:
+        return {c.name: c.evaluate(self.server.shared, split) for c in self.clients}
+
+
+def build_federation(
+    dataset: RecDataset, config: RunConfig, pipeline: AggregationPipeline | None = None
+) -> FederatedRun:
+    pipeline = pipeline or aggregation_pipeline(config.federated.aggregation)
+    protection = make_protection(config.protection)
+    protected = None
+    if protection is not None:
+        protected = ProtectedSum(protection, config.protection.bound)
+        pipeline = replace(pipeline, summation=protected)
+    clients = [
+        SiloClient(
+            i, dataset.silo(i), config.model, config.train, pipeline, config.seed,
+            config.federated.client_learning_rate,
+        )
+        for i in range(dataset.n_silos)
+    ]  # fmt: skip
+    server = make_server(config, dataset.n_items, torch.arange(len(clients)), pipeline)
+    return FederatedRun(server=server, clients=clients, history=[], protection=protected)
+
+
+def run_cross_silo(
+    dataset: RecDataset,
+    config: RunConfig,
+    on_round: RoundCallback | None = None,
+    pipeline: AggregationPipeline | None = None,
+    guard: PrivacyGuard | None = None,
+) -> FederatedRun:
+    """Train; with a `guard` (record-level DP) every silo trains by DP-SGD over its customers and
+    each round is written to the ledger before any silo's message leaves."""
+    run = build_federation(dataset, config, pipeline)
+    if guard is not None:
+        start_private_silos(run.clients, config, guard.plan)
+    transport = SiloTransport(
+        run.clients, local_task(config, guard.plan if guard is not None else None),
+        config.eval.split, config.federated.personalise_epochs, run.protection,
+    )  # fmt: skip
+    driver = RoundDriver(config, run.server, transport, guard, on_round=on_round)
+    finished = driver.run_all()
+    run.history, run.final = finished.history, finished.final.per_silo
+    return run
+
+
+def start_private_silos(clients: list[SiloClient], config: RunConfig, plan: DpPlan) -> None:
+    """Each silo's DP-SGD state and its released customer count. The counts' release is already in
+    the ledger (the guard composes the plan's fixed events when it opens)."""
+    from fedshop.fl.dp_local import DpSgdState
+    from fedshop.privacy.dp import release_silo_counts
+
+    counts = release_silo_counts(
+        [client.data.n_users for client in clients], plan,
+        np.random.default_rng(derive_seed(config.seed, "privacy", "silo-counts")),
+    )  # fmt: skip
+    for i, client in enumerate(clients):
+        streams = {s: torch_generator(config.seed, "silo", i, "dp", s) for s in DpSgdState.STREAMS}
+        client.dp = SiloDp(DpSgdState.start(config.train.learning_rate, streams), float(counts[i]))
