@@ -33,7 +33,7 @@ from rich.table import Table
 
 from fedshop.attacks.item_inference import chance_accuracy, item_inference_accuracy
 from fedshop.config import load_config
-from fedshop.data.registry import load_dataset
+from fedshop.data.datasets import load_dataset
 from fedshop.fl.cross_device import eligible_clients
 from fedshop.fl.local_round import LocalTraining, draw_round, reference_round
 from fedshop.fl.simulator import run_cross_silo

@@ -11,7 +11,7 @@ import torch
 
 from fedshop.attacks.membership import attack_auc, hold_out_users
 from fedshop.config import PrivacyConfig, load_config
-from fedshop.data.registry import load_dataset
+from fedshop.data.datasets import load_dataset
 from fedshop.errors import ConfigError
 from fedshop.experiment import open_privacy, run_experiment
 from fedshop.fl.cross_device import eligible_clients, run_cross_device

@@ -50,7 +50,7 @@ def _default_out(name: str) -> Path:
 
 def _execute(config: RunConfig, out: Path, overwrite: bool) -> ExperimentResult:
     # Imported here so `fedshop --help` stays fast.
-    from fedshop.data.registry import load_dataset
+    from fedshop.data.datasets import load_dataset
     from fedshop.report.run_folder import prepare_run_folder, write_run
 
     out = prepare_run_folder(out, overwrite)
@@ -388,7 +388,7 @@ def privacy_sweep(
 ) -> None:
     """Train at several ε and without DP; write OUT/sweep.json and OUT/report.html (HR@10, NDCG@10
     and a membership-inference AUC against ε). Every DP point is spent in the privacy ledger."""
-    from fedshop.data.registry import load_dataset
+    from fedshop.data.datasets import load_dataset
     from fedshop.sweep import EPSILONS, run_sweep
 
     targets = EPSILONS if epsilons is None else (*_parse_epsilons(epsilons), None)
@@ -469,10 +469,10 @@ def deploy_local(
     """Run a TLS-authenticated federation on this machine: one SuperLink, one SuperNode per silo
     (each with only its own data file), FedShop's server as the ServerApp; writes the same run
     folder as the simulator and stops every process it started."""
-    from fedshop.data.registry import load_dataset
-    from fedshop.deploy.local import commands
-    from fedshop.deploy.run import DeploySettings, check_deployable
-    from fedshop.deploy.run import deploy_local as run_deployment
+    from fedshop.data.datasets import load_dataset
+    from fedshop.deploy.launch import DeploySettings, check_deployable
+    from fedshop.deploy.launch import deploy_local as run_deployment
+    from fedshop.deploy.processes import commands
     from fedshop.report.run_folder import prepare_run_folder, write_run
 
     if silos < 2:
@@ -529,8 +529,8 @@ def deploy_run(
     """On the SuperLink host: submit a FedShop run to a running SuperLink and follow it. The server
     writes its checkpoints, log, outcome and final model into OUT/server; the same command again
     resumes from the last checkpoint."""
-    from fedshop.deploy.local import Control
-    from fedshop.deploy.run import DeploySettings, LogFollower, check_deployable, run_config
+    from fedshop.deploy.launch import DeploySettings, LogFollower, check_deployable, run_config
+    from fedshop.deploy.processes import Control
 
     run = load_config(config)
     check_deployable(run)
@@ -563,7 +563,7 @@ def deploy_register(
     """Register silos' SuperNode keys with the SuperLink: only registered nodes may join."""
     import tempfile
 
-    from fedshop.deploy.local import Control
+    from fedshop.deploy.processes import Control
 
     with tempfile.TemporaryDirectory() as home:
         control = Control(Path(home), superlink, ca)
@@ -605,8 +605,8 @@ def deploy_silo_data(
     ] = None,
 ) -> None:
     """Write each silo's data file (silo-N.npz) from a dataset: hand each silo only its own."""
-    from fedshop.data.registry import load_dataset
-    from fedshop.deploy.run import write_silo_files
+    from fedshop.data.datasets import load_dataset
+    from fedshop.deploy.launch import write_silo_files
 
     run_config = load_config(config)
     dataset = load_dataset(run_config.data, seed=run_config.seed)

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from fedshop.config import RunConfig
 from fedshop.data.interactions import RecDataset, with_eval_negatives
-from fedshop.deploy.local import LocalFederation, Silo
+from fedshop.deploy.processes import LocalFederation, Silo
 from fedshop.deploy.silo_files import write_silo_file
 from fedshop.errors import FedShopError
 from fedshop.eval.metrics import MetricSums
