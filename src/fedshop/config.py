@@ -7,6 +7,7 @@ with the section and key named, so the rest of the code can trust its inputs.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 import typing
 from collections.abc import Callable
@@ -302,6 +303,25 @@ class ProtectionConfig:
         if not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"[protection] threshold must be in [0, 1], got {self.threshold}")
         _at_least("protection", "paillier_key_bits", self.paillier_key_bits, 1024)
+
+
+@dataclass(frozen=True)
+class Environment:
+    """FedShop's environment variables, read here and nowhere else. Each is a fallback that the
+    config or the command line overrides; the module that needs one gets its value passed down."""
+
+    data_dir: str = ""  # FEDSHOP_DATA_DIR: the real datasets' folder, when data.data_dir is unset
+    cache_dir: str = ""  # FEDSHOP_CACHE_DIR: downloads (unset: the user's cache folder)
+    ledger_url: str = ""  # FEDSHOP_LEDGER_URL: the privacy ledger, when no URL is configured
+
+    @staticmethod
+    def from_os() -> Environment:
+        """The variables as set now (read at each call, so a changed variable is seen)."""
+        return Environment(
+            data_dir=os.environ.get("FEDSHOP_DATA_DIR", ""),
+            cache_dir=os.environ.get("FEDSHOP_CACHE_DIR", ""),
+            ledger_url=os.environ.get("FEDSHOP_LEDGER_URL", ""),
+        )
 
 
 @dataclass(frozen=True)
