@@ -19,6 +19,9 @@ SOURCE = Path(__file__).resolve().parents[1] / "src" / "fedshop"
 # each other nor anything above.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("__init__", "errors", "seeding"),  # the version string, exceptions, seeded random streams
+    # The registries of named choices. Their targets ("module:attribute" strings, imported on use)
+    # point up to the code a name picks: a lookup by name at run time, not an import edge.
+    ("choices",),
     ("config",),  # the validated run configuration, read by everything above
     ("storage",),  # the privacy ledger (its URL comes from the config layer)
     ("data",),  # loading, splitting, partitioning, evaluation negatives

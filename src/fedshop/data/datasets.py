@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fedshop.choices import DATASETS
 from fedshop.config import DataConfig, Environment
 from fedshop.data import amazon, movielens, online_retail
 from fedshop.data.download import fetch
@@ -20,14 +21,8 @@ from fedshop.seeding import derive_seed
 def load_dataset(config: DataConfig, seed: int = 0, env: Environment | None = None) -> RecDataset:
     """Load `config.dataset`; `seed` (the run seed) drives the random splits and silo draws; `env`
     (default: the variables as set now) gives the data and cache folders the config leaves open."""
-    env = env or Environment.from_os()
-    if config.dataset == "online-retail":
-        return load_online_retail(config, env)
-    if config.dataset in movielens.RELEASES:
-        return load_movielens(config, seed, env)
-    if config.dataset in amazon.CATEGORIES or config.dataset == amazon.SEQUENTIAL_DATASET:
-        return load_amazon(config, seed, env)
-    raise DataError(f"unknown dataset '{config.dataset}'")  # config validation normally stops this
+    load = DATASETS.get(config.dataset)  # one of the load_* functions below
+    return load(config, seed, env or Environment.from_os())
 
 
 def data_dir_from(config: DataConfig, env: Environment) -> str | None:
@@ -45,7 +40,7 @@ def online_retail_file(config: DataConfig, env: Environment | None = None) -> tu
     return online_retail.resolve_path(config.path or None, data_dir_from(config, env))
 
 
-def load_online_retail(config: DataConfig, env: Environment) -> RecDataset:
+def load_online_retail(config: DataConfig, seed: int, env: Environment) -> RecDataset:
     path, origin = online_retail_file(config, env)
     raw = online_retail.read_raw(path)
     cleaned = online_retail.clean(raw, source=origin)

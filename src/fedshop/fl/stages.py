@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from fedshop.choices import AGGREGATIONS
+
 Tensors = dict[str, torch.Tensor]
 
 
@@ -106,14 +108,7 @@ class AggregationPipeline:
     @staticmethod
     def for_aggregation(kind: str) -> AggregationPipeline:
         """The base pipeline of an aggregation rule; privacy stages are added around it."""
-        if kind == "fednova":
-            return AggregationPipeline(
-                client_stages=(weight_by_examples, normalise_by_local_steps),
-                server_stages=(rescale_by_effective_steps,),
-            )
-        if kind == "fedavg":
-            return AggregationPipeline()
-        raise ValueError(f"unknown aggregation '{kind}'")
+        return AGGREGATIONS.get(kind)()  # fedavg_pipeline or fednova_pipeline
 
     def on_client(self, message: ClientMessage) -> ClientMessage:
         """Runs inside the silo, before anything is sent."""
@@ -131,3 +126,15 @@ class AggregationPipeline:
         for stage in self.server_stages:
             aggregate = stage(aggregate)
         return mean_of(aggregate)
+
+
+# The aggregation rules' base pipelines, by name in fedshop/choices.py's AGGREGATIONS.
+def fedavg_pipeline() -> AggregationPipeline:
+    return AggregationPipeline()
+
+
+def fednova_pipeline() -> AggregationPipeline:
+    return AggregationPipeline(
+        client_stages=(weight_by_examples, normalise_by_local_steps),
+        server_stages=(rescale_by_effective_steps,),
+    )
