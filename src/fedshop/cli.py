@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedshop.choices import help_text
 from fedshop.config import RunConfig, load_config
 from fedshop.errors import FedShopError
 from fedshop.experiment import ExperimentResult, run_experiment
@@ -144,9 +145,8 @@ RoundsOption = Annotated[int | None, typer.Option("--rounds", help="Federated ro
 
 DpOption = Annotated[
     str | None,
-    typer.Option("--dp", help="Differential privacy: user (each shopper; cross-device), record "
-                 "(each customer within a silo; cross-silo) or none."),
-]  # fmt: skip
+    typer.Option("--dp", help=f"Differential privacy: {help_text('privacy_mode')}."),
+]
 EpsilonOption = Annotated[
     float | None, typer.Option("--epsilon", help="Target ε for the whole run (with --dp).")
 ]
@@ -172,9 +172,8 @@ LedgerOption = Annotated[
 
 ProtectionOption = Annotated[
     str | None,
-    typer.Option("--protection", help="How updates reach the server: none, secagg (secure "
-                 "aggregation), ckks or paillier (homomorphic encryption); cross-silo."),
-]  # fmt: skip
+    typer.Option("--protection", help=f"How updates reach the server: {help_text('protection')}."),
+]
 
 
 def _privacy_overrides(dp, epsilon, delta, noise_multiplier, clip, budget, ledger) -> dict:
@@ -226,21 +225,20 @@ def train(
         str | None,
         typer.Option(
             "--dataset",
-            help="online-retail, movielens-1m, movielens-100k, amazon-toys, amazon-beauty, "
-            "amazon-sports or amazon-sequential (with --data-path).",
+            help=f"{help_text('dataset')}.",
         ),
     ] = None,
     mode: Annotated[
         str | None,
         typer.Option(
             "--mode",
-            help="cross-silo (silos are clients) or cross-device (every shopper is a client).",
+            help=f"{help_text('federated_mode')}.",
         ),
     ] = None,
     protocol: Annotated[
-        str | None, typer.Option("--protocol", help="full (rank the catalogue) or sampled-100.")
+        str | None, typer.Option("--protocol", help=f"{help_text('protocol')}.")
     ] = None,
-    model: Annotated[str | None, typer.Option("--model", help="mf-bpr, gmf or neumf.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help=f"{help_text('model')}.")] = None,
     clients_per_round: Annotated[
         int | None, typer.Option("--clients-per-round", help="Cross-device: shoppers per round.")
     ] = None,
@@ -376,7 +374,7 @@ def privacy_sweep(
         str | None, typer.Option("--data-dir", help="Data folder (overrides data.data_dir).")
     ] = None,
     protocol: Annotated[
-        str | None, typer.Option("--protocol", help="full (rank the catalogue) or sampled-100.")
+        str | None, typer.Option("--protocol", help=f"{help_text('protocol')}.")
     ] = None,
     seed: SeedOption = None,
     rounds: RoundsOption = None,

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from fedshop.choices import PROTECTIONS
 from fedshop.config import RunConfig
 from fedshop.data.interactions import RecDataset, with_eval_negatives
 from fedshop.deploy.processes import LocalFederation, Silo
@@ -41,7 +42,7 @@ def check_deployable(config: RunConfig) -> None:
             "fedshop deploy runs cross-silo federations (each party a process); "
             'set [federated] mode = "cross-silo"'
         )
-    if config.protection.kind in ("ckks", "paillier"):
+    if config.protection.kind not in PROTECTIONS.names(tag="deploy"):
         raise FedShopError(
             f"{config.protection.kind} needs a key-holder party, which deployment does not run; "
             'use [protection] kind = "secagg" (no party holds a key), or the simulator'
