@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedshop.config import DataConfig, ModelConfig, TrainConfig
-from fedshop.data.registry import load_dataset
+from fedshop.data.datasets import load_dataset
 from fedshop.fl.cross_device import eligible_clients
 from fedshop.fl.local_round import LocalTraining, draw_round
 from fedshop.fl.vectorised import vectorised_round

@@ -24,8 +24,8 @@ from rich.table import Table
 from safetensors.torch import load_file
 
 from fedshop.config import load_config
-from fedshop.data.registry import load_dataset
-from fedshop.deploy.run import deploy_local
+from fedshop.data.datasets import load_dataset
+from fedshop.deploy.launch import deploy_local
 from fedshop.fl.in_process import run_cross_silo
 
 console = Console()

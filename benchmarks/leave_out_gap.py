@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedshop.config import load_config
-from fedshop.data.registry import load_dataset
+from fedshop.data.datasets import load_dataset
 from fedshop.experiment import run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]

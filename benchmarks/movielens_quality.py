@@ -25,8 +25,8 @@ from rich.console import Console
 from rich.table import Table
 
 from fedshop.config import load_config
+from fedshop.data.datasets import load_dataset
 from fedshop.data.interactions import RecDataset
-from fedshop.data.registry import load_dataset
 from fedshop.eval.metrics import evaluate, summarise
 from fedshop.experiment import ExperimentResult, run_experiment
 from fedshop.models.spec import get_model, score_all

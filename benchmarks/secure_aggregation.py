@@ -11,7 +11,7 @@
    without secure aggregation (the product's own workload; here local training dominates).
 3. CKKS (TenSEAL): 10 silos × 1 M parameters, encrypt + aggregate + decrypt, ciphertext bytes.
 4. Paillier (phe, 2048-bit keys): time per value, extrapolated to 1 M parameters.
-5. The item-inference attack (`eval/item_inference.py`) on shoppers of the embedded data, each a
+5. The item-inference attack (`attacks/item_inference.py`) on shoppers of the embedded data, each a
    cross-device client: the server ranks item rows of what it received by size and guesses the
    shopper's purchases; accuracy on plain updates, on SecAgg's masked inputs, and on the round's sum.
 
@@ -31,9 +31,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from fedshop.attacks.item_inference import chance_accuracy, item_inference_accuracy
 from fedshop.config import load_config
-from fedshop.data.registry import load_dataset
-from fedshop.eval.item_inference import chance_accuracy, item_inference_accuracy
+from fedshop.data.datasets import load_dataset
 from fedshop.fl.cross_device import eligible_clients
 from fedshop.fl.in_process import run_cross_silo
 from fedshop.fl.local_round import LocalTraining, draw_round, reference_round

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedshop.config import DataConfig
-from fedshop.data.registry import load_dataset
+from fedshop.data.datasets import load_dataset
 from fedshop.eval.metrics import evaluate
 
 

@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedshop.config import load_config
-from fedshop.data.registry import load_dataset
+from fedshop.data.datasets import load_dataset
 from fedshop.experiment import run_experiment
 
 METRICS = ("hr@10", "ndcg@10", "recall@20", "silo_mean_hr@10")

@@ -23,7 +23,7 @@ def data_dir() -> Path:
 def retail():
     """The real Online Retail dataset, cleaned, partitioned and split with default settings."""
     from fedshop.config import DataConfig
-    from fedshop.data.registry import load_dataset
+    from fedshop.data.datasets import load_dataset
 
     return load_dataset(DataConfig())
 

@@ -8,7 +8,7 @@ import pytest
 
 from fedshop.config import DataConfig, load_config
 from fedshop.data import amazon
-from fedshop.data.registry import load_dataset
+from fedshop.data.datasets import load_dataset
 from fedshop.data.split import leave_last_out
 from fedshop.errors import ConfigError, DataError
 

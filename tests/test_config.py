@@ -1,6 +1,9 @@
+import ast
+from pathlib import Path
+
 import pytest
 
-from fedshop.config import RunConfig, load_config
+from fedshop.config import Environment, RunConfig, load_config
 from fedshop.errors import ConfigError
 
 
@@ -49,8 +52,6 @@ def test_baseline_epochs_default_to_federated_passes():
 
 
 def test_example_configs_are_valid():
-    from pathlib import Path
-
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
     assert len(configs) >= 3
     for path in configs:
@@ -72,3 +73,20 @@ def test_cross_device_mode_brings_its_own_defaults_unless_the_user_chose():
     assert device.model.silo_item_bias is False and load_config().model.silo_item_bias is True
     with pytest.raises(ConfigError, match="silo_item_bias is cross-silo only"):
         load_config(overrides={"federated.mode": "cross-device", "model.silo_item_bias": True})
+
+
+def test_environment_variables_are_read_in_the_config_layer_only(monkeypatch):
+    monkeypatch.setenv("FEDSHOP_DATA_DIR", "/srv/data")
+    monkeypatch.setenv("FEDSHOP_CACHE_DIR", "/srv/cache")
+    monkeypatch.delenv("FEDSHOP_LEDGER_URL", raising=False)
+    assert Environment.from_os() == Environment(data_dir="/srv/data", cache_dir="/srv/cache")
+    source = Path(__file__).resolve().parents[1] / "src" / "fedshop"
+    readers = {
+        path.relative_to(source).as_posix()
+        for path in source.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Attribute | ast.Name)
+        and (node.attr if isinstance(node, ast.Attribute) else node.id) in ("environ", "getenv")
+    }
+    # deploy/processes.py hands the whole environment on to the parties' processes.
+    assert readers == {"config.py", "deploy/processes.py"}

@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from fedshop.config import DataConfig, load_config
-from fedshop.data.registry import load_dataset
-from fedshop.deploy.local import LocalFederation, Silo
+from fedshop.data.datasets import load_dataset
+from fedshop.deploy.launch import DeploySettings, deploy_local, prepare, run_config
 from fedshop.deploy.pki import make_node_keys
-from fedshop.deploy.run import DeploySettings, deploy_local, prepare, run_config
+from fedshop.deploy.processes import LocalFederation, Silo
 from fedshop.deploy.silo_files import SiloFileError, read_silo_file
 from fedshop.errors import FedShopError
 from fedshop.fl.in_process import run_cross_silo

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from fedshop.attacks.membership import attack_auc, hold_out_users
 from fedshop.config import PrivacyConfig, load_config
-from fedshop.data.registry import load_dataset
+from fedshop.data.datasets import load_dataset
 from fedshop.errors import ConfigError
-from fedshop.eval.membership import attack_auc, hold_out_users
 from fedshop.experiment import open_privacy, run_experiment
 from fedshop.fl.cross_device import eligible_clients, run_cross_device
 from fedshop.fl.local_round import LocalTraining, draw_round, reference_round

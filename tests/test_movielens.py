@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from fedshop.config import DataConfig, load_config
-from fedshop.data.registry import load_dataset
+from fedshop.data.datasets import load_dataset
 from fedshop.data.split import leave_last_out, leave_random_out
 from fedshop.errors import ConfigError, DataError
 

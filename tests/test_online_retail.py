@@ -4,7 +4,7 @@ import pytest
 
 from fedshop.config import DataConfig
 from fedshop.data import online_retail
-from fedshop.data.registry import load_dataset, online_retail_file
+from fedshop.data.datasets import load_dataset, online_retail_file
 from fedshop.errors import DataError
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedshop.config import load_config
-from fedshop.data.registry import load_dataset
+from fedshop.data.datasets import load_dataset
 from fedshop.errors import ConfigError
 from fedshop.experiment import open_privacy, run_experiment
 from fedshop.fl.cross_device import eligible_clients, run_cross_device

@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedshop.choices import help_text
 from fedshop.config import RunConfig, load_config
 from fedshop.errors import FedShopError
 from fedshop.experiment import ExperimentResult, run_experiment
@@ -50,7 +51,7 @@ def _default_out(name: str) -> Path:
 
 def _execute(config: RunConfig, out: Path, overwrite: bool) -> ExperimentResult:
     # Imported here so `fedshop --help` stays fast.
-    from fedshop.data.registry import load_dataset
+    from fedshop.data.datasets import load_dataset
     from fedshop.report.run_folder import prepare_run_folder, write_run
 
     out = prepare_run_folder(out, overwrite)
@@ -144,9 +145,8 @@ RoundsOption = Annotated[int | None, typer.Option("--rounds", help="Federated ro
 
 DpOption = Annotated[
     str | None,
-    typer.Option("--dp", help="Differential privacy: user (each shopper; cross-device), record "
-                 "(each customer within a silo; cross-silo) or none."),
-]  # fmt: skip
+    typer.Option("--dp", help=f"Differential privacy: {help_text('privacy_mode')}."),
+]
 EpsilonOption = Annotated[
     float | None, typer.Option("--epsilon", help="Target ε for the whole run (with --dp).")
 ]
@@ -172,9 +172,8 @@ LedgerOption = Annotated[
 
 ProtectionOption = Annotated[
     str | None,
-    typer.Option("--protection", help="How updates reach the server: none, secagg (secure "
-                 "aggregation), ckks or paillier (homomorphic encryption); cross-silo."),
-]  # fmt: skip
+    typer.Option("--protection", help=f"How updates reach the server: {help_text('protection')}."),
+]
 
 
 def _privacy_overrides(dp, epsilon, delta, noise_multiplier, clip, budget, ledger) -> dict:
@@ -226,21 +225,20 @@ def train(
         str | None,
         typer.Option(
             "--dataset",
-            help="online-retail, movielens-1m, movielens-100k, amazon-toys, amazon-beauty, "
-            "amazon-sports or amazon-sequential (with --data-path).",
+            help=f"{help_text('dataset')}.",
         ),
     ] = None,
     mode: Annotated[
         str | None,
         typer.Option(
             "--mode",
-            help="cross-silo (silos are clients) or cross-device (every shopper is a client).",
+            help=f"{help_text('federated_mode')}.",
         ),
     ] = None,
     protocol: Annotated[
-        str | None, typer.Option("--protocol", help="full (rank the catalogue) or sampled-100.")
+        str | None, typer.Option("--protocol", help=f"{help_text('protocol')}.")
     ] = None,
-    model: Annotated[str | None, typer.Option("--model", help="mf-bpr, gmf or neumf.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help=f"{help_text('model')}.")] = None,
     clients_per_round: Annotated[
         int | None, typer.Option("--clients-per-round", help="Cross-device: shoppers per round.")
     ] = None,
@@ -376,7 +374,7 @@ def privacy_sweep(
         str | None, typer.Option("--data-dir", help="Data folder (overrides data.data_dir).")
     ] = None,
     protocol: Annotated[
-        str | None, typer.Option("--protocol", help="full (rank the catalogue) or sampled-100.")
+        str | None, typer.Option("--protocol", help=f"{help_text('protocol')}.")
     ] = None,
     seed: SeedOption = None,
     rounds: RoundsOption = None,
@@ -388,7 +386,7 @@ def privacy_sweep(
 ) -> None:
     """Train at several ε and without DP; write OUT/sweep.json and OUT/report.html (HR@10, NDCG@10
     and a membership-inference AUC against ε). Every DP point is spent in the privacy ledger."""
-    from fedshop.data.registry import load_dataset
+    from fedshop.data.datasets import load_dataset
     from fedshop.sweep import EPSILONS, run_sweep
 
     targets = EPSILONS if epsilons is None else (*_parse_epsilons(epsilons), None)
@@ -469,10 +467,10 @@ def deploy_local(
     """Run a TLS-authenticated federation on this machine: one SuperLink, one SuperNode per silo
     (each with only its own data file), FedShop's server as the ServerApp; writes the same run
     folder as the simulator and stops every process it started."""
-    from fedshop.data.registry import load_dataset
-    from fedshop.deploy.local import commands
-    from fedshop.deploy.run import DeploySettings, check_deployable
-    from fedshop.deploy.run import deploy_local as run_deployment
+    from fedshop.data.datasets import load_dataset
+    from fedshop.deploy.launch import DeploySettings, check_deployable
+    from fedshop.deploy.launch import deploy_local as run_deployment
+    from fedshop.deploy.processes import commands
     from fedshop.report.run_folder import prepare_run_folder, write_run
 
     if silos < 2:
@@ -529,8 +527,8 @@ def deploy_run(
     """On the SuperLink host: submit a FedShop run to a running SuperLink and follow it. The server
     writes its checkpoints, log, outcome and final model into OUT/server; the same command again
     resumes from the last checkpoint."""
-    from fedshop.deploy.local import Control
-    from fedshop.deploy.run import DeploySettings, LogFollower, check_deployable, run_config
+    from fedshop.deploy.launch import DeploySettings, LogFollower, check_deployable, run_config
+    from fedshop.deploy.processes import Control
 
     run = load_config(config)
     check_deployable(run)
@@ -563,7 +561,7 @@ def deploy_register(
     """Register silos' SuperNode keys with the SuperLink: only registered nodes may join."""
     import tempfile
 
-    from fedshop.deploy.local import Control
+    from fedshop.deploy.processes import Control
 
     with tempfile.TemporaryDirectory() as home:
         control = Control(Path(home), superlink, ca)
@@ -605,8 +603,8 @@ def deploy_silo_data(
     ] = None,
 ) -> None:
     """Write each silo's data file (silo-N.npz) from a dataset: hand each silo only its own."""
-    from fedshop.data.registry import load_dataset
-    from fedshop.deploy.run import write_silo_files
+    from fedshop.data.datasets import load_dataset
+    from fedshop.deploy.launch import write_silo_files
 
     run_config = load_config(config)
     dataset = load_dataset(run_config.data, seed=run_config.seed)

@@ -7,6 +7,7 @@ with the section and key named, so the rest of the code can trust its inputs.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 import typing
 from collections.abc import Callable
@@ -16,25 +17,19 @@ from typing import Any
 
 import tomli_w
 
-from fedshop.errors import ConfigError
-
-DATASETS = (
-    "online-retail",
-    "movielens-1m",
-    "movielens-100k",
-    "amazon-toys",
-    "amazon-beauty",
-    "amazon-sports",
-    "amazon-sequential",
+from fedshop.choices import (
+    ACCOUNTANTS,
+    AGGREGATIONS,
+    DATASETS,
+    FEDERATED_MODES,
+    METHODS,
+    MODELS,
+    PRIVACY_MODES,
+    PROTECTIONS,
+    PROTOCOLS,
+    SERVER_OPTIMIZERS,
 )
-METHODS = ("federated", "centralized", "local_only", "popularity")
-SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
-AGGREGATIONS = ("fedavg", "fednova")
-MODELS = ("mf-bpr", "gmf", "neumf")
-MODES = ("cross-silo", "cross-device")
-PROTOCOLS = ("full", "sampled-100")
-PRIVACY_MODES = ("none", "user", "record")
-ACCOUNTANTS = ("rdp", "pld")
+from fedshop.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -61,7 +56,7 @@ class DataConfig:
     silos: int = 10
 
     def validate(self) -> None:
-        _choice("data", "dataset", self.dataset, DATASETS)
+        DATASETS.check(self.dataset, "[data] dataset")
         _choice("data", "source", self.source, ("auto", "embedded", "download"))
         _choice("data", "leave_out", self.leave_out, ("last", "random"))
         _at_least("data", "min_silo_customers", self.min_silo_customers, 0)
@@ -90,7 +85,7 @@ class ModelConfig:
     mlp_layers: int = 3  # NeuMF: hidden layers of the MLP tower (widths dim, dim/2, ...)
 
     def validate(self) -> None:
-        _choice("model", "name", self.name, MODELS)
+        MODELS.check(self.name, "[model] name")
         _at_least("model", "dim", self.dim, 1)
         _positive("model", "init_std", self.init_std)
         _at_least("model", "mlp_layers", self.mlp_layers, 1)
@@ -153,7 +148,7 @@ class FederatedConfig:
     personalise_epochs: int = 5
 
     def validate(self) -> None:
-        _choice("federated", "mode", self.mode, MODES)
+        FEDERATED_MODES.check(self.mode, "[federated] mode")
         _at_least("federated", "rounds", self.rounds, 1)
         _at_least("federated", "local_epochs", self.local_epochs, 1)
         _at_least("federated", "silos_per_round", self.silos_per_round, 0)
@@ -165,8 +160,8 @@ class FederatedConfig:
             raise ConfigError(
                 f"[federated] server_weight_decay must be in [0, 1), got {self.server_weight_decay}"
             )
-        _choice("federated", "aggregation", self.aggregation, AGGREGATIONS)
-        _choice("federated", "server_optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
+        AGGREGATIONS.check(self.aggregation, "[federated] aggregation")
+        SERVER_OPTIMIZERS.check(self.server_optimizer, "[federated] server_optimizer")
         _positive("federated", "server_learning_rate", self.server_learning_rate)
         if not 0.0 <= self.server_momentum < 1.0:
             raise ConfigError(
@@ -196,7 +191,7 @@ class EvalConfig:
     eval_every: int = 1  # evaluate the federated model every N rounds (for the per-round plot)
 
     def validate(self) -> None:
-        _choice("eval", "protocol", self.protocol, PROTOCOLS)
+        PROTOCOLS.check(self.protocol, "[eval] protocol")
         _choice("eval", "split", self.split, ("test", "validation"))
         _at_least("eval", "eval_every", self.eval_every, 1)
 
@@ -240,8 +235,8 @@ class PrivacyConfig:
         return self.mode != "none"
 
     def validate(self) -> None:
-        _choice("privacy", "mode", self.mode, PRIVACY_MODES)
-        _choice("privacy", "accountant", self.accountant, ACCOUNTANTS)
+        PRIVACY_MODES.check(self.mode, "[privacy] mode")
+        ACCOUNTANTS.check(self.accountant, "[privacy] accountant")
         _at_least("privacy", "epsilon", self.epsilon, 0.0)
         _at_least("privacy", "noise_multiplier", self.noise_multiplier, 0.0)
         _at_least("privacy", "budget", self.budget, 0.0)
@@ -269,9 +264,6 @@ class PrivacyConfig:
             )
 
 
-PROTECTION_KINDS = ("none", "secagg", "ckks", "paillier")
-
-
 @dataclass(frozen=True)
 class ProtectionConfig:
     """How updates travel to the server (see secure/ and the README): so that it learns only the sum.
@@ -294,7 +286,7 @@ class ProtectionConfig:
     paillier_key_bits: int = 2048
 
     def validate(self) -> None:
-        _choice("protection", "kind", self.kind, PROTECTION_KINDS)
+        PROTECTIONS.check(self.kind, "[protection] kind")
         _positive("protection", "bound", self.bound)
         if self.ring_bits not in (32, 64):
             raise ConfigError(f"[protection] ring_bits must be 32 or 64, got {self.ring_bits}")
@@ -305,9 +297,28 @@ class ProtectionConfig:
 
 
 @dataclass(frozen=True)
+class Environment:
+    """FedShop's environment variables, read here and nowhere else. Each is a fallback that the
+    config or the command line overrides; the module that needs one gets its value passed down."""
+
+    data_dir: str = ""  # FEDSHOP_DATA_DIR: the real datasets' folder, when data.data_dir is unset
+    cache_dir: str = ""  # FEDSHOP_CACHE_DIR: downloads (unset: the user's cache folder)
+    ledger_url: str = ""  # FEDSHOP_LEDGER_URL: the privacy ledger, when no URL is configured
+
+    @staticmethod
+    def from_os() -> Environment:
+        """The variables as set now (read at each call, so a changed variable is seen)."""
+        return Environment(
+            data_dir=os.environ.get("FEDSHOP_DATA_DIR", ""),
+            cache_dir=os.environ.get("FEDSHOP_CACHE_DIR", ""),
+            ledger_url=os.environ.get("FEDSHOP_LEDGER_URL", ""),
+        )
+
+
+@dataclass(frozen=True)
 class RunConfig:
     seed: int = 42
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = METHODS.names()
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -320,9 +331,9 @@ class RunConfig:
     def validate(self) -> RunConfig:
         _at_least("", "seed", self.seed, 0)
         if not self.methods:
-            raise ConfigError("methods must name at least one of " + ", ".join(METHODS))
+            raise ConfigError("methods must name at least one of " + ", ".join(METHODS.names()))
         for method in self.methods:
-            _choice("", "methods", method, METHODS)
+            METHODS.check(method, "methods")
         for section in (
             self.data,
             self.model,
@@ -335,7 +346,8 @@ class RunConfig:
         ):
             section.validate()
         self._validate_privacy()
-        if self.federated.mode == "cross-device" and self.protection.kind in ("ckks", "paillier"):
+        cross_device = PROTECTIONS.names(tag="cross-device")
+        if self.federated.mode == "cross-device" and self.protection.kind not in cross_device:
             raise ConfigError(
                 f'[protection] kind = "{self.protection.kind}" is for cross-silo mode (a few silos '
                 'and one key holder); for shoppers\' devices use kind = "secagg"'

@@ -1,9 +1,9 @@
 """The privacy–utility sweep: the same run at several target ε and without DP, side by side.
 
 Every point trains on the same data with the same seed; a random 10% of the shoppers are held out of
-all of them, so that the membership-inference attack (eval/membership.py) has non-members to compare
-with. Each DP point is an ordinary DP run: planned against the ledger, written ahead, refused if over
-budget. Writes OUT/sweep.json and OUT/report.html (the plot and the table).
+all of them, so that the membership-inference attack (attacks/membership.py) has non-members to
+compare with. Each DP point is an ordinary DP run: planned against the ledger, written ahead, refused
+if over budget. Writes OUT/sweep.json and OUT/report.html (the plot and the table).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from fedshop.attacks.membership import hold_out_users, membership_auc
 from fedshop.config import RunConfig
 from fedshop.data.interactions import RecDataset
-from fedshop.eval.membership import hold_out_users, membership_auc
 from fedshop.experiment import Progress, run_experiment
 from fedshop.fl.local_round import LocalTraining
 from fedshop.models.spec import get_model

@@ -12,12 +12,15 @@ from pathlib import Path
 
 import platformdirs
 
+from fedshop.config import Environment
 from fedshop.errors import DataError
 
 
-def cache_dir() -> Path:
-    """Where downloads are kept: `$FEDSHOP_CACHE_DIR`, else the user's cache folder."""
-    configured = os.environ.get("FEDSHOP_CACHE_DIR")
+def cache_dir(configured: str | None = None) -> Path:
+    """Where downloads are kept: `configured` (not given: `$FEDSHOP_CACHE_DIR`), else the user's
+    cache folder."""
+    if configured is None:
+        configured = Environment.from_os().cache_dir
     return Path(configured) if configured else Path(platformdirs.user_cache_dir("fedshop"))
 
 
@@ -29,14 +32,20 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fetch(url: str, filename: str, sha256: str | None = None, timeout: float = 60.0) -> Path:
-    """Return a cached copy of `url`, downloading it first if needed.
+def fetch(
+    url: str,
+    filename: str,
+    sha256: str | None = None,
+    timeout: float = 60.0,
+    cache: str | None = None,
+) -> Path:
+    """Return a cached copy of `url` in `cache_dir(cache)`, downloading it first if needed.
 
     With `sha256` the file is checked against it (a mismatch deletes the bad copy and raises).
     Without one (the publisher gives none), the digest of the first download is written beside the
     file and later reads are checked against it, so a corrupted cache never passes silently.
     """
-    target = cache_dir() / filename
+    target = cache_dir(cache) / filename
     pinned = target.with_name(target.name + ".sha256")
     if not target.exists():
         _download(url, target, timeout)

@@ -9,7 +9,6 @@ import pandas as pd
 import scipy.sparse as sp
 
 from fedshop.data.split import SplitPairs
-from fedshop.eval.metrics import sample_negatives
 from fedshop.seeding import derive_seed
 
 
@@ -148,3 +147,24 @@ def with_eval_negatives(dataset: RecDataset, count: int, seed: int) -> RecDatase
     negatives = np.full((dataset.n_users, count), -1, dtype=np.int64)
     negatives[users] = sample_negatives(interacted, users, count, rng)
     return replace(dataset, eval_negatives=negatives)
+
+
+def sample_negatives(
+    interacted: sp.csr_matrix, users: np.ndarray, count: int, rng: np.random.Generator
+) -> np.ndarray:
+    """For each of `users`, `count` distinct items outside that user's row of `interacted`.
+
+    Users with fewer than `count` such items get them all and -1 padding.
+    """
+    n_items = interacted.shape[1]
+    out = np.full((len(users), count), -1, dtype=np.int64)
+    for position, user in enumerate(users):
+        seen = interacted.indices[interacted.indptr[user] : interacted.indptr[user + 1]]
+        # Oversample then filter: cheap when the user has seen a small part of the catalogue.
+        draw = rng.choice(n_items, size=min(n_items, count + 2 * len(seen) + 16), replace=False)
+        fresh = draw[~np.isin(draw, seen)]
+        if len(fresh) < count:
+            fresh = rng.permutation(np.setdiff1d(np.arange(n_items), seen))
+        take = fresh[:count]
+        out[position, : len(take)] = take
+    return out

@@ -1,1 +1,1 @@
-"""Evaluation: full-ranking metrics, overall and per silo, and the non-learned baselines."""
+"""Evaluation metrics: top-K ranking under the full and sampled-100 protocols, per silo and overall."""

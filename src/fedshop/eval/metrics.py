@@ -81,27 +81,6 @@ def topk_among(scores: torch.Tensor, allowed: sp.csr_matrix, k: int) -> np.ndarr
     return torch.topk(masked, k, dim=1).indices.numpy()
 
 
-def sample_negatives(
-    interacted: sp.csr_matrix, users: np.ndarray, count: int, rng: np.random.Generator
-) -> np.ndarray:
-    """For each of `users`, `count` distinct items outside that user's row of `interacted`.
-
-    Users with fewer than `count` such items get them all and -1 padding.
-    """
-    n_items = interacted.shape[1]
-    out = np.full((len(users), count), -1, dtype=np.int64)
-    for position, user in enumerate(users):
-        seen = interacted.indices[interacted.indptr[user] : interacted.indptr[user + 1]]
-        # Oversample then filter: cheap when the user has seen a small part of the catalogue.
-        draw = rng.choice(n_items, size=min(n_items, count + 2 * len(seen) + 16), replace=False)
-        fresh = draw[~np.isin(draw, seen)]
-        if len(fresh) < count:
-            fresh = rng.permutation(np.setdiff1d(np.arange(n_items), seen))
-        take = fresh[:count]
-        out[position, : len(take)] = take
-    return out
-
-
 def per_user_metrics(top: np.ndarray, relevant: sp.csr_matrix) -> dict[str, np.ndarray]:
     """Metrics for each row of `top` (ranked item indices) against the rows of `relevant`."""
     hits = np.take_along_axis(relevant.toarray() > 0, top, axis=1)

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import torch
 
+from fedshop.choices import AGGREGATIONS
 from fedshop.messages import Aggregate, AggregationPipeline, ClientMessage, weight_by_examples
 
 # Carried as a tensor so that it is summed like the update itself, also under secure aggregation.
@@ -33,16 +34,19 @@ def rescale_by_effective_steps(aggregate: Aggregate) -> Aggregate:
     return replace(aggregate, tensors={k: v * effective_steps for k, v in tensors.items()})
 
 
-AGGREGATIONS = ("fednova", "fedavg")
+# The aggregation rules' base pipelines, by name in fedshop/choices.py's AGGREGATIONS; privacy
+# stages are added around them.
+def fedavg_pipeline() -> AggregationPipeline:
+    return AggregationPipeline()
+
+
+def fednova_pipeline() -> AggregationPipeline:
+    return AggregationPipeline(
+        client_stages=(weight_by_examples, normalise_by_local_steps),
+        server_stages=(rescale_by_effective_steps,),
+    )
 
 
 def aggregation_pipeline(kind: str) -> AggregationPipeline:
-    """The base pipeline of an aggregation rule; privacy stages are added around it."""
-    if kind == "fednova":
-        return AggregationPipeline(
-            client_stages=(weight_by_examples, normalise_by_local_steps),
-            server_stages=(rescale_by_effective_steps,),
-        )
-    if kind == "fedavg":
-        return AggregationPipeline()
-    raise ValueError(f"unknown aggregation '{kind}'")
+    """The base pipeline of the aggregation rule named `kind`."""
+    return AGGREGATIONS.get(kind)()

@@ -121,9 +121,6 @@ class FederatedRun:
     # Per silo, the final model's metrics after every silo refitted its private parameters.
     final: dict[str, MetricSums] | None = None
 
-    def evaluate(self, split: str = "test") -> dict:
-        return {c.name: c.evaluate(self.server.shared, split) for c in self.clients}
-
 
 def build_federation(
     dataset: RecDataset, config: RunConfig, pipeline: AggregationPipeline | None = None

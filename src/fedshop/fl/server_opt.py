@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from fedshop.choices import SERVER_OPTIMIZERS
 from fedshop.config import FederatedConfig
 from fedshop.messages import Tensors
 
@@ -15,6 +16,10 @@ from fedshop.messages import Tensors
 class FedAvg:
     def __init__(self, learning_rate: float = 1.0) -> None:
         self.learning_rate = learning_rate
+
+    @classmethod
+    def from_config(cls, config: FederatedConfig) -> FedAvg:
+        return cls(config.server_learning_rate)
 
     # What a checkpoint keeps between rounds: name -> tensors ("m/item_embedding", ...).
     def state_dict(self) -> Tensors:
@@ -31,6 +36,10 @@ class FedAvgM:
     def __init__(self, learning_rate: float = 1.0, momentum: float = 0.9) -> None:
         self.learning_rate, self.momentum = learning_rate, momentum
         self.velocity: Tensors = {}
+
+    @classmethod
+    def from_config(cls, config: FederatedConfig) -> FedAvgM:
+        return cls(config.server_learning_rate, config.server_momentum)
 
     def state_dict(self) -> Tensors:
         return {f"velocity/{k}": v for k, v in self.velocity.items()}
@@ -55,6 +64,12 @@ class FedAdam:
         self.learning_rate, self.beta1, self.beta2, self.tau = learning_rate, beta1, beta2, tau
         self.m: Tensors = {}
         self.v: Tensors = {}
+
+    @classmethod
+    def from_config(cls, config: FederatedConfig) -> FedAdam:
+        return cls(
+            config.server_learning_rate, beta1=config.server_momentum, tau=config.server_epsilon
+        )
 
     def state_dict(self) -> Tensors:
         return {
@@ -101,15 +116,7 @@ def _prefixed(state: Tensors, prefix: str) -> Tensors:
 
 
 def make_server_optimizer(config: FederatedConfig) -> ServerOptimizer:
-    optimizer: ServerOptimizer
-    if config.server_optimizer == "fedavgm":
-        optimizer = FedAvgM(config.server_learning_rate, config.server_momentum)
-    elif config.server_optimizer == "fedadam":
-        optimizer = FedAdam(
-            config.server_learning_rate, beta1=config.server_momentum, tau=config.server_epsilon
-        )
-    else:
-        optimizer = FedAvg(config.server_learning_rate)
+    optimizer: ServerOptimizer = SERVER_OPTIMIZERS.get(config.server_optimizer).from_config(config)
     if config.server_weight_decay > 0:
         optimizer = WeightDecayed(optimizer, config.server_weight_decay)
     return optimizer

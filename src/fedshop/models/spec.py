@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fedshop.choices import MODELS
 from fedshop.config import ModelConfig
-from fedshop.errors import ConfigError
 
 Params = dict[str, torch.Tensor]
 PairScores = Callable[[Params, Params, Params], torch.Tensor]
@@ -104,10 +104,4 @@ def score_all(
 
 
 def get_model(name: str) -> ModelSpec:
-    from fedshop.models.mf import MF
-    from fedshop.models.ncf import GMF, NEUMF
-
-    models = {spec.name: spec for spec in (MF, GMF, NEUMF)}
-    if name not in models:
-        raise ConfigError(f"unknown model '{name}'; known: {', '.join(models)}")
-    return models[name]
+    return MODELS.get(name)

@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 import dp_accounting as dpa
 from dp_accounting import mechanism_calibration, pld, rdp
 
+from fedshop.choices import ACCOUNTANTS
 from fedshop.errors import ConfigError
-
-ACCOUNTANTS = ("rdp", "pld")
 
 
 class _QuietRdpOrders(logging.Filter):
@@ -41,11 +40,15 @@ _PLD_DISCRETIZATION = 1e-4
 
 
 def make_accountant(kind: str) -> dpa.PrivacyAccountant:
-    if kind == "rdp":
-        return rdp.RdpAccountant()
-    if kind == "pld":
-        return pld.PLDAccountant(value_discretization_interval=_PLD_DISCRETIZATION)
-    raise ConfigError(f"accountant must be one of {', '.join(ACCOUNTANTS)}; got '{kind}'")
+    return ACCOUNTANTS.get(kind)()
+
+
+def rdp_accountant() -> dpa.PrivacyAccountant:
+    return rdp.RdpAccountant()
+
+
+def pld_accountant() -> dpa.PrivacyAccountant:
+    return pld.PLDAccountant(value_discretization_interval=_PLD_DISCRETIZATION)
 
 
 def gaussian_step(noise_multiplier: float, sampling_rate: float = 1.0) -> dpa.DpEvent:

@@ -62,6 +62,7 @@ import numpy as np
 from phe import paillier
 from phe.paillier import EncryptedNumber, PaillierPublicKey
 
+from fedshop.config import ProtectionConfig
 from fedshop.secure.protocol import (
     ProtectionError,
     SecureSumResult,
@@ -268,6 +269,10 @@ class PaillierSum:
         default=None, init=False, repr=False
     )
     _setup: dict = field(default_factory=dict, init=False, repr=False)
+
+    @classmethod
+    def from_config(cls, config: ProtectionConfig) -> PaillierSum:
+        return cls(key_bits=config.paillier_key_bits)
 
     def __post_init__(self) -> None:
         if self.key_bits < 512 or self.key_bits % 8:

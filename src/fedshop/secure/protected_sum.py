@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from fedshop.choices import PROTECTIONS
 from fedshop.config import ProtectionConfig
 from fedshop.messages import Aggregate, ClientMessage
 from fedshop.secure.protocol import ProtectionCost, ProtectionError, SecureSum
@@ -126,23 +127,7 @@ def make_protection(config: ProtectionConfig) -> SecureSum | None:
     """The configured protection, or None for plain sums."""
     if config.kind == "none":
         return None
-    if config.kind == "secagg":
-        from fedshop.secure.secagg import SecAggSum
-
-        return SecAggSum(
-            neighbours=config.neighbours or None,
-            threshold=config.threshold or None,
-            ring_bits=config.ring_bits,
-        )
-    if config.kind == "ckks":
-        from fedshop.secure.ckks import CkksSum
-
-        return CkksSum()
-    if config.kind == "paillier":
-        from fedshop.secure.paillier import PaillierSum
-
-        return PaillierSum(key_bits=config.paillier_key_bits)
-    raise ProtectionError(f"unknown protection '{config.kind}'")
+    return PROTECTIONS.get(config.kind).from_config(config)  # imports only the chosen one
 
 
 def summarise_costs(kind: str, costs: Sequence[ProtectionCost]) -> dict:

@@ -52,6 +52,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from fedshop.config import ProtectionConfig
 from fedshop.secure import shamir
 from fedshop.secure.protocol import (
     ProtectionCost,
@@ -707,6 +708,14 @@ class SecAggSum:
     # the sum) in `server_view`: for attack benchmarks.
     keep_server_view: bool = False
     server_view: dict[int, np.ndarray] | None = None
+
+    @classmethod
+    def from_config(cls, config: ProtectionConfig) -> SecAggSum:
+        return cls(
+            neighbours=config.neighbours or None,
+            threshold=config.threshold or None,
+            ring_bits=config.ring_bits,
+        )
 
     def setup_for(self, n_clients: int, length: int, bound: float) -> RoundSetup:
         if n_clients < 2:

@@ -17,7 +17,6 @@ Storage is SQLAlchemy: SQLite by default, any SQL URL works. The URL comes from 
 from __future__ import annotations
 
 import datetime as dt
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from fedshop.config import Environment
 from fedshop.errors import FedShopError
 
 
@@ -81,8 +81,10 @@ spends = Table(
 )
 
 
-def default_url() -> str:
-    configured = os.environ.get("FEDSHOP_LEDGER_URL")
+def default_url(configured: str | None = None) -> str:
+    """`configured` (not given: `$FEDSHOP_LEDGER_URL`), else a SQLite file in the user data folder."""
+    if configured is None:
+        configured = Environment.from_os().ledger_url
     if configured:
         return configured
     folder = Path(platformdirs.user_data_dir("fedshop"))

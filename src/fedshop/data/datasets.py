@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from fedshop.config import DataConfig
+from fedshop.choices import DATASETS
+from fedshop.config import DataConfig, Environment
 from fedshop.data import amazon, movielens, online_retail
 from fedshop.data.download import fetch
 from fedshop.data.interactions import RecDataset, build_dataset
@@ -18,33 +18,30 @@ from fedshop.errors import DataError
 from fedshop.seeding import derive_seed
 
 
-def data_dir_from(config: DataConfig) -> str | None:
+def load_dataset(config: DataConfig, seed: int = 0, env: Environment | None = None) -> RecDataset:
+    """Load `config.dataset`; `seed` (the run seed) drives the random splits and silo draws; `env`
+    (default: the variables as set now) gives the data and cache folders the config leaves open."""
+    load = DATASETS.get(config.dataset)  # one of the load_* functions below
+    return load(config, seed, env or Environment.from_os())
+
+
+def data_dir_from(config: DataConfig, env: Environment) -> str | None:
     """The data directory in force: the config's, else $FEDSHOP_DATA_DIR, else none."""
-    return config.data_dir or os.environ.get("FEDSHOP_DATA_DIR") or None
+    return config.data_dir or env.data_dir or None
 
 
-def load_dataset(config: DataConfig, seed: int = 0) -> RecDataset:
-    """Load `config.dataset`; `seed` (the run seed) drives the random splits and silo draws."""
-    if config.dataset == "online-retail":
-        return load_online_retail(config)
-    if config.dataset in movielens.RELEASES:
-        return load_movielens(config, seed)
-    if config.dataset in amazon.CATEGORIES or config.dataset == amazon.SEQUENTIAL_DATASET:
-        return load_amazon(config, seed)
-    raise DataError(f"unknown dataset '{config.dataset}'")  # config validation normally stops this
-
-
-def online_retail_file(config: DataConfig) -> tuple[Path, str]:
+def online_retail_file(config: DataConfig, env: Environment | None = None) -> tuple[Path, str]:
+    env = env or Environment.from_os()
     if config.source == "embedded":
         return online_retail.embedded_path(), "embedded copy (UCI Online Retail, CC BY 4.0)"
     if config.source == "download":
-        path = fetch(online_retail.OFFICIAL_URL, "online_retail.zip")
+        path = fetch(online_retail.OFFICIAL_URL, "online_retail.zip", cache=env.cache_dir)
         return path, f"official release {online_retail.OFFICIAL_URL}"
-    return online_retail.resolve_path(config.path or None, data_dir_from(config))
+    return online_retail.resolve_path(config.path or None, data_dir_from(config, env))
 
 
-def load_online_retail(config: DataConfig) -> RecDataset:
-    path, origin = online_retail_file(config)
+def load_online_retail(config: DataConfig, seed: int, env: Environment) -> RecDataset:
+    path, origin = online_retail_file(config, env)
     raw = online_retail.read_raw(path)
     cleaned = online_retail.clean(raw, source=origin)
     purchases = cleaned.purchases
@@ -102,22 +99,29 @@ def load_online_retail(config: DataConfig) -> RecDataset:
     return dataset
 
 
-def movielens_location(config: DataConfig) -> tuple[Path, str]:
+def movielens_location(config: DataConfig, env: Environment | None = None) -> tuple[Path, str]:
     """The MovieLens folder or zip: data.path, else the data directory, else the official zip."""
+    env = env or Environment.from_os()
     _refuse_embedded(config)
     release = movielens.RELEASES[config.dataset]
     if config.source == "auto":
-        found = movielens.resolve_location(config.path or None, data_dir_from(config), release)
+        data_dir = data_dir_from(config, env)
+        found = movielens.resolve_location(config.path or None, data_dir, release)
         if found is not None:
             return found
-    path = fetch(release.official_url, release.official_zip, sha256=release.official_sha256)
+    path = fetch(
+        release.official_url,
+        release.official_zip,
+        sha256=release.official_sha256,
+        cache=env.cache_dir,
+    )
     return path, f"official release {release.official_url}"
 
 
-def load_movielens(config: DataConfig, seed: int = 0) -> RecDataset:
+def load_movielens(config: DataConfig, seed: int, env: Environment) -> RecDataset:
     """MovieLens-1M or -100K: leave-one-out by data.leave_out, one silo per US ZIP zone."""
     release = movielens.RELEASES[config.dataset]
-    location, origin = movielens_location(config)
+    location, origin = movielens_location(config, env)
     data = movielens.read_movielens(location, release)
     ratings = data.ratings
     user_codes, user_ids = pd.factorize(ratings["UserID"], sort=True)
@@ -185,8 +189,9 @@ def load_movielens(config: DataConfig, seed: int = 0) -> RecDataset:
     )
 
 
-def amazon_file(config: DataConfig) -> tuple[Path, str]:
+def amazon_file(config: DataConfig, env: Environment | None = None) -> tuple[Path, str]:
     """The Amazon file: data.path, else the data directory, else the official raw reviews."""
+    env = env or Environment.from_os()
     _refuse_embedded(config)
     if config.dataset == amazon.SEQUENTIAL_DATASET:
         if config.source == "download":
@@ -195,15 +200,15 @@ def amazon_file(config: DataConfig) -> tuple[Path, str]:
                 "with one 'user item item ...' line per user"
             )
     elif config.source == "download":
-        return _download_amazon(amazon.CATEGORIES[config.dataset])
-    found = amazon.resolve_path(config.dataset, config.path or None, data_dir_from(config))
+        return _download_amazon(amazon.CATEGORIES[config.dataset], env)
+    found = amazon.resolve_path(config.dataset, config.path or None, data_dir_from(config, env))
     if found is not None:
         return found
-    return _download_amazon(amazon.CATEGORIES[config.dataset])
+    return _download_amazon(amazon.CATEGORIES[config.dataset], env)
 
 
-def load_amazon(config: DataConfig, seed: int = 0) -> RecDataset:
-    path, origin = amazon_file(config)
+def load_amazon(config: DataConfig, seed: int, env: Environment) -> RecDataset:
+    path, origin = amazon_file(config, env)
     sequences = amazon.read_sequences(path)
     events = sequences.events
     # Codes in order of first appearance: sequential files number users and items that way.
@@ -284,9 +289,10 @@ def _leave_one_out(
     return split, rule
 
 
-def _download_amazon(category: str) -> tuple[Path, str]:
+def _download_amazon(category: str, env: Environment) -> tuple[Path, str]:
     url = amazon.official_url(category)
-    return fetch(url, amazon.raw_filename(category)), f"official release {url}"
+    path = fetch(url, amazon.raw_filename(category), cache=env.cache_dir)
+    return path, f"official release {url}"
 
 
 def _refuse_embedded(config: DataConfig) -> None:

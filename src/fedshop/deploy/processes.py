@@ -1,4 +1,5 @@
-"""A whole federation on this machine, one process per party, as it would run across hosts.
+"""The parties' processes: a whole federation on this machine, one process per party, as it would
+run across hosts.
 
 `LocalFederation` starts one SuperLink (TLS, SuperNode authentication on) and one SuperNode per silo,
 each in its own process group with its own Flower home folder, registers every silo's key, submits

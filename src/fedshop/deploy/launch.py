@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from fedshop.choices import PROTECTIONS
 from fedshop.config import RunConfig
 from fedshop.data.interactions import RecDataset, with_eval_negatives
-from fedshop.deploy.local import LocalFederation, Silo
 from fedshop.deploy.outcome import SHARED_FILE, Outcome
+from fedshop.deploy.processes import LocalFederation, Silo
 from fedshop.deploy.silo_files import write_silo_file
 from fedshop.errors import FedShopError
 from fedshop.experiment import NO_PRIVACY, ExperimentResult, method_result, slug
@@ -38,7 +39,7 @@ def check_deployable(config: RunConfig) -> None:
             "fedshop deploy runs cross-silo federations (each party a process); "
             'set [federated] mode = "cross-silo"'
         )
-    if config.protection.kind in ("ckks", "paillier"):
+    if config.protection.kind not in PROTECTIONS.names(tag="deploy"):
         raise FedShopError(
             f"{config.protection.kind} needs a key-holder party, which deployment does not run; "
             'use [protection] kind = "secagg" (no party holds a key), or the simulator'
