@@ -105,8 +105,8 @@ def compare(config) -> dict:
         # Processes, keys, registration, waiting for the silos, the final evaluation and stopping.
         "deployment_fixed_seconds": deployment_total - sum(r.seconds for r in deployed.history),
         "largest_parameter_difference": largest_difference,
-        "protection_bytes_per_silo_per_round": deployed.protection["bytes_per_client_per_round"],
-        "plaintext_bytes_per_silo_per_round": deployed.protection.get("plaintext_bytes_per_client"),
+        "protection_bytes_per_silo_per_round": deployed.protection.bytes_per_client_per_round,
+        "plaintext_bytes_per_silo_per_round": deployed.protection.plaintext_bytes_per_client,
         "hr@10": {
             "simulator_last_round": simulated.history[-1].metrics["hr@10"],
             "deployment_last_round": deployed.history[-1].metrics["hr@10"],

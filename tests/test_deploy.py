@@ -67,8 +67,8 @@ def test_deployment_builds_the_same_model_as_the_simulator_under_secagg(three_si
         assert deployed_round.clients == simulated_round.clients == [0, 1, 2]
         assert deployed_round.metrics["hr@10"] == pytest.approx(simulated_round.metrics["hr@10"])
         assert deployed_round.protection["bytes_per_client"] > 0
-    assert result.protection["kind"] == "secagg" and result.protection["rounds"] == 2
-    assert result.protection["details"]["dropped_after_shares"] == 0
+    assert result.protection.kind == "secagg" and result.protection.rounds == 2
+    assert result.protection.details["dropped_after_shares"] == 0
     # No silo keeps a round's secrets once the round is over.
     for index in range(3):
         state = out / "deployment" / "silos" / f"silo-{index}-state" / "secagg"
@@ -224,15 +224,15 @@ def test_record_level_dp_and_secagg_in_deployment_state_and_ledger_epsilon(three
         }
     )  # fmt: skip
     result = deploy_local(config, three_silos, tmp_path / "run")
-    assert result.protection["kind"] == "secagg" and result.protection["rounds"] == 2
+    assert result.protection.kind == "secagg" and result.protection.rounds == 2
     # The simulator's plan for the same config, in a ledger of its own.
     (tmp_path / "run.toml").write_text(config.to_toml())
     separate = {"privacy.ledger_url": f"sqlite:///{tmp_path / 'simulator.sqlite'}"}
     simulated = open_privacy(load_config(tmp_path / "run.toml", separate), three_silos)
-    assert result.privacy["epsilon"] == pytest.approx(simulated.plan.planned_epsilon(), rel=1e-6)
-    assert result.privacy["noise_multiplier"] == pytest.approx(simulated.plan.noise_multiplier)
+    assert result.privacy.epsilon == pytest.approx(simulated.plan.planned_epsilon(), rel=1e-6)
+    assert result.privacy.noise_multiplier == pytest.approx(simulated.plan.noise_multiplier)
     epsilons = [record.epsilon for record in result.history]
-    assert epsilons == sorted(epsilons) and epsilons[-1] == result.privacy["epsilon"]
+    assert epsilons == sorted(epsilons) and epsilons[-1] == result.privacy.epsilon
     balances = {b.silo: b.spent_epsilon for b in Ledger(ledger).balances()}
     assert balances == pytest.approx(dict.fromkeys(three_silos.silo_names, epsilons[-1]))
     # Each silo's DP noise comes from a secret of its own, never from the run's seed.

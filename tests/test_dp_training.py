@@ -71,15 +71,15 @@ def test_user_level_run_reports_epsilon_and_writes_every_round_ahead(ml100k, tmp
     )  # fmt: skip
     result = run_experiment(config, ml100k)
     privacy = result.privacy
-    assert 3.9 < privacy["epsilon"] <= 4.0 + 1e-9  # calibrated to the target, never above it
-    assert privacy["delta"] == pytest.approx(1 / (10 * 943))
-    assert "shopper" in privacy["unit"] and privacy["accountant"] == "rdp"
+    assert 3.9 < privacy.epsilon <= 4.0 + 1e-9  # calibrated to the target, never above it
+    assert privacy.delta == pytest.approx(1 / (10 * 943))
+    assert "shopper" in privacy.unit and privacy.accountant == "rdp"
     epsilons = [record.epsilon for record in result.history]
-    assert epsilons == sorted(epsilons) and epsilons[-1] == privacy["epsilon"]
+    assert epsilons == sorted(epsilons) and epsilons[-1] == privacy.epsilon
     balances = Ledger(_ledger(tmp_path)).balances()
     assert {b.silo for b in balances} == set(ml100k.silo_names)
     for balance in balances:
-        assert balance.spent_epsilon == pytest.approx(privacy["epsilon"])
+        assert balance.spent_epsilon == pytest.approx(privacy.epsilon)
         assert balance.budget_epsilon == 10.0 and balance.runs == 1
 
 
@@ -146,12 +146,12 @@ def test_record_level_run_on_storefronts(retail, tmp_path):
     assert config.model.silo_item_bias is False  # off by default under DP
     result = run_experiment(config, retail)
     privacy = result.privacy
-    assert "customer of a silo" in privacy["unit"] and 7.9 < privacy["epsilon"] <= 8.0 + 1e-9
-    assert privacy["steps"] == 2
+    assert "customer of a silo" in privacy.unit and 7.9 < privacy.epsilon <= 8.0 + 1e-9
+    assert privacy.steps == 2
     largest = int(np.bincount(retail.user_silo).max())
-    assert privacy["delta"] == pytest.approx(1 / (10 * largest))
+    assert privacy.delta == pytest.approx(1 / (10 * largest))
     for balance in Ledger(_ledger(tmp_path)).balances():
-        assert balance.spent_epsilon == pytest.approx(privacy["epsilon"])
+        assert balance.spent_epsilon == pytest.approx(privacy.epsilon)
     assert np.isfinite(result.methods["federated"].summary["hr@10"])
 
 

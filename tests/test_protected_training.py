@@ -76,9 +76,9 @@ def test_record_level_dp_composes_with_secagg(retail, tmp_path):
         )
         results[kind] = run_experiment(config, retail)
     plain, secure = results["none"], results["secagg"]
-    assert secure.privacy["epsilon"] == pytest.approx(plain.privacy["epsilon"])
-    assert secure.protection["kind"] == "secagg" and plain.protection["seconds_per_round"] is None
-    assert secure.protection["bytes_per_client_per_round"] > 0
+    assert secure.privacy.epsilon == pytest.approx(plain.privacy.epsilon)
+    assert secure.protection.kind == "secagg" and plain.protection.seconds_per_round is None
+    assert secure.protection.bytes_per_client_per_round > 0
     hr = [r.methods["federated"].summary["hr@10"] for r in (plain, secure)]
     assert hr[0] == pytest.approx(hr[1], abs=1e-9)
 

@@ -115,21 +115,21 @@ def _print_tables(result: ExperimentResult) -> None:
         )
     console.print(per_silo)
     privacy = result.privacy
-    if privacy["epsilon"] is not None:
+    if privacy.epsilon is not None:
         console.print(
-            f"[bold]Privacy[/] (federated model): ε = {privacy['epsilon']:.3g}, "
-            f"δ = {privacy['delta']:.3g} per {privacy['unit']}; {privacy['accountant']} accountant, "
-            f"noise multiplier {privacy['noise_multiplier']:.3g}, clip {privacy['clip']:g}"
+            f"[bold]Privacy[/] (federated model): ε = {privacy.epsilon:.3g}, "
+            f"δ = {privacy.delta:.3g} per {privacy.unit}; {privacy.accountant} accountant, "
+            f"noise multiplier {privacy.noise_multiplier:.3g}, clip {privacy.clip:g}"
         )
     elif "federated" in result.methods:
         console.print("[dim]No differential privacy in this run (ε = ∞); see --dp.[/]")
     protection = result.protection
-    if protection.get("seconds_per_round") is not None:
+    if protection.seconds_per_round is not None:
         console.print(
-            f"[bold]Protection[/]: {protection['kind']}, "
-            f"{protection['seconds_per_round']:.2f} s per round for all parties "
-            f"({protection['latency_seconds_per_round']:.2f} s added latency in a deployment), "
-            f"{protection['bytes_per_client_per_round'] / 1e6:.2f} MB sent per client per round"
+            f"[bold]Protection[/]: {protection.kind}, "
+            f"{protection.seconds_per_round:.2f} s per round for all parties "
+            f"({protection.latency_seconds_per_round:.2f} s added latency in a deployment), "
+            f"{protection.bytes_per_client_per_round / 1e6:.2f} MB sent per client per round"
         )
 
 

@@ -28,8 +28,8 @@ from fedshop.fl.in_process import run_cross_silo
 from fedshop.fl.rounds import RoundRecord
 from fedshop.models.spec import ModelSpec, Params, get_model, score_all
 from fedshop.models.train import TrainResult, train_bpr
-from fedshop.privacy.dp import DpPlan, PrivacyGuard, make_plan
-from fedshop.secure.protected_sum import summarise_costs
+from fedshop.privacy.dp import DpPlan, PrivacyGuard, PrivacySummary, make_plan
+from fedshop.secure.protected_sum import ProtectionSummary, summarise_costs
 from fedshop.seeding import torch_generator
 
 
@@ -59,6 +59,17 @@ class MethodResult:
 
 
 @dataclass
+class MethodRun:
+    """What training one method gives: its metrics and the weights it writes into the run folder;
+    the federated method also its rounds and the protection's cost."""
+
+    result: MethodResult
+    weights: dict[str, dict[str, torch.Tensor]]
+    history: list[RoundRecord] = field(default_factory=list)
+    protection: ProtectionSummary = field(default_factory=ProtectionSummary)
+
+
+@dataclass
 class ExperimentResult:
     config: RunConfig
     dataset: RecDataset
@@ -67,12 +78,9 @@ class ExperimentResult:
     # file stem -> tensors, written as safetensors into the run folder
     weights: dict[str, dict[str, torch.Tensor]]
     # metrics.json "privacy": ε (None without DP), δ, protected unit, accountant, mechanism, …
-    privacy: dict = field(default_factory=lambda: dict(NO_PRIVACY))
+    privacy: PrivacySummary = field(default_factory=PrivacySummary)
     # metrics.json "protection": kind, seconds_per_round, bytes_per_client_per_round (null: none)
-    protection: dict = field(default_factory=lambda: summarise_costs("none", []))
-
-
-NO_PRIVACY = {"epsilon": None, "delta": None, "unit": None, "accountant": None, "mechanism": None}
+    protection: ProtectionSummary = field(default_factory=ProtectionSummary)
 
 
 def slug(name: str) -> str:
@@ -104,7 +112,7 @@ def _evaluate_silos(
 
 def run_federated(
     config: RunConfig, dataset: RecDataset, progress: Progress, guard: PrivacyGuard | None = None
-) -> tuple:
+) -> MethodRun:
     progress.start("federated", config.federated.rounds)
     started = time.perf_counter()
 
@@ -137,10 +145,10 @@ def run_federated(
             weights[f"federated/silo-{slug(client.name)}"] = state
         history, protected = run.history, run.protection
     costs = protected.costs if protected is not None else []
-    return result, history, weights, summarise_costs(config.protection.kind, costs)
+    return MethodRun(result, weights, history, summarise_costs(config.protection.kind, costs))
 
 
-def train_centralized(config: RunConfig, dataset: RecDataset, progress: Progress) -> tuple:
+def train_centralized(config: RunConfig, dataset: RecDataset, progress: Progress) -> MethodRun:
     epochs = config.baseline_epochs
     progress.start("centralized", epochs)
     started = time.perf_counter()
@@ -180,7 +188,7 @@ def train_centralized(config: RunConfig, dataset: RecDataset, progress: Progress
         split,
     )
     weights = {"centralized": {**result.shared, **result.private, "user_silo": user_silo}}
-    return method_result(per_silo, time.perf_counter() - started, curve), weights
+    return MethodRun(method_result(per_silo, time.perf_counter() - started, curve), weights)
 
 
 def _pooled_rows(
@@ -191,7 +199,7 @@ def _pooled_rows(
     return lambda rows: score_all(spec, shared, private, silo_users[rows], user_silo)
 
 
-def train_local_only(config: RunConfig, dataset: RecDataset, progress: Progress) -> tuple:
+def train_local_only(config: RunConfig, dataset: RecDataset, progress: Progress) -> MethodRun:
     epochs = config.baseline_epochs
     progress.start("local_only", dataset.n_silos)
     started = time.perf_counter()
@@ -217,10 +225,10 @@ def train_local_only(config: RunConfig, dataset: RecDataset, progress: Progress)
         )
         weights[f"local_only/silo-{slug(silo.name)}"] = {**result.shared, **result.private}
         progress.advance("local_only", silo.name)
-    return method_result(per_silo, time.perf_counter() - started), weights
+    return MethodRun(method_result(per_silo, time.perf_counter() - started), weights)
 
 
-def popularity(config: RunConfig, dataset: RecDataset, progress: Progress) -> tuple:
+def popularity(config: RunConfig, dataset: RecDataset, progress: Progress) -> MethodRun:
     progress.start("popularity", 1)
     started = time.perf_counter()
     # Distinct training customers per item across all silos.
@@ -229,9 +237,8 @@ def popularity(config: RunConfig, dataset: RecDataset, progress: Progress) -> tu
         dataset.silos(), lambda silo: lambda rows: counts.expand(len(rows), -1), config.eval.split
     )
     progress.advance("popularity")
-    return method_result(per_silo, time.perf_counter() - started), {
-        "popularity": {"counts": counts}
-    }
+    result = method_result(per_silo, time.perf_counter() - started)
+    return MethodRun(result, {"popularity": {"counts": counts}})
 
 
 def run_experiment(
@@ -242,26 +249,21 @@ def run_experiment(
         dataset = with_eval_negatives(dataset, 100, config.seed)
     # Before any training: a run that would overspend a budget stops here.
     guard = open_privacy(config, dataset) if "federated" in config.methods else None
-    methods: dict[str, MethodResult] = {}
-    weights: dict[str, dict[str, torch.Tensor]] = {}
-    history: list[RoundRecord] = []
-    protection = summarise_costs("none", [])
-    if "federated" in config.methods:
-        methods["federated"], history, w, protection = run_federated(
-            config, dataset, progress, guard
-        )
-        weights.update(w)
-    if "centralized" in config.methods:
-        methods["centralized"], w = train_centralized(config, dataset, progress)
-        weights.update(w)
-    if "local_only" in config.methods:
-        methods["local_only"], w = train_local_only(config, dataset, progress)
-        weights.update(w)
-    if "popularity" in config.methods:
-        methods["popularity"], w = popularity(config, dataset, progress)
-        weights.update(w)
-    privacy = guard.summary() if guard is not None else dict(NO_PRIVACY)
-    return ExperimentResult(config, dataset, methods, history, weights, privacy, protection)
+    trainers = {
+        "federated": lambda: run_federated(config, dataset, progress, guard),
+        "centralized": lambda: train_centralized(config, dataset, progress),
+        "local_only": lambda: train_local_only(config, dataset, progress),
+        "popularity": lambda: popularity(config, dataset, progress),
+    }
+    runs = {name: train() for name, train in trainers.items() if name in config.methods}
+    federated = runs.get("federated")
+    return ExperimentResult(
+        config, dataset, {name: run.result for name, run in runs.items()},
+        federated.history if federated else [],
+        {k: v for run in runs.values() for k, v in run.weights.items()},
+        guard.summary() if guard is not None else PrivacySummary(),
+        federated.protection if federated else ProtectionSummary(),
+    )  # fmt: skip
 
 
 def open_privacy(

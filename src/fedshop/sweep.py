@@ -66,12 +66,12 @@ def run_sweep(
         auc = membership_auc(
             spec, result.weights["federated/shared"], split, config.model, fit, config.seed
         )
-        delta = result.privacy["delta"] or delta
+        delta = result.privacy.delta or delta
         point = {
-            "epsilon": result.privacy["epsilon"] if epsilon is not None else None,
+            "epsilon": result.privacy.epsilon if epsilon is not None else None,
             "target_epsilon": epsilon,
-            "delta": result.privacy["delta"],
-            "noise_multiplier": result.privacy.get("noise_multiplier"),
+            "delta": result.privacy.delta,
+            "noise_multiplier": result.privacy.noise_multiplier,
             "hr@10": summary["hr@10"],
             "ndcg@10": summary["ndcg@10"],
             "silo_mean_hr@10": summary["silo_mean_hr@10"],

@@ -22,7 +22,8 @@ from fedshop.deploy.outcome import SHARED_FILE, Outcome
 from fedshop.deploy.processes import LocalFederation, Silo
 from fedshop.deploy.silo_files import write_silo_file
 from fedshop.errors import FedShopError
-from fedshop.experiment import NO_PRIVACY, ExperimentResult, method_result, slug
+from fedshop.experiment import ExperimentResult, method_result, slug
+from fedshop.privacy.dp import PrivacySummary
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def collect(config: RunConfig, dataset: RecDataset, folder: Path, seconds: float
             weights[f"federated/silo-{slug(name)}"] = state
     return ExperimentResult(
         config, dataset, {"federated": federated}, outcome.history, weights,
-        outcome.privacy or dict(NO_PRIVACY), outcome.protection,
+        outcome.privacy or PrivacySummary(), outcome.protection,
     )  # fmt: skip
 
 

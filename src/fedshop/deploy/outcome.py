@@ -12,6 +12,8 @@ from safetensors.torch import save_file
 from fedshop.eval.metrics import MetricSums
 from fedshop.fl.rounds import RoundRecord
 from fedshop.models.spec import Params
+from fedshop.privacy.dp import PrivacySummary
+from fedshop.secure.protected_sum import ProtectionSummary
 
 OUTCOME_FILE = "outcome.json"
 SHARED_FILE = "shared.safetensors"
@@ -22,8 +24,8 @@ class Outcome:
     history: list[RoundRecord]
     per_silo: dict[str, MetricSums]  # the final model's metric sums, after personalisation
     silo_names: list[str]
-    privacy: dict | None  # the guard's summary under DP, else None
-    protection: dict  # `summarise_costs` of the run's protected rounds
+    privacy: PrivacySummary | None  # under DP
+    protection: ProtectionSummary
 
     def write(self, folder: Path, shared: Params) -> None:
         """The outcome and the shared model into `folder` (the server's out-dir)."""
@@ -32,8 +34,8 @@ class Outcome:
             "history": [asdict(r) for r in self.history],
             "per_silo": {n: {"sums": s.sums, "users": s.users} for n, s in self.per_silo.items()},
             "silo_names": self.silo_names,
-            "privacy": self.privacy,
-            "protection": self.protection,
+            "privacy": asdict(self.privacy) if self.privacy is not None else None,
+            "protection": asdict(self.protection),
         }
         (folder / OUTCOME_FILE).write_text(json.dumps(data, indent=1) + "\n")
 
@@ -47,6 +49,6 @@ class Outcome:
                 for name, entry in data["per_silo"].items()
             },
             silo_names=list(data["silo_names"]),
-            privacy=data["privacy"],
-            protection=data["protection"],
+            privacy=PrivacySummary(**data["privacy"]) if data["privacy"] else None,
+            protection=ProtectionSummary(**data["protection"]),
         )

@@ -257,5 +257,22 @@ class PrivacyGuard:
     def epsilon(self) -> float:
         return self.history[-1][1] if self.history else 0.0
 
-    def summary(self) -> dict:
-        return {"epsilon": self.epsilon, **self.plan.describe(), "run_id": self.run_id}
+    def summary(self) -> PrivacySummary:
+        return PrivacySummary(epsilon=self.epsilon, **self.plan.describe(), run_id=self.run_id)
+
+
+@dataclass(frozen=True)
+class PrivacySummary:
+    """The `privacy` block of metrics.json: (ε, δ) and how they were reached; all None without DP."""
+
+    epsilon: float | None = None  # the whole run's, from the accountant
+    delta: float | None = None
+    unit: str | None = None  # what one protected unit is
+    mechanism: str | None = None
+    accountant: str | None = None
+    noise_multiplier: float | None = None
+    clip: float | None = None
+    sampling_rate: float | None = None
+    sampling: str | None = None
+    steps: int | None = None  # noisy steps over the run
+    run_id: str | None = None  # the ledger's run

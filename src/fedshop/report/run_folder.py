@@ -10,6 +10,7 @@ report.html        the human-readable report with plots
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -53,8 +54,8 @@ def metrics_document(result: ExperimentResult) -> dict[str, Any]:
         "split": config.eval.split,
         "seed": config.seed,
         "rounds": config.federated.rounds,
-        "privacy": result.privacy,
-        "protection": result.protection,
+        "privacy": dataclasses.asdict(result.privacy),
+        "protection": dataclasses.asdict(result.protection),
     }
     for method, outcome in result.methods.items():
         doc[method] = {**outcome.summary, "seconds": round(outcome.seconds, 3)}

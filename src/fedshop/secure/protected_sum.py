@@ -130,22 +130,35 @@ def make_protection(config: ProtectionConfig) -> SecureSum | None:
     return PROTECTIONS.get(config.kind).from_config(config)  # imports only the chosen one
 
 
-def summarise_costs(kind: str, costs: Sequence[ProtectionCost]) -> dict:
-    """The `protection` block of metrics.json: means over the run's rounds."""
+@dataclass(frozen=True)
+class ProtectionSummary:
+    """The `protection` block of metrics.json: a run's protection and its mean cost per round."""
+
+    kind: str = "none"
+    # What the one-process simulator spent on the protocol (all parties' work added up).
+    seconds_per_round: float | None = None
+    # What a deployment would wait for: the slowest client plus the server.
+    latency_seconds_per_round: float | None = None
+    bytes_per_client_per_round: float | None = None
+    plaintext_bytes_per_client: int | None = None
+    rounds: int = 0
+    details: dict = field(default_factory=dict)
+
+
+def summarise_costs(kind: str, costs: Sequence[ProtectionCost]) -> ProtectionSummary:
+    """Means over the run's protected rounds."""
     if kind == "none" or not costs:
-        return {"kind": kind, "seconds_per_round": None, "bytes_per_client_per_round": None}
-    return {
-        "kind": kind,
-        # What the one-process simulator spent on the protocol (all parties' work added up).
-        "seconds_per_round": float(np.mean([c.total_seconds for c in costs])),
-        # What a deployment would wait for: the slowest client plus the server.
-        "latency_seconds_per_round": float(np.mean([c.latency_seconds for c in costs])),
-        "bytes_per_client_per_round": float(np.mean([c.mean_bytes_per_client for c in costs])),
-        "plaintext_bytes_per_client": costs[-1].details.get("plaintext_bytes_per_client"),
-        "rounds": len(costs),
-        "details": {
+        return ProtectionSummary(kind)
+    return ProtectionSummary(
+        kind=kind,
+        seconds_per_round=float(np.mean([c.total_seconds for c in costs])),
+        latency_seconds_per_round=float(np.mean([c.latency_seconds for c in costs])),
+        bytes_per_client_per_round=float(np.mean([c.mean_bytes_per_client for c in costs])),
+        plaintext_bytes_per_client=costs[-1].details.get("plaintext_bytes_per_client"),
+        rounds=len(costs),
+        details={
             k: v
             for k, v in costs[-1].details.items()
             if not isinstance(v, list) and k != "plaintext_bytes_per_client"
         },
-    }
+    )
