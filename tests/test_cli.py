@@ -126,7 +126,7 @@ def test_readme_commands_exist():
     assert "python -m pytest" in readme
 
 
-def test_train_cross_device_on_another_dataset_with_the_sampled_protocol(tmp_path):
+def test_train_cross_device_on_another_dataset_with_the_sampled_protocol(tmp_path, data_dir):
     config = tmp_path / "device.toml"
     config.write_text('methods = ["federated", "popularity"]\n' + FAST_TOML)
     out = tmp_path / "ml100k"
