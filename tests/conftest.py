@@ -29,9 +29,9 @@ def data_dir() -> Path:
     path = Path(os.environ.get("FEDSHOP_DATA_DIR", SHARED_DATA))
     missing = [name for name, file in RESEARCH_FILES.items() if not (path / file).exists()]
     if missing:
+        found = f"{', '.join(missing)} not in {path}" if path.is_dir() else f"no {path}"
         message = (
-            f"{', '.join(missing)} not found in {path}: set FEDSHOP_DATA_DIR to a folder laid out "
-            "like shared/data"
+            f"research data ({found}): set FEDSHOP_DATA_DIR to a folder laid out like shared/data"
         )
         if os.environ.get("FEDSHOP_REQUIRE_DATA") == "1":
             pytest.fail(message, pytrace=False)
