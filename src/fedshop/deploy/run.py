@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from fedshop.config import RunConfig
 from fedshop.data.interactions import RecDataset, with_eval_negatives
+from fedshop.deploy import DEPLOY_PROTECTIONS
 from fedshop.deploy.local import LocalFederation, Silo
 from fedshop.deploy.silo_files import write_silo_file
 from fedshop.errors import FedShopError
@@ -41,7 +42,7 @@ def check_deployable(config: RunConfig) -> None:
             "fedshop deploy runs cross-silo federations (each party a process); "
             'set [federated] mode = "cross-silo"'
         )
-    if config.protection.kind in ("ckks", "paillier"):
+    if config.protection.kind not in DEPLOY_PROTECTIONS:
         raise FedShopError(
             f"{config.protection.kind} needs a key-holder party, which deployment does not run; "
             'use [protection] kind = "secagg" (no party holds a key), or the simulator'
