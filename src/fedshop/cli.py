@@ -93,16 +93,19 @@ def _default_out(name: str) -> Path:
 
 
 def _execute(config: RunConfig, out: Path, overwrite: bool) -> ExperimentResult:
-    from fedshop.report.run_folder import run_folder
+    from fedshop.report.run_folder import run_folder, write_run
 
     with run_folder(out, overwrite) as folder:
-        return _run(config, folder)
+        result = _train(config)
+        write_run(folder, result)
+    _print_tables(result)
+    console.print(f"\nRun folder: [bold]{folder}[/]  ·  report: [bold]{folder / 'report.html'}[/]")
+    return result
 
 
-def _run(config: RunConfig, out: Path) -> ExperimentResult:
+def _train(config: RunConfig) -> ExperimentResult:
     from fedshop.data.registry import load_dataset
     from fedshop.experiment import run_experiment
-    from fedshop.report.run_folder import write_run
 
     with console.status("Loading and cleaning data…"):
         dataset = load_dataset(config.data, seed=config.seed)
@@ -113,11 +116,7 @@ def _run(config: RunConfig, out: Path) -> ExperimentResult:
         f"with a test basket, {dataset.n_silos} silos  [dim]({report['source']})[/]"
     )
     with _progress_bars(transient=False) as bars:
-        result = run_experiment(config, dataset, RichProgress(bars))
-    write_run(out, result)
-    _print_tables(result)
-    console.print(f"\nRun folder: [bold]{out}[/]  ·  report: [bold]{out / 'report.html'}[/]")
-    return result
+        return run_experiment(config, dataset, RichProgress(bars))
 
 
 def _print_tables(result: ExperimentResult) -> None:
