@@ -21,7 +21,7 @@ from fedshop.choices import (
 from fedshop.config import DataConfig, FederatedConfig, ProtectionConfig, load_config
 from fedshop.data import amazon, movielens
 from fedshop.data.datasets import load_dataset
-from fedshop.deploy.launch import check_deployable
+from fedshop.deploy import check_deployable
 from fedshop.errors import ConfigError, FedShopError
 from fedshop.fl.aggregation import aggregation_pipeline, normalise_by_local_steps
 from fedshop.fl.server_opt import make_server_optimizer

@@ -1,11 +1,18 @@
 """The command line as a user meets it: real subprocesses, real files."""
 
+import io
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from rich.console import Console
+
+from fedshop.errors import DataError
+from fedshop.report.run_folder import INCOMPLETE, run_folder
 
 FAST = ["--rounds", "2"]
 FAST_TOML = """
@@ -18,12 +25,15 @@ personalise_epochs = 1
 """
 
 
-def fedshop(*args, cwd=None):
+def fedshop(*args, cwd=None, columns=None):
+    # COLUMNS: the width rich lays tables out for when the output is not a terminal.
+    env = {**os.environ, "COLUMNS": str(columns)} if columns else None
     return subprocess.run(
         [sys.executable, "-m", "fedshop", *map(str, args)],
         capture_output=True,
         text=True,
         cwd=cwd,
+        env=env,
         timeout=600,
     )
 
@@ -40,9 +50,15 @@ def test_train_writes_a_complete_run_folder(tmp_path):
     config = tmp_path / "quick.toml"
     config.write_text(FAST_TOML)
     out = tmp_path / "run"
-    result = fedshop("train", "--config", config, "--out", out)
+    result = fedshop("train", "--config", config, "--out", out, columns=80)
     assert result.returncode == 0, result.stderr
     assert "HR@10 per silo" in result.stdout
+    # At 80 columns a country name stays on one line and no method name is cut.
+    lines = result.stdout.splitlines()
+    assert any("United Kingdom" in line and "2244" in line for line in lines), result.stdout
+    assert any("centralized" in line and "local_only" in line for line in lines)
+    assert "…" not in result.stdout and max(map(len, lines)) <= 80
+    assert "left 0:00:00" in result.stdout  # the bars' time-left column, at the end of the run
     for name in ("config.toml", "data_report.json", "metrics.json", "report.html", "catalogue.csv"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
@@ -96,9 +112,49 @@ def test_missing_config_and_wrong_columns(tmp_path):
     assert_one_line_error(fedshop("train", "--config", tmp_path / "absent.toml"), "not found")
     bad = tmp_path / "bad.csv"
     bad.write_text("InvoiceNo,StockCode\n1,2\n")
-    assert_one_line_error(
-        fedshop("train", "--data-path", bad, "--out", tmp_path / "o"), "missing column"
-    )
+    out = tmp_path / "runs" / "o"
+    assert_one_line_error(fedshop("train", "--data-path", bad, "--out", out), "missing column")
+    assert not (tmp_path / "runs").exists()  # no empty run folder left behind, nor its parent
+
+
+def test_ctrl_c_says_so_and_leaves_no_run_folder(tmp_path):
+    out = tmp_path / "runs" / "interrupted"
+    command = [sys.executable, "-m", "fedshop", "train", "--rounds", "50", "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if "training interactions" in line:  # the data is loaded, training has begun
+            break
+    assert out.is_dir()
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "Traceback" not in stderr
+    assert [line for line in stderr.splitlines() if line.strip()] == [
+        "interrupted (Ctrl-C): stopped before the end"
+    ]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_unfinished_run_leaves_no_folder_or_one_marked_incomplete(tmp_path):
+    with pytest.raises(DataError), run_folder(tmp_path / "a" / "b") as out:
+        assert out.is_dir()
+        raise DataError("bad file")
+    assert not (tmp_path / "a").exists()
+
+    kept = tmp_path / "kept"
+    with pytest.raises(KeyboardInterrupt), run_folder(kept) as out:
+        (out / "server.log").write_text("round 1\n")
+        raise KeyboardInterrupt
+    assert (kept / "server.log").is_file()
+    assert "interrupted" in (kept / INCOMPLETE).read_text()
+    with run_folder(kept) as out:  # a finished run in the same folder is no longer incomplete
+        (out / "metrics.json").write_text("{}")
+    assert not (kept / INCOMPLETE).exists()
+
+    # An earlier complete run, overwritten by a run that fails before writing: not marked.
+    with pytest.raises(DataError), run_folder(kept, overwrite=True):
+        raise DataError("bad file")
+    assert not (kept / INCOMPLETE).exists() and (kept / "metrics.json").is_file()
 
 
 def test_unknown_option_is_a_usage_error():
@@ -114,6 +170,70 @@ def test_help_lists_the_commands():
     assert "demo" in result.stdout and "train" in result.stdout
 
 
+def test_the_cli_imports_no_heavy_library():
+    """`fedshop --help` and one-line errors answer at once: the libraries that take seconds to
+    import are imported by the commands that use them."""
+    heavy = (
+        "torch",
+        "dp_accounting",
+        "matplotlib",
+        "flwr",
+        "pandas",
+        "scipy",
+        "fedshop.experiment",
+    )
+    code = f"import fedshop.cli, sys; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.strip() == "[]"
+
+
+def test_deploy_offers_only_the_protections_it_accepts(tmp_path):
+    from fedshop.choices import choices
+
+    shown = fedshop("deploy", "local", "--help", columns=200)
+    line = next(line for line in shown.stdout.splitlines() if "--protection" in line)
+    assert choices("protection", tag="deploy") == ("none", "secagg")
+    assert "none or secagg" in line
+    assert "ckks" not in shown.stdout and "paillier" not in shown.stdout
+    refused = fedshop("deploy", "local", "--protection", "ckks", "--out", tmp_path / "o")
+    assert_one_line_error(refused, "ckks needs a key-holder party")
+    assert not (tmp_path / "o").exists()
+
+
+def test_deploy_commands_are_printed_unbroken_at_80_columns():
+    from fedshop.cli import print_commands
+    from fedshop.deploy.processes import commands
+
+    text = commands(4, "superlink.example.com")
+    assert max(map(len, text.splitlines())) > 80  # some would be broken by wrapping
+    printed = io.StringIO()
+    print_commands(Console(file=printed, width=80), text)
+    assert set(text.splitlines()) <= set(printed.getvalue().splitlines())
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        (["--epsilon", "0"], "--epsilon must be greater than 0, got 0"),
+        (["--dp", "record", "--epsilon", "0"], "--epsilon must be greater than 0, got 0"),
+        (["--dp", "record", "--epsilon", "-1"], "--epsilon must be greater than 0, got -1"),
+        (["--dp", "record", "--noise-multiplier", "0"], "--noise-multiplier must be greater"),
+        (["--dp", "record", "--epsilon", "1", "--delta", "0"], "--delta must be between 0 and 1"),
+        (["--delta", "1"], "--delta must be between 0 and 1"),
+        (["--dp", "record", "--epsilon", "1", "--clip", "0"], "--clip must be greater than 0"),
+        (["--budget", "-1"], "--budget must be at least 0"),
+        (["--epsilon", "2"], 'epsilon is set but mode = "none"'),
+    ],
+)
+def test_privacy_values_that_mean_nothing_are_refused(tmp_path, options, fragment):
+    out = tmp_path / "o"
+    result = fedshop("train", *options, "--out", out)
+    assert result.returncode == 2
+    assert_one_line_error(result, fragment)
+    assert not out.exists()
+
+
 def test_run_folder_path_that_is_a_file(tmp_path):
     target = tmp_path / "afile"
     target.write_text("x")
@@ -126,7 +246,7 @@ def test_readme_commands_exist():
     assert "python -m pytest" in readme
 
 
-def test_train_cross_device_on_another_dataset_with_the_sampled_protocol(tmp_path):
+def test_train_cross_device_on_another_dataset_with_the_sampled_protocol(tmp_path, data_dir):
     config = tmp_path / "device.toml"
     config.write_text('methods = ["federated", "popularity"]\n' + FAST_TOML)
     out = tmp_path / "ml100k"
@@ -160,7 +280,16 @@ def test_privacy_ledger_commands(tmp_path, monkeypatch):
         "privacy", "budget", "Germany", "online-retail", "--epsilon", "8", "--delta", "1e-5"
     )
     assert set_budget.returncode == 0, set_budget.stderr
-    shown = fedshop("privacy", "ledger")
+    long_name = fedshop(
+        "privacy", "budget", "United Kingdom", "amazon-sequential", "--epsilon", "4", "--delta",
+        "1.25e-05",
+    )  # fmt: skip
+    assert long_name.returncode == 0, long_name.stderr
+    shown = fedshop("privacy", "ledger", columns=80)
     assert shown.returncode == 0 and "Germany" in shown.stdout
+    # At 80 columns no name or number is cut or broken over two lines.
+    assert "…" not in shown.stdout
+    for text in ("amazon-sequential", "United Kingdom", "1.25e-05", "online-retail"):
+        assert text in shown.stdout
     assert_one_line_error(fedshop("privacy", "reset"), "--yes")
     assert fedshop("privacy", "reset", "--yes").returncode == 0

@@ -87,7 +87,7 @@ def test_each_silo_holds_only_its_own_data(three_silos, deployed):
         read_silo_file(out / "nowhere.npz")
 
 
-def test_cli_writes_the_same_run_folder_as_the_simulator(tmp_path, data_dir):
+def test_cli_writes_the_same_run_folder_as_the_simulator(tmp_path):
     out = tmp_path / "run"
     command = [
         sys.executable, "-m", "fedshop", "deploy", "local", "--silos", "3", "--rounds", "1",
@@ -195,7 +195,7 @@ def test_deploy_run_submits_to_a_running_superlink(three_silos, tmp_path):
     assert len(outcome["history"]) == 1 and len(outcome["per_silo"]) == 3
 
 
-def test_ctrl_c_stops_every_process(tmp_path, data_dir):
+def test_ctrl_c_stops_every_process(tmp_path):
     command = [
         sys.executable, "-m", "fedshop", "deploy", "local", "--silos", "2", "--rounds", "20",
         "--out", str(tmp_path / "run"),

@@ -1,3 +1,5 @@
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -54,8 +56,8 @@ def test_embedded_copy_is_the_complete_uci_table(data_dir):
     pd.testing.assert_frame_equal(embedded, shared)
 
 
-def test_csv_and_parquet_give_the_same_cleaned_table(tmp_path, data_dir):
-    raw = online_retail.read_raw(data_dir / "online_retail" / "online_retail.parquet").head(3000)
+def test_csv_and_parquet_give_the_same_cleaned_table(tmp_path):
+    raw = online_retail.read_raw(online_retail.embedded_path()).head(3000)
     raw.to_csv(tmp_path / "retail.csv", index=False)
     from_csv = online_retail.read_raw(tmp_path / "retail.csv")
     a = online_retail.clean(raw).purchases
@@ -63,8 +65,8 @@ def test_csv_and_parquet_give_the_same_cleaned_table(tmp_path, data_dir):
     pd.testing.assert_frame_equal(a, b, check_dtype=False)
 
 
-def test_xlsx_in_the_published_format(tmp_path, data_dir):
-    raw = online_retail.read_raw(data_dir / "online_retail" / "online_retail.parquet").head(200)
+def test_xlsx_in_the_published_format(tmp_path):
+    raw = online_retail.read_raw(online_retail.embedded_path()).head(200)
     raw.assign(CustomerID=raw["CustomerID"].astype(float)).to_excel(
         tmp_path / "Online Retail.xlsx", index=False
     )
@@ -93,7 +95,10 @@ def test_corrupt_file_is_a_clear_error(tmp_path):
         online_retail.read_raw(tmp_path / "broken.parquet")
 
 
-def test_source_resolution_order(tmp_path, data_dir, monkeypatch):
+def test_source_resolution_order(tmp_path, monkeypatch):
+    data_dir = tmp_path / "shared"  # laid out like ../shared/data
+    (data_dir / "online_retail").mkdir(parents=True)
+    shutil.copy(online_retail.embedded_path(), data_dir / "online_retail" / "online_retail.parquet")
     explicit = tmp_path / "mine.csv"
     assert online_retail_file(DataConfig(path=str(explicit)))[0] == explicit
     assert online_retail_file(DataConfig(data_dir=str(data_dir)))[0] == (
@@ -118,17 +123,17 @@ def test_dataset_report_and_shapes(retail):
     assert "WHITE HANGING HEART T-LIGHT HOLDER" in set(retail.item_names)
 
 
-def test_loads_from_an_explicit_csv(tmp_path, data_dir):
-    raw = online_retail.read_raw(data_dir / "online_retail" / "online_retail.parquet")
+def test_loads_from_an_explicit_csv(tmp_path):
+    raw = online_retail.read_raw(online_retail.embedded_path())
     raw[raw["Country"].isin(["France", "Germany"])].to_csv(tmp_path / "eu.csv", index=False)
     dataset = load_dataset(DataConfig(path=str(tmp_path / "eu.csv"), min_silo_customers=1))
     assert set(dataset.silo_names) == {"France", "Germany"}
 
 
-def test_official_zip_with_xlsx_inside(tmp_path, data_dir):
+def test_official_zip_with_xlsx_inside(tmp_path):
     import zipfile
 
-    raw = online_retail.read_raw(data_dir / "online_retail" / "online_retail.parquet").head(100)
+    raw = online_retail.read_raw(online_retail.embedded_path()).head(100)
     xlsx = tmp_path / "Online Retail.xlsx"
     raw.assign(CustomerID=raw["CustomerID"].astype(float)).to_excel(xlsx, index=False)
     with zipfile.ZipFile(tmp_path / "online+retail.zip", "w") as archive:

@@ -83,7 +83,7 @@ def test_record_level_dp_composes_with_secagg(retail, tmp_path):
     assert hr[0] == pytest.approx(hr[1], abs=1e-9)
 
 
-def test_cli_demo_with_secagg_reports_its_cost(tmp_path, data_dir):
+def test_cli_demo_with_secagg_reports_its_cost(tmp_path):
     out = tmp_path / "run"
     command = [
         sys.executable, "-m", "fedshop", "demo", "--rounds", "1", "--protection", "secagg",
@@ -133,7 +133,7 @@ def test_paillier_refuses_a_model_too_large_for_it_with_the_time_it_would_take(r
         run_cross_silo(retail, config)
 
 
-def test_an_update_beyond_the_bound_stops_the_round_with_a_clear_error(tmp_path, data_dir):
+def test_an_update_beyond_the_bound_stops_the_round_with_a_clear_error(tmp_path):
     config = tmp_path / "tight.toml"
     config.write_text('[protection]\nkind = "secagg"\nbound = 1e-6\n[federated]\nrounds = 1\n')
     command = [

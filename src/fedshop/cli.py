@@ -1,26 +1,55 @@
-"""`fedshop` command line: parse, call, print. The work happens in the library."""
+"""`fedshop` command line: parse, call, print. The work happens in the library.
+
+Only light modules are imported here: torch, dp-accounting, pandas, matplotlib and Flower are
+imported inside the commands that use them, so `--help` and one-line errors answer at once.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+from typer.core import TyperGroup
 
 from fedshop.choices import help_text
 from fedshop.config import RunConfig, load_config
+from fedshop.deploy import check_deployable
 from fedshop.errors import FedShopError
-from fedshop.experiment import ExperimentResult, run_experiment
-from fedshop.report.html import METHOD_LABELS
+
+if TYPE_CHECKING:
+    from fedshop.experiment import ExperimentResult
+
+
+class InterruptError(Exception):
+    """Ctrl-C during a command (see `main`)."""
+
+
+class _Commands(TyperGroup):
+    # Typer turns Ctrl-C into a silent exit 130; hand it to `main`, which says so.
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise InterruptError from None
+
 
 app = typer.Typer(
     help="FedShop: federated recommendation for shops that may not pool customer data.",
+    cls=_Commands,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -33,16 +62,31 @@ class RichProgress:
     """One progress bar per method, drawn by rich."""
 
     def __init__(self, progress: Progress) -> None:
+        from fedshop.report.html import METHOD_LABELS
+
+        self.labels = METHOD_LABELS
         self.progress = progress
         self.tasks: dict[str, Any] = {}
 
     def start(self, task: str, total: int) -> None:
-        self.tasks[task] = self.progress.add_task(
-            METHOD_LABELS.get(task, task), total=total, note=""
-        )
+        self.tasks[task] = self.progress.add_task(self.labels.get(task, task), total=total, note="")
 
     def advance(self, task: str, note: str = "") -> None:
         self.progress.update(self.tasks[task], advance=1, note=note)
+
+
+def _progress_bars(transient: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description:<30}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+        TextColumn("[dim]{task.fields[note]}"),
+        console=console,
+        transient=transient,
+    )
 
 
 def _default_out(name: str) -> Path:
@@ -50,11 +94,20 @@ def _default_out(name: str) -> Path:
 
 
 def _execute(config: RunConfig, out: Path, overwrite: bool) -> ExperimentResult:
-    # Imported here so `fedshop --help` stays fast.
-    from fedshop.data.datasets import load_dataset
-    from fedshop.report.run_folder import prepare_run_folder, write_run
+    from fedshop.report.run_folder import run_folder, write_run
 
-    out = prepare_run_folder(out, overwrite)
+    with run_folder(out, overwrite) as folder:
+        result = _train(config)
+        write_run(folder, result)
+    _print_tables(result)
+    console.print(f"\nRun folder: [bold]{folder}[/]  ·  report: [bold]{folder / 'report.html'}[/]")
+    return result
+
+
+def _train(config: RunConfig) -> ExperimentResult:
+    from fedshop.data.datasets import load_dataset
+    from fedshop.experiment import run_experiment
+
     with console.status("Loading and cleaning data…"):
         dataset = load_dataset(config.data, seed=config.seed)
     report = dataset.report
@@ -63,19 +116,8 @@ def _execute(config: RunConfig, out: Path, overwrite: bool) -> ExperimentResult:
         f"{dataset.train.nnz:,} training interactions, {report['split']['test_users']:,} customers "
         f"with a test basket, {dataset.n_silos} silos  [dim]({report['source']})[/]"
     )
-    columns = (
-        TextColumn("{task.description:<30}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("[dim]{task.fields[note]}"),
-    )
-    with Progress(*columns, console=console, transient=False) as bars:
-        result = run_experiment(config, dataset, RichProgress(bars))
-    write_run(out, result)
-    _print_tables(result)
-    console.print(f"\nRun folder: [bold]{out}[/]  ·  report: [bold]{out / 'report.html'}[/]")
-    return result
+    with _progress_bars(transient=False) as bars:
+        return run_experiment(config, dataset, RichProgress(bars))
 
 
 def _print_tables(result: ExperimentResult) -> None:
@@ -101,11 +143,13 @@ def _print_tables(result: ExperimentResult) -> None:
             f"{outcome.seconds:.1f}s",
         )
     console.print(table)
-    per_silo = Table(title="HR@10 per silo")
-    per_silo.add_column("silo")
+    # Names whole at 80 columns: "United Kingdom" on one line, no method cut to "centraliz…" (the
+    # outer border gives up the two columns that needs).
+    per_silo = Table(title="HR@10 per silo", show_edge=False)
+    per_silo.add_column("silo", no_wrap=True)
     per_silo.add_column("customers", justify="right")
     for method in result.methods:
-        per_silo.add_column(method, justify="right")
+        per_silo.add_column(method, justify="right", min_width=len(method))
     for silo in result.dataset.silo_names:
         cells = [result.methods[m].per_silo[silo] for m in result.methods]
         per_silo.add_row(
@@ -177,6 +221,16 @@ ProtectionOption = Annotated[
 
 
 def _privacy_overrides(dp, epsilon, delta, noise_multiplier, clip, budget, ledger) -> dict:
+    # A config file's 0 means "not set"; an option is set by being given (None when it is not), so a
+    # given 0 is a mistake to refuse, not a quiet way to switch the setting off.
+    for option, value in (("--epsilon", epsilon), ("--noise-multiplier", noise_multiplier),
+                          ("--clip", clip)):  # fmt: skip
+        if value is not None and not value > 0:
+            raise FedShopError(f"{option} must be greater than 0, got {value:g}")
+    if delta is not None and not 0 < delta < 1:
+        raise FedShopError(f"--delta must be between 0 and 1 (exclusive), got {delta:g}")
+    if budget is not None and budget < 0:
+        raise FedShopError(f"--budget must be at least 0, got {budget:g}")
     return {
         "privacy.mode": dp,
         "privacy.epsilon": epsilon,
@@ -288,27 +342,27 @@ def privacy_ledger(ledger: LedgerOption = None) -> None:
     from fedshop.storage.ledger import Ledger
 
     book = Ledger(ledger)
-    table = Table(title=f"Privacy ledger ({book.url})")
-    for header in (
-        "silo",
-        "dataset",
-        "budget ε",
-        "budget δ",
-        "spent ε",
-        "spent δ",
-        "left ε",
-        "runs",
-    ):
-        table.add_column(header, justify="left" if header in ("silo", "dataset") else "right")
-    for b in book.balances():
-        table.add_row(
-            b.silo, b.dataset,
-            "–" if b.budget_epsilon is None else f"{b.budget_epsilon:.4g}",
-            "–" if b.budget_delta is None else f"{b.budget_delta:.3g}",
-            f"{b.spent_epsilon:.4g}", f"{b.spent_delta:.3g}", f"{b.remaining_epsilon:.4g}",
-            str(b.runs),
-        )  # fmt: skip
-    console.print(table)
+    console.print(f"Privacy ledger: {book.url}", highlight=False, soft_wrap=True)
+    balances = book.balances()
+    if not balances:
+        console.print("[dim]No budgets and no spends recorded yet.[/]")
+    # One table per dataset, named in its title: at 80 columns a dataset column would cut
+    # "amazon-sequential" or squeeze the numbers.
+    for dataset in dict.fromkeys(b.dataset for b in balances):
+        table = Table(title=dataset)
+        table.add_column("silo", no_wrap=True)
+        for header in ("budget ε", "budget δ", "spent ε", "spent δ", "left ε", "runs"):
+            table.add_column(header, justify="right", no_wrap=True)
+        for b in balances:
+            if b.dataset == dataset:
+                table.add_row(
+                    b.silo,
+                    "–" if b.budget_epsilon is None else f"{b.budget_epsilon:.4g}",
+                    "–" if b.budget_delta is None else f"{b.budget_delta:.3g}",
+                    f"{b.spent_epsilon:.4g}", f"{b.spent_delta:.3g}", f"{b.remaining_epsilon:.4g}",
+                    str(b.runs),
+                )  # fmt: skip
+        console.print(table)
 
 
 @privacy_app.command("budget")
@@ -426,9 +480,7 @@ def privacy_sweep(
             f"{point['seconds']:.0f}s",
         )  # fmt: skip
 
-    columns = (TextColumn("{task.description:<30}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TextColumn("[dim]{task.fields[note]}"))  # fmt: skip
-    with Progress(*columns, console=console, transient=True) as bars:
+    with _progress_bars(transient=True) as bars:
         run_sweep(run_config, data, out, targets, RichProgress(bars), on_point)
     console.print(table)
     console.print(
@@ -436,6 +488,11 @@ def privacy_sweep(
     )
 
 
+DeployProtectionOption = Annotated[
+    str | None,
+    typer.Option("--protection", help="How updates reach the server: "
+                 f"{help_text('protection', tag='deploy')}."),
+]  # fmt: skip
 MinSilosOption = Annotated[
     int,
     typer.Option("--min-silos", help="Fewest replies a round is applied with (0: all sampled)."),
@@ -461,18 +518,12 @@ def deploy_local(
     rounds: RoundsOption = None,
     min_silos: MinSilosOption = 0,
     round_timeout: RoundTimeoutOption = 300.0,
-    protection: ProtectionOption = None,
+    protection: DeployProtectionOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Run a TLS-authenticated federation on this machine: one SuperLink, one SuperNode per silo
     (each with only its own data file), FedShop's server as the ServerApp; writes the same run
     folder as the simulator and stops every process it started."""
-    from fedshop.data.datasets import load_dataset
-    from fedshop.deploy.launch import DeploySettings, check_deployable
-    from fedshop.deploy.launch import deploy_local as run_deployment
-    from fedshop.deploy.processes import commands
-    from fedshop.report.run_folder import prepare_run_folder, write_run
-
     if silos < 2:
         raise FedShopError("--silos must be at least 2")
     run_config = load_config(
@@ -485,28 +536,41 @@ def deploy_local(
             "protection.kind": protection,
         },
     )
+    # Imported once the config is checked: a mistake in it answers without loading torch and Flower.
+    from fedshop.data.datasets import load_dataset
+    from fedshop.deploy.launch import DeploySettings
+    from fedshop.deploy.launch import deploy_local as run_deployment
+    from fedshop.deploy.processes import commands
+    from fedshop.report.run_folder import run_folder, write_run
+
     check_deployable(run_config)
-    out = prepare_run_folder(out or _default_out("deploy"), overwrite)
-    with console.status("Loading and cleaning data…"):
-        dataset = load_dataset(run_config.data, seed=run_config.seed)
-    if dataset.n_silos != silos:
-        raise FedShopError(
-            f"{dataset.name} splits into {dataset.n_silos} silos here, not {silos}; "
-            "choose --silos accordingly"
+    with run_folder(out or _default_out("deploy"), overwrite) as out:
+        with console.status("Loading and cleaning data…"):
+            dataset = load_dataset(run_config.data, seed=run_config.seed)
+        if dataset.n_silos != silos:
+            raise FedShopError(
+                f"{dataset.name} splits into {dataset.n_silos} silos here, not {silos}; "
+                "choose --silos accordingly"
+            )
+        console.print(
+            f"[bold]Local federation[/]: 1 SuperLink + {silos} SuperNodes on 127.0.0.1, TLS and "
+            f"SuperNode authentication on; silos: {', '.join(dataset.silo_names)}"
         )
-    console.print(
-        f"[bold]Local federation[/]: 1 SuperLink + {silos} SuperNodes on 127.0.0.1, TLS and "
-        f"SuperNode authentication on; silos: {', '.join(dataset.silo_names)}"
-    )
-    settings = DeploySettings(min_silos=min_silos, round_timeout=round_timeout)
-    result = run_deployment(
-        run_config, dataset, out, settings, on_line=lambda line: console.print(f"  {line}")
-    )
-    write_run(out, result)
+        settings = DeploySettings(min_silos=min_silos, round_timeout=round_timeout)
+        result = run_deployment(
+            run_config, dataset, out, settings, on_line=lambda line: console.print(f"  {line}")
+        )
+        write_run(out, result)
     _print_tables(result)
     console.print(f"\nRun folder: [bold]{out}[/]  ·  report: [bold]{out / 'report.html'}[/]")
-    console.print("\n[dim]The same on separate hosts:[/]")
-    console.print(escape(commands(silos, "superlink.example.com")), highlight=False)
+    print_commands(console, commands(silos, "superlink.example.com"))
+
+
+def print_commands(out: Console, text: str) -> None:
+    """Commands to copy and paste: not wrapped at the terminal's width, where a break inside an
+    argument would not paste back."""
+    out.print("\n[dim]The same on separate hosts:[/]")
+    out.print(escape(text), highlight=False, soft_wrap=True)
 
 
 @deploy_app.command("run")
@@ -527,7 +591,7 @@ def deploy_run(
     """On the SuperLink host: submit a FedShop run to a running SuperLink and follow it. The server
     writes its checkpoints, log, outcome and final model into OUT/server; the same command again
     resumes from the last checkpoint."""
-    from fedshop.deploy.launch import DeploySettings, LogFollower, check_deployable, run_config
+    from fedshop.deploy.launch import DeploySettings, LogFollower, run_config
     from fedshop.deploy.processes import Control
 
     run = load_config(config)
@@ -634,6 +698,6 @@ def main() -> None:
         # Escaped: messages name config sections like "[privacy]", which rich would read as markup.
         errors.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
         sys.exit(2)
-    except KeyboardInterrupt:
-        errors.print("interrupted")
+    except InterruptError:
+        errors.print("interrupted (Ctrl-C): stopped before the end", highlight=False)
         sys.exit(130)

@@ -1,1 +1,28 @@
-"""Real deployment on Flower's deployment engine: one process per party, TLS, node authentication."""
+"""Real deployment on Flower's deployment engine: one process per party, TLS, node authentication.
+
+What a deployment accepts is checked here, before anything heavy is imported (the CLI answers at once).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fedshop.choices import PROTECTIONS
+from fedshop.errors import FedShopError
+
+if TYPE_CHECKING:
+    from fedshop.config import RunConfig
+
+
+def check_deployable(config: RunConfig) -> None:
+    if config.federated.mode != "cross-silo":
+        raise FedShopError(
+            "fedshop deploy runs cross-silo federations (each party a process); "
+            'set [federated] mode = "cross-silo"'
+        )
+    # No party holds a decryption key in a deployment: the protections tagged "deploy" need none.
+    if config.protection.kind not in PROTECTIONS.names(tag="deploy"):
+        raise FedShopError(
+            f"{config.protection.kind} needs a key-holder party, which deployment does not run; "
+            'use [protection] kind = "secagg" (no party holds a key), or the simulator'
+        )

@@ -15,13 +15,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from fedshop.choices import PROTECTIONS
 from fedshop.config import RunConfig
 from fedshop.data.interactions import RecDataset, with_eval_negatives
+from fedshop.deploy import check_deployable
 from fedshop.deploy.outcome import SHARED_FILE, Outcome
 from fedshop.deploy.processes import LocalFederation, Silo
 from fedshop.deploy.silo_files import write_silo_file
-from fedshop.errors import FedShopError
 from fedshop.experiment import ExperimentResult, method_result, slug
 from fedshop.privacy.dp import PrivacySummary
 
@@ -32,19 +31,6 @@ class DeploySettings:
     round_timeout: float = 300.0
     wait_timeout: float = 300.0
     run_timeout: float = 3600.0
-
-
-def check_deployable(config: RunConfig) -> None:
-    if config.federated.mode != "cross-silo":
-        raise FedShopError(
-            "fedshop deploy runs cross-silo federations (each party a process); "
-            'set [federated] mode = "cross-silo"'
-        )
-    if config.protection.kind not in PROTECTIONS.names(tag="deploy"):
-        raise FedShopError(
-            f"{config.protection.kind} needs a key-holder party, which deployment does not run; "
-            'use [protection] kind = "secagg" (no party holds a key), or the simulator'
-        )
 
 
 def write_silo_files(config: RunConfig, dataset: RecDataset, folder: Path) -> list[Path]:

@@ -6,6 +6,7 @@ metrics.json       results of every method, overall and per silo, and the per-ro
 catalogue.csv      item index → item id and name (the rows of the item embeddings)
 models/…           weights as safetensors (each silo's private user embeddings in its own file)
 report.html        the human-readable report with plots
+INCOMPLETE         only in a folder whose run stopped before it finished: why it stopped
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ from fedshop.experiment import ExperimentResult
 from fedshop.report.html import render_report
 
 MARKER = "metrics.json"
+INCOMPLETE = "INCOMPLETE"
 
 
 def prepare_run_folder(out: Path, overwrite: bool = False) -> Path:
@@ -41,6 +45,36 @@ def prepare_run_folder(out: Path, overwrite: bool = False) -> Path:
     except OSError as exc:
         raise FedShopError(f"cannot create run folder {out}: {exc.strerror}") from None
     return out
+
+
+@contextmanager
+def run_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """`prepare_run_folder` for one run, undone if the run does not finish (an error, Ctrl-C): the
+    folders made for it are removed while they are empty, and a folder the run has written files
+    into gets an INCOMPLETE note saying why, so a half-made folder never passes for a run."""
+    out = Path(out).expanduser()
+    created = [p for p in (out, *out.parents) if not p.exists()]  # innermost first
+    out = prepare_run_folder(out, overwrite)
+    before = _listing(out)
+    try:
+        yield out
+    except BaseException as exc:
+        for folder in created:
+            try:
+                folder.rmdir()  # only ever an empty folder: nothing the user had is lost
+            except OSError:
+                break
+        if out.is_dir() and _listing(out) != before:
+            reason = "interrupted (Ctrl-C)" if isinstance(exc, KeyboardInterrupt) else str(exc)
+            (out / INCOMPLETE).write_text(
+                f"This run stopped before it finished: {reason}\n", encoding="utf-8"
+            )
+        raise
+    (out / INCOMPLETE).unlink(missing_ok=True)  # a finished run over an earlier, unfinished one
+
+
+def _listing(folder: Path) -> dict[Path, int]:
+    return {path: path.lstat().st_mtime_ns for path in folder.rglob("*")}
 
 
 def metrics_document(result: ExperimentResult) -> dict[str, Any]:
