@@ -536,6 +536,7 @@ def deploy_local(
             "protection.kind": protection,
         },
     )
+    check_deployable(run_config)
     # Imported once the config is checked: a mistake in it answers without loading torch and Flower.
     from fedshop.data.datasets import load_dataset
     from fedshop.deploy.launch import DeploySettings
@@ -543,7 +544,6 @@ def deploy_local(
     from fedshop.deploy.processes import commands
     from fedshop.report.run_folder import run_folder, write_run
 
-    check_deployable(run_config)
     with run_folder(out or _default_out("deploy"), overwrite) as out:
         with console.status("Loading and cleaning data…"):
             dataset = load_dataset(run_config.data, seed=run_config.seed)

@@ -3,9 +3,11 @@ accounts each release and writes it to the ledger before it leaves.
 
     plan  = make_plan(config, rounds, units, q, steps)     # z calibrated to the target ε, or given
     guard = PrivacyGuard.open(plan, config, dataset, silos)  # refuses before training if over budget
-    for each round:  ε = guard.release(round, plan.round_event)  # write-ahead, then release
+    for each round:  ε = guard.release(round, event)  # write-ahead, then release
 
-(`experiment.open_privacy` builds the plan of a run from its config.)
+(`experiment.open_privacy` builds the plan of a run from its config. The plan calibrates z and sizes
+the noise stages; each round's `event` is what those stages declare, composed by the round driver in
+`fl/rounds.py`, which checks it against the noise they drew.)
 
 Under `user` (DP-FedAvg) each release is one round's noisy sum over Poisson-sampled shoppers; under
 `record` it is one round's silo message, made of `local_steps` DP-SGD steps over Poisson-sampled
