@@ -472,11 +472,17 @@ class SecAggServer:
         self.packages[index] = package
 
     def shares_for(self, index: int) -> dict[int, bytes]:
-        return {
-            j: package.ciphertexts[index]
-            for j, package in self.packages.items()
-            if index in package.ciphertexts
-        }
+        return self.routed_shares().get(index, {})
+
+    def routed_shares(self) -> dict[int, dict[int, bytes]]:
+        """Every client that shared keys → the encrypted shares its neighbours sent it, routed in
+        one pass over the packages (asking `shares_for` per client would scan them all each time)."""
+        routed: dict[int, dict[int, bytes]] = {i: {} for i in self.packages}
+        for j, package in self.packages.items():
+            for i, ciphertext in package.ciphertexts.items():
+                if i in routed:
+                    routed[i][j] = ciphertext
+        return routed
 
     def collect_masked(self, index: int, masked: np.ndarray) -> None:
         ring = self.setup.ring
@@ -604,7 +610,7 @@ def run_secagg_round(
     routed = on_server(lambda: {i: server.keys_for(i) for i in sorted(server.public_keys)})
     for i, package in sorted(parties.share_keys(routed).items()):
         on_server(lambda i=i, p=package: server.collect_shares(i, p))
-    routed = on_server(lambda: {i: server.shares_for(i) for i in sorted(server.packages)})
+    routed = on_server(server.routed_shares)
     for i, masked in sorted(parties.masked_inputs(routed).items()):
         on_server(lambda i=i, m=masked: server.collect_masked(i, m))
     survivors, dropped = server.roster()
