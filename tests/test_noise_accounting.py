@@ -18,7 +18,6 @@ from fedshop.fl.dp_local import DpSgd, DpSgdState, dp_sgd_steps
 from fedshop.fl.in_process import (
     SiloTransport,
     build_federation,
-    local_task,
     start_private_silos,
 )
 from fedshop.fl.local_round import LocalTraining
@@ -85,7 +84,7 @@ def test_record_level_rounds_release_exactly_the_silos_noise(retail, tmp_path):
     guard = open_privacy(config, retail)
     run = build_federation(retail, config)
     start_private_silos(run.clients, config, guard.plan)
-    task = local_task(config, guard.plan)
+    task = LocalTask.of_run(config, guard.plan)
     transport = SiloTransport(run.clients, task, "test", 0, None)
     seen = []
 
@@ -121,7 +120,7 @@ def test_a_silo_adding_other_noise_than_accounted_is_refused(retail, tmp_path):
     guard = open_privacy(config, retail)
     run = build_federation(retail, config)
     start_private_silos(run.clients, config, guard.plan)
-    task = local_task(config, guard.plan)
+    task = LocalTask.of_run(config, guard.plan)
     # The silos run half the planned noise while the ledger is written for the plan.
     weaker = LocalTask(task.epochs, dp=dataclasses.replace(task.dp, noise_multiplier=0.6))
 

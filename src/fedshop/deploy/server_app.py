@@ -35,7 +35,8 @@ from fedshop.deploy.server_secagg import SECAGG_MESSAGE, SecureRound, expected_l
 from fedshop.errors import FedShopError
 from fedshop.eval.metrics import MetricSums, summarise
 from fedshop.fl.aggregation import aggregation_pipeline
-from fedshop.fl.in_process import local_task, make_server
+from fedshop.fl.client import LocalTask
+from fedshop.fl.in_process import make_server
 from fedshop.fl.rounds import FinalEvaluation, IncompleteRoundError, RoundDriver, RoundReply
 from fedshop.messages import AggregationPipeline
 from fedshop.models.spec import Params
@@ -261,7 +262,7 @@ def serve(grid: Grid, context: Context) -> None:
     guard = _privacy_guard(config, federation, resumed)
     if resumed:
         log(f"resumed from the checkpoint after round {resumed.round}")
-    task = local_task(config, guard.plan if guard is not None else None)
+    task = LocalTask.of_run(config, guard.plan if guard is not None else None)
     transport = GridTransport(
         federation, config, pipeline, make_protection(config.protection),
         expected_layout(pipeline, server.shared), int(settings["min-silos"]) or n_silos,

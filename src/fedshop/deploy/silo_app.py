@@ -30,8 +30,7 @@ from fedshop.deploy.silo_files import read_silo_file
 from fedshop.deploy.silo_secagg import SecAggSilo
 from fedshop.errors import FedShopError
 from fedshop.fl.aggregation import aggregation_pipeline
-from fedshop.fl.client import SiloClient, SiloDp
-from fedshop.fl.in_process import local_task
+from fedshop.fl.client import LocalTask, SiloClient, SiloDp
 from fedshop.secure.protected_sum import flatten
 from fedshop.secure.secagg import RoundSetup
 
@@ -162,7 +161,7 @@ class SiloNode:
 
             plan = DpPlan(**json.loads(str(task["dp-plan"])))
             client.dp = SiloDp(self.dp_state(config, saved_dp), self.released_count(plan))
-        message = client.fit(shared, local_task(config, plan))
+        message = client.fit(shared, LocalTask.of_run(config, plan))
         self.save(client, int(task["round"]), client.dp.state if client.dp else None)
         if "secagg-setup" in task:
             # Under secure aggregation the update stays here; the reply advertises SecAgg keys.

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fedshop.config import ModelConfig, TrainConfig
+from fedshop.config import ModelConfig, RunConfig, TrainConfig
 from fedshop.data.interactions import SiloData
 from fedshop.eval.metrics import MetricSums, evaluate
 from fedshop.fl.local_round import LocalTraining
@@ -18,6 +18,7 @@ from fedshop.seeding import torch_generator
 
 if TYPE_CHECKING:  # the DP modules (and their accountant) load only for DP runs
     from fedshop.fl.dp_local import DpSgd, DpSgdState
+    from fedshop.privacy.dp import DpPlan
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,16 @@ class LocalTask:
     reconstruction_epochs: int = 0  # first refit the private parameters alone (FedRecon)
     # Record-level DP: DP-SGD over the silo's customers replaces the epochs.
     dp: DpSgd | None = None
+
+    @classmethod
+    def of_run(cls, config: RunConfig, plan: DpPlan | None = None) -> LocalTask:
+        """Each silo's work in a round of `config`: local epochs, or the DP plan's DP-SGD."""
+        dp = None
+        if plan is not None:
+            from fedshop.fl.dp_local import DpSgd
+
+            dp = DpSgd(plan.noise_multiplier, plan.clip, plan.sampling_rate, plan.steps_per_round)
+        return cls(config.federated.local_epochs, config.federated.reconstruction_epochs, dp)
 
 
 @dataclass

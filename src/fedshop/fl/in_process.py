@@ -61,17 +61,6 @@ def make_server(
     return FederatedServer(shared, pipeline, make_server_optimizer(fed), sampler)
 
 
-def local_task(config: RunConfig, plan: DpPlan | None = None) -> LocalTask:
-    """Each silo's work in a round: local epochs, or under record-level DP the plan's DP-SGD."""
-    fed = config.federated
-    dp = None
-    if plan is not None:
-        from fedshop.fl.dp_local import DpSgd
-
-        dp = DpSgd(plan.noise_multiplier, plan.clip, plan.sampling_rate, plan.steps_per_round)
-    return LocalTask(fed.local_epochs, fed.reconstruction_epochs, dp)
-
-
 @dataclass
 class SiloTransport:
     """A round's messages handed to silo objects in this process."""
@@ -155,7 +144,7 @@ def run_cross_silo(
     if guard is not None:
         start_private_silos(run.clients, config, guard.plan)
     transport = SiloTransport(
-        run.clients, local_task(config, guard.plan if guard is not None else None),
+        run.clients, LocalTask.of_run(config, guard.plan if guard is not None else None),
         config.eval.split, config.federated.personalise_epochs, run.protection,
     )  # fmt: skip
     driver = RoundDriver(config, run.server, transport, guard, on_round=on_round)
