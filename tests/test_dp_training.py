@@ -20,7 +20,7 @@ from fedshop.fl.vectorised import vectorised_sum
 from fedshop.messages import AggregationPipeline, mean_of
 from fedshop.models.spec import get_model
 from fedshop.privacy.dp import resolve_delta
-from fedshop.privacy.noise import clip_update
+from fedshop.privacy.noise import ClipUpdate
 from fedshop.seeding import torch_generator
 from fedshop.storage.ledger import BudgetExceededError, Ledger
 
@@ -54,7 +54,7 @@ def test_vectorised_clip_equals_the_pipeline_clip_stage(retail, name):
     clients = torch.arange(0, 40, 3)
     batch = draw_round(train, clients, 2, 2, torch.Generator().manual_seed(3))
     clip = 0.05  # below most clients' update norms, so clipping is really exercised
-    pipeline = AggregationPipeline(client_stages=(clip_update(clip),))
+    pipeline = AggregationPipeline(client_stages=(ClipUpdate(clip),))
     expected, _ = reference_round(spec, shared, users, batch, training, pipeline)
     total, _ = vectorised_sum(spec, shared, users, batch, training, clip=clip)
     assert total.weight == len(clients)  # every client weighs 1 under DP

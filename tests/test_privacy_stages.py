@@ -5,9 +5,9 @@ import torch
 
 from fedshop.messages import AggregationPipeline, ClientMessage
 from fedshop.privacy.noise import (
+    ClipUpdate,
     GaussianNoise,
     clip_per_client,
-    clip_update,
     fixed_denominator,
     global_norm,
 )
@@ -24,12 +24,12 @@ def message(scale: float, examples: int = 10) -> ClientMessage:
 
 def test_clip_bounds_the_whole_update_and_leaves_small_ones_alone():
     big, small = message(10.0), message(0.01)
-    clipped = clip_update(1.0)(big)
+    clipped = ClipUpdate(1.0)(big)
     assert global_norm(clipped.tensors) == pytest.approx(1.0, rel=1e-6)
     # Direction is kept: every tensor scaled by the same factor.
     ratio = clipped.tensors["a"] / big.tensors["a"]
     assert torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio))
-    untouched = clip_update(1.0)(small)
+    untouched = ClipUpdate(1.0)(small)
     assert all(torch.equal(untouched.tensors[k], small.tensors[k]) for k in small.tensors)
     assert clipped.weight == untouched.weight == 1.0  # example weights would break the sensitivity
 
@@ -37,14 +37,14 @@ def test_clip_bounds_the_whole_update_and_leaves_small_ones_alone():
 def test_dp_pipeline_sums_clipped_updates_adds_noise_and_divides_by_the_expected_count():
     messages = [message(s) for s in (0.01, 5.0, 20.0)]
     quiet = AggregationPipeline(
-        client_stages=(clip_update(1.0),), server_stages=(fixed_denominator(4.0),)
+        client_stages=(ClipUpdate(1.0),), server_stages=(fixed_denominator(4.0),)
     )
     mean = quiet.aggregate([quiet.on_client(m) for m in messages])
-    expected = sum(clip_update(1.0)(m).tensors["a"] for m in messages) / 4.0
+    expected = sum(ClipUpdate(1.0)(m).tensors["a"] for m in messages) / 4.0
     torch.testing.assert_close(mean["a"], expected)
 
     noisy = AggregationPipeline(
-        client_stages=(clip_update(1.0),),
+        client_stages=(ClipUpdate(1.0),),
         server_stages=(
             GaussianNoise(2.0, 1.0, torch.Generator().manual_seed(0)),
             fixed_denominator(4.0),
@@ -70,7 +70,7 @@ def test_vectorised_clip_equals_the_per_message_clip():
     for c in range(3):
         mine = {"emb": items["emb"][row_owner == c], "bias": items["bias"][row_owner == c]}
         mine["w"] = dense["w"][c]
-        per_client.append(clip_update(2.0)(ClientMessage(mine, 1.0, 1, 1)).tensors)
+        per_client.append(ClipUpdate(2.0)(ClientMessage(mine, 1.0, 1, 1)).tensors)
     norms = clip_per_client(items, row_owner, dense, clients=3, clip=2.0)
     assert norms.shape == (3,)
     for c in range(3):

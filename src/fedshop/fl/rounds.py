@@ -22,8 +22,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
-
 from fedshop.config import RunConfig
 from fedshop.errors import FedShopError
 from fedshop.eval.metrics import MetricSums, summarise
@@ -217,7 +215,7 @@ class RoundDriver:
         history.append(record)
         if self.checkpoint is not None:
             self.checkpoint(server, history)
-        dropped = sorted(set(_as_list(chosen)) - set(reply.contributors))
+        dropped = sorted(set(chosen) - set(reply.contributors))
         unit = self.transport.unit
         self.log(
             f"round {round_number}: {len(reply.contributors)} {unit} trained"
@@ -276,7 +274,3 @@ class RoundDriver:
             last.protection,
         )  # fmt: skip
         self.log(f"round {last.round}: HR@10 {history[-1].metrics['hr@10']:.4f}")
-
-
-def _as_list(clients: Sequence[int] | torch.Tensor) -> list[int]:
-    return clients.tolist() if isinstance(clients, torch.Tensor) else list(clients)

@@ -46,10 +46,6 @@ class ClipUpdate:
         )
 
 
-def clip_update(clip: float) -> ClipUpdate:
-    return ClipUpdate(clip)
-
-
 @dataclass
 class GaussianNoise:
     """Server stage: add N(0, (z·C)²) independently to every coordinate of a sum of C-clipped

@@ -90,10 +90,6 @@ class ProtectedSum:
     def kind(self) -> str:
         return self.protection.kind
 
-    def last_round(self) -> dict:
-        """The latest round's cost, as each round of the history records it."""
-        return round_cost(self.costs[-1])
-
     def __call__(self, messages: Sequence[ClientMessage]) -> Aggregate:
         if not messages:
             raise ValueError("cannot aggregate an empty round")
