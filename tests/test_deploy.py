@@ -139,7 +139,9 @@ def test_a_killed_silo_is_left_out_and_rejoins(three_silos, tmp_path):
     log = folder / "server" / "server.log"
     with LocalFederation(folder, silos) as federation:
         federation.start()
-        run_id = federation.submit(run_config(folder, server_config, 3, settings))
+        run_id = federation.submit(
+            run_config(folder, server_config, 3, settings, federation.nodes_file)
+        )
         _wait_for_line(log, "round 1: 3 silos trained")
         federation.stop_process("silo-2", signal.SIGTERM)
         _wait_for_line(log, "silos [2] dropped out")
@@ -157,9 +159,11 @@ def test_a_restarted_server_resumes_from_its_checkpoint(three_silos, tmp_path):
     config = load_config(overrides={**SMALL, "federated.rounds": 4})
     folder = tmp_path / "deployment"
     silos, server_config = prepare(config, three_silos, folder)
-    settings = run_config(folder, server_config, 3, DeploySettings(round_timeout=60))
     log = folder / "server" / "server.log"
     with LocalFederation(folder, silos) as federation:
+        settings = run_config(
+            folder, server_config, 3, DeploySettings(round_timeout=60), federation.nodes_file
+        )
         federation.start()
         federation.submit(settings)
         _wait_for_line(log, "round 2: 3 silos trained")
@@ -187,6 +191,7 @@ def test_deploy_run_submits_to_a_running_superlink(three_silos, tmp_path):
             sys.executable, "-m", "fedshop", "deploy", "run",
             "--superlink", f"127.0.0.1:{federation.port}", "--ca", str(federation.tls_files.ca),
             "--config", str(server_config), "--silos", "3", "--out", str(tmp_path / "run"),
+            "--nodes", str(federation.nodes_file),
         ]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

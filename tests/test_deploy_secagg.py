@@ -154,3 +154,45 @@ def test_an_update_beyond_the_bound_is_a_clear_error(tmp_path):
     with pytest.raises(ProtectionError, match="abandoned before unmasking"):
         run.run()
     assert len(run.errors) == 2 and all("raise [protection] bound" in e for e in run.errors)
+
+
+class _Tampering(_Round):
+    """A round in which silo `who`'s reply to `step` is replaced by `tamper(reply)`."""
+
+    def __init__(self, tmp_path, n: int, who: int, step: str, tamper) -> None:
+        super().__init__(tmp_path, n)
+        self.who, self.step, self.tamper = who, step, tamper
+
+    def exchange(self, step, contents):
+        replies = super().exchange(step, contents)
+        if step == self.step and self.who in replies:
+            replies[self.who] = self.tamper(replies[self.who])
+        return replies
+
+
+@pytest.mark.parametrize(
+    ("step", "tamper", "reason"),
+    [
+        # A masked vector one entry short: refused by the server's shape check.
+        ("mask", lambda r: RecordDict({"masked": _short(r), "secagg": r["secagg"]}), "shape"),
+        # A reply that does not decode at all.
+        ("mask", lambda r: RecordDict({"secagg": r["secagg"]}), "KeyError"),
+        ("share", lambda r: RecordDict({"secagg": ConfigRecord({"package": "{"})}), "JSON"),
+    ],
+)
+def test_a_malformed_step_reply_makes_its_silo_a_dropout(tmp_path, step, tamper, reason):
+    """One silo's bad reply at a step is refused with its reason; the protocol recovers it like a
+    dropout, and the round sums the others."""
+    run = _Tampering(tmp_path, 4, 2, step, tamper)
+    aggregate, contributors, _ = run.run()
+    assert contributors == [10, 11, 13]
+    _assert_mean_of(run, aggregate, [0, 1, 3])
+    refused = [line for line in run.log if "silo 12's message refused" in line]
+    assert refused and (reason in refused[0] or reason == "JSON")
+
+
+def _short(reply: RecordDict):
+    from flwr.app import Array, ArrayRecord
+
+    masked = reply["masked"]["masked"].numpy()
+    return ArrayRecord({"masked": Array(masked[:-1].copy())})

@@ -579,6 +579,12 @@ def deploy_run(
     config: Annotated[Path, typer.Option("--config", "-c", help="TOML run configuration.")],
     silos: Annotated[int, typer.Option("--silos", help="How many silos the federation has.")],
     out: Annotated[Path, typer.Option("--out", help="The server's folder (on this host).")],
+    nodes: Annotated[
+        Path,
+        typer.Option(
+            "--nodes", help="Which node serves which silo, as `deploy register` wrote it."
+        ),
+    ],
     ca: Annotated[
         Path | None, typer.Option("--ca", help="The deployment's CA certificate (TLS).")
     ] = None,
@@ -591,6 +597,7 @@ def deploy_run(
     """On the SuperLink host: submit a FedShop run to a running SuperLink and follow it. The server
     writes its checkpoints, log, outcome and final model into OUT/server; the same command again
     resumes from the last checkpoint."""
+    from fedshop.deploy.identities import SiloNodes
     from fedshop.deploy.launch import DeploySettings, LogFollower, run_config
     from fedshop.deploy.processes import Control
 
@@ -598,6 +605,12 @@ def deploy_run(
     check_deployable(run)
     if ca is None:
         raise FedShopError("--ca is required: FedShop deployments use TLS")
+    registered = SiloNodes.read(nodes)  # refuses a missing or malformed map before submitting
+    if sorted(registered.node_of) != list(range(silos)):
+        raise FedShopError(
+            f"{nodes} registers silos {sorted(registered.node_of)}; a federation of {silos} "
+            f"silos needs exactly 0 to {silos - 1}"
+        )
     server = (out / "server").resolve()
     server.mkdir(parents=True, exist_ok=True)
     (server / "config.toml").write_text(run.to_toml())
@@ -605,7 +618,7 @@ def deploy_run(
         min_silos=min_silos, round_timeout=round_timeout, wait_timeout=wait_timeout
     )
     control = Control(out / "flwr-home", superlink, ca)
-    settings_record = run_config(out.resolve(), server / "config.toml", silos, settings)
+    settings_record = run_config(out.resolve(), server / "config.toml", silos, settings, nodes)
     run_id = control.submit(settings_record, out / "app")
     console.print(f"Run {run_id} submitted to {superlink}; following {server / 'server.log'}")
     follower = LogFollower(server / "server.log", lambda line: console.print(f"  {line}"))
@@ -621,19 +634,35 @@ def deploy_register(
     keys: Annotated[list[Path], typer.Argument(help="Silos' public key files (.pub).")],
     superlink: Annotated[str, typer.Option("--superlink", help="The SuperLink's HOST:PORT.")],
     ca: Annotated[Path, typer.Option("--ca", help="The deployment's CA certificate.")],
+    nodes: Annotated[
+        Path,
+        typer.Option(
+            "--nodes",
+            help="The file to write which node serves which silo to (kept "
+            "by the operator; `deploy run --nodes` reads it).",
+        ),
+    ] = Path("deployment/node-silos.json"),
 ) -> None:
-    """Register silos' SuperNode keys with the SuperLink: only registered nodes may join."""
+    """Register silos' SuperNode keys (silo-<i>.pub) with the SuperLink: only registered nodes
+    may join, and the server takes each node for the silo whose key it registered, whatever the
+    node says of itself."""
     import tempfile
 
+    from fedshop.deploy.identities import SiloNodes, silo_of_key
     from fedshop.deploy.processes import Control
 
+    registered = SiloNodes.read(nodes) if nodes.exists() else SiloNodes()
+    silos = [silo_of_key(key) for key in keys]  # every name checked before anything is registered
+    for key in keys:
+        if not key.is_file():
+            raise FedShopError(f"public key file {key} does not exist")
+    nodes.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as home:
         control = Control(Path(home), superlink, ca)
-        for key in keys:
-            if not key.is_file():
-                raise FedShopError(f"public key file {key} does not exist")
-            control.register(key)
-            console.print(f"registered {key}")
+        for silo, key in zip(silos, keys, strict=True):
+            registered.add(silo, control.register(key))
+            registered.write(nodes)  # after each: a failure later keeps what was registered
+            console.print(f"registered {key} as silo {silo} (node {registered.node_of[silo]})")
 
 
 @deploy_app.command("certs")

@@ -56,11 +56,14 @@ def prepare(config: RunConfig, dataset: RecDataset, folder: Path) -> tuple[list[
     return silos, server_config
 
 
-def run_config(folder: Path, server_config: Path, n_silos: int, settings: DeploySettings) -> dict:
+def run_config(
+    folder: Path, server_config: Path, n_silos: int, settings: DeploySettings, nodes: Path
+) -> dict:
     """The Flower run config of the FedShop app (see flower_app/pyproject.toml)."""
     return {
         "config-path": str(server_config),
         "out-dir": str(folder / "server"),
+        "node-silos": str(nodes.resolve()),
         "silos": n_silos,
         "min-silos": settings.min_silos,
         "round-timeout": float(settings.round_timeout),
@@ -84,7 +87,7 @@ def deploy_local(
     follower = LogFollower(folder / "server" / "server.log", on_line)
     with LocalFederation(folder, silos) as fed:
         fed.start()
-        run_id = fed.submit(run_config(folder, server_config, len(silos), settings))
+        run_id = fed.submit(run_config(folder, server_config, len(silos), settings, fed.nodes_file))
         fed.wait(run_id, settings.run_timeout, on_poll=follower)
     follower()
     return collect(config, dataset, folder, time.perf_counter() - started)

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedshop.deploy.identities import NODES_FILE, SiloNodes
 from fedshop.deploy.pki import TlsFiles, make_node_keys, make_tls
 from fedshop.errors import FedShopError
 
@@ -52,6 +53,11 @@ class LocalFederation:
     port: int = 0  # the SuperLink's; 0: a free one
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     tls_files: TlsFiles | None = None
+    nodes: SiloNodes = field(default_factory=SiloNodes)  # silo → its registered node
+
+    @property
+    def nodes_file(self) -> Path:
+        return self.folder / NODES_FILE
 
     def __post_init__(self) -> None:
         if self.authenticate and not self.tls:
@@ -108,8 +114,10 @@ class LocalFederation:
             time.sleep(0.1)
 
     def register(self, silo: Silo) -> None:
+        """Register the silo's key and write down which node serves it (`identities.py`)."""
         assert silo.public_key is not None
-        self.control.register(silo.public_key)
+        self.nodes.add(silo.index, self.control.register(silo.public_key))
+        self.nodes.write(self.nodes_file)
 
     def start_silo(self, silo: Silo, private_key: Path | None = None) -> subprocess.Popen:
         node_config = f'silo-data="{silo.data}" state-dir="{silo.state}"'
@@ -195,13 +203,15 @@ class Control:
         self.env = env or flower_environment()
         self._write_cli_config()
 
-    def register(self, public_key: Path) -> None:
-        """Let the SuperNode with this key join."""
-        result = self.flwr("supernode", "register", str(public_key), "fedshop")
-        if result.returncode != 0:
+    def register(self, public_key: Path) -> int:
+        """Let the SuperNode with this key join; the node id the SuperLink gave it."""
+        result = self.flwr("supernode", "register", str(public_key), "fedshop", "--format", "json")
+        reply = _json_in(result.stdout)
+        if result.returncode != 0 or not reply.get("success") or "node-id" not in reply:
             raise DeploymentError(
                 f"registering {public_key} failed: {result.stdout}{result.stderr}"
             )
+        return int(reply["node-id"])
 
     def submit(self, run_config: dict[str, object], app: Path) -> int:
         """Submit FedShop's Flower app (copied to `app`) with `run_config`; the run's id."""
@@ -367,7 +377,7 @@ def commands(silos: int, superlink_host: str) -> str:
         "  --ssl-keyfile deployment/certs/superlink.key --enable-supernode-auth \\",
         "  --disable-runtime-dependency-installation",
         f"fedshop deploy register --superlink {link} --ca deployment/certs/ca.crt "
-        "deployment/keys/silo-*.pub",
+        "--nodes deployment/node-silos.json deployment/keys/silo-*.pub",
         "",
         "# 2. Each silo's host i: its own data file, ca.crt and its private key silo-i only",
         "fedshop deploy silo-data --config run.toml --out silos   # or each silo exports its own",
@@ -377,6 +387,6 @@ def commands(silos: int, superlink_host: str) -> str:
         "",
         "# 3. The coordinator: submit the run and wait (run it again to resume after a failure)",
         f"fedshop deploy run --superlink {link} --ca deployment/certs/ca.crt --config run.toml "
-        f"--silos {silos} --out run",
+        f"--nodes deployment/node-silos.json --silos {silos} --out run",
     ]
     return "\n".join(lines)

@@ -30,6 +30,7 @@ from flwr.serverapp import Grid
 from fedshop.config import RunConfig, load_config
 from fedshop.deploy import wire
 from fedshop.deploy.checkpoint import config_digest, load_checkpoint, save_checkpoint
+from fedshop.deploy.identities import IdentityError, SiloNodes
 from fedshop.deploy.outcome import Outcome
 from fedshop.deploy.server_secagg import SECAGG_MESSAGE, SecureRound, expected_layout
 from fedshop.errors import FedShopError
@@ -47,47 +48,80 @@ _POLL_SECONDS = 0.2  # Grid.send_and_receive sleeps 3 s between polls; rounds ar
 
 
 class Federation:
-    """Which node serves which silo, learnt by asking the nodes, refreshed as nodes come and go."""
+    """Which node serves which silo: the operator's map (`identities.py`) from registered node keys
+    to silos, confirmed by each node's hello, refreshed as nodes come and go."""
 
-    def __init__(self, grid: Grid, n_silos: int, round_timeout: float, log) -> None:
+    def __init__(
+        self, grid: Grid, n_silos: int, round_timeout: float, log, registered: SiloNodes
+    ) -> None:
         self.grid = grid
         self.log = log
         self.n_silos = n_silos
         self.round_timeout = round_timeout
+        self.registered = registered
         self.node_of: dict[int, int] = {}
         self.names: dict[int, str] = {}
         self.catalogue: str | None = None
         self.n_items: int | None = None
         self.dataset = ""
         self.customers: dict[int, int] = {}
+        self._ignored: set[int] = set()
+        wrong = sorted(s for s in registered.node_of if not 0 <= s < n_silos)
+        if wrong:
+            raise IdentityError(f"the node map names silos {wrong}; this federation has {n_silos}")
+
+    def silo_of(self, reply: Message) -> int:
+        """The silo of the authenticated node a reply came from (not what the reply claims)."""
+        return self.registered.silo_of(reply.metadata.src_node_id)  # type: ignore[return-value]
 
     def refresh(self) -> None:
         online = set(self.grid.get_node_ids())
         self.node_of = {s: n for s, n in self.node_of.items() if n in online}
-        unknown = sorted(online - set(self.node_of.values()))
+        for node in sorted(online - set(self.registered.node_of.values()) - self._ignored):
+            self._ignored.add(node)
+            self.log(f"node {node} is not registered for any silo: ignored")
+        unknown = sorted(
+            set(self.registered.node_of.values()) & online - set(self.node_of.values())
+        )
         if not unknown:
             return
         hello = RecordDict()
         for reply in self.exchange({n: (hello, MessageType.QUERY) for n in unknown}, "hello"):
-            info = reply.content["silo"]
-            silo = int(info["silo"])
-            if not 0 <= silo < self.n_silos:
-                raise FedShopError(f"a node serves silo {silo}; this federation has {self.n_silos}")
+            silo = self.silo_of(reply)
+            try:
+                info = reply.content["silo"]
+                claimed, name = int(info["silo"]), str(info["name"])
+                catalogue, n_items = str(info["catalogue"]), int(info["n-items"])
+                dataset, customers = str(info["dataset"]), int(info["customers"])
+            except (KeyError, TypeError, ValueError) as exc:
+                self.log(f"silo {silo}: a malformed hello ({type(exc).__name__}: {exc})")
+                continue
+            if claimed != silo:
+                self.log(f"node {reply.metadata.src_node_id} serves silo {silo} but says it is "
+                         f"silo {claimed}: refused")  # fmt: skip
+                continue
             if self.catalogue is None:
-                self.catalogue, self.n_items = str(info["catalogue"]), int(info["n-items"])
-            elif str(info["catalogue"]) != self.catalogue:
+                self.catalogue, self.n_items = catalogue, n_items
+            elif catalogue != self.catalogue:
                 raise FedShopError(
-                    f"silo {silo} ({info['name']}) indexes another item catalogue; every silo's "
+                    f"silo {silo} ({name}) indexes another item catalogue; every silo's "
                     "data file must come from the same catalogue"
                 )
             self.node_of[silo] = reply.metadata.src_node_id
-            self.names[silo] = str(info["name"])
-            self.dataset = str(info["dataset"])
-            self.customers[silo] = int(info["customers"])
+            self.names[silo] = name
+            self.dataset = dataset
+            self.customers[silo] = customers
 
     def metrics(self, replies: list[Message], name: str = "metrics") -> dict[str, MetricSums]:
-        """The silos' metric sums in `replies`, by silo name in silo order."""
-        per_silo = dict(wire.record_metrics(r.content, name) for r in replies)
+        """The silos' metric sums in `replies`, by silo name in silo order; a malformed one is
+        logged and left out."""
+        per_silo = {}
+        for reply in replies:
+            silo = self.silo_of(reply)
+            try:
+                per_silo[silo] = wire.record_metrics(reply.content, silo, name)
+            except wire.BadReplyError as reason:
+                self.log(f"silo {silo}: {reason}")
         return {self.names[s]: per_silo[s] for s in sorted(per_silo)}
 
     def wait_for(self, count: int, timeout: float) -> None:
@@ -118,7 +152,13 @@ class Federation:
         while pending and time.monotonic() < deadline:
             arrived = list(self.grid.pull_messages(pending))
             pending -= {r.metadata.reply_to_message_id for r in arrived}
-            replies += [r for r in arrived if not r.has_error()]
+            # Only replies from the nodes asked: a registered node answering for another is not.
+            replies += [
+                r
+                for r in arrived
+                if not r.has_error()
+                and destination.get(r.metadata.reply_to_message_id) == r.metadata.src_node_id
+            ]
             for failed in (r for r in arrived if r.has_error()):
                 # A silo's failure is its own business, but its reason helps whoever runs it.
                 node = destination.get(failed.metadata.reply_to_message_id, "?")
@@ -177,7 +217,15 @@ class GridTransport:
         previous = federation.metrics(replies) if evaluate is not None else None
         needed = min(self.min_silos, len(chosen))
         if secure is None:
-            updates = dict(wire.record_update(r.content) for r in replies if "update" in r.content)
+            updates = {}
+            for reply in replies:
+                silo = federation.silo_of(reply)
+                if silo not in chosen:
+                    continue  # an evaluation-only reply
+                try:
+                    updates[silo] = wire.record_update(reply.content, silo, self.layout)
+                except wire.BadReplyError as reason:
+                    federation.log(f"silo {silo}'s reply refused: {reason}")
             if len(updates) < needed:
                 raise IncompleteRoundError(f"{len(updates)} silos replied, {needed} needed")
             # In silo order, as the simulator adds them: the same float sums.
@@ -250,7 +298,8 @@ def serve(grid: Grid, context: Context) -> None:
     out.mkdir(parents=True, exist_ok=True)
     n_silos = int(settings["silos"])
     log = _Log(out / "server.log")
-    federation = Federation(grid, n_silos, float(settings["round-timeout"]), log)
+    registered = SiloNodes.read(Path(str(settings["node-silos"])))
+    federation = Federation(grid, n_silos, float(settings["round-timeout"]), log, registered)
     wait_timeout = float(settings["wait-timeout"])
     # Every silo at the start: the model's shape and the silos' names come from them.
     federation.wait_for(n_silos, wait_timeout)

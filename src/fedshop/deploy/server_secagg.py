@@ -12,6 +12,7 @@ without unmasking anything and retried with fresh keys.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -86,6 +87,8 @@ class SecureRound:
         assert self.setup is not None
         parties = MessageParties(self.setup, self.silos, self.bound, trained, exchange)
         outcome = run_secagg_round(self.setup, parties, needed, self.protection.kind)
+        for i, reason in sorted({**parties.rejected, **outcome.rejected}.items()):
+            log(f"secure aggregation: silo {self.silos[i]}'s message refused: {reason}")
         dropped = sorted(set(outcome.server.packages) - set(outcome.survivors))
         if dropped:
             names = [self.silos[i] for i in dropped]
@@ -110,29 +113,46 @@ class MessageParties:
     sent: dict[int, int] = field(default_factory=dict)
     weights: dict[int, float] = field(default_factory=dict)
     normaliser: float = 1.0
+    rejected: dict[int, str] = field(default_factory=dict)  # replies that did not decode
+
+    def _decoded(self, replies: dict[int, RecordDict], decode) -> dict:
+        """`decode(i, reply)` of each reply; one that raises is refused (the silo becomes a
+        dropout of this step, which the protocol recovers from) with its reason kept."""
+        out = {}
+        for i, reply in replies.items():
+            try:
+                out[i] = decode(i, reply)
+            except (KeyError, TypeError, ValueError, AttributeError, ProtectionError) as exc:
+                self.rejected[i] = f"{type(exc).__name__}: {exc}"
+        return out
 
     def _tally(self, i: int, reply: RecordDict, size: int) -> None:
         self.sent[i] = self.sent.get(i, 0) + size
         self.seconds[i] = self.seconds.get(i, 0.0) + float(reply["secagg"]["seconds"])
 
     def advertise(self) -> dict[int, tuple[bytes, bytes]]:
-        keys = {}
-        for i, reply in self.trained.items():
+        def decode(i: int, reply: RecordDict) -> tuple[bytes, bytes]:
             advertised, meta = reply["secagg"], reply["meta"]
             if int(advertised["index"]) != i or int(meta["silo"]) != self.silos[i]:
                 raise ProtectionError(f"silo {meta['silo']} answered as SecAgg client {i}")
-            keys[i] = (advertised["c-public"], advertised["s-public"])
-            self._tally(i, reply, sum(len(k) for k in keys[i]))
-            self.weights[i] = float(meta["weight"])
-        return keys
+            keys = (bytes(advertised["c-public"]), bytes(advertised["s-public"]))
+            weight = float(meta["weight"])
+            if not math.isfinite(weight) or weight < 0:
+                raise ProtectionError(f"a weight of {weight}")
+            self._tally(i, reply, sum(len(k) for k in keys))
+            self.weights[i] = weight
+            return keys
+
+        return self._decoded(self.trained, decode)
 
     def share_keys(self, keys):
-        packages = {}
+        def decode(i: int, reply: RecordDict) -> SharePackage:
+            package = SharePackage.from_json(str(reply["secagg"]["package"]))
+            self._tally(i, reply, package.size())
+            return package
+
         payloads = {i: {"keys": keys_to_json(k)} for i, k in keys.items()}
-        for i, reply in self._send("share", payloads).items():
-            packages[i] = SharePackage.from_json(str(reply["secagg"]["package"]))
-            self._tally(i, reply, packages[i].size())
-        return packages
+        return self._decoded(self._send("share", payloads), decode)
 
     def masked_inputs(self, shares):
         # Every vector is divided by the total weight of the silos that shared keys (public, as
@@ -142,19 +162,23 @@ class MessageParties:
             i: {"shares": blobs_to_json(s), "normaliser": self.normaliser, "bound": self.bound}
             for i, s in shares.items()
         }
-        masked = {}
-        for i, reply in self._send("mask", payloads).items():
-            masked[i] = reply["masked"]["masked"].numpy()
-            self._tally(i, reply, masked[i].nbytes)
-        return masked
+
+        def decode(i: int, reply: RecordDict):
+            masked = reply["masked"]["masked"].numpy()
+            self._tally(i, reply, masked.nbytes)
+            return masked
+
+        return self._decoded(self._send("mask", payloads), decode)
 
     def unmask(self, survivors, dropped):
         roster = {"survivors": survivors, "dropped": dropped}
-        answers = {}
-        for i, reply in self._send("unmask", dict.fromkeys(survivors, roster)).items():
-            answers[i] = blobs_from_json(str(reply["secagg"]["answer"]))
-            self._tally(i, reply, sum(2 + len(v) for v in answers[i].values()))
-        return answers
+
+        def decode(i: int, reply: RecordDict) -> dict[int, bytes]:
+            answer = blobs_from_json(str(reply["secagg"]["answer"]))
+            self._tally(i, reply, sum(2 + len(v) for v in answer.values()))
+            return answer
+
+        return self._decoded(self._send("unmask", dict.fromkeys(survivors, roster)), decode)
 
     def _send(self, step: str, payloads: dict[int, dict]) -> dict[int, RecordDict]:
         setup = self.setup.to_json()

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from fedshop.errors import FedShopError
 from fedshop.eval.metrics import METRIC_NAMES, MetricSums
 from fedshop.messages import ClientMessage
 from fedshop.models.spec import Params
+from fedshop.secure.protected_sum import Layout, layout_of
+
+
+class BadReplyError(FedShopError):
+    """A silo's reply that does not decode or does not fit the round: it counts as a failed reply,
+    logged with this reason, and the round goes on without it."""
 
 
 def params_record(params: Params) -> ArrayRecord:
@@ -50,16 +59,40 @@ def update_record(silo: int, message: ClientMessage, extra: dict | None = None) 
     return RecordDict({"update": params_record(message.tensors), "meta": meta, **(extra or {})})
 
 
-def record_update(content: RecordDict) -> tuple[int, ClientMessage]:
-    meta = content["meta"]
-    message = ClientMessage(
-        tensors=record_params(content["update"]),
-        weight=float(meta["weight"]),
-        num_examples=float(meta["num-examples"]),
-        local_steps=int(meta["local-steps"]),
-        dp_event=record_dp_event(meta),
-    )
-    return int(meta["silo"]), message
+def record_update(content: RecordDict, silo: int, layout: Layout) -> ClientMessage:
+    """The update in a reply from the node that serves `silo`, checked against the round's `layout`
+    (names, shapes, dtypes) and for finite numbers; `BadReplyError` says what is wrong with it."""
+    try:
+        meta = content["meta"]
+        claimed = int(meta["silo"])
+        message = ClientMessage(
+            tensors=record_params(content["update"]),
+            weight=float(meta["weight"]),
+            num_examples=float(meta["num-examples"]),
+            local_steps=int(meta["local-steps"]),
+            dp_event=record_dp_event(meta),
+        )
+    except (KeyError, TypeError, ValueError) as exc:  # what a record or JSON raises on bad input
+        raise BadReplyError(f"a malformed update ({type(exc).__name__}: {exc})") from None
+    if claimed != silo:
+        raise BadReplyError(f"the reply claims silo {claimed}, but its node serves silo {silo}")
+    check_update(message, layout)
+    return message
+
+
+def check_update(message: ClientMessage, layout: Layout) -> None:
+    got = layout_of(message)
+    if got != layout:
+        raise BadReplyError(f"an update of layout {got}, not the round's {layout}")
+    numbers = (message.weight, message.num_examples)
+    if not all(math.isfinite(x) and x >= 0 for x in numbers) or message.local_steps < 0:
+        raise BadReplyError(
+            f"weight {message.weight}, examples {message.num_examples} and steps "
+            f"{message.local_steps} must be finite and not negative"
+        )
+    for name, tensor in message.tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise BadReplyError(f"'{name}' holds NaN or infinite values")
 
 
 def metrics_config(silo: int, sums: MetricSums) -> ConfigRecord:
@@ -68,7 +101,17 @@ def metrics_config(silo: int, sums: MetricSums) -> ConfigRecord:
     return ConfigRecord({"silo": silo, "users": sums.users, **values})
 
 
-def record_metrics(content: RecordDict, name: str = "metrics") -> tuple[int, MetricSums]:
-    record = content[name]
-    sums = {k: float(record[f"sum/{k}"]) for k in METRIC_NAMES}
-    return int(record["silo"]), MetricSums(sums, int(record["users"]))
+def record_metrics(content: RecordDict, silo: int, name: str = "metrics") -> MetricSums:
+    """The metric sums in a reply from the node that serves `silo`."""
+    try:
+        record = content[name]
+        claimed = int(record["silo"])
+        sums = {k: float(record[f"sum/{k}"]) for k in METRIC_NAMES}
+        users = int(record["users"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BadReplyError(f"malformed metrics ({type(exc).__name__}: {exc})") from None
+    if claimed != silo:
+        raise BadReplyError(f"metrics claimed for silo {claimed} by the node of silo {silo}")
+    if users < 0 or not all(math.isfinite(v) and v >= 0 for v in sums.values()):
+        raise BadReplyError("metric sums must be finite and not negative")
+    return MetricSums(sums, users)

@@ -587,6 +587,7 @@ class SecAggOutcome:
     survivors: list[int]
     cost: ProtectionCost
     server: SecAggServer  # what the server saw (the masked inputs), for attack benchmarks
+    rejected: dict[int, str] = field(default_factory=dict)  # clients whose message was refused
 
 
 def run_secagg_round(
@@ -605,14 +606,24 @@ def run_secagg_round(
         server_seconds += time.perf_counter() - started
         return out
 
+    rejected: dict[int, str] = {}
+
+    def collect(i: int, work) -> None:
+        # A message the server refuses (bad key, package or shape) makes its sender a dropout of
+        # that step; the protocol recovers from dropouts, so the round goes on without it.
+        try:
+            on_server(work)
+        except ProtectionError as reason:
+            rejected[i] = str(reason)
+
     for i, keys in sorted(parties.advertise().items()):
-        on_server(lambda i=i, keys=keys: server.collect_keys(i, keys))
+        collect(i, lambda i=i, keys=keys: server.collect_keys(i, keys))
     routed = on_server(lambda: {i: server.keys_for(i) for i in sorted(server.public_keys)})
     for i, package in sorted(parties.share_keys(routed).items()):
-        on_server(lambda i=i, p=package: server.collect_shares(i, p))
+        collect(i, lambda i=i, p=package: server.collect_shares(i, p))
     routed = on_server(server.routed_shares)
     for i, masked in sorted(parties.masked_inputs(routed).items()):
-        on_server(lambda i=i, m=masked: server.collect_masked(i, m))
+        collect(i, lambda i=i, m=masked: server.collect_masked(i, m))
     survivors, dropped = server.roster()
     if len(survivors) < max(2, needed):
         raise ProtectionError(
@@ -628,7 +639,7 @@ def run_secagg_round(
         bytes_sent_per_client=[parties.sent.get(i, 0) for i in survivors],
         details=round_details(setup, len(dropped), setup.n_clients - len(server.packages)),
     )
-    return SecAggOutcome(total, survivors, cost, server)
+    return SecAggOutcome(total, survivors, cost, server, rejected)
 
 
 @dataclass
