@@ -93,6 +93,32 @@ def test_secagg_plus_neighbourhoods_with_dropouts():
     assert np.abs(result.total - expected).max() < 1e-9
 
 
+@pytest.mark.parametrize("dropped", [0, 1, 2])
+def test_three_clients_survive_any_one_dropping_after_sharing(dropped):
+    """k = 2, t = 2: each survivor's own share of its self-mask seed and its surviving
+    neighbour's make two, so a three-silo federation loses a round to no single dropout."""
+    vectors = _vectors(3, 50, seed=6)
+    result = SecAggSum(drop_after_shares={dropped}).sum(vectors, 1.0)
+    assert result.cost.details["threshold"] == 2 and result.cost.details["neighbours"] == 2
+    assert result.contributors == [i for i in range(3) if i != dropped]
+    expected = np.sum([vectors[i] for i in result.contributors], axis=0)
+    assert np.abs(result.total - expected).max() < 1e-9
+
+
+def test_a_server_that_splits_a_clients_holders_gets_too_few_of_either_secret():
+    """The server tells client 1 that client 0 survived and client 2 that it dropped: it collects
+    one share of 0's self-mask seed and one of its mask key, t = 2 needed for either."""
+    server, clients = _after_key_sharing(3, 16)
+    routed = server.routed_shares()
+    for c in clients:
+        server.collect_masked(c.index, c.masked_input(np.zeros(16), routed[c.index]))
+    told_survived = clients[1].unmask([0, 1, 2], [])
+    told_dropped = clients[2].unmask([1, 2], [0])
+    b_shares = [told_survived[0]]  # client 0 itself was never asked
+    sk_shares = [told_dropped[0]]
+    assert len(b_shares) == len(sk_shares) == 1 < server.setup.threshold == 2
+
+
 def test_dropouts_before_sharing_are_simply_left_out():
     vectors = _vectors(8, 100, seed=4)
     result = SecAggSum(drop_before_shares={0, 3}).sum(vectors, 1.0)

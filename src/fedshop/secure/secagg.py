@@ -6,7 +6,8 @@ even when clients drop out after the key-sharing step. One round, four steps:
 1. **Advertise keys.** Each client makes two fresh X25519 key pairs: one to encrypt the shares it
    sends to its neighbours (c), one to agree pairwise mask seeds (s). Only public keys are sent.
 2. **Share keys.** Each client draws a self-mask seed b, splits b and its secret key s_sk into Shamir
-   shares (threshold t among its k neighbours), and sends each neighbour its two shares encrypted
+   shares (threshold t among its k neighbours and itself, a strict majority of the k + 1 by
+   default), keeps its own share of b, and sends each neighbour its two shares encrypted
    with AES-GCM under a key agreed with that neighbour: the server routes shares but cannot read
    them, and a tampered share fails authentication. It also sends a SHA-256 commitment to b.
 3. **Masked input.** Each client rounds its update into the ring Z_{2^bits} (`ring.py`) and adds
@@ -14,7 +15,8 @@ even when clients drop out after the key-sharing step. One round, four steps:
    s_ij is agreed by X25519 and HKDF. The pairwise masks cancel in the sum; PRG(b) hides a client
    whose pairwise masks the server later removes.
 4. **Unmask.** The server names who survived and who dropped. Each survivor returns, per neighbour,
-   the share of b (neighbour survived) or of s_sk (neighbour dropped), never both. The server
+   the share of b (neighbour survived) or of s_sk (neighbour dropped), never both, and its own
+   share of its own b. The server
    rebuilds each survivor's b and removes PRG(b), and each dropped client's s_sk and removes the
    dropped client's pairwise masks from its surviving neighbours' inputs.
 
@@ -27,7 +29,9 @@ from `cryptography`; Shamir sharing over a prime field in `shamir.py` (secret sh
 Nothing here is a new cipher.
 
 Threat model: an honest-but-curious server and clients; fewer than t of a client's neighbours
-colluding with the server learn nothing about its input. A malicious server that lies about who
+colluding with the server learn nothing about its input. Dropouts: a round survives as long as every
+survivor keeps t - 1 surviving neighbours and every dropped client t surviving neighbours (with three
+clients, k = 2 and t = 2: any one may drop). A malicious server that lies about who
 dropped is not covered (the actively secure variant adds signatures and a consistency round).
 """
 
@@ -199,11 +203,12 @@ class RoundSetup:
     length: int
 
     def __post_init__(self) -> None:
-        smallest = min((len(v) for v in self.graph.values()), default=0)
+        # A client's secrets are shared among its neighbours and itself (`holders`).
+        smallest = min((len(v) for v in self.graph.values()), default=0) + 1
         if not 1 <= self.threshold <= smallest:
             raise ProtectionError(
-                f"SecAgg threshold {self.threshold} must be between 1 and the neighbourhood "
-                f"size {smallest}"
+                f"SecAgg threshold {self.threshold} must be between 1 and the share holders "
+                f"of a client, {smallest}"
             )
 
     def to_json(self) -> str:
@@ -306,6 +311,7 @@ class SecAggClient:
         self._public: dict[int, tuple[bytes, bytes]] = {}
         # From each neighbour: (x, b-share, sk-share).
         self._held: dict[int, tuple[int, bytes, bytes]] = {}
+        self._own_b_share: bytes | None = None  # this client's share of its own self-mask seed
         self._masked_with: tuple[int, ...] | None = None  # set once the masked input is out
         self._answered = False
 
@@ -321,6 +327,7 @@ class SecAggClient:
                 "seed": self._seed.hex(),
                 "public": {str(j): [a.hex(), b.hex()] for j, (a, b) in self._public.items()},
                 "held": {str(j): [x, b.hex(), s.hex()] for j, (x, b, s) in self._held.items()},
+                "own_b_share": None if self._own_b_share is None else self._own_b_share.hex(),
                 "masked_with": self._masked_with,
                 "answered": self._answered,
             }
@@ -343,6 +350,8 @@ class SecAggClient:
             int(j): (int(x), bytes.fromhex(b), bytes.fromhex(s))
             for j, (x, b, s) in data["held"].items()
         }
+        own = data.get("own_b_share")
+        client._own_b_share = None if own is None else bytes.fromhex(own)
         masked_with = data["masked_with"]
         client._masked_with = None if masked_with is None else tuple(masked_with)
         client._answered = bool(data["answered"])
@@ -356,16 +365,20 @@ class SecAggClient:
     def share_keys(self, public_keys: dict[int, tuple[bytes, bytes]]) -> SharePackage:
         """`public_keys`: the advertised keys of this client's neighbours who are still present."""
         present = [j for j in self.neighbours if j in public_keys]
-        if len(present) < self.setup.threshold:
+        if len(present) + 1 < self.setup.threshold:
             raise ProtectionError(
                 f"client {self.index}: only {len(present)} neighbours advertised keys; the round "
-                f"needs at least {self.setup.threshold}"
+                f"needs at least {self.setup.threshold - 1}"
             )
         self._public = {j: public_keys[j] for j in present}
-        # Shares go to x = position + 1 in the full neighbour list, so every share has a fixed x.
+        # Shares go to x = position + 1 in the full neighbour list, so every share has a fixed x;
+        # x = k + 1 is this client's own share of its self-mask seed, which it adds when it
+        # survives: with k = 2 (three clients) a survivor whose other neighbour dropped still
+        # reaches t = 2 shares of its seed.
         k = len(self.neighbours)
-        b_shares = split_secret(self._seed, self.setup.threshold, k)
-        sk_shares = split_secret(self._s_seed, self.setup.threshold, k)
+        b_shares = split_secret(self._seed, self.setup.threshold, k + 1)
+        sk_shares = split_secret(self._s_seed, self.setup.threshold, k + 1)
+        self._own_b_share = b_shares[k]
         ciphertexts = {}
         for x, j in enumerate(self.neighbours, start=1):
             if j not in self._public:
@@ -427,6 +440,9 @@ class SecAggClient:
             )
         self._answered = True
         answer = {}
+        if self.index in survivors and self._own_b_share is not None:
+            x = len(self.neighbours) + 1
+            answer[self.index] = x.to_bytes(2, "big") + b"b" + self._own_b_share
         for j, (x, b_share, sk_share) in self._held.items():
             if j in survivors:
                 answer[j] = x.to_bytes(2, "big") + b"b" + b_share
@@ -715,7 +731,8 @@ class SecAggSum:
     """
 
     neighbours: int | None = None  # k; None: `default_neighbours(n)`
-    threshold: float | int | None = None  # t; None: a strict majority of k; a float: fraction of k
+    # t; None: a strict majority of a client's k + 1 share holders; a float: a fraction of them
+    threshold: float | int | None = None
     ring_bits: int = 64
     drop_before_shares: Collection[int] = ()
     drop_after_shares: Collection[int] = ()
@@ -741,10 +758,14 @@ class SecAggSum:
         k = min(max(k, 1), n_clients - 1)
         if k < n_clients - 1 and k % 2:
             k += 1  # the ring neighbourhood is symmetric: k/2 on either side
+        # A client's secrets have k + 1 holders (its neighbours and itself). A strict majority of
+        # them: a server that tells some holders a client survived and others that it dropped
+        # cannot collect t shares of both of its secrets.
+        holders = k + 1
         if self.threshold is None:
-            t = k // 2 + 1
+            t = holders // 2 + 1
         elif isinstance(self.threshold, float):
-            t = max(1, math.ceil(self.threshold * k))
+            t = max(1, math.ceil(self.threshold * holders))
         else:
             t = self.threshold
         graph = secagg_plus_graph(n_clients, k, self.rng)
@@ -752,7 +773,7 @@ class SecAggSum:
             session=os.urandom(16),
             n_clients=n_clients,
             graph=graph,
-            threshold=min(t, k),
+            threshold=min(t, holders),
             ring=FixedPointRing.for_sum(bound, n_clients, self.ring_bits),
             length=length,
         )
