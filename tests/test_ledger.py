@@ -8,6 +8,7 @@ import pwd
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -157,6 +158,34 @@ def test_a_release_past_the_delta_budget_is_refused(ledger):
     ledger.record("run-b", "Germany", "online-retail", 1, 1.0, 4e-6, "customer", "rdp")
     balance = ledger.balance("Germany", "online-retail")
     assert balance.spent_delta == pytest.approx(1e-5) and balance.runs == 2
+
+
+def test_privacy_ledger_json_prints_the_rows_alone(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedshop.cli import app
+
+    url = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    ledger = Ledger(url)
+    ledger.set_budget("Germany", "online-retail", epsilon=4.0, delta=1e-5)
+    ledger.record("run-a", "Germany", "online-retail", 1, 1.5, 2e-6, "customer", "rdp")
+    ledger.record("run-b", "Germany", "online-retail", 1, 0.5, 2e-6, "customer", "rdp")
+    # A spend whose budget was removed by hand: its budget fields are null.
+    ledger.set_budget("France", "online-retail", epsilon=1.0, delta=1e-5)
+    ledger.record("run-c", "France", "online-retail", 1, 0.25, 1e-6, "customer", "rdp")
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as connection:
+        connection.execute("DELETE FROM budgets WHERE silo = 'France'")
+    result = CliRunner().invoke(app, ["privacy", "ledger", "--json", "--ledger", url])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)  # the whole of stdout is the JSON
+    assert rows == [
+        {"silo": "France", "dataset": "online-retail", "budget_epsilon": None,
+         "budget_delta": None, "spent_epsilon": 0.25, "spent_delta": 1e-6, "runs": 1,
+         "remaining_epsilon": None},
+        {"silo": "Germany", "dataset": "online-retail", "budget_epsilon": 4.0,
+         "budget_delta": 1e-5, "spent_epsilon": 2.0, "spent_delta": 4e-6, "runs": 2,
+         "remaining_epsilon": 2.0},
+    ]  # fmt: skip
 
 
 # Two of these spend one budget at once, each as its own run, in small steps, until refused. They
