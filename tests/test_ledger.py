@@ -1,10 +1,19 @@
-"""The privacy-budget ledger on a real SQLite file, including a writer killed mid-run."""
+"""The privacy-budget ledger on a real SQLite file and a real PostgreSQL server, including a writer
+killed mid-run and two processes spending one budget at once."""
 
+import glob
+import json
 import os
+import pwd
+import shutil
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -138,3 +147,190 @@ def test_a_resumed_run_continues_its_ledger_run_without_counting_twice(tmp_path)
     # Opening it afresh instead would have checked the whole plan against what is left.
     with pytest.raises(BudgetExceededError):
         PrivacyGuard.open(plan, config, "d", ("A",))
+
+
+def test_a_release_past_the_delta_budget_is_refused(ledger):
+    ledger.set_budget("Germany", "online-retail", epsilon=10.0, delta=1e-5)
+    ledger.record("run-a", "Germany", "online-retail", 1, 1.0, 6e-6, "customer", "rdp")
+    # ε fits easily; δ does not: 6e-6 + 5e-6 > 1e-5.
+    with pytest.raises(BudgetExceededError, match=r"δ = 1\.1e-05.*nothing was released"):
+        ledger.record("run-b", "Germany", "online-retail", 1, 1.0, 5e-6, "customer", "rdp")
+    ledger.record("run-b", "Germany", "online-retail", 1, 1.0, 4e-6, "customer", "rdp")
+    balance = ledger.balance("Germany", "online-retail")
+    assert balance.spent_delta == pytest.approx(1e-5) and balance.runs == 2
+
+
+def test_privacy_ledger_json_prints_the_rows_alone(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedshop.cli import app
+
+    url = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    ledger = Ledger(url)
+    ledger.set_budget("Germany", "online-retail", epsilon=4.0, delta=1e-5)
+    ledger.record("run-a", "Germany", "online-retail", 1, 1.5, 2e-6, "customer", "rdp")
+    ledger.record("run-b", "Germany", "online-retail", 1, 0.5, 2e-6, "customer", "rdp")
+    # A spend whose budget was removed by hand: its budget fields are null.
+    ledger.set_budget("France", "online-retail", epsilon=1.0, delta=1e-5)
+    ledger.record("run-c", "France", "online-retail", 1, 0.25, 1e-6, "customer", "rdp")
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as connection:
+        connection.execute("DELETE FROM budgets WHERE silo = 'France'")
+    result = CliRunner().invoke(app, ["privacy", "ledger", "--json", "--ledger", url])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)  # the whole of stdout is the JSON
+    assert rows == [
+        {"silo": "France", "dataset": "online-retail", "budget_epsilon": None,
+         "budget_delta": None, "spent_epsilon": 0.25, "spent_delta": 1e-6, "runs": 1,
+         "remaining_epsilon": None},
+        {"silo": "Germany", "dataset": "online-retail", "budget_epsilon": 4.0,
+         "budget_delta": 1e-5, "spent_epsilon": 2.0, "spent_delta": 4e-6, "runs": 2,
+         "remaining_epsilon": 2.0},
+    ]  # fmt: skip
+
+
+# Two of these spend one budget at once, each as its own run, in small steps, until refused. They
+# start together (a "go" file) so that their check-and-spend steps overlap.
+SPENDER = """
+import json, sys, time
+from pathlib import Path
+from fedshop.storage.ledger import BudgetExceededError, Ledger
+
+url, run, datasets, folder = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
+ledger = Ledger(url)
+(folder / f"ready-{run}").touch()
+while not (folder / "go").exists():
+    time.sleep(0.001)
+recorded = refused = 0
+for dataset in range(datasets):
+    for step in range(1, 100):
+        try:
+            ledger.record(run, "Germany", f"d{dataset}", step, 0.05 * step, 1e-9, "customer", "rdp")
+        except BudgetExceededError:
+            refused += 1
+            break
+        recorded += 1
+print(json.dumps({"recorded": recorded, "refused": refused}))
+"""
+
+
+def spend_at_once(url: str, folder: Path, datasets: int = 20) -> None:
+    """Run two SPENDERs against `url` at once; each budget is ε = 1 (20 steps of 0.05 in all)."""
+    ledger = Ledger(url)
+    for dataset in range(datasets):
+        ledger.set_budget("Germany", f"d{dataset}", epsilon=1.0, delta=1e-5)
+    script = folder / "spender.py"
+    script.write_text(SPENDER)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(script), url, run, str(datasets), str(folder)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for run in ("run-a", "run-b")
+    ]
+    deadline = time.monotonic() + 60
+    while not all((folder / f"ready-{run}").exists() for run in ("run-a", "run-b")):
+        assert time.monotonic() < deadline, "the spenders did not start"
+        assert all(process.poll() is None for process in processes), "a spender stopped early"
+        time.sleep(0.01)
+    (folder / "go").touch()
+    results = []
+    for process in processes:
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err
+        results.append(json.loads(out))
+    balances = [ledger.balance("Germany", f"d{dataset}") for dataset in range(datasets)]
+    overspent = {
+        b.dataset: round(b.spent_epsilon, 4) for b in balances if b.spent_epsilon > 1 + 1e-9
+    }
+    assert not overspent, f"budgets ε = 1 overspent: {overspent}"
+    # Each process stopped at its first refusal on every dataset, and together they used each
+    # budget to its end: 20 steps of 0.05, however the steps fell between them.
+    assert [r["refused"] for r in results] == [datasets, datasets]
+    assert sum(r["recorded"] for r in results) == 20 * datasets
+
+
+def test_two_processes_spending_one_sqlite_budget_at_once_never_overspend_it(tmp_path):
+    spend_at_once(f"sqlite:///{tmp_path / 'ledger.sqlite'}", tmp_path)
+
+
+def _postgres_bin() -> Path | None:
+    """The folder of initdb and pg_ctl: on PATH, else where Debian installs them."""
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    installed = [Path(f) for f in glob.glob("/usr/lib/postgresql/*/bin/initdb")]
+    newest = max(installed, key=lambda f: [int(n) for n in f.parts[-3].split(".")], default=None)
+    return newest.parent if newest else None
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on a free loopback port with one empty database; its URL.
+    Skipped, with one line, where PostgreSQL or its driver is absent; CI (CI=true) fails instead."""
+    missing = None
+    binaries = _postgres_bin()
+    if binaries is None:
+        missing = "PostgreSQL's initdb is neither on PATH nor in /usr/lib/postgresql/*/bin"
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        missing = "the psycopg driver is not installed (pip install -e '.[dev]')"
+    if missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(missing, pytrace=False)
+        pytest.skip(missing)
+    # PostgreSQL refuses to run as root: as root, run it as the 'postgres' user (Debian's package
+    # creates it), in a folder that user owns outside pytest's root-only tmp folder.
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.fail(
+                "running as root, with no 'postgres' user to run PostgreSQL as", pytrace=False
+            )
+        as_user = ["runuser", "-u", "postgres", "--"]
+    folder = Path(tempfile.mkdtemp(prefix="fedshop-pg-"))
+    if as_user:
+        os.chown(folder, user.pw_uid, user.pw_gid)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    data, log, pg_ctl = folder / "data", folder / "log", str(binaries / "pg_ctl")
+
+    def run(*command: str) -> None:
+        done = subprocess.run([*as_user, *command], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            server_log = log.read_text()[-2000:] if log.exists() else ""
+            pytest.fail(f"{command[0]} failed: {done.stderr}{server_log}", pytrace=False)
+
+    started = False
+    try:
+        run(str(binaries / "initdb"), "-D", str(data), "-U", "fedshop", "--auth=trust", "--no-sync")
+        # Sockets in our folder, TCP on loopback only; fsync off: a throwaway cluster.
+        options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+        run(pg_ctl, "-D", str(data), "-l", str(log), "-w", "-o", options, "start")
+        started = True
+        from sqlalchemy import create_engine, text
+
+        server = create_engine(
+            f"postgresql+psycopg://fedshop@127.0.0.1:{port}/postgres", isolation_level="AUTOCOMMIT"
+        )
+        with server.connect() as connection:
+            connection.execute(text("CREATE DATABASE ledger"))
+        server.dispose()
+        yield f"postgresql+psycopg://fedshop@127.0.0.1:{port}/ledger"
+    finally:
+        if started:
+            run(pg_ctl, "-D", str(data), "-w", "-m", "immediate", "stop")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_two_processes_spending_one_postgresql_budget_at_once_never_overspend_it(
+    postgres_url, tmp_path
+):
+    spend_at_once(postgres_url, tmp_path)

@@ -6,6 +6,8 @@ imported inside the commands that use them, so `--help` and one-line errors answ
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -337,13 +339,28 @@ app.add_typer(privacy_app, name="privacy")
 
 
 @privacy_app.command("ledger")
-def privacy_ledger(ledger: LedgerOption = None) -> None:
+def privacy_ledger(
+    ledger: LedgerOption = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print the rows as a JSON list, nothing else (null: no budget)."
+        ),
+    ] = False,
+) -> None:
     """Show every silo's budget, what it has spent, and what is left."""
     from fedshop.storage.ledger import Ledger
 
     book = Ledger(ledger)
-    console.print(f"Privacy ledger: {book.url}", highlight=False, soft_wrap=True)
     balances = book.balances()
+    if as_json:
+        # Plain print, not rich: the output is for scripts (`| jq`), so no markup, wrapping or color.
+        rows = [dataclasses.asdict(b) for b in balances]
+        for row, b in zip(rows, balances, strict=True):
+            row["remaining_epsilon"] = None if b.budget_epsilon is None else b.remaining_epsilon
+        print(json.dumps(rows, indent=2))
+        return
+    console.print(f"Privacy ledger: {book.url}", highlight=False, soft_wrap=True)
     if not balances:
         console.print("[dim]No budgets and no spends recorded yet.[/]")
     # One table per dataset, named in its title: at 80 columns a dataset column would cut

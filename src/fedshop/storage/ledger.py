@@ -9,6 +9,10 @@ Rules that make it safe:
 - **Composition across runs** is the basic (additive) one: a silo's spend on a dataset is the sum over
   runs of each run's largest recorded ε (within a run the accountant composes more tightly). δ adds
   the same way. Conservative, and simple to audit.
+- **Check-and-spend is atomic.** `record` reads the budget and the other runs' spends and writes the
+  new spend in one transaction that concurrent spenders cannot interleave: on SQLite it begins with
+  `BEGIN IMMEDIATE` (the database's write lock, taken before the reads; a second writer waits for it),
+  on server databases it locks the budget row (`SELECT … FOR UPDATE`). It checks ε and δ.
 
 Storage is SQLAlchemy: SQLite by default, any SQL URL works. The URL comes from the config, else
 `$FEDSHOP_LEDGER_URL`, else a SQLite file in the user's data folder.
@@ -34,12 +38,13 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     delete,
+    event,
     func,
     insert,
     select,
     update,
 )
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from fedshop.config import Environment
@@ -106,14 +111,44 @@ class Balance:
         return (self.budget_epsilon or 0.0) - self.spent_epsilon
 
 
+# How long a SQLite writer waits for another one's write lock before giving up, in seconds: far
+# longer than one check-and-spend takes, so concurrent runs queue instead of failing.
+SQLITE_BUSY_TIMEOUT = 60.0
+
+
+def _sqlite_engine(url: str) -> Engine:
+    """An engine whose transactions SQLAlchemy begins itself: reads with BEGIN, writes (a connection
+    with the `fedshop_begin` option) with BEGIN IMMEDIATE. Python's sqlite3 would begin a transaction
+    only at the first INSERT, after the budget was read, so two runs could both read "it fits" and
+    both spend (SQLAlchemy's SQLite docs, "Enabling Non-Legacy SQLite Transactional Modes")."""
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT})
+
+    @event.listens_for(engine, "connect")
+    def _no_driver_transactions(dbapi_connection, connection_record) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection) -> None:
+        mode = connection.get_execution_options().get("fedshop_begin", "")
+        connection.exec_driver_sql(f"BEGIN {mode}".strip())
+
+    return engine
+
+
 class Ledger:
     def __init__(self, url: str | None = None) -> None:
         self.url = url or default_url()
         try:
             if self.url.startswith("sqlite:///"):
                 Path(self.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            self._engine: Engine = create_engine(self.url)
-            _metadata.create_all(self._engine)
+            if make_url(self.url).get_backend_name() == "sqlite":
+                self._engine: Engine = _sqlite_engine(self.url)
+            else:
+                self._engine = create_engine(self.url)
+            # Writes hold SQLite's write lock from their first statement (elsewhere: no effect).
+            self._writer = self._engine.execution_options(fedshop_begin="IMMEDIATE")
+            with self._writer.begin() as connection:
+                _metadata.create_all(connection)
         except (SQLAlchemyError, OSError) as exc:
             raise LedgerError(f"cannot open the privacy ledger at {self.url}: {exc}") from None
 
@@ -203,27 +238,37 @@ class Ledger:
         accountant: str,
     ) -> None:
         """Write ahead: the run's cumulative (ε, δ) once release `step` has happened. Call it, and
-        let it commit, before the release leaves the silo; it refuses to pass the budget."""
+        let it commit, before the release leaves the silo; it refuses to pass the ε or δ budget.
+        The check and the write are one transaction no concurrent `record` can interleave."""
         with self._write() as connection:
+            # FOR UPDATE: on a server database, concurrent spenders of this budget queue here until
+            # this transaction commits (SQLite already holds its write lock; it ignores the clause).
             budget = connection.execute(
-                select(budgets.c.epsilon).where(
-                    budgets.c.silo == silo, budgets.c.dataset == dataset
-                )
+                select(budgets.c.epsilon, budgets.c.delta)
+                .where(budgets.c.silo == silo, budgets.c.dataset == dataset)
+                .with_for_update()
             ).first()
-            # Other runs count with their largest recorded ε; this run with the new value.
+            # Other runs count with their largest recorded (ε, δ); this run with the new value.
             others = connection.execute(
-                select(spends.c.run_id, func.max(spends.c.epsilon))
+                select(spends.c.run_id, func.max(spends.c.epsilon), func.max(spends.c.delta))
                 .where(
                     spends.c.silo == silo, spends.c.dataset == dataset, spends.c.run_id != run_id
                 )
                 .group_by(spends.c.run_id)
             ).all()
-            spent_by_others = sum(row[1] for row in others)
-            if budget is None or spent_by_others + epsilon > budget[0] + 1e-12:
+            total_epsilon = sum(row[1] for row in others) + epsilon
+            total_delta = sum(row[2] for row in others) + delta
+            if budget is None or total_epsilon > budget[0] + 1e-12:
                 raise BudgetExceededError(
                     f"silo '{silo}' on '{dataset}': release {step} would bring the spend to "
-                    f"ε = {spent_by_others + epsilon:.4g}, over the budget "
+                    f"ε = {total_epsilon:.4g}, over the budget "
                     f"ε = {budget[0] if budget else 0:.4g}; nothing was released"
+                )
+            if total_delta > budget[1] * (1 + 1e-9):
+                raise BudgetExceededError(
+                    f"silo '{silo}' on '{dataset}': release {step} would bring the spend to "
+                    f"δ = {total_delta:.3g}, over the budget δ = {budget[1]:.3g}; "
+                    "nothing was released"
                 )
             key = (
                 (spends.c.run_id == run_id) & (spends.c.silo == silo)
@@ -256,9 +301,10 @@ class Ledger:
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:
-        """A transaction, with database errors turned into one clear LedgerError."""
+        """A write transaction (on SQLite holding the write lock from its start), with database
+        errors turned into one clear LedgerError."""
         try:
-            with self._engine.begin() as connection:
+            with self._writer.begin() as connection:
                 yield connection
         except SQLAlchemyError as exc:
             raise LedgerError(f"cannot write the privacy ledger at {self.url}: {exc}") from None
