@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import asdict, replace
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedshop.config import DataConfig, load_config
@@ -22,8 +23,16 @@ from fedshop.deploy.identities import IdentityError, SiloNodes, silo_of_key
 from fedshop.deploy.launch import DeploySettings, prepare, run_config
 from fedshop.deploy.server_app import serve
 from fedshop.deploy.silo_app import SiloNode
+from fedshop.deploy.silo_policy import (
+    LEDGER_FILE,
+    PolicyError,
+    SiloLedger,
+    SiloPolicy,
+    policy_path,
+)
 from fedshop.errors import FedShopError
 from fedshop.messages import ClientMessage
+from fedshop.secure.secagg import SecAggSum
 
 SMALL = {
     "methods": ["federated"], "model.dim": 8, "federated.rounds": 2, "data.max_silos": 3,
@@ -51,7 +60,10 @@ class InstantGrid:
             message.metadata.__dict__["_message_id"] = message.object_id
             node = message.metadata.dst_node_id
             TaskIdentity.node_id = node  # the reply's source: the node the message went to
-            self.inbox.append(Message(self.nodes[node](message), reply_to=message))
+            try:
+                self.inbox.append(Message(self.nodes[node](message), reply_to=message))
+            except FedShopError as exc:  # as Flower reports a ClientApp's exception
+                self.inbox.append(Message(error=Error(0, str(exc)), reply_to=message))
             TaskIdentity.node_id = 0
             ids.append(message.metadata.message_id)
         return ids
@@ -231,3 +243,131 @@ def test_record_update_checks_what_it_decodes():
     metrics = RecordDict({"metrics": ConfigRecord({"silo": 1, "users": 5})})
     with pytest.raises(wire.BadReplyError, match="malformed"):
         wire.record_metrics(metrics, 1)
+
+
+# ---- silos enforce their own protection ------------------------------------------------------
+
+
+def test_a_silo_whose_policy_requires_secagg_refuses_a_plain_task(federation, capsys):
+    """Silo 2's policy asks for secure aggregation; the coordinator sends plain tasks. Silo 2
+    never trains; both logs say why; the rounds go on with silos 0 and 1."""
+    folder, settings_record, real = federation
+    policy = policy_path(folder / "silos" / "silo-2.npz")
+    policy.write_text(SiloPolicy(require_secagg=True).to_toml())
+    strict = SiloNode({"silo-data": str(folder / "silos" / "silo-2.npz"),
+                       "state-dir": str(folder / "silos" / "silo-2-state")})  # fmt: skip
+    nodes = {101: silo_handler(real[101]), 102: silo_handler(real[102]), 103: silo_handler(strict)}
+    _serve(nodes, {**settings_record, "min-silos": 2})
+    assert [r["clients"] for r in _outcome(folder)["history"]] == [[0, 1], [0, 1]]
+    assert "node 103 failed: the silo's policy requires secure aggregation" in _log(folder)
+    assert (
+        "fedshop silo refused a task: the silo's policy requires secure" in capsys.readouterr().err
+    )
+    assert not list((folder / "silos" / "silo-2-state").glob("round-*.pt"))  # it never trained
+
+
+def test_a_silo_without_a_policy_file_does_not_start(federation):
+    folder, _, _ = federation
+    policy_path(folder / "silos" / "silo-0.npz").unlink()
+    with pytest.raises(PolicyError, match="no policy file"):
+        SiloNode({"silo-data": str(folder / "silos" / "silo-0.npz"), "state-dir": str(folder)})
+
+
+def _plan(**privacy):
+    from fedshop.experiment import record_level_plan
+
+    overrides = {"privacy.mode": "record", "privacy.epsilon": 4.0, "federated.rounds": 5}
+    return record_level_plan(load_config(overrides={**overrides, **privacy}), 1000)
+
+
+def test_the_policy_checks_a_task_with_its_own_accountant():
+    plan = _plan()
+    policy = SiloPolicy(require_dp=True, min_noise_multiplier=plan.noise_multiplier,
+                        max_delta=plan.delta, max_epsilon_per_run=4.0, budget_epsilon=10.0)  # fmt: skip
+    policy.check_task(plan, None)
+    with pytest.raises(PolicyError, match="requires record-level DP"):
+        policy.check_task(None, None)
+    weaker = replace(plan, noise_multiplier=plan.noise_multiplier / 2)
+    with pytest.raises(PolicyError, match="noise multiplier"):
+        policy.check_task(weaker, None)
+    # More rounds at the same noise: the server may state any ε; the silo computes it.
+    longer = replace(plan, rounds=plan.rounds * 4)
+    with pytest.raises(PolicyError, match="accepts at most 4 per run"):
+        replace(policy, min_noise_multiplier=0.0).check_task(longer, None)
+    with pytest.raises(PolicyError, match="above the silo's maximum"):
+        policy.check_task(replace(plan, delta=plan.delta * 10), None)
+    setup = SecAggSum(threshold=1).setup_for(3, 10, 1.0)
+    with pytest.raises(PolicyError, match="threshold 1 is below the silo's minimum 2"):
+        policy.check_task(plan, setup)
+    with pytest.raises(PolicyError, match="requires secure aggregation"):
+        replace(policy, require_secagg=True).check_task(plan, None)
+
+
+def test_a_policy_file_with_a_mistake_is_a_clear_error(tmp_path):
+    path = tmp_path / "silo-0.policy.toml"
+    for text, message in [
+        ("[policy]\nrequire_secag = true\n", "unknown policy settings"),
+        ("[policy]\nrequire_secagg = 1\n", "is not a bool"),
+        ("[policy]\nbudget_epsilon = -1.0\n", "finite number"),
+        ("[policy\n", "cannot read"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(PolicyError, match=message):
+            SiloPolicy.read(path)
+
+
+def test_the_silo_ledger_composes_every_release_and_refuses_past_its_budget(tmp_path):
+    from fedshop.privacy.accounting import epsilon, repeated
+
+    plan = _plan()
+    event = plan.round_event
+    # A budget between two releases and three, as the accountant composes them (not 3 × one).
+    two, three = (epsilon(repeated(event, n), plan.delta) for n in (2, 3))
+    policy = SiloPolicy(max_delta=plan.delta, budget_epsilon=(two + three) / 2)
+    ledger = SiloLedger(tmp_path / "ledger.sqlite")
+    first = ledger.spend("a", event, policy)
+    assert ledger.spend("a", event, policy) == first  # the same bytes again tell nothing new
+    ledger.spend("b", event, policy)
+    with pytest.raises(PolicyError, match="past its budget"):
+        ledger.spend("c", event, policy)
+    assert ledger.releases() == 2
+    # Another run, another process: the same file, the same total.
+    with pytest.raises(PolicyError, match="2 releases so far"):
+        SiloLedger(tmp_path / "ledger.sqlite").spend("d", event, policy)
+    assert (tmp_path / "ledger.sqlite").stat().st_mode & 0o077 == 0
+
+
+def test_under_dp_no_metric_sums_leave_a_silo(federation):
+    """A task with a DP plan: the reply carries the update and its DP event, no metric sums (they
+    are not an accounted release); the silo keeps them in its own folder."""
+    folder, _, _ = federation
+    config = load_config(overrides={**SMALL, "privacy.mode": "record", "privacy.epsilon": 8.0})
+    silo_file = folder / "silos" / "silo-0.npz"
+    plan = _plan(**{"privacy.epsilon": 8.0, "federated.rounds": 2})
+    policy_path(silo_file).write_text(
+        SiloPolicy(
+            require_dp=True, max_delta=plan.delta, max_epsilon_per_run=100.0, budget_epsilon=100.0
+        ).to_toml()
+    )
+    node = SiloNode({"silo-data": str(silo_file), "state-dir": str(folder / "s0")})
+    shared = wire.params_record(_shared(config, node))
+    task = ConfigRecord({"round": 2, "config": config.to_toml(), "evaluate": True,
+                         "final": False, "dp-plan": json.dumps(asdict(plan))})  # fmt: skip
+    reply = node.train(RecordDict({"task": task, "shared": shared}))
+    assert "update" in reply and "metrics" not in reply
+    assert wire.record_dp_event(reply["meta"]) is not None
+    assert (folder / "s0" / "metrics-round-1.json").exists()
+    evaluation = ConfigRecord({"round": 2, "config": config.to_toml(), "evaluate": False,
+                               "final": True, "private": True})  # fmt: skip
+    reply = node.evaluate(RecordDict({"task": evaluation, "shared": shared}))
+    assert "metrics" not in reply and "final" not in reply
+    assert (folder / "s0" / "metrics-final.json").stat().st_mode & 0o077 == 0
+    assert SiloLedger(folder / "s0" / LEDGER_FILE).releases() == 2  # the count and the update
+
+
+def _shared(config, node: SiloNode):
+    from fedshop.models.spec import get_model
+    from fedshop.seeding import torch_generator
+
+    spec = get_model(config.model.name)
+    return spec.init_shared(int(node.meta["n_items"]), config.model, torch_generator(1, "x"))

@@ -7,6 +7,7 @@ same run folder (config.toml, metrics.json, report.html, models/) as the simulat
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -21,6 +22,8 @@ from fedshop.deploy import check_deployable
 from fedshop.deploy.outcome import SHARED_FILE, Outcome
 from fedshop.deploy.processes import LocalFederation, Silo
 from fedshop.deploy.silo_files import write_silo_file
+from fedshop.deploy.silo_policy import SiloPolicy, policy_path
+from fedshop.eval.metrics import MetricSums
 from fedshop.experiment import ExperimentResult, method_result, slug
 from fedshop.privacy.dp import PrivacySummary
 
@@ -34,13 +37,34 @@ class DeploySettings:
 
 
 def write_silo_files(config: RunConfig, dataset: RecDataset, folder: Path) -> list[Path]:
-    """Each silo's data file, silo-N.npz in `folder`, with what the config's evaluation needs."""
+    """Each silo's data file, silo-N.npz in `folder`, with what the config's evaluation needs, and
+    beside it the policy the silo will hold the coordinator to (`silo_policy.py`): the protection
+    this config asks for, as the least the silo accepts. A silo owner reviews and edits it."""
     if config.eval.protocol == "sampled-100":
         dataset = with_eval_negatives(dataset, 100, config.seed)
-    return [
-        write_silo_file(folder / f"silo-{index}.npz", dataset, index)
-        for index in range(dataset.n_silos)
-    ]
+    policy = policy_for(config, dataset).to_toml()
+    paths = []
+    for index in range(dataset.n_silos):
+        paths.append(write_silo_file(folder / f"silo-{index}.npz", dataset, index))
+        policy_path(paths[-1]).write_text(policy)
+    return paths
+
+
+def policy_for(config: RunConfig, dataset: RecDataset) -> SiloPolicy:
+    """The policy that accepts exactly the protection `config` asks for on `dataset`."""
+    secagg = config.protection.kind == "secagg"
+    if not config.privacy.enabled:
+        return SiloPolicy(require_secagg=secagg)
+    from fedshop.experiment import record_level_plan
+
+    largest = max(dataset.silo(i).n_users for i in range(dataset.n_silos))
+    plan = record_level_plan(config, largest)
+    planned = plan.planned_epsilon()
+    return SiloPolicy(
+        require_secagg=secagg, require_dp=True,
+        min_noise_multiplier=plan.noise_multiplier, max_delta=plan.delta,
+        max_epsilon_per_run=planned, budget_epsilon=max(config.privacy.budget, planned),
+    )  # fmt: skip
 
 
 def prepare(config: RunConfig, dataset: RecDataset, folder: Path) -> tuple[list[Silo], Path]:
@@ -97,7 +121,8 @@ def collect(config: RunConfig, dataset: RecDataset, folder: Path, seconds: float
     """The run's result from what the server wrote and what each silo kept."""
     server = folder / "server"
     outcome = Outcome.read(server)
-    federated = method_result(outcome.per_silo, seconds)
+    per_silo = outcome.per_silo or kept_metrics(dataset, folder)
+    federated = method_result(per_silo, seconds)
     weights = {"federated/shared": load_file(str(server / SHARED_FILE))}
     for index, name in enumerate(dataset.silo_names):
         final = folder / "silos" / f"silo-{index}-state" / "final.pt"
@@ -109,6 +134,19 @@ def collect(config: RunConfig, dataset: RecDataset, folder: Path, seconds: float
         config, dataset, {"federated": federated}, outcome.history, weights,
         outcome.privacy or PrivacySummary(), outcome.protection,
     )  # fmt: skip
+
+
+def kept_metrics(dataset: RecDataset, folder: Path) -> dict[str, MetricSums]:
+    """Under DP the silos keep their final metrics in their own state folders (nothing about their
+    held-out baskets leaves them); this trial runs every party on one machine, so its report reads
+    them there. On separate hosts each silo reads its own."""
+    per_silo = {}
+    for index, name in enumerate(dataset.silo_names):
+        path = folder / "silos" / f"silo-{index}-state" / "metrics-final.json"
+        if path.exists():
+            kept = json.loads(path.read_text())
+            per_silo[name] = MetricSums(kept["sums"], int(kept["users"]))
+    return per_silo
 
 
 class LogFollower:

@@ -215,6 +215,8 @@ class GridTransport:
         }
         replies = federation.exchange(contents, f"round-{round_number}")
         previous = federation.metrics(replies) if evaluate is not None else None
+        if self.dp_plan is not None:
+            previous = None  # under DP silos keep their metrics (`SiloNode._report`)
         needed = min(self.min_silos, len(chosen))
         if secure is None:
             updates = {}
@@ -277,6 +279,8 @@ class GridTransport:
             for node in federation.node_of.values()
         }
         replies = federation.exchange(contents, "final")
+        if self.dp_plan is not None:
+            return FinalEvaluation({})  # each silo kept its own metrics
         last = federation.metrics(replies) if evaluate is not None else None
         return FinalEvaluation(federation.metrics(replies, "final"), last)
 
@@ -288,6 +292,8 @@ class GridTransport:
         self, round_number: int, evaluate=False, final=False, dp: str | None = None, **extra
     ) -> ConfigRecord:
         task = {"round": round_number, "config": self.toml, "evaluate": evaluate, "final": final}
+        if self.dp_plan is not None:
+            task["private"] = True  # no exact metric sums back: they are not an accounted release
         return ConfigRecord({**task, **({"dp-plan": dp} if dp is not None else {}), **extra})
 
 
@@ -338,7 +344,10 @@ def serve(grid: Grid, context: Context) -> None:
         privacy=guard.summary() if guard is not None else None,
         protection=summarise_costs(config.protection.kind, run.costs),
     ).write(out, server.shared)
-    log(f"finished: HR@10 {summarise(final)['hr@10']:.4f}")
+    if final:
+        log(f"finished: HR@10 {summarise(final)['hr@10']:.4f}")
+    else:
+        log("finished (under DP each silo keeps its own metrics)")
 
 
 def _privacy_guard(config, federation: Federation, resumed):

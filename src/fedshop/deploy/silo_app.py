@@ -27,6 +27,14 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from fedshop.config import RunConfig, config_from_toml
 from fedshop.deploy import wire
 from fedshop.deploy.silo_files import read_silo_file
+from fedshop.deploy.silo_policy import (
+    LEDGER_FILE,
+    PolicyError,
+    SiloLedger,
+    SiloPolicy,
+    policy_path,
+    refuse,
+)
 from fedshop.deploy.silo_secagg import SecAggSilo
 from fedshop.errors import FedShopError
 from fedshop.fl.aggregation import aggregation_pipeline
@@ -52,6 +60,11 @@ class SiloNode:
         self.index = int(self.meta["index"])
         self.state_dir = Path(str(node_config["state-dir"]))
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.policy = SiloPolicy.read(policy_path(Path(str(node_config["silo-data"]))))
+
+    @functools.cached_property
+    def ledger(self) -> SiloLedger:
+        return SiloLedger(self.state_dir / LEDGER_FILE)
 
     def hello(self) -> RecordDict:
         """Who this silo is: the server maps silos to nodes and checks the catalogue agrees."""
@@ -138,6 +151,12 @@ class SiloNode:
         if not path.exists():
             rng = np.random.default_rng(self._seed("count"))
             count = release_silo_counts([self.data.n_users], plan, rng)[0]
+            try:  # a release like any other: in the silo's own ledger first
+                self.ledger.spend(
+                    f"count {count!r}", plan.fixed_events[0], self.policy, plan.accountant
+                )
+            except PolicyError as reason:
+                refuse(reason)
             path.write_text(json.dumps({"count": float(count)}))
         return float(json.loads(path.read_text())["count"])
 
@@ -151,22 +170,35 @@ class SiloNode:
         """Train on the received model; with `evaluate`, first evaluate it (the server's previous
         round) with the private state it will train from, as the simulator evaluates it."""
         task, config, client, saved_dp, shared = self._task(content, 0)
-        reply = {}
-        if bool(task["evaluate"]):
-            sums = client.evaluate(shared, config.eval.split)
-            reply["metrics"] = wire.metrics_config(self.index, sums)
         plan = None
         if "dp-plan" in task:
             from fedshop.privacy.dp import DpPlan
 
             plan = DpPlan(**json.loads(str(task["dp-plan"])))
+        setup = RoundSetup.from_json(str(task["secagg-setup"])) if "secagg-setup" in task else None
+        try:
+            self.policy.check_task(plan, setup)  # before any work on the silo's data
+        except PolicyError as reason:
+            refuse(reason)
+        reply = {}
+        if bool(task["evaluate"]):
+            sums = client.evaluate(shared, config.eval.split)
+            self._report(reply, "metrics", sums, task, f"round-{int(task['round']) - 1}")
+        if plan is not None:
             client.dp = SiloDp(self.dp_state(config, saved_dp), self.released_count(plan))
         message = client.fit(shared, LocalTask.of_run(config, plan))
+        update = flatten(message, 1.0)
+        if message.dp_event is not None:
+            # Write-ahead in the silo's own ledger: the release is recorded (or refused) before
+            # the update leaves, masked or not.
+            digest = hashlib.sha256(update.tobytes()).hexdigest()
+            try:
+                self.ledger.spend(digest, message.dp_event, self.policy, plan.accountant)
+            except PolicyError as reason:
+                refuse(reason)
         self.save(client, int(task["round"]), client.dp.state if client.dp else None)
-        if "secagg-setup" in task:
+        if setup is not None:
             # Under secure aggregation the update stays here; the reply advertises SecAgg keys.
-            setup = RoundSetup.from_json(str(task["secagg-setup"]))
-            update = flatten(message, 1.0)
             keys = SecAggSilo(self.state_dir).start(setup, int(task["secagg-index"]), update)
             meta = wire.meta_record(self.index, message)
             return RecordDict({"meta": meta, "secagg": keys, **reply})
@@ -177,15 +209,28 @@ class SiloNode:
         after refitting its private vectors to it (personalisation, kept), as the simulator does
         after the last round."""
         task, config, client, _, shared = self._task(content, 1)
-        reply = {
-            "metrics": wire.metrics_config(self.index, client.evaluate(shared, config.eval.split))
-        }
+        reply: dict = {}
+        sums = client.evaluate(shared, config.eval.split)
+        self._report(reply, "metrics", sums, task, f"round-{int(task['round'])}")
         if bool(task["final"]):
             client.personalise(shared, config.federated.personalise_epochs)
             torch.save(client.private_state(), self.state_dir / "final.pt")
             sums = client.evaluate(shared, config.eval.split)
-            reply["final"] = wire.metrics_config(self.index, sums)
+            self._report(reply, "final", sums, task, "final")
         return RecordDict(reply)
+
+    def _report(self, reply: dict, name: str, sums, task, label: str) -> None:
+        """Metric sums go into the reply, except under DP: exact sums over the silo's held-out
+        baskets are not an accounted release, so they stay in the silo's state folder for its own
+        eyes (`metrics-<label>.json`) and nothing about them leaves."""
+        private = self.policy.require_dp or "dp-plan" in task or bool(task.get("private", False))
+        if not private:
+            reply[name] = wire.metrics_config(self.index, sums)
+            return
+        path = self.state_dir / f"metrics-{label}.json"
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as f:
+            json.dump({"users": sums.users, "sums": sums.sums}, f)
 
 
 def handle(message: Message, context: Context, what: str) -> Message:
