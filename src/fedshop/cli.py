@@ -721,6 +721,11 @@ def deploy_silo_data(
     paths = write_silo_files(run_config, dataset, out)
     for index, (name, path) in enumerate(zip(dataset.silo_names, paths, strict=True)):
         console.print(f"{path}  ({name}, {dataset.silo(index).n_users:,} customers)")
+    console.print(
+        "Beside each file, its silo's policy (silo-<i>.policy.toml): the least protection the silo "
+        "accepts and its own privacy budget. Each silo reviews its own before it joins.",
+        highlight=False,
+    )
 
 
 def _parse_epsilons(text: str) -> tuple[float, ...]:
