@@ -4,7 +4,9 @@ authentication; the same model as the simulator; failures of a silo and of the s
 from __future__ import annotations
 
 import json
+import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -85,6 +87,31 @@ def test_each_silo_holds_only_its_own_data(three_silos, deployed):
         assert silo.train.shape == (len(silo.users), three_silos.n_items)
     with pytest.raises(SiloFileError, match="does not exist"):
         read_silo_file(out / "nowhere.npz")
+
+
+def test_everything_the_deployment_wrote_is_owner_only(deployed):
+    """Keys, certificates, silo data files and state, the server's config, checkpoints and outcome,
+    Flower's database and homes, every party's log: no group or other permission bit on any."""
+    _, out, _ = deployed
+    folder = out / "deployment"
+    written = [folder, *folder.rglob("*")]
+    modes = {path: os.lstat(path).st_mode for path in written}
+    loose = {
+        str(path.relative_to(out)): oct(stat.S_IMODE(mode))
+        for path, mode in modes.items()
+        if not stat.S_ISLNK(mode) and stat.S_IMODE(mode) & 0o077
+    }
+    assert not loose
+    # What the walk covered, so that it cannot pass on a folder left empty.
+    names = {str(path.relative_to(folder)) for path in written}
+    for expected in (
+        "certs/superlink.key", "keys/silo-0", "superlink.db", "logs/silo-0.log",
+        "logs/superlink.log", "silos/silo-0.npz", "server/config.toml", "server/server.log",
+        "server/outcome.json", "server/checkpoints/LATEST", "home/silo-0", "app/pyproject.toml",
+    ):  # fmt: skip
+        assert expected in names
+    state = folder / "silos" / "silo-0-state"
+    assert list(state.rglob("round-*.pt")) and list(state.rglob("final.pt"))
 
 
 def test_cli_writes_the_same_run_folder_as_the_simulator(tmp_path):

@@ -23,6 +23,7 @@ from fedshop.deploy.processes import LocalFederation, Silo
 from fedshop.deploy.silo_files import write_silo_file
 from fedshop.experiment import ExperimentResult, method_result, slug
 from fedshop.privacy.dp import PrivacySummary
+from fedshop.storage.private_files import private_dir, write_private
 
 
 @dataclass(frozen=True)
@@ -44,15 +45,13 @@ def write_silo_files(config: RunConfig, dataset: RecDataset, folder: Path) -> li
 
 
 def prepare(config: RunConfig, dataset: RecDataset, folder: Path) -> tuple[list[Silo], Path]:
-    """One data file and state folder per silo, and the server's config file."""
+    """One data file and state folder per silo, and the server's config file, all owner-only."""
+    private_dir(folder)
     silos = []
     for index, data in enumerate(write_silo_files(config, dataset, folder / "silos")):
-        state = folder / "silos" / f"silo-{index}-state"
-        state.mkdir(parents=True, exist_ok=True)
+        state = private_dir(folder / "silos" / f"silo-{index}-state")
         silos.append(Silo(index, data, state))
-    server_config = folder / "server" / "config.toml"
-    server_config.parent.mkdir(parents=True, exist_ok=True)
-    server_config.write_text(config.to_toml())
+    server_config = write_private(folder / "server" / "config.toml", config.to_toml())
     return silos, server_config
 
 

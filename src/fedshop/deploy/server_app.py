@@ -42,6 +42,7 @@ from fedshop.messages import AggregationPipeline
 from fedshop.models.spec import Params
 from fedshop.secure.protected_sum import make_protection, summarise_costs
 from fedshop.secure.protocol import SecureSum
+from fedshop.storage.private_files import open_private_append, private_dir
 
 _POLL_SECONDS = 0.2  # Grid.send_and_receive sleeps 3 s between polls; rounds are shorter here
 
@@ -246,8 +247,7 @@ class GridTransport:
 def serve(grid: Grid, context: Context) -> None:
     settings = context.run_config
     config = load_config(Path(str(settings["config-path"])))
-    out = Path(str(settings["out-dir"]))
-    out.mkdir(parents=True, exist_ok=True)
+    out = private_dir(Path(str(settings["out-dir"])))
     n_silos = int(settings["silos"])
     log = _Log(out / "server.log")
     federation = Federation(grid, n_silos, float(settings["round-timeout"]), log)
@@ -316,5 +316,5 @@ class _Log:
     def __call__(self, line: str) -> None:
         stamped = f"{time.strftime('%H:%M:%S')} {line}"
         print(stamped, flush=True)
-        with self.path.open("a") as f:
+        with open_private_append(self.path, "a") as f:  # silos' failures may quote their data
             f.write(stamped + "\n")

@@ -33,6 +33,12 @@ from fedshop.fl.aggregation import aggregation_pipeline
 from fedshop.fl.client import LocalTask, SiloClient, SiloDp
 from fedshop.secure.protected_sum import flatten
 from fedshop.secure.secagg import RoundSetup
+from fedshop.storage.private_files import (
+    create_private_once,
+    private_dir,
+    private_writer,
+    write_private,
+)
 
 if TYPE_CHECKING:  # DP and its accountant load only in DP runs: every message is a new process
     from fedshop.fl.dp_local import DpSgdState
@@ -50,8 +56,7 @@ class SiloNode:
                 raise FedShopError(f"the SuperNode's --node-config has no {key!r}")
         self.data, self.meta = read_silo_file(str(node_config["silo-data"]))
         self.index = int(self.meta["index"])
-        self.state_dir = Path(str(node_config["state-dir"]))
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir = private_dir(Path(str(node_config["state-dir"])))
 
     def hello(self) -> RecordDict:
         """Who this silo is: the server maps silos to nodes and checks the catalogue agrees."""
@@ -96,8 +101,8 @@ class SiloNode:
                 "optimizer": dp.optimizer.state_dict(),
                 **{name: getattr(dp, name).get_state() for name in dp.STREAMS},
             }
-        torch.save(state, path.with_suffix(".tmp"))
-        os.replace(path.with_suffix(".tmp"), path)
+        with private_writer(path) as f:
+            torch.save(state, f)
 
     # Record-level DP. The silo's noise must be secret from the server, which knows the run's
     # seed: its random streams come from a secret that never leaves the silo's state folder (so a
@@ -105,11 +110,7 @@ class SiloNode:
 
     @functools.cached_property
     def secret(self) -> bytes:
-        path = self.state_dir / "secret"
-        if not path.exists():
-            path.write_bytes(os.urandom(32))
-            path.chmod(0o600)
-        return path.read_bytes()
+        return create_private_once(self.state_dir / "secret", os.urandom(32))
 
     def _seed(self, label: str) -> int:
         return int.from_bytes(hashlib.sha256(self.secret + label.encode()).digest()[:8], "big")
@@ -138,7 +139,7 @@ class SiloNode:
         if not path.exists():
             rng = np.random.default_rng(self._seed("count"))
             count = release_silo_counts([self.data.n_users], plan, rng)[0]
-            path.write_text(json.dumps({"count": float(count)}))
+            write_private(path, json.dumps({"count": float(count)}))
         return float(json.loads(path.read_text())["count"])
 
     def _task(self, content: RecordDict, before_offset: int):
@@ -182,7 +183,8 @@ class SiloNode:
         }
         if bool(task["final"]):
             client.personalise(shared, config.federated.personalise_epochs)
-            torch.save(client.private_state(), self.state_dir / "final.pt")
+            with private_writer(self.state_dir / "final.pt") as f:
+                torch.save(client.private_state(), f)
             sums = client.evaluate(shared, config.eval.split)
             reply["final"] = wire.metrics_config(self.index, sums)
         return RecordDict(reply)

@@ -14,7 +14,6 @@ Only numpy and `cryptography` load here: these steps do not pay for importing Py
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from fedshop.secure.secagg import (
     blobs_to_json,
     keys_from_json,
 )
+from fedshop.storage.private_files import private_dir, private_writer, write_private
 
 STEPS = ("share", "mask", "unmask")
 
@@ -48,13 +48,14 @@ class SecAggSilo:
         """Step 1, after training: keep `update` (the staged message, flattened, not yet divided by
         the round's total weight) and advertise fresh keys."""
         started = time.perf_counter()
-        self.folder.mkdir(parents=True, exist_ok=True)
+        private_dir(self.folder)
         for stale in self.folder.iterdir():  # an abandoned round's secrets
             stale.unlink()
         client = SecAggClient(index, setup)
         c_public, s_public = client.advertise()
         secrets_path, update_path = self._paths(setup)
-        np.save(update_path, update)
+        with private_writer(update_path) as f:  # the silo's update in the clear
+            np.save(f, update)
         self._keep(secrets_path, client)
         return ConfigRecord(
             {
@@ -106,13 +107,8 @@ class SecAggSilo:
 
     @staticmethod
     def _keep(path: Path, client: SecAggClient) -> None:
-        # Written under a temporary name with owner-only permissions, then moved into place: a
-        # crash never leaves a half-written secret file, and no other user can read one.
-        temporary = path.with_suffix(".tmp")
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w") as f:
-            f.write(client.secrets())
-        os.replace(temporary, path)
+        # Owner-only and moved into place whole: a crash never leaves a half-written secret file.
+        write_private(path, client.secrets())
 
 
 def handle_step(message: Message, context: Context) -> Message:
