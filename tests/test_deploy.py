@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from fedshop.config import DataConfig, load_config
 from fedshop.data.datasets import load_dataset
+from fedshop.deploy.checkpoint import read_run_identity
 from fedshop.deploy.launch import DeploySettings, deploy_local, prepare, run_config
 from fedshop.deploy.pki import make_node_keys
 from fedshop.deploy.processes import LocalFederation, Silo
@@ -72,8 +73,9 @@ def test_deployment_builds_the_same_model_as_the_simulator_under_secagg(three_si
     assert result.protection.kind == "secagg" and result.protection.rounds == 2
     assert result.protection.details["dropped_after_shares"] == 0
     # No silo keeps a round's secrets once the round is over.
+    run = read_run_identity(out / "deployment" / "server")
     for index in range(3):
-        state = out / "deployment" / "silos" / f"silo-{index}-state" / "secagg"
+        state = out / "deployment" / "silos" / f"silo-{index}-state" / "runs" / run / "secagg"
         assert state.is_dir() and not list(state.iterdir())
     assert _no_flower_processes_left()
 
@@ -262,8 +264,8 @@ def test_record_level_dp_and_secagg_in_deployment_state_and_ledger_epsilon(three
     assert epsilons == sorted(epsilons) and epsilons[-1] == result.privacy.epsilon
     balances = {b.silo: b.spent_epsilon for b in Ledger(ledger).balances()}
     assert balances == pytest.approx(dict.fromkeys(three_silos.silo_names, epsilons[-1]))
-    # Each silo's DP noise comes from a secret of its own, never from the run's seed.
+    # Each silo's DP noise comes from a secret of its own for this run, never from the run's seed.
+    folder = tmp_path / "run" / "deployment"
+    run = read_run_identity(folder / "server")
     for index in range(3):
-        assert (
-            tmp_path / "run" / "deployment" / "silos" / f"silo-{index}-state" / "secret"
-        ).exists()
+        assert (folder / "silos" / f"silo-{index}-state" / "runs" / run / "secret").exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -82,6 +83,33 @@ def load_checkpoint(folder: Path, server: FederatedServer, digest: str) -> Check
     server.round = int(meta["round"])
     history = [RoundRecord(**record) for record in meta["history"]]
     return Checkpoint(server.round, history, digest, meta.get("run_id"))
+
+
+RUN_FILE = "run.json"
+
+
+def run_identity(folder: Path, digest: str) -> str:
+    """The deployment run's id, made when the server first starts in `folder` (its out-dir) and
+    read again by a restarted server. It goes with every task: each silo keeps its state for the
+    run, and its DP noise's secret, in a folder of that name, so a new run never loads another's
+    state nor draws its noise, and a restarted server's run carries on with the silos' state."""
+    path = folder / RUN_FILE
+    if path.exists():
+        recorded = json.loads(path.read_text())
+        if recorded["config_digest"] != digest:
+            raise FedShopError(
+                f"{folder} belongs to a run with another config; resume with the same config or "
+                "start in an empty folder"
+            )
+        return str(recorded["run"])
+    run = secrets.token_hex(16)
+    write_private(path, json.dumps({"run": run, "config_digest": digest}) + "\n")
+    return run
+
+
+def read_run_identity(folder: Path) -> str:
+    """The run id `run_identity` made in `folder`."""
+    return str(json.loads((folder / RUN_FILE).read_text())["run"])
 
 
 def config_digest(toml_text: str) -> str:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from fedshop.config import RunConfig
 from fedshop.data.interactions import RecDataset, with_eval_negatives
 from fedshop.deploy import check_deployable
+from fedshop.deploy.checkpoint import read_run_identity
 from fedshop.deploy.outcome import SHARED_FILE, Outcome
 from fedshop.deploy.processes import LocalFederation, Silo
 from fedshop.deploy.silo_files import write_silo_file
@@ -95,8 +96,9 @@ def collect(config: RunConfig, dataset: RecDataset, folder: Path, seconds: float
     outcome = Outcome.read(server)
     federated = method_result(outcome.per_silo, seconds)
     weights = {"federated/shared": load_file(str(server / SHARED_FILE))}
+    run = read_run_identity(server)
     for index, name in enumerate(dataset.silo_names):
-        final = folder / "silos" / f"silo-{index}-state" / "final.pt"
+        final = folder / "silos" / f"silo-{index}-state" / "runs" / run / "final.pt"
         if final.exists():
             state = torch.load(final, weights_only=True)
             state["users"] = torch.tensor(dataset.silo(index).users)

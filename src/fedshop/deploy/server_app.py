@@ -29,7 +29,12 @@ from flwr.serverapp import Grid
 
 from fedshop.config import RunConfig, load_config
 from fedshop.deploy import wire
-from fedshop.deploy.checkpoint import config_digest, load_checkpoint, save_checkpoint
+from fedshop.deploy.checkpoint import (
+    config_digest,
+    load_checkpoint,
+    run_identity,
+    save_checkpoint,
+)
 from fedshop.deploy.outcome import Outcome
 from fedshop.deploy.server_secagg import SECAGG_MESSAGE, SecureRound, expected_layout
 from fedshop.errors import FedShopError
@@ -146,6 +151,7 @@ class GridTransport:
     client_dp_event: object = None
     unit: str = "silos"
     retries: bool = True  # a silo that failed may come back
+    run: str = ""  # the run's id (`checkpoint.run_identity`), in every task
 
     def __post_init__(self) -> None:
         self.toml = self.config.to_toml()
@@ -159,7 +165,9 @@ class GridTransport:
         online = [s for s in chosen if s in federation.node_of]
         secure = None
         if self.protection is not None:
-            secure = SecureRound(self.protection, self.config.protection.bound, self.layout, online)
+            secure = SecureRound(
+                self.protection, self.config.protection.bound, self.layout, online, self.run
+            )
             secure.start()
         tasks = {}
         for silo in federation.node_of:
@@ -240,7 +248,10 @@ class GridTransport:
     def _task(
         self, round_number: int, evaluate=False, final=False, dp: str | None = None, **extra
     ) -> ConfigRecord:
-        task = {"round": round_number, "config": self.toml, "evaluate": evaluate, "final": final}
+        task = {
+            "round": round_number, "config": self.toml, "evaluate": evaluate, "final": final,
+            "run": self.run,
+        }  # fmt: skip
         return ConfigRecord({**task, **({"dp-plan": dp} if dp is not None else {}), **extra})
 
 
@@ -259,6 +270,7 @@ def serve(grid: Grid, context: Context) -> None:
     digest = config_digest(config.to_toml())
     checkpoints = out / "checkpoints"
     resumed = load_checkpoint(checkpoints, server, digest)
+    identity = run_identity(out, digest)  # the silos keep their state for the run under it
     guard = _privacy_guard(config, federation, resumed)
     if resumed:
         log(f"resumed from the checkpoint after round {resumed.round}")
@@ -270,6 +282,7 @@ def serve(grid: Grid, context: Context) -> None:
         # Sent with every silo's training task; a silo builds its DP-SGD from it.
         json.dumps(asdict(guard.plan)) if guard is not None else None,
         task.dp.dp_event if task.dp is not None else None,
+        run=identity,
     )  # fmt: skip
     run_id = guard.run_id if guard is not None else None
 

@@ -60,6 +60,7 @@ class SecureRound:
     bound: float
     layout: Layout
     silos: list[int]  # the chosen silos that are sent the round, in order: index i is silos[i]
+    run: str = ""  # the server's run id (`checkpoint.run_identity`): a silo keeps its files there
     setup: RoundSetup | None = None
 
     def start(self) -> None:
@@ -84,7 +85,7 @@ class SecureRound:
         silos in it and the round's measured cost; raises `ProtectionError` when the round cannot
         complete securely."""
         assert self.setup is not None
-        parties = MessageParties(self.setup, self.silos, self.bound, trained, exchange)
+        parties = MessageParties(self.setup, self.silos, self.bound, trained, exchange, self.run)
         outcome = run_secagg_round(self.setup, parties, needed, self.protection.kind)
         dropped = sorted(set(outcome.server.packages) - set(outcome.survivors))
         if dropped:
@@ -106,6 +107,7 @@ class MessageParties:
     bound: float
     trained: dict[int, RecordDict]
     exchange: Exchange
+    run: str = ""
     seconds: dict[int, float] = field(default_factory=dict)
     sent: dict[int, int] = field(default_factory=dict)
     weights: dict[int, float] = field(default_factory=dict)
@@ -157,14 +159,10 @@ class MessageParties:
         return answers
 
     def _send(self, step: str, payloads: dict[int, dict]) -> dict[int, RecordDict]:
-        setup = self.setup.to_json()
+        common = {"step": step, "setup": self.setup.to_json(), "run": self.run}
         contents = {
             i: RecordDict(
-                {
-                    "secagg": ConfigRecord(
-                        {"step": step, "setup": setup, "index": i, "payload": json.dumps(payload)}
-                    )
-                }
+                {"secagg": ConfigRecord({**common, "index": i, "payload": json.dumps(payload)})}
             )
             for i, payload in payloads.items()
         }

@@ -1,10 +1,15 @@
 """The silo's side of a deployment: one storefront's process, its own data file and state folder.
 
 Flower starts a fresh client process for every message, so everything a silo carries between rounds
-(its private user vectors and its random stream) lives in its state folder, one file per round it
+(its private user vectors and its random streams) lives in its state folder, one file per round it
 trained in. A silo that is asked to train round r starts from its state after the latest round
 before r: asking twice for the same round (a restarted server) gives the same update, and a silo
 that was down for some rounds resumes from where it stopped.
+
+Each of the server's runs has a folder of its own in the state folder (`runs/<run id>`, the id the
+server made for the run and sends with every task): a new run starts from nothing, never from
+another run's vectors, and its DP noise comes from a secret made for that run alone, so two runs
+never draw the same noise. A restarted server or silo continues the run, its state and its streams.
 
 Node config (`flower-supernode --node-config`): `silo-data` (the silo's data file, written by
 `fedshop deploy silo-data`) and `state-dir` (a folder of its own).
@@ -27,24 +32,63 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from fedshop.config import RunConfig, config_from_toml
 from fedshop.deploy import wire
 from fedshop.deploy.silo_files import read_silo_file
-from fedshop.deploy.silo_secagg import SecAggSilo
+from fedshop.deploy.silo_secagg import SecAggSilo, run_folder
 from fedshop.errors import FedShopError
 from fedshop.fl.aggregation import aggregation_pipeline
 from fedshop.fl.client import LocalTask, SiloClient, SiloDp
+from fedshop.models.spec import Params
 from fedshop.secure.protected_sum import flatten
 from fedshop.secure.secagg import RoundSetup
-from fedshop.storage.private_files import (
-    create_private_once,
-    private_dir,
-    private_writer,
-    write_private,
-)
+from fedshop.storage.private_files import create_private_once, private_dir, private_writer
 
 if TYPE_CHECKING:  # DP and its accountant load only in DP runs: every message is a new process
     from fedshop.fl.dp_local import DpSgdState
     from fedshop.privacy.dp import DpPlan
 
 _STATE = re.compile(r"round-(\d+)\.pt$")
+
+
+class SiloRun:
+    """A silo's state for one run of the server's: the folder `runs/<run id>` of its state folder."""
+
+    def __init__(self, state_dir: Path, task: ConfigRecord) -> None:
+        self.folder = run_folder(state_dir, str(task.get("run", "")))
+
+    def latest_before(self, round_number: int) -> dict | None:
+        """The state saved after the latest round this silo trained in before `round_number`."""
+        rounds = [int(m.group(1)) for p in self.folder.iterdir() if (m := _STATE.match(p.name))]
+        earlier = [r for r in rounds if r < round_number]
+        if not earlier:
+            return None
+        return torch.load(self.folder / f"round-{max(earlier)}.pt", weights_only=True)
+
+    def check_inputs(self, round_number: int, inputs: str) -> None:
+        """Refuse to train a round again on other inputs than the first time. Its noise would be
+        drawn again from the same state, so the two updates' difference would cancel the noise:
+        an honest server asks again only with the same model (a retried round, a restart)."""
+        path = self.folder / f"round-{round_number}.pt"
+        if path.exists() and torch.load(path, weights_only=True).get("inputs") != inputs:
+            raise FedShopError(
+                f"round {round_number} of this run was already trained on another model or "
+                "config; training it again would reuse its noise on other inputs, refused"
+            )
+
+    def save(self, round_number: int, state: dict) -> None:
+        with private_writer(self.folder / f"round-{round_number}.pt") as f:
+            torch.save(state, f)
+
+    # Record-level DP. The silo's noise must be secret from the server, which knows the run's
+    # seed: its random streams come from a secret made for this run in this folder, which never
+    # leaves it (so a DP deployment is not bit-equal to the simulator, whose streams follow the
+    # seed), and which no other run shares (a second run, or one that reuses this run's seed and
+    # config, does not draw this run's noise again).
+
+    @functools.cached_property
+    def secret(self) -> bytes:
+        return create_private_once(self.folder / "secret", os.urandom(32))
+
+    def seed(self, label: str) -> int:
+        return int.from_bytes(hashlib.sha256(self.secret + label.encode()).digest()[:8], "big")
 
 
 class SiloNode:
@@ -77,51 +121,41 @@ class SiloNode:
             }
         )
 
-    def client(self, config: RunConfig, before_round: int) -> tuple[SiloClient, dict | None]:
-        """The silo's `SiloClient` (the simulator's class) with its state after the latest round
-        it trained in before `before_round`, and that round's saved DP-SGD state (or None)."""
+    def client(
+        self, config: RunConfig, run: SiloRun, before_round: int
+    ) -> tuple[SiloClient, dict | None]:
+        """The silo's `SiloClient` (the simulator's class) with its state in `run` after the latest
+        round it trained in before `before_round`, and that round's saved DP-SGD state (or None)."""
         client = SiloClient(
             self.index, self.data, config.model, config.train,
             aggregation_pipeline(config.federated.aggregation), config.seed,
             config.federated.client_learning_rate,
         )  # fmt: skip
-        rounds = [int(m.group(1)) for p in self.state_dir.iterdir() if (m := _STATE.match(p.name))]
-        earlier = [r for r in rounds if r < before_round]
-        if not earlier:
+        state = run.latest_before(before_round)
+        if state is None:
             return client, None
-        state = torch.load(self.state_dir / f"round-{max(earlier)}.pt", weights_only=True)
         client.load_state_dict(state["client"])
         return client, state.get("dp")
 
-    def save(self, client: SiloClient, round_number: int, dp: DpSgdState | None = None) -> None:
-        path = self.state_dir / f"round-{round_number}.pt"
-        state = {"client": client.state_dict()}
+    @staticmethod
+    def state_of(client: SiloClient, dp: DpSgdState | None, inputs: str) -> dict:
+        """What the silo keeps after a round: its client, its DP-SGD state, and a digest of what
+        the round was trained on."""
+        state = {"client": client.state_dict(), "inputs": inputs}
         if dp is not None:
             state["dp"] = {
                 "optimizer": dp.optimizer.state_dict(),
                 **{name: getattr(dp, name).get_state() for name in dp.STREAMS},
             }
-        with private_writer(path) as f:
-            torch.save(state, f)
+        return state
 
-    # Record-level DP. The silo's noise must be secret from the server, which knows the run's
-    # seed: its random streams come from a secret that never leaves the silo's state folder (so a
-    # DP deployment is not bit-equal to the simulator, whose streams follow the seed).
-
-    @functools.cached_property
-    def secret(self) -> bytes:
-        return create_private_once(self.state_dir / "secret", os.urandom(32))
-
-    def _seed(self, label: str) -> int:
-        return int.from_bytes(hashlib.sha256(self.secret + label.encode()).digest()[:8], "big")
-
-    def dp_state(self, config: RunConfig, saved: dict | None) -> DpSgdState:
-        """The DP-SGD state as `saved` after an earlier round, or a fresh one."""
+    def dp_state(self, config: RunConfig, run: SiloRun, saved: dict | None) -> DpSgdState:
+        """The DP-SGD state as `saved` after an earlier round, or a fresh one from the run's
+        secret."""
         from fedshop.fl.dp_local import DpSgdState
 
         streams = {
-            name: torch.Generator().manual_seed(self._seed(name) >> 1)
-            for name in DpSgdState.STREAMS
+            name: torch.Generator().manual_seed(run.seed(name) >> 1) for name in DpSgdState.STREAMS
         }
         state = DpSgdState.start(config.train.learning_rate, streams)
         if saved is not None:
@@ -130,28 +164,32 @@ class SiloNode:
                 getattr(state, name).set_state(saved[name])
         return state
 
-    def released_count(self, plan: DpPlan) -> float:
-        """The silo's customer count with Gaussian noise, released once (its accounting is the
-        plan's fixed event) and reused as the silo's weight every round."""
+    def released_count(self, plan: DpPlan, run: SiloRun) -> float:
+        """The silo's customer count with Gaussian noise, released once in the run (its accounting
+        is the plan's fixed event) and reused as the silo's weight every round."""
         from fedshop.privacy.dp import release_silo_counts
 
-        path = self.state_dir / "released-count.json"
+        path = run.folder / "released-count.json"
         if not path.exists():
-            rng = np.random.default_rng(self._seed("count"))
+            rng = np.random.default_rng(run.seed("count"))
             count = release_silo_counts([self.data.n_users], plan, rng)[0]
-            write_private(path, json.dumps({"count": float(count)}))
+            create_private_once(path, json.dumps({"count": float(count)}).encode())
         return float(json.loads(path.read_text())["count"])
 
     def _task(self, content: RecordDict, before_offset: int):
         task = content["task"]
+        run = SiloRun(self.state_dir, task)
         config = config_from_toml(str(task["config"]))
-        client, saved_dp = self.client(config, int(task["round"]) + before_offset)
-        return task, config, client, saved_dp, wire.record_params(content["shared"])
+        client, saved_dp = self.client(config, run, int(task["round"]) + before_offset)
+        return task, run, config, client, saved_dp, wire.record_params(content["shared"])
 
     def train(self, content: RecordDict) -> RecordDict:
         """Train on the received model; with `evaluate`, first evaluate it (the server's previous
         round) with the private state it will train from, as the simulator evaluates it."""
-        task, config, client, saved_dp, shared = self._task(content, 0)
+        task, run, config, client, saved_dp, shared = self._task(content, 0)
+        round_number = int(task["round"])
+        inputs = inputs_digest(task, shared)
+        run.check_inputs(round_number, inputs)
         reply = {}
         if bool(task["evaluate"]):
             sums = client.evaluate(shared, config.eval.split)
@@ -161,14 +199,17 @@ class SiloNode:
             from fedshop.privacy.dp import DpPlan
 
             plan = DpPlan(**json.loads(str(task["dp-plan"])))
-            client.dp = SiloDp(self.dp_state(config, saved_dp), self.released_count(plan))
+            dp = self.dp_state(config, run, saved_dp)
+            client.dp = SiloDp(dp, self.released_count(plan, run))
         message = client.fit(shared, LocalTask.of_run(config, plan))
-        self.save(client, int(task["round"]), client.dp.state if client.dp else None)
+        run.save(
+            round_number, self.state_of(client, client.dp.state if client.dp else None, inputs)
+        )
         if "secagg-setup" in task:
             # Under secure aggregation the update stays here; the reply advertises SecAgg keys.
             setup = RoundSetup.from_json(str(task["secagg-setup"]))
             update = flatten(message, 1.0)
-            keys = SecAggSilo(self.state_dir).start(setup, int(task["secagg-index"]), update)
+            keys = SecAggSilo(run.folder).start(setup, int(task["secagg-index"]), update)
             meta = wire.meta_record(self.index, message)
             return RecordDict({"meta": meta, "secagg": keys, **reply})
         return wire.update_record(self.index, message, reply)
@@ -177,17 +218,30 @@ class SiloNode:
         """Metric sums of this silo's customers for the model of round `round`. With `final`, also
         after refitting its private vectors to it (personalisation, kept), as the simulator does
         after the last round."""
-        task, config, client, _, shared = self._task(content, 1)
+        task, run, config, client, _, shared = self._task(content, 1)
         reply = {
             "metrics": wire.metrics_config(self.index, client.evaluate(shared, config.eval.split))
         }
         if bool(task["final"]):
             client.personalise(shared, config.federated.personalise_epochs)
-            with private_writer(self.state_dir / "final.pt") as f:
+            with private_writer(run.folder / "final.pt") as f:
                 torch.save(client.private_state(), f)
             sums = client.evaluate(shared, config.eval.split)
             reply["final"] = wire.metrics_config(self.index, sums)
         return RecordDict(reply)
+
+
+def inputs_digest(task: ConfigRecord, shared: Params) -> str:
+    """What a round's update depends on besides the silo's own state: the round, the config, the
+    DP plan and the shared model."""
+    digest = hashlib.sha256()
+    for key in ("round", "config", "dp-plan"):
+        digest.update(f"{key}={task.get(key, '')}\n".encode())
+    for name in sorted(shared):
+        tensor = shared[name].detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def handle(message: Message, context: Context, what: str) -> Message:

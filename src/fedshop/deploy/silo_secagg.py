@@ -3,10 +3,10 @@
 The silo trains as usual (`silo_app.py`), keeps its staged update in its state folder and answers the
 round's four SecAgg steps (`secure/secagg.py`) one message at a time: advertise keys (with the
 training reply), share keys, send the masked update, answer the unmasking. Flower starts a fresh
-process for every message, so the client's round secrets live in a file of the silo's state folder
-(readable by the silo's user only) between steps, named by the round's session; the file and the
-kept update are deleted once the silo has answered the unmasking, and a new round's training
-removes whatever an abandoned round left.
+process for every message, so the client's round secrets live in a file of the run's folder in the
+silo's state folder (readable by the silo's user only) between steps, named by the round's session;
+the file and the kept update are deleted once the silo has answered the unmasking, and a new round's
+training removes whatever an abandoned round left.
 
 Only numpy and `cryptography` load here: these steps do not pay for importing PyTorch.
 """
@@ -14,6 +14,7 @@ Only numpy and `cryptography` load here: these steps do not pay for importing Py
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -32,13 +33,25 @@ from fedshop.secure.secagg import (
 from fedshop.storage.private_files import private_dir, private_writer, write_private
 
 STEPS = ("share", "mask", "unmask")
+RUN_ID = re.compile(r"[0-9a-f]{32}")  # as the server makes them (`checkpoint.run_identity`)
+
+
+def run_folder(state_dir: Path, run: str) -> Path:
+    """The folder of the server's run `run` in a silo's state folder (made owner-only when new)."""
+    # The id names a folder: only the server's own format, never a path of the server's choice.
+    if not RUN_ID.fullmatch(run):
+        raise FedShopError(
+            f"the server's task names run {run[:40]!r}, not a run id of 32 hex digits: is the "
+            "server's FedShop older than the silo's?"
+        )
+    return private_dir(state_dir / "runs" / run)
 
 
 class SecAggSilo:
-    """The SecAgg files of one silo's state folder."""
+    """The SecAgg files of one silo's run folder (`run_folder`)."""
 
-    def __init__(self, state_dir: Path) -> None:
-        self.folder = state_dir / "secagg"
+    def __init__(self, run_dir: Path) -> None:
+        self.folder = run_dir / "secagg"
 
     def _paths(self, setup: RoundSetup) -> tuple[Path, Path]:
         session = setup.session.hex()
@@ -115,4 +128,5 @@ def handle_step(message: Message, context: Context) -> Message:
     state_dir = str(context.node_config.get("state-dir", ""))
     if not state_dir:
         raise FedShopError("the SuperNode's --node-config has no 'state-dir'")
-    return Message(SecAggSilo(Path(state_dir)).step(message.content), reply_to=message)
+    run = run_folder(Path(state_dir), str(message.content["secagg"].get("run", "")))
+    return Message(SecAggSilo(run).step(message.content), reply_to=message)
