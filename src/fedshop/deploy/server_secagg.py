@@ -74,9 +74,14 @@ class SecureRound:
         self.setup = self.protection.setup_for(len(self.silos), length, self.bound)
 
     def task_for(self, silo: int) -> dict:
-        """What goes with `silo`'s training task: the setup and its index in the round."""
+        """What goes with `silo`'s training task: the setup, its index in the round and the silo
+        of every index (a silo answers a round's unmasking for one roster of silos only)."""
         assert self.setup is not None
-        return {"secagg-setup": self.setup.to_json(), "secagg-index": self.silos.index(silo)}
+        return {
+            "secagg-setup": self.setup.to_json(),
+            "secagg-index": self.silos.index(silo),
+            "secagg-silos": [int(s) for s in self.silos],
+        }
 
     def finish(self, trained: dict[int, RecordDict], exchange: Exchange, needed: int, log):
         """Steps 2–4 (`secure/secagg.py`'s one round driver) with the silos whose training replies

@@ -209,7 +209,8 @@ class SiloNode:
             # Under secure aggregation the update stays here; the reply advertises SecAgg keys.
             setup = RoundSetup.from_json(str(task["secagg-setup"]))
             update = flatten(message, 1.0)
-            keys = SecAggSilo(run.folder).start(setup, int(task["secagg-index"]), update)
+            index, silos = int(task["secagg-index"]), task.get("secagg-silos", [])
+            keys = SecAggSilo(run.folder).start(setup, index, update, round_number, silos)
             meta = wire.meta_record(self.index, message)
             return RecordDict({"meta": meta, "secagg": keys, **reply})
         return wire.update_record(self.index, message, reply)
