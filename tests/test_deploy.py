@@ -112,8 +112,9 @@ def test_everything_the_deployment_wrote_is_owner_only(deployed):
         "server/outcome.json", "server/checkpoints/LATEST", "home/silo-0", "app/pyproject.toml",
     ):  # fmt: skip
         assert expected in names
-    state = folder / "silos" / "silo-0-state"
-    assert list(state.rglob("round-*.pt")) and list(state.rglob("final.pt"))
+    state = folder / "silos" / "silo-0-state" / "runs" / read_run_identity(folder / "server")
+    assert list(state.glob("round-*.pt")) and (state / "final.pt").exists()
+    assert list(state.glob("unmasked/round-*.json"))  # the SecAgg rosters answered for
 
 
 def test_cli_writes_the_same_run_folder_as_the_simulator(tmp_path):
