@@ -593,14 +593,14 @@ def deploy_run(
     resumes from the last checkpoint."""
     from fedshop.deploy.launch import DeploySettings, LogFollower, run_config
     from fedshop.deploy.processes import Control
+    from fedshop.storage.private_files import write_private
 
     run = load_config(config)
     check_deployable(run)
     if ca is None:
         raise FedShopError("--ca is required: FedShop deployments use TLS")
     server = (out / "server").resolve()
-    server.mkdir(parents=True, exist_ok=True)
-    (server / "config.toml").write_text(run.to_toml())
+    write_private(server / "config.toml", run.to_toml())  # owner-only, as all the server writes
     settings = DeploySettings(
         min_silos=min_silos, round_timeout=round_timeout, wait_timeout=wait_timeout
     )
