@@ -201,3 +201,12 @@ def test_an_unmasking_asked_again_gets_the_same_answer_or_none(tmp_path):
     other = {**dict(request["secagg"]), "payload": json.dumps(roster)}
     with pytest.raises(ProtectionError, match="refuses to unmask it for survivors"):
         run.silos[0].step(RecordDict({"secagg": ConfigRecord(other)}))
+
+
+def test_a_silo_answers_only_as_the_client_it_started_as(tmp_path):
+    run = _Round(tmp_path, 3)
+    run.secure.start()
+    run.silos[0].start(run.secure.setup, 0, flatten(run.messages[0], 1.0), 1, [10, 11, 12])
+    record = {"step": "share", "setup": run.secure.setup.to_json(), "index": 1, "payload": "{}"}
+    with pytest.raises(ProtectionError, match="client 0 of the round, not 1"):
+        run.silos[0].step(RecordDict({"secagg": ConfigRecord(record)}))

@@ -94,7 +94,8 @@ class SecAggSilo:
         secrets_path, update_path = self._paths(setup)
         with private_writer(update_path) as f:  # the silo's update in the clear
             np.save(f, update)
-        self._keep(secrets_path, {"round": round_number, "silos": silos}, client)
+        kept = {"round": round_number, "silos": silos, "index": index}
+        self._keep(secrets_path, kept, client)
         return ConfigRecord(
             {
                 "index": index,
@@ -128,6 +129,10 @@ class SecAggSilo:
             reply = {"answer": self._unmask(setup, round_number, silos, payload, None)}
         else:
             kept = json.loads(secrets_path.read_text())
+            if index != kept["index"]:  # the server may not move a silo within a round
+                raise ProtectionError(
+                    f"this silo is client {kept['index']} of the round, not {index}"
+                )
             client = SecAggClient.resume(index, setup, json.dumps(kept["client"]))
             reply = {}
             if step == "share":
