@@ -104,6 +104,17 @@ def test_a_round_is_never_trained_again_on_another_model(retail, silo_file, tmp_
         server.train(silo_file, tmp_path, RUN_A, shared=other)
 
 
+def test_an_earlier_round_is_never_trained_after_a_later_one(retail, silo_file, tmp_path):
+    """Round 3 asked first draws from the state after round 1, as round 2 would: round 2 asked
+    after it, on another model, would draw the same noise."""
+    server = _Server(retail, DP)
+    server.train(silo_file, tmp_path, RUN_A, round_number=1)
+    server.train(silo_file, tmp_path, RUN_A, round_number=3)
+    other = {k: v + 0.01 for k, v in server.shared.items()}
+    with pytest.raises(FedShopError, match="already trained round 3 of this run"):
+        server.train(silo_file, tmp_path, RUN_A, round_number=2, shared=other)
+
+
 @pytest.mark.parametrize("run", [None, "", "../" * 10 + "etc", "A" * 32])
 def test_a_task_without_a_run_id_of_the_servers_format_is_refused(retail, silo_file, tmp_path, run):
     server = _Server(retail, {})

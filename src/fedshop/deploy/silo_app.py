@@ -54,18 +54,29 @@ class SiloRun:
     def __init__(self, state_dir: Path, task: ConfigRecord) -> None:
         self.folder = run_folder(state_dir, str(task.get("run", "")))
 
+    def rounds(self) -> list[int]:
+        """The rounds of the run this silo trained in."""
+        return [int(m.group(1)) for p in self.folder.iterdir() if (m := _STATE.match(p.name))]
+
     def latest_before(self, round_number: int) -> dict | None:
         """The state saved after the latest round this silo trained in before `round_number`."""
-        rounds = [int(m.group(1)) for p in self.folder.iterdir() if (m := _STATE.match(p.name))]
-        earlier = [r for r in rounds if r < round_number]
+        earlier = [r for r in self.rounds() if r < round_number]
         if not earlier:
             return None
         return torch.load(self.folder / f"round-{max(earlier)}.pt", weights_only=True)
 
     def check_inputs(self, round_number: int, inputs: str) -> None:
-        """Refuse to train a round again on other inputs than the first time. Its noise would be
-        drawn again from the same state, so the two updates' difference would cancel the noise:
-        an honest server asks again only with the same model (a retried round, a restart)."""
+        """Refuse to train a round that would draw noise this silo drew before on other inputs:
+        the difference of the two updates would cancel it. A round's noise comes from the state
+        after the latest earlier round, so a round may be trained again only if no later one was,
+        and only on the same inputs. An honest server asks a round again only in these cases (a
+        retried round, a restart in the middle of a round: its checkpoint is the model it sent)."""
+        later = [r for r in self.rounds() if r > round_number]
+        if later:
+            raise FedShopError(
+                f"this silo already trained round {max(later)} of this run; training round "
+                f"{round_number} now would draw noise it drew before on other inputs, refused"
+            )
         path = self.folder / f"round-{round_number}.pt"
         if path.exists() and torch.load(path, weights_only=True).get("inputs") != inputs:
             raise FedShopError(
