@@ -4,7 +4,9 @@ authentication; the same model as the simulator; failures of a silo and of the s
 from __future__ import annotations
 
 import json
+import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ from safetensors.torch import load_file
 
 from fedshop.config import DataConfig, load_config
 from fedshop.data.datasets import load_dataset
+from fedshop.deploy.checkpoint import read_run_identity
 from fedshop.deploy.launch import DeploySettings, deploy_local, prepare, run_config
 from fedshop.deploy.pki import make_node_keys
 from fedshop.deploy.processes import LocalFederation, Silo
@@ -70,8 +73,9 @@ def test_deployment_builds_the_same_model_as_the_simulator_under_secagg(three_si
     assert result.protection.kind == "secagg" and result.protection.rounds == 2
     assert result.protection.details["dropped_after_shares"] == 0
     # No silo keeps a round's secrets once the round is over.
+    run = read_run_identity(out / "deployment" / "server")
     for index in range(3):
-        state = out / "deployment" / "silos" / f"silo-{index}-state" / "secagg"
+        state = out / "deployment" / "silos" / f"silo-{index}-state" / "runs" / run / "secagg"
         assert state.is_dir() and not list(state.iterdir())
     assert _no_flower_processes_left()
 
@@ -85,6 +89,32 @@ def test_each_silo_holds_only_its_own_data(three_silos, deployed):
         assert silo.train.shape == (len(silo.users), three_silos.n_items)
     with pytest.raises(SiloFileError, match="does not exist"):
         read_silo_file(out / "nowhere.npz")
+
+
+def test_everything_the_deployment_wrote_is_owner_only(deployed):
+    """Keys, certificates, silo data files and state, the server's config, checkpoints and outcome,
+    Flower's database and homes, every party's log: no group or other permission bit on any."""
+    _, out, _ = deployed
+    folder = out / "deployment"
+    written = [folder, *folder.rglob("*")]
+    modes = {path: os.lstat(path).st_mode for path in written}
+    loose = {
+        str(path.relative_to(out)): oct(stat.S_IMODE(mode))
+        for path, mode in modes.items()
+        if not stat.S_ISLNK(mode) and stat.S_IMODE(mode) & 0o077
+    }
+    assert not loose
+    # What the walk covered, so that it cannot pass on a folder left empty.
+    names = {str(path.relative_to(folder)) for path in written}
+    for expected in (
+        "certs/superlink.key", "keys/silo-0", "superlink.db", "logs/silo-0.log",
+        "logs/superlink.log", "silos/silo-0.npz", "server/config.toml", "server/server.log",
+        "server/outcome.json", "server/checkpoints/LATEST", "home/silo-0", "app/pyproject.toml",
+    ):  # fmt: skip
+        assert expected in names
+    state = folder / "silos" / "silo-0-state" / "runs" / read_run_identity(folder / "server")
+    assert list(state.glob("round-*.pt")) and (state / "final.pt").exists()
+    assert list(state.glob("unmasked/round-*.json"))  # the SecAgg rosters answered for
 
 
 def test_cli_writes_the_same_run_folder_as_the_simulator(tmp_path):
@@ -240,8 +270,8 @@ def test_record_level_dp_and_secagg_in_deployment_state_and_ledger_epsilon(three
     assert epsilons == sorted(epsilons) and epsilons[-1] == result.privacy.epsilon
     balances = {b.silo: b.spent_epsilon for b in Ledger(ledger).balances()}
     assert balances == pytest.approx(dict.fromkeys(three_silos.silo_names, epsilons[-1]))
-    # Each silo's DP noise comes from a secret of its own, never from the run's seed.
+    # Each silo's DP noise comes from a secret of its own for this run, never from the run's seed.
+    folder = tmp_path / "run" / "deployment"
+    run = read_run_identity(folder / "server")
     for index in range(3):
-        assert (
-            tmp_path / "run" / "deployment" / "silos" / f"silo-{index}-state" / "secret"
-        ).exists()
+        assert (folder / "silos" / f"silo-{index}-state" / "runs" / run / "secret").exists()

@@ -351,17 +351,19 @@ def test_under_dp_no_metric_sums_leave_a_silo(federation):
     )
     node = SiloNode({"silo-data": str(silo_file), "state-dir": str(folder / "s0")})
     shared = wire.params_record(_shared(config, node))
-    task = ConfigRecord({"round": 2, "config": config.to_toml(), "evaluate": True,
+    run = "0123456789abcdef" * 2
+    task = ConfigRecord({"round": 2, "config": config.to_toml(), "evaluate": True, "run": run,
                          "final": False, "dp-plan": json.dumps(asdict(plan))})  # fmt: skip
     reply = node.train(RecordDict({"task": task, "shared": shared}))
     assert "update" in reply and "metrics" not in reply
     assert wire.record_dp_event(reply["meta"]) is not None
-    assert (folder / "s0" / "metrics-round-1.json").exists()
-    evaluation = ConfigRecord({"round": 2, "config": config.to_toml(), "evaluate": False,
+    kept = folder / "s0" / "runs" / run
+    assert (kept / "metrics-round-1.json").exists()
+    evaluation = ConfigRecord({"round": 2, "config": config.to_toml(), "evaluate": False, "run": run,
                                "final": True, "private": True})  # fmt: skip
     reply = node.evaluate(RecordDict({"task": evaluation, "shared": shared}))
     assert "metrics" not in reply and "final" not in reply
-    assert (folder / "s0" / "metrics-final.json").stat().st_mode & 0o077 == 0
+    assert (kept / "metrics-final.json").stat().st_mode & 0o077 == 0
     assert SiloLedger(folder / "s0" / LEDGER_FILE).releases() == 2  # the count and the update
 
 

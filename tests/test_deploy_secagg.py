@@ -4,6 +4,7 @@ Flower; `test_deploy.py` runs the same over real processes."""
 
 from __future__ import annotations
 
+import json
 import stat
 
 import pytest
@@ -43,10 +44,13 @@ class _Round:
     ) -> None:
         self.pipeline = aggregation_pipeline(aggregation)
         self.messages = _messages(self.pipeline, n)
+        # Each silo's run folder: a second _Round on the same tmp_path is the same silos.
         self.silos = [SecAggSilo(tmp_path / f"silo-{i}") for i in range(n)]
         self.silent = silent or {}
         self.needed = needed
         self.steps: list[str] = []
+        self.sent: dict[str, dict[int, RecordDict]] = {}  # by step, what each index was sent
+        self.replies: dict[str, dict[int, RecordDict]] = {}
         layout = expected_layout(self.pipeline, SHARED)
         self.secure = SecureRound(SecAggSum(), bound, layout, [10 + i for i in range(n)])
         self.log: list[str] = []
@@ -54,7 +58,8 @@ class _Round:
 
     def exchange(self, step: str, contents: dict[int, RecordDict]) -> dict[int, RecordDict]:
         self.steps.append(step)
-        replies = {}
+        self.sent[step] = contents
+        replies = self.replies[step] = {}
         for i, content in contents.items():
             if i in self.silent.get(step, ()):
                 continue
@@ -64,7 +69,7 @@ class _Round:
                 self.errors.append(str(error))
         return replies
 
-    def run(self):
+    def run(self, round_number: int = 1):
         self.secure.start()
         trained = {}
         for i, message in enumerate(self.messages):
@@ -73,7 +78,10 @@ class _Round:
             task = self.secure.task_for(10 + i)
             assert task["secagg-index"] == i
             meta = ConfigRecord({"silo": 10 + i, "weight": float(message.weight)})
-            keys = self.silos[i].start(self.secure.setup, i, flatten(message, 1.0))
+            update = flatten(message, 1.0)
+            keys = self.silos[i].start(
+                self.secure.setup, i, update, round_number, task["secagg-silos"]
+            )
             trained[i] = RecordDict({"meta": meta, "secagg": keys})
         return self.secure.finish(trained, self.exchange, self.needed, self.log.append)
 
@@ -102,7 +110,7 @@ def test_the_deployed_secure_sum_is_the_plain_sum(tmp_path, aggregation):
 def test_secrets_between_steps_are_readable_by_the_silo_only(tmp_path):
     run = _Round(tmp_path, 3)
     run.secure.start()
-    run.silos[0].start(run.secure.setup, 0, flatten(run.messages[0], 1.0))
+    run.silos[0].start(run.secure.setup, 0, flatten(run.messages[0], 1.0), 1, [10, 11, 12])
     (secrets,) = run.silos[0].folder.glob("*.json")
     assert stat.S_IMODE(secrets.stat().st_mode) == 0o600
     assert '"c_key"' in secrets.read_text()
@@ -142,7 +150,7 @@ def test_a_step_for_an_unknown_round_is_refused(tmp_path):
     first, second = _Round(tmp_path / "a", 2), _Round(tmp_path / "b", 2)
     first.secure.start()
     second.secure.start()
-    first.silos[0].start(first.secure.setup, 0, flatten(first.messages[0], 1.0))
+    first.silos[0].start(first.secure.setup, 0, flatten(first.messages[0], 1.0), 1, [10, 11])
     # A share request for another session (a stale or forged round) finds no secrets.
     record = {"step": "share", "setup": second.secure.setup.to_json(), "index": 0, "payload": "{}"}
     with pytest.raises(ProtectionError, match="no secrets for session"):
@@ -196,3 +204,51 @@ def _short(reply: RecordDict):
 
     masked = reply["masked"]["masked"].numpy()
     return ArrayRecord({"masked": Array(masked[:-1].copy())})
+
+
+def test_a_round_run_again_is_unmasked_only_for_the_same_silos(tmp_path):
+    """The server restarts after unmasking round 1 and before its checkpoint, and runs round 1
+    again with fresh keys: each silo masks the same update again. Were the second unmasking for
+    fewer silos (as the protocol allows: silo 12 silent after sharing keys is recovered, see
+    above), the difference of the two sums would be silo 12's update."""
+    first = _Round(tmp_path, 5)
+    aggregate, contributors, _ = first.run()
+    assert contributors == [10, 11, 12, 13, 14]
+    again = _Round(tmp_path, 5, silent={"mask": {2}})
+    with pytest.raises(ProtectionError, match="0 shares of client"):
+        again.run()
+    assert len(again.errors) == 4 and all("refuses to unmask it" in e for e in again.errors)
+    assert "survivors [10, 11, 12, 13, 14] (dropped [])" in again.errors[0]
+    assert "survivors [10, 11, 13, 14] (dropped [12])" in again.errors[0]
+    # Run again for the same silos, the round is unmasked: the same sum as the first time.
+    third = _Round(tmp_path, 5)
+    aggregate_again, contributors, _ = third.run()
+    assert contributors == [10, 11, 12, 13, 14] and not third.errors
+    for name, value in aggregate.tensors.items():
+        torch.testing.assert_close(aggregate_again.tensors[name], value, rtol=0, atol=1e-6)
+    # Each silo's record of the roster is owner-only.
+    (record,) = (tmp_path / "silo-0" / "unmasked").iterdir()
+    assert stat.S_IMODE(record.stat().st_mode) == 0o600
+
+
+def test_an_unmasking_asked_again_gets_the_same_answer_or_none(tmp_path):
+    """A lost reply asked for again, in the same session: the same answer for the same roster,
+    a refusal for another."""
+    run = _Round(tmp_path, 3)
+    run.run()
+    request = run.sent["unmask"][0]
+    answer = str(run.replies["unmask"][0]["secagg"]["answer"])
+    assert str(run.silos[0].step(request)["secagg"]["answer"]) == answer
+    roster = {"survivors": [0, 1], "dropped": [2]}
+    other = {**dict(request["secagg"]), "payload": json.dumps(roster)}
+    with pytest.raises(ProtectionError, match="refuses to unmask it for survivors"):
+        run.silos[0].step(RecordDict({"secagg": ConfigRecord(other)}))
+
+
+def test_a_silo_answers_only_as_the_client_it_started_as(tmp_path):
+    run = _Round(tmp_path, 3)
+    run.secure.start()
+    run.silos[0].start(run.secure.setup, 0, flatten(run.messages[0], 1.0), 1, [10, 11, 12])
+    record = {"step": "share", "setup": run.secure.setup.to_json(), "index": 1, "payload": "{}"}
+    with pytest.raises(ProtectionError, match="client 0 of the round, not 1"):
+        run.silos[0].step(RecordDict({"secagg": ConfigRecord(record)}))

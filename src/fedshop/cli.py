@@ -617,6 +617,7 @@ def deploy_run(
     from fedshop.deploy.identities import SiloNodes
     from fedshop.deploy.launch import DeploySettings, LogFollower, run_config
     from fedshop.deploy.processes import Control
+    from fedshop.storage.private_files import write_private
 
     run = load_config(config)
     check_deployable(run)
@@ -629,8 +630,7 @@ def deploy_run(
             f"silos needs exactly 0 to {silos - 1}"
         )
     server = (out / "server").resolve()
-    server.mkdir(parents=True, exist_ok=True)
-    (server / "config.toml").write_text(run.to_toml())
+    write_private(server / "config.toml", run.to_toml())  # owner-only, as all the server writes
     settings = DeploySettings(
         min_silos=min_silos, round_timeout=round_timeout, wait_timeout=wait_timeout
     )

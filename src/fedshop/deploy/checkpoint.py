@@ -5,23 +5,24 @@ stream's state, the round history and the privacy ledger's run id (a resumed run
 ledger run and composes its completed rounds again): everything the next round depends on. Each
 checkpoint is a folder written in full before a one-line `LATEST` file is replaced to point at it,
 so a server killed while writing leaves the previous checkpoint intact; older ones are removed
-then.
+then. Everything is owner-only: the state shows the model and the silos' metrics.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import secrets
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from fedshop.errors import FedShopError
 from fedshop.fl.rounds import RoundRecord
 from fedshop.fl.server import FederatedServer
+from fedshop.storage.private_files import private_dir, write_private
 
 
 @dataclass
@@ -40,21 +41,19 @@ def save_checkpoint(
     run_id: str | None = None,
 ) -> Path:
     target = folder / f"round-{server.round:05d}"
-    target.mkdir(parents=True, exist_ok=True)
+    private_dir(target)
     tensors = {f"shared/{k}": v.contiguous() for k, v in server.shared.items()}
     tensors |= {f"optimizer/{k}": v.contiguous() for k, v in server.optimizer.state_dict().items()}
     tensors["sampling"] = server.sampling_state()
-    save_file(tensors, str(target / "state.safetensors"))
+    write_private(target / "state.safetensors", save(tensors))
     meta = {
         "round": server.round,
         "config_digest": digest,
         "run_id": run_id,
         "history": [asdict(record) for record in history],
     }
-    (target / "state.json").write_text(json.dumps(meta) + "\n")
-    latest = folder / "LATEST"
-    latest.with_suffix(".tmp").write_text(target.name + "\n")
-    os.replace(latest.with_suffix(".tmp"), latest)
+    write_private(target / "state.json", json.dumps(meta) + "\n")
+    write_private(folder / "LATEST", target.name + "\n")
     for older in folder.glob("round-*"):
         if older != target:
             shutil.rmtree(older)
@@ -84,6 +83,33 @@ def load_checkpoint(folder: Path, server: FederatedServer, digest: str) -> Check
     server.round = int(meta["round"])
     history = [RoundRecord(**record) for record in meta["history"]]
     return Checkpoint(server.round, history, digest, meta.get("run_id"))
+
+
+RUN_FILE = "run.json"
+
+
+def run_identity(folder: Path, digest: str) -> str:
+    """The deployment run's id, made when the server first starts in `folder` (its out-dir) and
+    read again by a restarted server. It goes with every task: each silo keeps its state for the
+    run, and its DP noise's secret, in a folder of that name, so a new run never loads another's
+    state nor draws its noise, and a restarted server's run carries on with the silos' state."""
+    path = folder / RUN_FILE
+    if path.exists():
+        recorded = json.loads(path.read_text())
+        if recorded["config_digest"] != digest:
+            raise FedShopError(
+                f"{folder} belongs to a run with another config; resume with the same config or "
+                "start in an empty folder"
+            )
+        return str(recorded["run"])
+    run = secrets.token_hex(16)
+    write_private(path, json.dumps({"run": run, "config_digest": digest}) + "\n")
+    return run
+
+
+def read_run_identity(folder: Path) -> str:
+    """The run id `run_identity` made in `folder`."""
+    return str(json.loads((folder / RUN_FILE).read_text())["run"])
 
 
 def config_digest(toml_text: str) -> str:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from fedshop.config import RunConfig
 from fedshop.data.interactions import RecDataset, with_eval_negatives
 from fedshop.deploy import check_deployable
+from fedshop.deploy.checkpoint import read_run_identity
 from fedshop.deploy.outcome import SHARED_FILE, Outcome
 from fedshop.deploy.processes import LocalFederation, Silo
 from fedshop.deploy.silo_files import write_silo_file
@@ -26,6 +27,7 @@ from fedshop.deploy.silo_policy import SiloPolicy, policy_path
 from fedshop.eval.metrics import MetricSums
 from fedshop.experiment import ExperimentResult, method_result, slug
 from fedshop.privacy.dp import PrivacySummary
+from fedshop.storage.private_files import private_dir, write_private
 
 
 @dataclass(frozen=True)
@@ -68,15 +70,13 @@ def policy_for(config: RunConfig, dataset: RecDataset) -> SiloPolicy:
 
 
 def prepare(config: RunConfig, dataset: RecDataset, folder: Path) -> tuple[list[Silo], Path]:
-    """One data file and state folder per silo, and the server's config file."""
+    """One data file and state folder per silo, and the server's config file, all owner-only."""
+    private_dir(folder)
     silos = []
     for index, data in enumerate(write_silo_files(config, dataset, folder / "silos")):
-        state = folder / "silos" / f"silo-{index}-state"
-        state.mkdir(parents=True, exist_ok=True)
+        state = private_dir(folder / "silos" / f"silo-{index}-state")
         silos.append(Silo(index, data, state))
-    server_config = folder / "server" / "config.toml"
-    server_config.parent.mkdir(parents=True, exist_ok=True)
-    server_config.write_text(config.to_toml())
+    server_config = write_private(folder / "server" / "config.toml", config.to_toml())
     return silos, server_config
 
 
@@ -121,11 +121,12 @@ def collect(config: RunConfig, dataset: RecDataset, folder: Path, seconds: float
     """The run's result from what the server wrote and what each silo kept."""
     server = folder / "server"
     outcome = Outcome.read(server)
-    per_silo = outcome.per_silo or kept_metrics(dataset, folder)
+    run = read_run_identity(server)
+    per_silo = outcome.per_silo or kept_metrics(dataset, folder, run)
     federated = method_result(per_silo, seconds)
     weights = {"federated/shared": load_file(str(server / SHARED_FILE))}
     for index, name in enumerate(dataset.silo_names):
-        final = folder / "silos" / f"silo-{index}-state" / "final.pt"
+        final = folder / "silos" / f"silo-{index}-state" / "runs" / run / "final.pt"
         if final.exists():
             state = torch.load(final, weights_only=True)
             state["users"] = torch.tensor(dataset.silo(index).users)
@@ -136,13 +137,13 @@ def collect(config: RunConfig, dataset: RecDataset, folder: Path, seconds: float
     )  # fmt: skip
 
 
-def kept_metrics(dataset: RecDataset, folder: Path) -> dict[str, MetricSums]:
+def kept_metrics(dataset: RecDataset, folder: Path, run: str) -> dict[str, MetricSums]:
     """Under DP the silos keep their final metrics in their own state folders (nothing about their
     held-out baskets leaves them); this trial runs every party on one machine, so its report reads
     them there. On separate hosts each silo reads its own."""
     per_silo = {}
     for index, name in enumerate(dataset.silo_names):
-        path = folder / "silos" / f"silo-{index}-state" / "metrics-final.json"
+        path = folder / "silos" / f"silo-{index}-state" / "runs" / run / "metrics-final.json"
         if path.exists():
             kept = json.loads(path.read_text())
             per_silo[name] = MetricSums(kept["sums"], int(kept["users"]))

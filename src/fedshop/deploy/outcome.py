@@ -7,13 +7,14 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from fedshop.eval.metrics import MetricSums
 from fedshop.fl.rounds import RoundRecord
 from fedshop.models.spec import Params
 from fedshop.privacy.dp import PrivacySummary
 from fedshop.secure.protected_sum import ProtectionSummary
+from fedshop.storage.private_files import write_private
 
 OUTCOME_FILE = "outcome.json"
 SHARED_FILE = "shared.safetensors"
@@ -28,8 +29,9 @@ class Outcome:
     protection: ProtectionSummary
 
     def write(self, folder: Path, shared: Params) -> None:
-        """The outcome and the shared model into `folder` (the server's out-dir)."""
-        save_file({k: v.contiguous() for k, v in shared.items()}, str(folder / SHARED_FILE))
+        """The outcome and the shared model into `folder` (the server's out-dir), owner-only: the
+        silos' metric sums are theirs to show."""
+        write_private(folder / SHARED_FILE, save({k: v.contiguous() for k, v in shared.items()}))
         data = {
             "history": [asdict(r) for r in self.history],
             "per_silo": {n: {"sums": s.sums, "users": s.users} for n, s in self.per_silo.items()},
@@ -37,7 +39,7 @@ class Outcome:
             "privacy": asdict(self.privacy) if self.privacy is not None else None,
             "protection": asdict(self.protection),
         }
-        (folder / OUTCOME_FILE).write_text(json.dumps(data, indent=1) + "\n")
+        write_private(folder / OUTCOME_FILE, json.dumps(data, indent=1) + "\n")
 
     @classmethod
     def read(cls, folder: Path) -> Outcome:

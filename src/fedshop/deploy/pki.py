@@ -4,6 +4,10 @@
   TLS, and nodes trust only this CA.
 - One SuperNode key pair per silo (EC P-384, OpenSSH format, as Flower expects): the SuperLink admits
   only nodes whose public key was registered with `flwr supernode register`.
+
+Every file and folder is owner-only from the start (`storage/private_files.py`), the public ones too:
+they are copied to whoever needs them, and one rule leaves no private key behind by mistake. The
+CA's private key is never written: no certificate is signed after this call.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedshop.storage.private_files import private_dir, write_private
+
 _PEM = serialization.Encoding.PEM
 
 
@@ -30,7 +36,7 @@ class TlsFiles:
 
 def make_tls(folder: Path, hosts: list[str], days: int = 365) -> TlsFiles:
     """A CA and a SuperLink certificate valid for `hosts` (names or IP addresses)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    private_dir(folder)
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "FedShop deployment CA")])
@@ -55,30 +61,31 @@ def make_tls(folder: Path, hosts: list[str], days: int = 365) -> TlsFiles:
         .sign(ca_key, hashes.SHA256())
     )
     files = TlsFiles(folder / "ca.crt", folder / "superlink.crt", folder / "superlink.key")
-    files.ca.write_bytes(ca.public_bytes(_PEM))
-    files.certificate.write_bytes(certificate.public_bytes(_PEM))
-    files.key.write_bytes(
+    write_private(files.ca, ca.public_bytes(_PEM))
+    write_private(files.certificate, certificate.public_bytes(_PEM))
+    write_private(
+        files.key,
         key.private_bytes(
             _PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
-        )
+        ),
     )
-    files.key.chmod(0o600)
     return files
 
 
 def make_node_keys(folder: Path, name: str) -> tuple[Path, Path]:
     """A SuperNode's (private, public) key files; only the public one leaves the silo."""
-    folder.mkdir(parents=True, exist_ok=True)
+    private_dir(folder)
     key = ec.generate_private_key(ec.SECP384R1())
     private, public = folder / name, folder / f"{name}.pub"
-    private.write_bytes(
-        key.private_bytes(_PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    write_private(
+        private,
+        key.private_bytes(_PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()),
     )
-    private.chmod(0o600)
-    public.write_bytes(
+    write_private(
+        public,
         key.public_key().public_bytes(
             serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
+        ),
     )
     return private, public
 

@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,9 +25,13 @@ from pathlib import Path
 from fedshop.deploy.identities import NODES_FILE, SiloNodes
 from fedshop.deploy.pki import TlsFiles, make_node_keys, make_tls
 from fedshop.errors import FedShopError
+from fedshop.storage.private_files import open_private_append, private_dir, write_private
 
 APP_DIR = Path(__file__).parent / "flower_app"
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode and flwr come with flwr
+# What Flower's processes write (the SuperLink's database of messages, installed apps, their homes)
+# is their owner's only, as is everything FedShop writes (`storage/private_files.py`).
+UMASK = 0o077
 
 
 class DeploymentError(FedShopError):
@@ -63,7 +66,7 @@ class LocalFederation:
         if self.authenticate and not self.tls:
             raise DeploymentError("SuperNode authentication needs TLS")
         self.folder = self.folder.resolve()
-        (self.folder / "logs").mkdir(parents=True, exist_ok=True)
+        private_dir(self.folder / "logs")
         self.port = self.port or free_port()
         self.env = flower_environment()
         if self.tls:
@@ -157,12 +160,12 @@ class LocalFederation:
         self.control.wait(run_id, timeout, check)
 
     def _spawn(self, name: str, command: list[str], env: dict | None = None) -> subprocess.Popen:
-        home = self.folder / "home" / name
-        home.mkdir(parents=True, exist_ok=True)
+        home = private_dir(self.folder / "home" / name)
         environment = {**self.env, **(env or {}), "FLWR_HOME": str(home)}
-        with (self.folder / "logs" / f"{name}.log").open("ab") as log:
+        # A party's log may quote its private data in an error: owner-only, as its files.
+        with open_private_append(self.folder / "logs" / f"{name}.log") as log:
             process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env=environment,
+                command, stdout=log, stderr=subprocess.STDOUT, env=environment, umask=UMASK,
                 start_new_session=True,  # its own process group: stopped as a whole
             )  # fmt: skip
         self.processes[name] = process
@@ -216,7 +219,7 @@ class Control:
     def submit(self, run_config: dict[str, object], app: Path) -> int:
         """Submit FedShop's Flower app (copied to `app`) with `run_config`; the run's id."""
         if not app.exists():
-            shutil.copytree(APP_DIR, app, ignore=shutil.ignore_patterns("__pycache__"))
+            copy_app(app)
         settings = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
         result = self.flwr("run", str(app), "fedshop", "--run-config", settings, "--format", "json")
         reply = _json_in(result.stdout)
@@ -257,18 +260,26 @@ class Control:
     def flwr(self, *args: str) -> subprocess.CompletedProcess:
         env = {**self.env, "FLWR_HOME": str(self.home)}
         return subprocess.run(
-            [str(BIN / "flwr"), *args], env=env, capture_output=True, text=True, timeout=120
-        )
+            [str(BIN / "flwr"), *args], env=env, capture_output=True, text=True, timeout=120,
+            umask=UMASK,
+        )  # fmt: skip
 
     def _write_cli_config(self) -> None:
-        self.home.mkdir(parents=True, exist_ok=True)
+        private_dir(self.home)
         lines = ["[superlink]", 'default = "fedshop"', "", "[superlink.fedshop]"]
         lines.append(f'address = "{self.address}"')
         if self.ca is not None:
             lines.append(f'root-certificates = "{Path(self.ca).resolve()}"')
         else:
             lines.append("insecure = true")
-        (self.home / "config.toml").write_text("\n".join(lines) + "\n")
+        write_private(self.home / "config.toml", "\n".join(lines) + "\n")
+
+
+def copy_app(target: Path) -> None:
+    """FedShop's Flower app (its entry points) into `target`, owner-only as the rest."""
+    for source in APP_DIR.rglob("*"):
+        if source.is_file() and "__pycache__" not in source.parts:
+            write_private(target / source.relative_to(APP_DIR), source.read_bytes())
 
 
 def flower_environment() -> dict[str, str]:

@@ -29,7 +29,12 @@ from flwr.serverapp import Grid
 
 from fedshop.config import RunConfig, load_config
 from fedshop.deploy import wire
-from fedshop.deploy.checkpoint import config_digest, load_checkpoint, save_checkpoint
+from fedshop.deploy.checkpoint import (
+    config_digest,
+    load_checkpoint,
+    run_identity,
+    save_checkpoint,
+)
 from fedshop.deploy.identities import IdentityError, SiloNodes
 from fedshop.deploy.outcome import Outcome
 from fedshop.deploy.server_secagg import SECAGG_MESSAGE, SecureRound, expected_layout
@@ -43,6 +48,7 @@ from fedshop.messages import AggregationPipeline
 from fedshop.models.spec import Params
 from fedshop.secure.protected_sum import make_protection, summarise_costs
 from fedshop.secure.protocol import SecureSum
+from fedshop.storage.private_files import open_private_append, private_dir
 
 _POLL_SECONDS = 0.2  # Grid.send_and_receive sleeps 3 s between polls; rounds are shorter here
 
@@ -185,6 +191,7 @@ class GridTransport:
     client_dp_event: object = None
     unit: str = "silos"
     retries: bool = True  # a silo that failed may come back
+    run: str = ""  # the run's id (`checkpoint.run_identity`), in every task
 
     def __post_init__(self) -> None:
         self.toml = self.config.to_toml()
@@ -198,7 +205,9 @@ class GridTransport:
         online = [s for s in chosen if s in federation.node_of]
         secure = None
         if self.protection is not None:
-            secure = SecureRound(self.protection, self.config.protection.bound, self.layout, online)
+            secure = SecureRound(
+                self.protection, self.config.protection.bound, self.layout, online, self.run
+            )
             secure.start()
         tasks = {}
         for silo in federation.node_of:
@@ -291,7 +300,10 @@ class GridTransport:
     def _task(
         self, round_number: int, evaluate=False, final=False, dp: str | None = None, **extra
     ) -> ConfigRecord:
-        task = {"round": round_number, "config": self.toml, "evaluate": evaluate, "final": final}
+        task = {
+            "round": round_number, "config": self.toml, "evaluate": evaluate, "final": final,
+            "run": self.run,
+        }  # fmt: skip
         if self.dp_plan is not None:
             task["private"] = True  # no exact metric sums back: they are not an accounted release
         return ConfigRecord({**task, **({"dp-plan": dp} if dp is not None else {}), **extra})
@@ -300,8 +312,7 @@ class GridTransport:
 def serve(grid: Grid, context: Context) -> None:
     settings = context.run_config
     config = load_config(Path(str(settings["config-path"])))
-    out = Path(str(settings["out-dir"]))
-    out.mkdir(parents=True, exist_ok=True)
+    out = private_dir(Path(str(settings["out-dir"])))
     n_silos = int(settings["silos"])
     log = _Log(out / "server.log")
     registered = SiloNodes.read(Path(str(settings["node-silos"])))
@@ -314,6 +325,7 @@ def serve(grid: Grid, context: Context) -> None:
     digest = config_digest(config.to_toml())
     checkpoints = out / "checkpoints"
     resumed = load_checkpoint(checkpoints, server, digest)
+    identity = run_identity(out, digest)  # the silos keep their state for the run under it
     guard = _privacy_guard(config, federation, resumed)
     if resumed:
         log(f"resumed from the checkpoint after round {resumed.round}")
@@ -325,6 +337,7 @@ def serve(grid: Grid, context: Context) -> None:
         # Sent with every silo's training task; a silo builds its DP-SGD from it.
         json.dumps(asdict(guard.plan)) if guard is not None else None,
         task.dp.dp_event if task.dp is not None else None,
+        run=identity,
     )  # fmt: skip
     run_id = guard.run_id if guard is not None else None
 
@@ -374,5 +387,5 @@ class _Log:
     def __call__(self, line: str) -> None:
         stamped = f"{time.strftime('%H:%M:%S')} {line}"
         print(stamped, flush=True)
-        with self.path.open("a") as f:
+        with open_private_append(self.path, "a") as f:  # silos' failures may quote their data
             f.write(stamped + "\n")

@@ -61,6 +61,7 @@ class SecureRound:
     bound: float
     layout: Layout
     silos: list[int]  # the chosen silos that are sent the round, in order: index i is silos[i]
+    run: str = ""  # the server's run id (`checkpoint.run_identity`): a silo keeps its files there
     setup: RoundSetup | None = None
 
     def start(self) -> None:
@@ -74,9 +75,14 @@ class SecureRound:
         self.setup = self.protection.setup_for(len(self.silos), length, self.bound)
 
     def task_for(self, silo: int) -> dict:
-        """What goes with `silo`'s training task: the setup and its index in the round."""
+        """What goes with `silo`'s training task: the setup, its index in the round and the silo
+        of every index (a silo answers a round's unmasking for one roster of silos only)."""
         assert self.setup is not None
-        return {"secagg-setup": self.setup.to_json(), "secagg-index": self.silos.index(silo)}
+        return {
+            "secagg-setup": self.setup.to_json(),
+            "secagg-index": self.silos.index(silo),
+            "secagg-silos": [int(s) for s in self.silos],
+        }
 
     def finish(self, trained: dict[int, RecordDict], exchange: Exchange, needed: int, log):
         """Steps 2–4 (`secure/secagg.py`'s one round driver) with the silos whose training replies
@@ -85,7 +91,7 @@ class SecureRound:
         silos in it and the round's measured cost; raises `ProtectionError` when the round cannot
         complete securely."""
         assert self.setup is not None
-        parties = MessageParties(self.setup, self.silos, self.bound, trained, exchange)
+        parties = MessageParties(self.setup, self.silos, self.bound, trained, exchange, self.run)
         outcome = run_secagg_round(self.setup, parties, needed, self.protection.kind)
         for i, reason in sorted({**parties.rejected, **outcome.rejected}.items()):
             log(f"secure aggregation: silo {self.silos[i]}'s message refused: {reason}")
@@ -109,6 +115,7 @@ class MessageParties:
     bound: float
     trained: dict[int, RecordDict]
     exchange: Exchange
+    run: str = ""
     seconds: dict[int, float] = field(default_factory=dict)
     sent: dict[int, int] = field(default_factory=dict)
     weights: dict[int, float] = field(default_factory=dict)
@@ -181,14 +188,10 @@ class MessageParties:
         return self._decoded(self._send("unmask", dict.fromkeys(survivors, roster)), decode)
 
     def _send(self, step: str, payloads: dict[int, dict]) -> dict[int, RecordDict]:
-        setup = self.setup.to_json()
+        common = {"step": step, "setup": self.setup.to_json(), "run": self.run}
         contents = {
             i: RecordDict(
-                {
-                    "secagg": ConfigRecord(
-                        {"step": step, "setup": setup, "index": i, "payload": json.dumps(payload)}
-                    )
-                }
+                {"secagg": ConfigRecord({**common, "index": i, "payload": json.dumps(payload)})}
             )
             for i, payload in payloads.items()
         }

@@ -1,10 +1,15 @@
 """The silo's side of a deployment: one storefront's process, its own data file and state folder.
 
 Flower starts a fresh client process for every message, so everything a silo carries between rounds
-(its private user vectors and its random stream) lives in its state folder, one file per round it
+(its private user vectors and its random streams) lives in its state folder, one file per round it
 trained in. A silo that is asked to train round r starts from its state after the latest round
 before r: asking twice for the same round (a restarted server) gives the same update, and a silo
 that was down for some rounds resumes from where it stopped.
+
+Each of the server's runs has a folder of its own in the state folder (`runs/<run id>`, the id the
+server made for the run and sends with every task): a new run starts from nothing, never from
+another run's vectors, and its DP noise comes from a secret made for that run alone, so two runs
+never draw the same noise. A restarted server or silo continues the run, its state and its streams.
 
 Node config (`flower-supernode --node-config`): `silo-data` (the silo's data file, written by
 `fedshop deploy silo-data`) and `state-dir` (a folder of its own).
@@ -35,18 +40,74 @@ from fedshop.deploy.silo_policy import (
     policy_path,
     refuse,
 )
-from fedshop.deploy.silo_secagg import SecAggSilo
+from fedshop.deploy.silo_secagg import SecAggSilo, run_folder
 from fedshop.errors import FedShopError
 from fedshop.fl.aggregation import aggregation_pipeline
 from fedshop.fl.client import LocalTask, SiloClient, SiloDp
+from fedshop.models.spec import Params
 from fedshop.secure.protected_sum import flatten
 from fedshop.secure.secagg import RoundSetup
+from fedshop.storage.private_files import create_private_once, private_dir, private_writer
 
 if TYPE_CHECKING:  # DP and its accountant load only in DP runs: every message is a new process
     from fedshop.fl.dp_local import DpSgdState
     from fedshop.privacy.dp import DpPlan
 
 _STATE = re.compile(r"round-(\d+)\.pt$")
+
+
+class SiloRun:
+    """A silo's state for one run of the server's: the folder `runs/<run id>` of its state folder."""
+
+    def __init__(self, state_dir: Path, task: ConfigRecord) -> None:
+        self.folder = run_folder(state_dir, str(task.get("run", "")))
+
+    def rounds(self) -> list[int]:
+        """The rounds of the run this silo trained in."""
+        return [int(m.group(1)) for p in self.folder.iterdir() if (m := _STATE.match(p.name))]
+
+    def latest_before(self, round_number: int) -> dict | None:
+        """The state saved after the latest round this silo trained in before `round_number`."""
+        earlier = [r for r in self.rounds() if r < round_number]
+        if not earlier:
+            return None
+        return torch.load(self.folder / f"round-{max(earlier)}.pt", weights_only=True)
+
+    def check_inputs(self, round_number: int, inputs: str) -> None:
+        """Refuse to train a round that would draw noise this silo drew before on other inputs:
+        the difference of the two updates would cancel it. A round's noise comes from the state
+        after the latest earlier round, so a round may be trained again only if no later one was,
+        and only on the same inputs. An honest server asks a round again only in these cases (a
+        retried round, a restart in the middle of a round: its checkpoint is the model it sent)."""
+        later = [r for r in self.rounds() if r > round_number]
+        if later:
+            raise FedShopError(
+                f"this silo already trained round {max(later)} of this run; training round "
+                f"{round_number} now would draw noise it drew before on other inputs, refused"
+            )
+        path = self.folder / f"round-{round_number}.pt"
+        if path.exists() and torch.load(path, weights_only=True).get("inputs") != inputs:
+            raise FedShopError(
+                f"round {round_number} of this run was already trained on another model or "
+                "config; training it again would reuse its noise on other inputs, refused"
+            )
+
+    def save(self, round_number: int, state: dict) -> None:
+        with private_writer(self.folder / f"round-{round_number}.pt") as f:
+            torch.save(state, f)
+
+    # Record-level DP. The silo's noise must be secret from the server, which knows the run's
+    # seed: its random streams come from a secret made for this run in this folder, which never
+    # leaves it (so a DP deployment is not bit-equal to the simulator, whose streams follow the
+    # seed), and which no other run shares (a second run, or one that reuses this run's seed and
+    # config, does not draw this run's noise again).
+
+    @functools.cached_property
+    def secret(self) -> bytes:
+        return create_private_once(self.folder / "secret", os.urandom(32))
+
+    def seed(self, label: str) -> int:
+        return int.from_bytes(hashlib.sha256(self.secret + label.encode()).digest()[:8], "big")
 
 
 class SiloNode:
@@ -58,12 +119,12 @@ class SiloNode:
                 raise FedShopError(f"the SuperNode's --node-config has no {key!r}")
         self.data, self.meta = read_silo_file(str(node_config["silo-data"]))
         self.index = int(self.meta["index"])
-        self.state_dir = Path(str(node_config["state-dir"]))
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir = private_dir(Path(str(node_config["state-dir"])))
         self.policy = SiloPolicy.read(policy_path(Path(str(node_config["silo-data"]))))
 
     @functools.cached_property
     def ledger(self) -> SiloLedger:
+        """The silo's own privacy ledger: all its runs' releases (not one per run)."""
         return SiloLedger(self.state_dir / LEDGER_FILE)
 
     def hello(self) -> RecordDict:
@@ -85,55 +146,41 @@ class SiloNode:
             }
         )
 
-    def client(self, config: RunConfig, before_round: int) -> tuple[SiloClient, dict | None]:
-        """The silo's `SiloClient` (the simulator's class) with its state after the latest round
-        it trained in before `before_round`, and that round's saved DP-SGD state (or None)."""
+    def client(
+        self, config: RunConfig, run: SiloRun, before_round: int
+    ) -> tuple[SiloClient, dict | None]:
+        """The silo's `SiloClient` (the simulator's class) with its state in `run` after the latest
+        round it trained in before `before_round`, and that round's saved DP-SGD state (or None)."""
         client = SiloClient(
             self.index, self.data, config.model, config.train,
             aggregation_pipeline(config.federated.aggregation), config.seed,
             config.federated.client_learning_rate,
         )  # fmt: skip
-        rounds = [int(m.group(1)) for p in self.state_dir.iterdir() if (m := _STATE.match(p.name))]
-        earlier = [r for r in rounds if r < before_round]
-        if not earlier:
+        state = run.latest_before(before_round)
+        if state is None:
             return client, None
-        state = torch.load(self.state_dir / f"round-{max(earlier)}.pt", weights_only=True)
         client.load_state_dict(state["client"])
         return client, state.get("dp")
 
-    def save(self, client: SiloClient, round_number: int, dp: DpSgdState | None = None) -> None:
-        path = self.state_dir / f"round-{round_number}.pt"
-        state = {"client": client.state_dict()}
+    @staticmethod
+    def state_of(client: SiloClient, dp: DpSgdState | None, inputs: str) -> dict:
+        """What the silo keeps after a round: its client, its DP-SGD state, and a digest of what
+        the round was trained on."""
+        state = {"client": client.state_dict(), "inputs": inputs}
         if dp is not None:
             state["dp"] = {
                 "optimizer": dp.optimizer.state_dict(),
                 **{name: getattr(dp, name).get_state() for name in dp.STREAMS},
             }
-        torch.save(state, path.with_suffix(".tmp"))
-        os.replace(path.with_suffix(".tmp"), path)
+        return state
 
-    # Record-level DP. The silo's noise must be secret from the server, which knows the run's
-    # seed: its random streams come from a secret that never leaves the silo's state folder (so a
-    # DP deployment is not bit-equal to the simulator, whose streams follow the seed).
-
-    @functools.cached_property
-    def secret(self) -> bytes:
-        path = self.state_dir / "secret"
-        if not path.exists():
-            path.write_bytes(os.urandom(32))
-            path.chmod(0o600)
-        return path.read_bytes()
-
-    def _seed(self, label: str) -> int:
-        return int.from_bytes(hashlib.sha256(self.secret + label.encode()).digest()[:8], "big")
-
-    def dp_state(self, config: RunConfig, saved: dict | None) -> DpSgdState:
-        """The DP-SGD state as `saved` after an earlier round, or a fresh one."""
+    def dp_state(self, config: RunConfig, run: SiloRun, saved: dict | None) -> DpSgdState:
+        """The DP-SGD state as `saved` after an earlier round, or a fresh one from the run's
+        secret."""
         from fedshop.fl.dp_local import DpSgdState
 
         streams = {
-            name: torch.Generator().manual_seed(self._seed(name) >> 1)
-            for name in DpSgdState.STREAMS
+            name: torch.Generator().manual_seed(run.seed(name) >> 1) for name in DpSgdState.STREAMS
         }
         state = DpSgdState.start(config.train.learning_rate, streams)
         if saved is not None:
@@ -142,34 +189,37 @@ class SiloNode:
                 getattr(state, name).set_state(saved[name])
         return state
 
-    def released_count(self, plan: DpPlan) -> float:
-        """The silo's customer count with Gaussian noise, released once (its accounting is the
-        plan's fixed event) and reused as the silo's weight every round."""
+    def released_count(self, plan: DpPlan, run: SiloRun) -> float:
+        """The silo's customer count with Gaussian noise, released once in the run (its accounting
+        is the plan's fixed event) and reused as the silo's weight every round."""
         from fedshop.privacy.dp import release_silo_counts
 
-        path = self.state_dir / "released-count.json"
+        path = run.folder / "released-count.json"
         if not path.exists():
-            rng = np.random.default_rng(self._seed("count"))
+            rng = np.random.default_rng(run.seed("count"))
             count = release_silo_counts([self.data.n_users], plan, rng)[0]
             try:  # a release like any other: in the silo's own ledger first
                 self.ledger.spend(
-                    f"count {count!r}", plan.fixed_events[0], self.policy, plan.accountant
-                )
+                    f"count {run.folder.name} {count!r}", plan.fixed_events[0], self.policy,
+                    plan.accountant,
+                )  # fmt: skip
             except PolicyError as reason:
                 refuse(reason)
-            path.write_text(json.dumps({"count": float(count)}))
+            create_private_once(path, json.dumps({"count": float(count)}).encode())
         return float(json.loads(path.read_text())["count"])
 
     def _task(self, content: RecordDict, before_offset: int):
         task = content["task"]
+        run = SiloRun(self.state_dir, task)
         config = config_from_toml(str(task["config"]))
-        client, saved_dp = self.client(config, int(task["round"]) + before_offset)
-        return task, config, client, saved_dp, wire.record_params(content["shared"])
+        client, saved_dp = self.client(config, run, int(task["round"]) + before_offset)
+        return task, run, config, client, saved_dp, wire.record_params(content["shared"])
 
     def train(self, content: RecordDict) -> RecordDict:
         """Train on the received model; with `evaluate`, first evaluate it (the server's previous
         round) with the private state it will train from, as the simulator evaluates it."""
-        task, config, client, saved_dp, shared = self._task(content, 0)
+        task, run, config, client, saved_dp, shared = self._task(content, 0)
+        round_number = int(task["round"])
         plan = None
         if "dp-plan" in task:
             from fedshop.privacy.dp import DpPlan
@@ -180,26 +230,32 @@ class SiloNode:
             self.policy.check_task(plan, setup)  # before any work on the silo's data
         except PolicyError as reason:
             refuse(reason)
+        inputs = inputs_digest(task, shared)
+        run.check_inputs(round_number, inputs)
         reply = {}
         if bool(task["evaluate"]):
             sums = client.evaluate(shared, config.eval.split)
-            self._report(reply, "metrics", sums, task, f"round-{int(task['round']) - 1}")
+            self._report(reply, "metrics", run, sums, task, f"round-{round_number - 1}")
         if plan is not None:
-            client.dp = SiloDp(self.dp_state(config, saved_dp), self.released_count(plan))
+            dp = self.dp_state(config, run, saved_dp)
+            client.dp = SiloDp(dp, self.released_count(plan, run))
         message = client.fit(shared, LocalTask.of_run(config, plan))
         update = flatten(message, 1.0)
         if message.dp_event is not None:
             # Write-ahead in the silo's own ledger: the release is recorded (or refused) before
-            # the update leaves, masked or not.
+            # the update leaves, masked or not. The same update again (a retried round) is free.
             digest = hashlib.sha256(update.tobytes()).hexdigest()
             try:
                 self.ledger.spend(digest, message.dp_event, self.policy, plan.accountant)
             except PolicyError as reason:
                 refuse(reason)
-        self.save(client, int(task["round"]), client.dp.state if client.dp else None)
+        run.save(
+            round_number, self.state_of(client, client.dp.state if client.dp else None, inputs)
+        )
         if setup is not None:
             # Under secure aggregation the update stays here; the reply advertises SecAgg keys.
-            keys = SecAggSilo(self.state_dir).start(setup, int(task["secagg-index"]), update)
+            index, silos = int(task["secagg-index"]), task.get("secagg-silos", [])
+            keys = SecAggSilo(run.folder).start(setup, index, update, round_number, silos)
             meta = wire.meta_record(self.index, message)
             return RecordDict({"meta": meta, "secagg": keys, **reply})
         return wire.update_record(self.index, message, reply)
@@ -208,29 +264,41 @@ class SiloNode:
         """Metric sums of this silo's customers for the model of round `round`. With `final`, also
         after refitting its private vectors to it (personalisation, kept), as the simulator does
         after the last round."""
-        task, config, client, _, shared = self._task(content, 1)
+        task, run, config, client, _, shared = self._task(content, 1)
         reply: dict = {}
         sums = client.evaluate(shared, config.eval.split)
-        self._report(reply, "metrics", sums, task, f"round-{int(task['round'])}")
+        self._report(reply, "metrics", run, sums, task, f"round-{int(task['round'])}")
         if bool(task["final"]):
             client.personalise(shared, config.federated.personalise_epochs)
-            torch.save(client.private_state(), self.state_dir / "final.pt")
+            with private_writer(run.folder / "final.pt") as f:
+                torch.save(client.private_state(), f)
             sums = client.evaluate(shared, config.eval.split)
-            self._report(reply, "final", sums, task, "final")
+            self._report(reply, "final", run, sums, task, "final")
         return RecordDict(reply)
 
-    def _report(self, reply: dict, name: str, sums, task, label: str) -> None:
+    def _report(self, reply: dict, name: str, run: SiloRun, sums, task, label: str) -> None:
         """Metric sums go into the reply, except under DP: exact sums over the silo's held-out
-        baskets are not an accounted release, so they stay in the silo's state folder for its own
+        baskets are not an accounted release, so they stay in the run's folder for the silo's own
         eyes (`metrics-<label>.json`) and nothing about them leaves."""
         private = self.policy.require_dp or "dp-plan" in task or bool(task.get("private", False))
         if not private:
             reply[name] = wire.metrics_config(self.index, sums)
             return
-        path = self.state_dir / f"metrics-{label}.json"
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w") as f:
-            json.dump({"users": sums.users, "sums": sums.sums}, f)
+        with private_writer(run.folder / f"metrics-{label}.json") as f:
+            f.write(json.dumps({"users": sums.users, "sums": sums.sums}).encode())
+
+
+def inputs_digest(task: ConfigRecord, shared: Params) -> str:
+    """What a round's update depends on besides the silo's own state: the round, the config, the
+    DP plan and the shared model."""
+    digest = hashlib.sha256()
+    for key in ("round", "config", "dp-plan"):
+        digest.update(f"{key}={task.get(key, '')}\n".encode())
+    for name in sorted(shared):
+        tensor = shared[name].detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def handle(message: Message, context: Context, what: str) -> Message:

@@ -16,6 +16,7 @@ import scipy.sparse as sp
 
 from fedshop.data.interactions import RecDataset, SiloData
 from fedshop.errors import FedShopError
+from fedshop.storage.private_files import private_writer
 
 FORMAT = "fedshop-silo/1"
 
@@ -25,7 +26,8 @@ class SiloFileError(FedShopError):
 
 
 def write_silo_file(path: Path, dataset: RecDataset, index: int) -> Path:
-    """Write silo `index` of `dataset` to `path` (.npz)."""
+    """Write silo `index` of `dataset` to `path` (.npz), readable by its owner only: it holds the
+    silo's customers' purchases."""
     silo = dataset.silo(index)
     arrays: dict[str, np.ndarray] = {
         "users": silo.users,
@@ -39,8 +41,8 @@ def write_silo_file(path: Path, dataset: RecDataset, index: int) -> Path:
         arrays["eval_negatives"] = silo.eval_negatives
     meta = {"format": FORMAT, "name": silo.name, "index": index, "dataset": dataset.name}
     arrays["meta"] = np.array(json.dumps(meta))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, **arrays)
+    with private_writer(path) as f:
+        np.savez_compressed(f, **arrays)
     return path
 
 
