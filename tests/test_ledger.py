@@ -334,3 +334,16 @@ def test_two_processes_spending_one_postgresql_budget_at_once_never_overspend_it
     postgres_url, tmp_path
 ):
     spend_at_once(postgres_url, tmp_path)
+
+
+def test_the_ledger_file_is_the_users_alone(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0)
+    try:
+        Ledger(f"sqlite:///{tmp_path / 'sub' / 'ledger.sqlite'}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "sub" / "ledger.sqlite").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "sub").stat().st_mode) == 0o700

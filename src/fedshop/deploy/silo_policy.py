@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sqlite3
 import sys
 import tomllib
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedshop.errors import FedShopError
+from fedshop.storage.private_files import open_private_append
 
 if TYPE_CHECKING:
     from fedshop.privacy.dp import DpPlan
@@ -136,8 +136,7 @@ class SiloLedger:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        if not self.path.exists():
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        open_private_append(self.path).close()  # owner-only from creation
         self._db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS releases (digest TEXT PRIMARY KEY, event TEXT NOT NULL, "

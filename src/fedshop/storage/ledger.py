@@ -49,6 +49,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from fedshop.config import Environment
 from fedshop.errors import FedShopError
+from fedshop.storage.private_files import open_private_append
 
 
 class BudgetExceededError(FedShopError):
@@ -140,7 +141,8 @@ class Ledger:
         self.url = url or default_url()
         try:
             if self.url.startswith("sqlite:///"):
-                Path(self.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+                # Who spent what on which data is private: the file is the user's alone.
+                open_private_append(Path(self.url.removeprefix("sqlite:///"))).close()
             if make_url(self.url).get_backend_name() == "sqlite":
                 self._engine: Engine = _sqlite_engine(self.url)
             else:
