@@ -187,3 +187,35 @@ def test_a_missing_nginx_is_one_line_that_says_how_to_install_it(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "apt-get install nginx" in done.stderr and "FEDSHOP_NGINX" in done.stderr
     assert not out.exists()
+
+
+def test_the_front_door_refuses_a_certificate_not_valid_for_localhost(tmp_path):
+    """nginx checks the SuperLink's certificate on loopback under "localhost": a certificate made for
+    the public name alone would fail every silo's request; the command says so instead."""
+    certs = make_tls(tmp_path / "certs", ["superlink.example.com"])
+    done = _fedshop(
+        "deploy", "front-door", "--certs", certs.ca.parent, "--out", tmp_path / "front-door",
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "not valid for localhost" in done.stderr and "fedshop deploy certs" in done.stderr
+
+
+def test_deploy_certs_makes_a_superlink_certificate_for_loopback_and_an_operator_credential(
+    tmp_path,
+):
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    done = _fedshop(
+        "deploy", "certs", "--host", "superlink.example.com", "--silos", "1", "--out", tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    certs = tmp_path / "certs"
+    server = x509.load_pem_x509_certificate((certs / "superlink.crt").read_bytes())
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["superlink.example.com", "localhost"]
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    operator = x509.load_pem_x509_certificate((certs / "operator.crt").read_bytes())
+    usage = operator.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert stat.S_IMODE((certs / "operator.key").stat().st_mode) == 0o600

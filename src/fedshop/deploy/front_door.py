@@ -113,6 +113,7 @@ def write_front_door(
     """nginx's config for the coordinator's front door (`folder`/nginx.conf, owner-only)."""
     files = {"ca": ca, "certificate": certificate, "key": key}
     values = {name: _checked(path) for name, path in files.items()}
+    _check_names_localhost(Path(values["certificate"]))
     operator_server = (
         _render("operator-server.conf", operator=str(operator), **values) if operator else ""
     )
@@ -156,6 +157,23 @@ def _write_config(folder: Path, servers_template: str, servers: str) -> Path:
         os.fchmod(file.fileno(), 0o600)
         file.write(text)
     return config
+
+
+def _check_names_localhost(certificate: Path) -> None:
+    """nginx reaches the SuperLink on loopback and checks its certificate under "localhost"."""
+    from cryptography import x509
+
+    try:
+        names = x509.load_pem_x509_certificate(certificate.read_bytes()).extensions
+        dns = names.get_extension_for_class(x509.SubjectAlternativeName).value
+        found = "localhost" in dns.get_values_for_type(x509.DNSName)
+    except (ValueError, x509.ExtensionNotFound):
+        found = False
+    if not found:
+        raise FrontDoorError(
+            f"{certificate} is not valid for localhost, where the front door reaches the "
+            "SuperLink: make the certificates again with fedshop deploy certs (it adds localhost)"
+        )
 
 
 def _render(name: str, **values: str) -> str:
