@@ -1,5 +1,7 @@
 """Real deployment: SuperLink and SuperNodes as separate processes on 127.0.0.1, with TLS and node
-authentication; the same model as the simulator; failures of a silo and of the server."""
+authentication, the silos reaching the SuperLink through its front door (nginx; what the front door
+lets through: test_front_door.py); the same model as the simulator; failures of a silo and of the
+server."""
 
 from __future__ import annotations
 
@@ -52,7 +54,8 @@ def _no_flower_processes_left() -> bool:
     return not [
         line
         for line in listing.splitlines()
-        if ("flower-" in line or "flwr-" in line) and not line.startswith("Z")
+        if ("flower-" in line or "flwr-" in line or "front-door/nginx.conf" in line)
+        and not line.startswith("Z")
     ]
 
 
@@ -133,6 +136,7 @@ def test_cli_writes_the_same_run_folder_as_the_simulator(tmp_path):
     assert (out / "report.html").exists()
     assert (out / "models" / "federated" / "shared.safetensors").exists()
     assert "flower-supernode" in done.stdout  # the commands for separate hosts
+    assert "fedshop deploy front-door" in done.stdout and "--host 0.0.0.0" not in done.stdout
     assert _no_flower_processes_left()
 
 
@@ -211,7 +215,8 @@ def test_a_restarted_server_resumes_from_its_checkpoint(three_silos, tmp_path):
 
 
 def test_deploy_run_submits_to_a_running_superlink(three_silos, tmp_path):
-    """The coordinator's command for separate hosts, against parties started as they would be."""
+    """The coordinator's command for separate hosts, against parties started as they would be, from
+    elsewhere: through the front door's operator listener, with the operator's credential."""
     config = load_config(overrides={**SMALL, "federated.rounds": 1})
     folder = tmp_path / "deployment"
     silos, server_config = prepare(config, three_silos, folder)
@@ -219,7 +224,10 @@ def test_deploy_run_submits_to_a_running_superlink(three_silos, tmp_path):
         federation.start()
         command = [
             sys.executable, "-m", "fedshop", "deploy", "run",
-            "--superlink", f"127.0.0.1:{federation.port}", "--ca", str(federation.tls_files.ca),
+            "--superlink", f"localhost:{federation.operator_port}",
+            "--ca", str(federation.tls_files.ca),
+            "--operator-cert", str(federation.tls_files.operator_certificate),
+            "--operator-key", str(federation.tls_files.operator_key),
             "--config", str(server_config), "--silos", "3", "--out", str(tmp_path / "run"),
             "--nodes", str(federation.nodes_file),
         ]  # fmt: skip

@@ -517,6 +517,16 @@ MinSilosOption = Annotated[
 RoundTimeoutOption = Annotated[
     float, typer.Option("--round-timeout", help="Seconds to wait for a round's replies.")
 ]
+OperatorCertOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--operator-cert",
+        help="The operator's client certificate (deploy certs): needed for a SuperLink elsewhere.",
+    ),
+]
+OperatorKeyOption = Annotated[
+    Path | None, typer.Option("--operator-key", help="The operator certificate's private key.")
+]
 deploy_app = typer.Typer(
     help="Real deployment on Flower's deployment engine: one process per party, TLS, node keys.",
     no_args_is_help=True,
@@ -554,6 +564,9 @@ def deploy_local(
         },
     )
     check_deployable(run_config)
+    from fedshop.deploy.front_door import nginx_binary
+
+    nginx_binary()  # the front door runs nginx: missing, it says how to install it before any work
     # Imported once the config is checked: a mistake in it answers without loading torch and Flower.
     from fedshop.data.datasets import load_dataset
     from fedshop.deploy.launch import DeploySettings
@@ -571,7 +584,8 @@ def deploy_local(
             )
         console.print(
             f"[bold]Local federation[/]: 1 SuperLink + {silos} SuperNodes on 127.0.0.1, TLS and "
-            f"SuperNode authentication on; silos: {', '.join(dataset.silo_names)}"
+            "SuperNode authentication on, the silos through the front door (nginx); silos: "
+            f"{', '.join(dataset.silo_names)}"
         )
         settings = DeploySettings(min_silos=min_silos, round_timeout=round_timeout)
         result = run_deployment(
@@ -592,7 +606,13 @@ def print_commands(out: Console, text: str) -> None:
 
 @deploy_app.command("run")
 def deploy_run(
-    superlink: Annotated[str, typer.Option("--superlink", help="The SuperLink's HOST:PORT.")],
+    superlink: Annotated[
+        str,
+        typer.Option(
+            "--superlink",
+            help="The SuperLink's 127.0.0.1:PORT, or the operator listener's HOST:PORT.",
+        ),
+    ],
     config: Annotated[Path, typer.Option("--config", "-c", help="TOML run configuration.")],
     silos: Annotated[int, typer.Option("--silos", help="How many silos the federation has.")],
     out: Annotated[Path, typer.Option("--out", help="The server's folder (on this host).")],
@@ -610,13 +630,16 @@ def deploy_run(
     wait_timeout: Annotated[
         float, typer.Option("--wait-timeout", help="Seconds to wait for silos to come online.")
     ] = 300.0,
+    operator_cert: OperatorCertOption = None,
+    operator_key: OperatorKeyOption = None,
 ) -> None:
     """On the SuperLink host: submit a FedShop run to a running SuperLink and follow it. The server
     writes its checkpoints, log, outcome and final model into OUT/server; the same command again
-    resumes from the last checkpoint."""
+    resumes from the last checkpoint. (Through the operator listener from elsewhere, OUT must be
+    the same path on the coordinator: the server opens it there.)"""
     from fedshop.deploy.identities import SiloNodes
     from fedshop.deploy.launch import DeploySettings, LogFollower, run_config
-    from fedshop.deploy.processes import Control
+    from fedshop.deploy.processes import operator_control
     from fedshop.storage.private_files import write_private
 
     run = load_config(config)
@@ -629,18 +652,20 @@ def deploy_run(
             f"{nodes} registers silos {sorted(registered.node_of)}; a federation of {silos} "
             f"silos needs exactly 0 to {silos - 1}"
         )
-    server = (out / "server").resolve()
-    write_private(server / "config.toml", run.to_toml())  # owner-only, as all the server writes
+    operator = _operator_credential(operator_cert, operator_key)
     settings = DeploySettings(
         min_silos=min_silos, round_timeout=round_timeout, wait_timeout=wait_timeout
     )
-    control = Control(out / "flwr-home", superlink, ca)
-    settings_record = run_config(out.resolve(), server / "config.toml", silos, settings, nodes)
-    run_id = control.submit(settings_record, out / "app")
-    console.print(f"Run {run_id} submitted to {superlink}; following {server / 'server.log'}")
-    follower = LogFollower(server / "server.log", lambda line: console.print(f"  {line}"))
-    control.wait(run_id, settings.run_timeout, follower)
-    follower()
+    # The Control API first: a SuperLink this command may not reach is refused before any file.
+    with operator_control(out / "flwr-home", superlink, ca, operator) as control:
+        server = (out / "server").resolve()
+        write_private(server / "config.toml", run.to_toml())  # owner-only, as all the server writes
+        settings_record = run_config(out.resolve(), server / "config.toml", silos, settings, nodes)
+        run_id = control.submit(settings_record, out / "app")
+        console.print(f"Run {run_id} submitted to {superlink}; following {server / 'server.log'}")
+        follower = LogFollower(server / "server.log", lambda line: console.print(f"  {line}"))
+        control.wait(run_id, settings.run_timeout, follower)
+        follower()
     console.print(
         f"Outcome: [bold]{server / 'outcome.json'}[/], model {server / 'shared.safetensors'}"
     )
@@ -649,7 +674,13 @@ def deploy_run(
 @deploy_app.command("register")
 def deploy_register(
     keys: Annotated[list[Path], typer.Argument(help="Silos' public key files (.pub).")],
-    superlink: Annotated[str, typer.Option("--superlink", help="The SuperLink's HOST:PORT.")],
+    superlink: Annotated[
+        str,
+        typer.Option(
+            "--superlink",
+            help="The SuperLink's 127.0.0.1:PORT, or the operator listener's HOST:PORT.",
+        ),
+    ],
     ca: Annotated[Path, typer.Option("--ca", help="The deployment's CA certificate.")],
     nodes: Annotated[
         Path,
@@ -659,27 +690,38 @@ def deploy_register(
             "by the operator; `deploy run --nodes` reads it).",
         ),
     ] = Path("deployment/node-silos.json"),
+    operator_cert: OperatorCertOption = None,
+    operator_key: OperatorKeyOption = None,
 ) -> None:
     """Register silos' SuperNode keys (silo-<i>.pub) with the SuperLink: only registered nodes
     may join, and the server takes each node for the silo whose key it registered, whatever the
-    node says of itself."""
+    node says of itself. On the coordinator against the SuperLink's loopback address, or from
+    elsewhere through the front door's operator listener with the operator's certificate and key."""
     import tempfile
 
     from fedshop.deploy.identities import SiloNodes, silo_of_key
-    from fedshop.deploy.processes import Control
+    from fedshop.deploy.processes import operator_control
 
     registered = SiloNodes.read(nodes) if nodes.exists() else SiloNodes()
     silos = [silo_of_key(key) for key in keys]  # every name checked before anything is registered
     for key in keys:
         if not key.is_file():
             raise FedShopError(f"public key file {key} does not exist")
-    nodes.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as home:
-        control = Control(Path(home), superlink, ca)
+    operator = _operator_credential(operator_cert, operator_key)
+    with (
+        tempfile.TemporaryDirectory() as home,
+        operator_control(Path(home), superlink, ca, operator) as control,
+    ):
         for silo, key in zip(silos, keys, strict=True):
             registered.add(silo, control.register(key))
             registered.write(nodes)  # after each: a failure later keeps what was registered
             console.print(f"registered {key} as silo {silo} (node {registered.node_of[silo]})")
+
+
+def _operator_credential(cert: Path | None, key: Path | None) -> tuple[Path, Path] | None:
+    if (cert is None) != (key is None):
+        raise FedShopError("--operator-cert and --operator-key go together")
+    return (cert, key) if cert is not None and key is not None else None
 
 
 @deploy_app.command("certs")
@@ -690,19 +732,65 @@ def deploy_certs(
     silos: Annotated[int, typer.Option("--silos", help="How many silo key pairs to make.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for certs/ and keys/.")],
 ) -> None:
-    """Make the CA and SuperLink certificate, and one SuperNode key pair per silo."""
+    """Make the CA, the SuperLink's certificate, the operator's client certificate, and one
+    SuperNode key pair per silo."""
     from fedshop.deploy.pki import make_node_keys, make_tls
 
     if silos < 1:
         raise FedShopError("--silos must be at least 1")
-    files = make_tls(out / "certs", host)
+    # The SuperLink binds loopback and its front door reaches it there: the certificate names it too.
+    loopback = [name for name in ("localhost", "127.0.0.1") if name not in host]
+    files = make_tls(out / "certs", [*host, *loopback])
     for index in range(silos):
         make_node_keys(out / "keys", f"silo-{index}")
     console.print(
         f"CA [bold]{files.ca}[/] (to every silo), SuperLink certificate {files.certificate} and "
-        f"key {files.key} (stay on the SuperLink host), {silos} SuperNode key pairs in "
-        f"{out / 'keys'} (each private key to its silo only; register the .pub files)"
+        f"key {files.key} (stay on the SuperLink host), operator certificate "
+        f"{files.operator_certificate} and key {files.operator_key} (the operator's only: they "
+        f"open the Control API), {silos} SuperNode key pairs in {out / 'keys'} (each private key "
+        "to its silo only; register the .pub files)"
     )
+
+
+@deploy_app.command("front-door")
+def deploy_front_door(
+    certs: Annotated[
+        Path, typer.Option("--certs", help="deploy certs' certs/ folder (CA, SuperLink cert+key).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Folder for nginx's config and logs.")],
+    superlink_port: Annotated[
+        int, typer.Option("--superlink-port", help="The SuperLink's port on 127.0.0.1.")
+    ] = 9091,
+    port: Annotated[int, typer.Option("--port", help="The silos' port (Fleet API only).")] = 9092,
+    operator_port: Annotated[
+        int,
+        typer.Option("--operator-port", help="The operator's port (client certificate; 0: none)."),
+    ] = 9093,
+    listen: Annotated[
+        str, typer.Option("--listen", help="The address both listen on (0.0.0.0: all).")
+    ] = "0.0.0.0",
+) -> None:
+    """On the coordinator: nginx in front of the SuperLink, which binds 127.0.0.1 only. The silos'
+    port forwards the Fleet API and nothing else; the operator's port forwards the Control API to a
+    client with the operator's certificate. Runs in the foreground (Ctrl-C stops it)."""
+    import os
+
+    from fedshop.deploy.front_door import Address, nginx_command, write_front_door
+
+    public = Address.parse(f"{listen}:{port}")
+    operator = Address.parse(f"{listen}:{operator_port}") if operator_port else None
+    config = write_front_door(
+        out, superlink_port, certs / "ca.crt", certs / "superlink.crt", certs / "superlink.key",
+        public, operator,
+    )  # fmt: skip
+    command = nginx_command(config)
+    console.print(
+        f"Front door: silos on {public}, operator on {operator or 'none'}, SuperLink on "
+        f"127.0.0.1:{superlink_port}; {' '.join(command)}",
+        soft_wrap=True,
+    )
+    sys.stdout.flush()
+    os.execv(command[0], command)
 
 
 @deploy_app.command("silo-data")

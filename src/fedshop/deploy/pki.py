@@ -4,6 +4,8 @@
   TLS, and nodes trust only this CA.
 - One SuperNode key pair per silo (EC P-384, OpenSSH format, as Flower expects): the SuperLink admits
   only nodes whose public key was registered with `flwr supernode register`.
+- The operator's client certificate: the coordinator's front door (front_door.py) opens its operator
+  listener, which forwards Flower's Control API, only to a TLS client that presents it.
 
 Every file and folder is owner-only from the start (`storage/private_files.py`), the public ones too:
 they are copied to whoever needs them, and one rule leaves no private key behind by mistake. The
@@ -32,6 +34,10 @@ class TlsFiles:
     ca: Path  # give to every SuperNode and to the flwr CLI (--root-certificates)
     certificate: Path  # the SuperLink's
     key: Path  # the SuperLink's private key: stays on the SuperLink host
+    # The operator's client certificate and key: whoever holds them may register nodes and submit
+    # apps through the operator listener (the only certificate this CA signs for TLS clients).
+    operator_certificate: Path | None = None
+    operator_key: Path | None = None
 
 
 def make_tls(folder: Path, hosts: list[str], days: int = 365) -> TlsFiles:
@@ -60,7 +66,10 @@ def make_tls(folder: Path, hosts: list[str], days: int = 365) -> TlsFiles:
         )
         .sign(ca_key, hashes.SHA256())
     )
-    files = TlsFiles(folder / "ca.crt", folder / "superlink.crt", folder / "superlink.key")
+    operator = _make_operator(folder, ca_key, ca_name, now, days)
+    files = TlsFiles(
+        folder / "ca.crt", folder / "superlink.crt", folder / "superlink.key", *operator
+    )
     write_private(files.ca, ca.public_bytes(_PEM))
     write_private(files.certificate, certificate.public_bytes(_PEM))
     write_private(
@@ -88,6 +97,30 @@ def make_node_keys(folder: Path, name: str) -> tuple[Path, Path]:
         ),
     )
     return private, public
+
+
+def _make_operator(folder: Path, ca_key, ca_name: x509.Name, now, days: int) -> tuple[Path, Path]:
+    """The operator's client certificate (TLS client use only) and its private key."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "FedShop operator")])
+    certificate = (
+        _builder(subject, ca_name, key.public_key(), now, days)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    certificate_file, key_file = folder / "operator.crt", folder / "operator.key"
+    write_private(certificate_file, certificate.public_bytes(_PEM))
+    write_private(
+        key_file,
+        key.private_bytes(
+            _PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+        ),
+    )
+    return certificate_file, key_file
 
 
 def _builder(subject, issuer, public_key, now: dt.datetime, days: int) -> x509.CertificateBuilder:

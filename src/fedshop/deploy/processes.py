@@ -1,10 +1,11 @@
 """The parties' processes: a whole federation on this machine, one process per party, as it would
 run across hosts.
 
-`LocalFederation` starts one SuperLink (TLS, SuperNode authentication on) and one SuperNode per silo,
-each in its own process group with its own Flower home folder, registers every silo's key, submits
-the FedShop app with `flwr run`, waits for the run and stops every process it started, also on
-failure or Ctrl-C. `commands()` prints the same steps for separate hosts.
+`LocalFederation` starts one SuperLink (TLS, SuperNode authentication on) on loopback, its front door
+(nginx, front_door.py: the silos reach the Fleet API through it, nothing else) and one SuperNode per
+silo, each in its own process group with its own Flower home folder, registers every silo's key,
+submits the FedShop app with `flwr run`, waits for the run and stops every process it started, also
+on failure or Ctrl-C. `commands()` prints the same steps for separate hosts.
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedshop.deploy.front_door import (
+    Address,
+    nginx_command,
+    write_front_door,
+    write_operator_bridge,
+)
 from fedshop.deploy.identities import NODES_FILE, SiloNodes
 from fedshop.deploy.pki import TlsFiles, make_node_keys, make_tls
 from fedshop.errors import FedShopError
@@ -53,7 +60,9 @@ class LocalFederation:
     silos: list[Silo]
     tls: bool = True
     authenticate: bool = True
-    port: int = 0  # the SuperLink's; 0: a free one
+    port: int = 0  # the SuperLink's, on loopback; 0: a free one
+    public_port: int = 0  # the front door's listener for the silos; 0: a free one
+    operator_port: int = 0  # the front door's listener for the operator (client certificate)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     tls_files: TlsFiles | None = None
     nodes: SiloNodes = field(default_factory=SiloNodes)  # silo → its registered node
@@ -65,9 +74,13 @@ class LocalFederation:
     def __post_init__(self) -> None:
         if self.authenticate and not self.tls:
             raise DeploymentError("SuperNode authentication needs TLS")
+        if not self.tls:
+            raise DeploymentError("the front door serves TLS only")
         self.folder = self.folder.resolve()
         private_dir(self.folder / "logs")
         self.port = self.port or free_port()
+        self.public_port = self.public_port or free_port()
+        self.operator_port = self.operator_port or free_port()
         self.env = flower_environment()
         if self.tls:
             self.tls_files = make_tls(self.folder / "certs", ["127.0.0.1", "localhost"])
@@ -109,11 +122,28 @@ class LocalFederation:
             command += ["--insecure"]
         if self.authenticate:
             command += ["--enable-supernode-auth"]
-        process = self._spawn("superlink", command)
+        self._wait_listening(self._spawn("superlink", command), "superlink", [self.port])
+        front_door = self.processes.get("front-door")
+        if front_door is None or front_door.poll() is not None:  # a restarted SuperLink keeps it
+            self.start_front_door()
+
+    def start_front_door(self) -> None:
+        """nginx on the public and operator ports, in front of the SuperLink on loopback."""
+        assert self.tls_files is not None
+        config = write_front_door(
+            self.folder / "front-door", self.port, self.tls_files.ca,
+            self.tls_files.certificate, self.tls_files.key,
+            public=Address("127.0.0.1", self.public_port),
+            operator=Address("127.0.0.1", self.operator_port),
+        )  # fmt: skip
+        process = self._spawn("front-door", nginx_command(config))
+        self._wait_listening(process, "front-door", [self.public_port, self.operator_port])
+
+    def _wait_listening(self, process: subprocess.Popen, name: str, ports: list[int]) -> None:
         deadline = time.monotonic() + 60
-        while not _listening(self.port):
+        while not all(_listening(port) for port in ports):
             if process.poll() is not None or time.monotonic() > deadline:
-                raise DeploymentError(f"the SuperLink did not start:\n{self.log_tail('superlink')}")
+                raise DeploymentError(f"the {name} did not start:\n{self.log_tail(name)}")
             time.sleep(0.1)
 
     def register(self, silo: Silo) -> None:
@@ -125,7 +155,7 @@ class LocalFederation:
     def start_silo(self, silo: Silo, private_key: Path | None = None) -> subprocess.Popen:
         node_config = f'silo-data="{silo.data}" state-dir="{silo.state}"'
         command = [
-            str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+            str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.public_port}",
             "--port", str(free_port()), "--node-config", node_config,
         ]  # fmt: skip
         command += (
@@ -282,6 +312,54 @@ def copy_app(target: Path) -> None:
             write_private(target / source.relative_to(APP_DIR), source.read_bytes())
 
 
+@contextlib.contextmanager
+def operator_control(
+    home: Path, superlink: str, ca: Path, operator: tuple[Path, Path] | None = None
+) -> Iterator[Control]:
+    """The flwr CLI against a SuperLink's Control API: on this host's loopback directly; elsewhere
+    only through the coordinator's operator listener, with the operator's certificate and key
+    (`operator`), which a local nginx presents for the CLI (see front_door.py)."""
+    address = Address.parse(superlink)
+    if operator is None:
+        if not address.loopback:
+            raise DeploymentError(
+                f"{address} is not this host: the SuperLink's Control API (registering nodes, "
+                "submitting runs) is open on the coordinator's loopback only, or from elsewhere "
+                "through its operator listener with the operator's credential: add "
+                "--operator-cert operator.crt --operator-key operator.key (from fedshop deploy "
+                "certs), or run this on the coordinator against 127.0.0.1:PORT"
+            )
+        yield Control(home, str(address), ca)
+        return
+    for path in operator:
+        if not Path(path).is_file():
+            raise DeploymentError(f"operator credential {path} does not exist")
+    port = free_port()
+    config = write_operator_bridge(home / "operator-bridge", address, port, ca, *operator)
+    with (config.parent / "nginx.log").open("ab") as log:
+        bridge = subprocess.Popen(
+            nginx_command(config), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while not _listening(port):
+            if bridge.poll() is not None or time.monotonic() > deadline:
+                log_text = (config.parent / "nginx.log").read_text(errors="replace")[-2000:]
+                raise DeploymentError(
+                    f"the local nginx to the operator listener failed:\n{log_text}"
+                )
+            time.sleep(0.1)
+        # Plain HTTP on loopback to the bridge, which speaks TLS (with the certificate) onwards.
+        yield Control(home / "flwr", f"127.0.0.1:{port}", None)
+    finally:
+        _signal_tree(bridge.pid, signal.SIGTERM)
+        try:
+            bridge.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            _signal_tree(bridge.pid, signal.SIGKILL)
+            bridge.wait(timeout=10)
+
+
 def flower_environment() -> dict[str, str]:
     return {
         **os.environ,
@@ -379,25 +457,30 @@ def _signal_tree(pid: int, sig: int) -> None:
 def commands(silos: int, superlink_host: str) -> str:
     """The same deployment by hand on separate hosts (printed by `fedshop deploy local`)."""
     host = shlex.quote(superlink_host)
-    link = f"{host}:9092"
     lines = [
-        "# 1. The coordinator (SuperLink host): keys and certificates, then the SuperLink",
+        "# 1. The coordinator: keys and certificates, the SuperLink (on loopback only), its front door",
+        "#    (the SuperLink and the front door run in the foreground: a terminal or service each)",
         f"fedshop deploy certs --host {host} --silos {silos} --out deployment",
-        "flower-superlink --host 0.0.0.0 --port 9092 --database deployment/superlink.db \\",
+        "flower-superlink --host 127.0.0.1 --port 9091 --database deployment/superlink.db \\",
         "  --ssl-ca-certfile deployment/certs/ca.crt --ssl-certfile deployment/certs/superlink.crt \\",
         "  --ssl-keyfile deployment/certs/superlink.key --enable-supernode-auth \\",
         "  --disable-runtime-dependency-installation",
-        f"fedshop deploy register --superlink {link} --ca deployment/certs/ca.crt "
+        "fedshop deploy front-door --certs deployment/certs --superlink-port 9091 --port 9092 \\",
+        "  --operator-port 9093 --out deployment/front-door   # nginx: silos 9092, operator 9093",
+        "fedshop deploy register --superlink 127.0.0.1:9091 --ca deployment/certs/ca.crt "
         "--nodes deployment/node-silos.json deployment/keys/silo-*.pub",
         "",
         "# 2. Each silo's host i: its own data file, ca.crt and its private key silo-i only",
         "fedshop deploy silo-data --config run.toml --out silos   # or each silo exports its own",
-        f"flower-supernode --superlink {link} --root-certificates ca.crt \\",
+        f"flower-supernode --superlink {host}:9092 --root-certificates ca.crt \\",
         "  --auth-supernode-private-key silo-i --port 9094 \\",
         '  --node-config \'silo-data="silo-i.npz" state-dir="fedshop-state"\'',
         "",
         "# 3. The coordinator: submit the run and wait (run it again to resume after a failure)",
-        f"fedshop deploy run --superlink {link} --ca deployment/certs/ca.crt --config run.toml "
+        "fedshop deploy run --superlink 127.0.0.1:9091 --ca deployment/certs/ca.crt --config run.toml "
         f"--nodes deployment/node-silos.json --silos {silos} --out run",
+        "# From elsewhere, only the operator listener, with the operator's credential:",
+        f"fedshop deploy register --superlink {host}:9093 --ca ca.crt --operator-cert operator.crt \\",
+        "  --operator-key operator.key --nodes node-silos.json silo-5.pub",
     ]
     return "\n".join(lines)
