@@ -128,12 +128,13 @@ def _fedshop(*args: object) -> subprocess.CompletedProcess:
 
 def test_deploy_register_from_elsewhere_needs_the_operator_credential(coordinator, tmp_path):
     tls = coordinator.tls_files
-    _, public_key = make_node_keys(tmp_path / "keys", "silo-new")
+    _, public_key = make_node_keys(tmp_path / "keys", "silo-5")
+    nodes = tmp_path / "node-silos.json"
     before = _registered(coordinator)
     # A SuperLink that is not on this host, without the credential: refused before any connection.
     refused = _fedshop(
         "deploy", "register", "--superlink", "superlink.example.com:9093", "--ca", tls.ca,
-        public_key,
+        "--nodes", nodes, public_key,
     )  # fmt: skip
     assert refused.returncode == 2 and "--operator-cert" in refused.stderr
     assert "Traceback" not in refused.stderr
@@ -141,10 +142,12 @@ def test_deploy_register_from_elsewhere_needs_the_operator_credential(coordinato
     done = _fedshop(
         "deploy", "register", "--superlink", f"localhost:{coordinator.operator_port}",
         "--ca", tls.ca, "--operator-cert", tls.operator_certificate,
-        "--operator-key", tls.operator_key, public_key,
+        "--operator-key", tls.operator_key, "--nodes", nodes, public_key,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert _registered(coordinator) == before + 1
+    # The operator keeps which node the key got, for the server to tell silo 5 by its node.
+    assert list(json.loads(nodes.read_text())) == ["5"]
 
 
 def test_the_recipes_front_door_command_serves_the_same_two_listeners(coordinator, tmp_path):
