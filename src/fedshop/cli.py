@@ -162,8 +162,10 @@ def _print_tables(result: ExperimentResult) -> None:
     if privacy.epsilon is not None:
         console.print(
             f"[bold]Privacy[/] (federated model): ε = {privacy.epsilon:.3g}, "
-            f"δ = {privacy.delta:.3g} per {privacy.unit}; {privacy.accountant} accountant, "
-            f"noise multiplier {privacy.noise_multiplier:.3g}, clip {privacy.clip:g}"
+            f"δ = {privacy.delta:.3g} per {privacy.unit}; δ sized to {privacy.delta_population}; "
+            f"{privacy.accountant} accountant, noise multiplier {privacy.noise_multiplier:.3g}, "
+            f"clip {privacy.clip:g}",
+            highlight=False,
         )
     elif "federated" in result.methods:
         console.print("[dim]No differential privacy in this run (ε = ∞); see --dp.[/]")

@@ -213,8 +213,8 @@ class PrivacyConfig:
     # or z itself (ε is then computed).
     epsilon: float = 0.0
     noise_multiplier: float = 0.0
-    # 0 means 1/(10·n) for n protected units (shoppers, or the largest silo's customers). δ ≥ 1/n is
-    # refused: such a δ allows releasing one unit's data outright.
+    # 0 means 1/(10·n) for the n protected units of the whole population (shoppers, or every silo's
+    # customers together). δ ≥ 1/n is refused: such a δ allows releasing one unit's data outright.
     delta: float = 0.0
     clip: float = 0.5  # L2 bound on one unit's contribution to a release
     accountant: str = "rdp"  # rdp | pld (Google's dp-accounting)

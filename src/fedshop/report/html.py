@@ -135,6 +135,7 @@ def privacy_section(privacy: dict[str, Any]) -> str:
     rows = [
         ["ε (whole run)", _fmt(privacy["epsilon"], 3)],
         ["δ", f"{privacy['delta']:.3g}"],
+        ["δ sized to", _fmt(privacy.get("delta_population"))],
         ["protected unit", _fmt(privacy.get("unit"))],
         ["mechanism", _fmt(privacy.get("mechanism"))],
         ["accountant", _fmt(privacy.get("accountant"))],
