@@ -162,9 +162,8 @@ def start_private_silos(clients: list[SiloClient], config: RunConfig, plan: DpPl
     from fedshop.fl.dp_local import DpSgdState
     from fedshop.privacy.dp import release_silo_counts
 
-    counts = release_silo_counts(
-        [client.data.n_users for client in clients], plan,
-        NoiseStream.of(config.privacy.known_noise_seed, "privacy", "silo-counts"),
-    )  # fmt: skip
     for i, client in enumerate(clients):
-        client.dp = SiloDp(DpSgdState.of_run(config, i), float(counts[i]))
+        # Each silo releases its own count with noise of its own, as a deployed silo does.
+        stream = NoiseStream.of(config.privacy.known_noise_seed, "silo", i, "dp", "count")
+        count = release_silo_counts([client.data.n_users], plan, stream)[0]
+        client.dp = SiloDp(DpSgdState.of_run(config, i), float(count))
