@@ -224,6 +224,7 @@ def test_deploy_commands_are_printed_unbroken_at_80_columns():
         (["--dp", "record", "--epsilon", "1", "--clip", "0"], "--clip must be greater than 0"),
         (["--budget", "-1"], "--budget must be at least 0"),
         (["--epsilon", "2"], 'epsilon is set but mode = "none"'),
+        (["--dp", "record", "--epsilon", "1", "--noise-seed", "0"], "--noise-seed must be a"),
     ],
 )
 def test_privacy_values_that_mean_nothing_are_refused(tmp_path, options, fragment):
@@ -293,3 +294,21 @@ def test_privacy_ledger_commands(tmp_path, monkeypatch):
         assert text in shown.stdout
     assert_one_line_error(fedshop("privacy", "reset"), "--yes")
     assert fedshop("privacy", "reset", "--yes").returncode == 0
+
+
+def test_a_dp_run_with_a_known_noise_seed_says_it_is_not_private(tmp_path):
+    config = tmp_path / "dp.toml"
+    config.write_text('methods = ["federated"]\n' + FAST_TOML.replace("rounds = 2", "rounds = 1"))
+    out = tmp_path / "run"
+    result = fedshop(
+        "train", "--config", config, "--dp", "record", "--noise-multiplier", "1", "--budget",
+        "1000", "--ledger", f"sqlite:///{tmp_path / 'ledger.sqlite'}", "--noise-seed", "9",
+        "--out", out, columns=200,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Not private: noise seed known" in result.stdout
+    assert "customers of all" in result.stdout  # whom δ was sized to
+    privacy = json.loads((out / "metrics.json").read_text())["privacy"]
+    assert privacy["noise_seed_known"] is True and "customers of all" in privacy["delta_population"]
+    assert "noise_seed = 9" in (out / "config.toml").read_text()
+    assert "not private: noise seed known" in (out / "report.html").read_text()

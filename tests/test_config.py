@@ -29,6 +29,8 @@ def test_defaults_round_trip_through_toml(tmp_path):
         ("methods = ['federated', 'magic']\n", "methods must be one of"),
         ("[eval]\nsplit = 'validation'\n", "needs \\[data\\] validation = true"),
         ("[federated]\nserver_momentum = 1.0\n", "server_momentum must be in"),
+        ("[privacy]\nnoise_seed = -1\n", "noise_seed must be a positive integer"),
+        ("[privacy]\nnoise_seed = true\n", "noise_seed must be an integer"),
         ("model = 3\n", "\\[model\\] must be a table"),
         ("[model\n", "not valid TOML"),
     ],

@@ -13,7 +13,7 @@ from fedshop.attacks.membership import attack_auc, hold_out_users
 from fedshop.config import PrivacyConfig, load_config
 from fedshop.data.datasets import load_dataset
 from fedshop.errors import ConfigError
-from fedshop.experiment import open_privacy, run_experiment
+from fedshop.experiment import open_privacy, record_level_plan, run_experiment
 from fedshop.fl.cross_device import eligible_clients, run_cross_device
 from fedshop.fl.local_round import LocalTraining, draw_round, reference_round
 from fedshop.fl.vectorised import vectorised_sum
@@ -73,6 +73,7 @@ def test_user_level_run_reports_epsilon_and_writes_every_round_ahead(ml100k, tmp
     privacy = result.privacy
     assert 3.9 < privacy.epsilon <= 4.0 + 1e-9  # calibrated to the target, never above it
     assert privacy.delta == pytest.approx(1 / (10 * 943))
+    assert privacy.delta_population == "943 shoppers" and privacy.protected_units == 943
     assert "shopper" in privacy.unit and privacy.accountant == "rdp"
     epsilons = [record.epsilon for record in result.history]
     assert epsilons == sorted(epsilons) and epsilons[-1] == privacy.epsilon
@@ -148,8 +149,12 @@ def test_record_level_run_on_storefronts(retail, tmp_path):
     privacy = result.privacy
     assert "customer of a silo" in privacy.unit and 7.9 < privacy.epsilon <= 8.0 + 1e-9
     assert privacy.steps == 2
-    largest = int(np.bincount(retail.user_silo).max())
-    assert privacy.delta == pytest.approx(1 / (10 * largest))
+    # δ is sized to every silo's customers together, not to the largest silo's.
+    assert privacy.delta == pytest.approx(1 / (10 * retail.n_users))
+    assert privacy.protected_units == retail.n_users
+    assert privacy.delta_population == (
+        f"{retail.n_users:,} customers of all {retail.n_silos} silos"
+    )
     for balance in Ledger(_ledger(tmp_path)).balances():
         assert balance.spent_epsilon == pytest.approx(privacy.epsilon)
     assert np.isfinite(result.methods["federated"].summary["hr@10"])
@@ -189,6 +194,21 @@ def test_delta_at_or_above_one_over_n_is_refused():
     assert resolve_delta(PrivacyConfig(mode="user", epsilon=1.0), 1000) == pytest.approx(1e-4)
     with pytest.raises(ConfigError, match="not below 1/n"):
         resolve_delta(PrivacyConfig(mode="user", epsilon=1.0, delta=1e-3), 1000)
+
+
+def test_record_level_delta_is_sized_to_all_silos_customers():
+    """Each silo's DP-SGD may fail one of its customers with probability δ; sized to the largest
+    silo, δ over S silos would tolerate about S/10 customers' data published outright."""
+    silos = [400, 300, 200, 100]
+    overrides = {"privacy.mode": "record", "privacy.noise_multiplier": 1.0}
+    plan = record_level_plan(load_config(overrides=overrides), silos)
+    assert plan.delta <= 1 / (10 * sum(silos))
+    assert plan.units == 1000
+    assert plan.describe()["delta_population"] == "1,000 customers of all 4 silos"
+    # A δ below one over the largest silo but not below one over all customers is refused.
+    loose = load_config(overrides={**overrides, "privacy.delta": 1 / 500})
+    with pytest.raises(ConfigError, match="not below 1/n"):
+        record_level_plan(loose, silos)
 
 
 def test_membership_split_and_attack_auc(ml100k):

@@ -26,6 +26,7 @@ from fedshop.messages import Aggregate
 from fedshop.models.spec import get_model
 from fedshop.privacy.accounting import event_from_data, event_to_data, gaussian_step, repeated
 from fedshop.privacy.noise import GaussianNoise
+from fedshop.seeding import NoiseStream, standard_normal
 from fedshop.storage.ledger import Ledger
 
 ROUNDS = 2
@@ -35,8 +36,11 @@ def _ledger(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'ledger.sqlite'}"
 
 
-def test_gaussian_noise_draws_what_its_event_states():
-    stage = GaussianNoise(2.0, 0.5, torch.Generator().manual_seed(0), sampling_rate=0.1)
+@pytest.mark.parametrize(
+    "source", [torch.Generator().manual_seed(0), NoiseStream.secret()], ids=["torch", "secret"]
+)
+def test_gaussian_noise_draws_what_its_event_states(source):
+    stage = GaussianNoise(2.0, 0.5, source, sampling_rate=0.1)
     zeros = Aggregate({"w": torch.zeros(200_000, dtype=torch.float64)}, 1.0, 1)
     noisy = stage(zeros)
     # std z·C = 1 on every coordinate, and the event names z and q.
@@ -46,9 +50,10 @@ def test_gaussian_noise_draws_what_its_event_states():
     assert stage.dp_event.event.noise_multiplier == 2.0
 
 
-def test_dp_sgd_draws_one_noise_per_step_and_says_so(retail):
+@pytest.mark.parametrize("secret", [False, True], ids=["torch-generator", "noise-stream"])
+def test_dp_sgd_draws_one_noise_per_step_and_says_so(retail, secret):
     """The noise stream advances by exactly `steps` full draws over the shared model, each of
-    std z·C, and the returned event is the declared one."""
+    std z·C, and the returned event is the declared one; a run's secret `NoiseStream` alike."""
     silo = retail.silo(1)
     config = load_config(overrides={"model.dim": 8, "model.silo_item_bias": False})
     spec = get_model("mf-bpr")
@@ -58,17 +63,19 @@ def test_dp_sgd_draws_one_noise_per_step_and_says_so(retail):
     )
     dp = DpSgd(noise_multiplier=1.5, clip=0.2, sampling_rate=0.3, steps=3)
     streams = {s: torch.Generator().manual_seed(i) for i, s in enumerate(DpSgdState.STREAMS)}
+    if secret:
+        streams |= {"sampling": NoiseStream.secret(), "noise": NoiseStream.secret()}
     state = DpSgdState.start(0.01, streams)
     noise_before = state.noise.get_state()
     _, event = dp_sgd_steps(
         spec, shared, private, silo.train, dp, LocalTraining(1, 1.0, 0.01, 1), state
     )
     assert event == dp.dp_event == repeated(gaussian_step(1.5, 0.3), 3)
-    replay = torch.Generator()
+    replay = NoiseStream.secret() if secret else torch.Generator()
     replay.set_state(noise_before)
     for _ in range(dp.steps):
         for value in shared.values():
-            torch.randn(value.shape, generator=replay, dtype=value.dtype)
+            standard_normal(value.shape, value.dtype, replay)
     assert torch.equal(replay.get_state(), state.noise.get_state())
 
 

@@ -60,10 +60,11 @@ def test_protected_training_builds_the_same_model_as_plain_training(
 
 def test_record_level_dp_composes_with_secagg(retail, tmp_path):
     """DP noise is added inside each silo before protection, so the protected run releases the same
-    model, with the same ε, as the unprotected DP run."""
+    model, with the same ε, as the unprotected DP run (with the same known noise seed: by default
+    each run's noise is secret and new)."""
     dp = {
         **QUICK, "federated.rounds": 1, "privacy.mode": "record", "privacy.epsilon": 8.0,
-        "privacy.local_steps": 2, "privacy.budget": 50.0,
+        "privacy.local_steps": 2, "privacy.budget": 50.0, "privacy.noise_seed": 7,
     }  # fmt: skip
     results = {}
     for kind in ("none", "secagg"):
@@ -186,8 +187,9 @@ def ml100k(data_dir):
 
 
 def test_user_level_dp_composes_with_secagg_in_cross_device_mode(ml100k, tmp_path):
-    """The server adds the noise to the unmasked sum: the same noise, from the same generator, as
-    without SecAgg, so the released model and ε match the unprotected DP run."""
+    """The server adds the noise to the unmasked sum: the same noise, from the same generator (a known
+    noise seed: by default each run's noise is secret and new), as without SecAgg, so the released
+    model and ε match the unprotected DP run."""
     runs = {}
     for kind in ("none", "secagg"):
         config = load_config(
@@ -195,7 +197,7 @@ def test_user_level_dp_composes_with_secagg_in_cross_device_mode(ml100k, tmp_pat
                 **DEVICE, "federated.rounds": 2, "privacy.mode": "user",
                 "privacy.noise_multiplier": 1.0, "privacy.sampling_rate": 0.05,
                 "privacy.budget": 1e6, "privacy.ledger_url": _ledger(tmp_path / kind),
-                "protection.kind": kind,
+                "privacy.noise_seed": 7, "protection.kind": kind,
             }
         )  # fmt: skip
         runs[kind] = run_cross_device(ml100k, config, guard=open_privacy(config, ml100k))

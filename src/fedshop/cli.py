@@ -164,9 +164,17 @@ def _print_tables(result: ExperimentResult) -> None:
     if privacy.epsilon is not None:
         console.print(
             f"[bold]Privacy[/] (federated model): ε = {privacy.epsilon:.3g}, "
-            f"δ = {privacy.delta:.3g} per {privacy.unit}; {privacy.accountant} accountant, "
-            f"noise multiplier {privacy.noise_multiplier:.3g}, clip {privacy.clip:g}"
+            f"δ = {privacy.delta:.3g} per {privacy.unit}; δ sized to {privacy.delta_population}; "
+            f"{privacy.accountant} accountant, noise multiplier {privacy.noise_multiplier:.3g}, "
+            f"clip {privacy.clip:g}",
+            highlight=False,
         )
+        if privacy.noise_seed_known:
+            console.print(
+                "[bold red]Not private: noise seed known.[/] The noise follows \\[privacy] "
+                "noise_seed (in config.toml), so anyone who has it can remove the noise.",
+                highlight=False,
+            )
     elif "federated" in result.methods:
         console.print("[dim]No differential privacy in this run (ε = ∞); see --dp.[/]")
     protection = result.protection
@@ -204,6 +212,12 @@ NoiseOption = Annotated[
     typer.Option("--noise-multiplier", help="Fixed noise multiplier z instead of a target ε."),
 ]
 ClipOption = Annotated[float | None, typer.Option("--clip", help="L2 bound on one unit's update.")]
+NoiseSeedOption = Annotated[
+    int | None,
+    typer.Option("--noise-seed", help="Draw the DP noise reproducibly from this seed, for debugging "
+                 "and tests. The run is then NOT private: anyone who knows the seed can remove the "
+                 "noise (default: secret noise, different in every run)."),
+]  # fmt: skip
 BudgetOption = Annotated[
     float | None,
     typer.Option("--budget", help="ε budget per silo on this dataset in the privacy ledger (set "
@@ -222,7 +236,9 @@ ProtectionOption = Annotated[
 ]
 
 
-def _privacy_overrides(dp, epsilon, delta, noise_multiplier, clip, budget, ledger) -> dict:
+def _privacy_overrides(
+    dp, epsilon, delta, noise_multiplier, clip, budget, ledger, noise_seed=None
+) -> dict:
     # A config file's 0 means "not set"; an option is set by being given (None when it is not), so a
     # given 0 is a mistake to refuse, not a quiet way to switch the setting off.
     for option, value in (("--epsilon", epsilon), ("--noise-multiplier", noise_multiplier),
@@ -233,6 +249,8 @@ def _privacy_overrides(dp, epsilon, delta, noise_multiplier, clip, budget, ledge
         raise FedShopError(f"--delta must be between 0 and 1 (exclusive), got {delta:g}")
     if budget is not None and budget < 0:
         raise FedShopError(f"--budget must be at least 0, got {budget:g}")
+    if noise_seed is not None and noise_seed < 1:
+        raise FedShopError(f"--noise-seed must be a positive integer, got {noise_seed}")
     return {
         "privacy.mode": dp,
         "privacy.epsilon": epsilon,
@@ -241,6 +259,7 @@ def _privacy_overrides(dp, epsilon, delta, noise_multiplier, clip, budget, ledge
         "privacy.clip": clip,
         "privacy.budget": budget,
         "privacy.ledger_url": ledger,
+        "privacy.noise_seed": noise_seed,
     }
 
 
@@ -307,6 +326,7 @@ def train(
     clip: ClipOption = None,
     budget: BudgetOption = None,
     ledger: LedgerOption = None,
+    noise_seed: NoiseSeedOption = None,
     protection: ProtectionOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:
@@ -314,7 +334,9 @@ def train(
     run_config = load_config(
         config,
         overrides={
-            **_privacy_overrides(dp, epsilon, delta, noise_multiplier, clip, budget, ledger),
+            **_privacy_overrides(
+                dp, epsilon, delta, noise_multiplier, clip, budget, ledger, noise_seed
+            ),
             "data.dataset": dataset,
             "data.path": data_path,
             "data.data_dir": data_dir,

@@ -213,8 +213,8 @@ class PrivacyConfig:
     # or z itself (ε is then computed).
     epsilon: float = 0.0
     noise_multiplier: float = 0.0
-    # 0 means 1/(10·n) for n protected units (shoppers, or the largest silo's customers). δ ≥ 1/n is
-    # refused: such a δ allows releasing one unit's data outright.
+    # 0 means 1/(10·n) for the n protected units of the whole population (shoppers, or every silo's
+    # customers together). δ ≥ 1/n is refused: such a δ allows releasing one unit's data outright.
     delta: float = 0.0
     clip: float = 0.5  # L2 bound on one unit's contribution to a release
     accountant: str = "rdp"  # rdp | pld (Google's dp-accounting)
@@ -229,10 +229,20 @@ class PrivacyConfig:
     # record mode: how silos are weighted in the federated mean: by customer counts released with
     # the Gaussian mechanism at this noise multiplier (sensitivity 1), composed into ε.
     count_noise_multiplier: float = 10.0
+    # 0: the noise (and the sampling that amplifies it) comes from a secret key drawn from the OS, so
+    # two runs with the same seed add different noise. A positive integer makes the noise
+    # reproducible from it, for debugging and tests: anyone who knows it can subtract the noise, so
+    # such a run is reported as not private. Ignored without DP.
+    noise_seed: int = 0
 
     @property
     def enabled(self) -> bool:
         return self.mode != "none"
+
+    @property
+    def known_noise_seed(self) -> int | None:
+        """The noise seed the user gave, or None: the noise is secret."""
+        return self.noise_seed or None
 
     def validate(self) -> None:
         PRIVACY_MODES.check(self.mode, "[privacy] mode")
@@ -243,6 +253,11 @@ class PrivacyConfig:
         _positive("privacy", "clip", self.clip)
         _at_least("privacy", "local_steps", self.local_steps, 1)
         _positive("privacy", "count_noise_multiplier", self.count_noise_multiplier)
+        if self.noise_seed < 0:
+            raise ConfigError(
+                f"[privacy] noise_seed must be a positive integer (or 0: secret noise, the "
+                f"default), got {self.noise_seed}"
+            )
         if not 0.0 <= self.delta < 1.0:
             raise ConfigError(f"[privacy] delta must be in [0, 1), got {self.delta}")
         if not 0.0 < self.sampling_rate <= 1.0:

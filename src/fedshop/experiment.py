@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -280,19 +280,25 @@ def open_privacy(
         plan = make_plan(
             privacy, fed.rounds, units=shoppers,
             sampling_rate=min(1.0, expected / shoppers), steps_per_round=1,
+            population=f"{shoppers:,} shoppers",
         )  # fmt: skip
     else:
-        largest_silo = int(np.bincount(dataset.user_silo, minlength=dataset.n_silos).max())
-        plan = record_level_plan(config, largest_silo)
+        customers = np.bincount(dataset.user_silo, minlength=dataset.n_silos)
+        plan = record_level_plan(config, [int(n) for n in customers])
     return PrivacyGuard.open(plan, privacy, dataset.name, dataset.silo_names, run_id)
 
 
-def record_level_plan(config: RunConfig, largest_silo: int) -> DpPlan:
-    """Record-level DP of a cross-silo run (the simulator's and a deployment's)."""
+def record_level_plan(config: RunConfig, silo_customers: Sequence[int]) -> DpPlan:
+    """Record-level DP of a cross-silo run (the simulator's and a deployment's), given every silo's
+    customer count. δ is sized to all silos' customers together: δ = 1/(10·n) tolerates a mechanism
+    that publishes each of n units' data with probability δ (a tenth of a unit expected); sized to
+    the largest silo alone, S silos together would tolerate about S/10."""
     privacy = config.privacy
+    customers = sum(silo_customers)
     return make_plan(
-        privacy, config.federated.rounds, units=largest_silo,
+        privacy, config.federated.rounds, units=customers,
         sampling_rate=privacy.sampling_rate, steps_per_round=privacy.local_steps,
         # The silos' customer counts weight the federated mean: released once, with noise.
         count_noise_multiplier=privacy.count_noise_multiplier,
+        population=f"{customers:,} customers of all {len(silo_customers)} silos",
     )  # fmt: skip

@@ -371,7 +371,7 @@ def _privacy_guard(config, federation: Federation, resumed):
     from fedshop.experiment import record_level_plan
     from fedshop.privacy.dp import PrivacyGuard
 
-    plan = record_level_plan(config, max(federation.customers.values()))
+    plan = record_level_plan(config, list(federation.customers.values()))
     names = tuple(federation.names[s] for s in sorted(federation.names))
     if resumed is not None and resumed.run_id:
         return PrivacyGuard.resume(

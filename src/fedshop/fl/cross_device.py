@@ -29,7 +29,7 @@ from fedshop.privacy.dp import PrivacyGuard
 from fedshop.privacy.noise import ClipUpdate, GaussianNoise, fixed_denominator
 from fedshop.secure.protected_sum import ProtectedSum, make_protection
 from fedshop.secure.protocol import ProtectionError
-from fedshop.seeding import torch_generator
+from fedshop.seeding import NoiseStream, torch_generator
 
 
 @dataclass
@@ -142,9 +142,10 @@ def shopper_pipeline(
     if guard is None:
         return AggregationPipeline(**summation)
     plan = guard.plan
+    # Secret noise: the run seed is public (see seeding.py).
     noise = GaussianNoise(
-        plan.noise_multiplier, plan.clip, torch_generator(config.seed, "server", "noise"),
-        plan.sampling_rate,
+        plan.noise_multiplier, plan.clip,
+        NoiseStream.of(config.privacy.known_noise_seed, "server", "noise"), plan.sampling_rate,
     )  # fmt: skip
     return AggregationPipeline(
         client_stages=(ClipUpdate(plan.clip),),

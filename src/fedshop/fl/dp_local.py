@@ -10,6 +10,10 @@ shopper with 200 purchases would move the model by 200 C.
 
 Customers' own vectors take a plain SGD step on their own loss when they are sampled. They are never
 released: each serves only its customer (the "billboard" setting of joint DP).
+
+Who is sampled and the noise come from secret `NoiseStream`s (`seeding.py`): the run seed is public,
+and noise derived from it could be subtracted. The negatives hide nothing (the clip bounds a
+customer's update whichever items are drawn) and follow the run seed.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import dp_accounting as dpa
 import scipy.sparse as sp
 import torch
 
+from fedshop.config import RunConfig
 from fedshop.fl.local_round import LocalTraining, draw_round, poisson_sample
 from fedshop.fl.server_opt import FedAdam
 from fedshop.fl.vectorised import vectorised_sum
@@ -28,6 +33,7 @@ from fedshop.messages import AggregationPipeline, mean_of
 from fedshop.models.spec import ModelSpec, Params
 from fedshop.privacy.accounting import gaussian_step, together
 from fedshop.privacy.noise import GaussianNoise, fixed_denominator
+from fedshop.seeding import NoiseStream, RandomSource, torch_generator
 
 
 @dataclass(frozen=True)
@@ -50,17 +56,31 @@ class DpSgdState:
     """A silo's DP-SGD state across rounds: its Adam moments and random streams."""
 
     optimizer: FedAdam
-    sampling: torch.Generator
+    sampling: RandomSource  # which customers take part in a step (secret: amplification needs it)
     negatives: torch.Generator
-    noise: torch.Generator
+    noise: RandomSource
 
     STREAMS: ClassVar[tuple[str, ...]] = ("sampling", "negatives", "noise")
 
     @classmethod
-    def start(cls, learning_rate: float, streams: dict[str, torch.Generator]) -> DpSgdState:
+    def start(cls, learning_rate: float, streams: dict[str, RandomSource]) -> DpSgdState:
         """A silo's state before its first DP-SGD step: fresh Adam moments and its random streams
         (named as in `STREAMS`)."""
         return cls(optimizer=FedAdam(learning_rate, tau=1e-8), **streams)
+
+    @classmethod
+    def of_run(cls, config: RunConfig, silo: int) -> DpSgdState:
+        """Silo `silo`'s state at the start of `config`'s run: secret sampling and noise (from
+        [privacy] noise_seed when the user gave one), negatives from the run seed."""
+        noise_seed = config.privacy.known_noise_seed
+        return cls.start(
+            config.train.learning_rate,
+            {
+                "sampling": NoiseStream.of(noise_seed, "silo", silo, "dp", "sampling"),
+                "negatives": torch_generator(config.seed, "silo", silo, "dp", "negatives"),
+                "noise": NoiseStream.of(noise_seed, "silo", silo, "dp", "noise"),
+            },
+        )
 
 
 def dp_sgd_steps(

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from fedshop.config import RunConfig
@@ -30,7 +29,7 @@ from fedshop.fl.server_opt import make_server_optimizer
 from fedshop.messages import AggregationPipeline
 from fedshop.models.spec import Params, get_model
 from fedshop.secure.protected_sum import ProtectedSum, make_protection
-from fedshop.seeding import derive_seed, torch_generator
+from fedshop.seeding import NoiseStream, torch_generator
 
 if TYPE_CHECKING:
     from fedshop.privacy.dp import DpPlan, PrivacyGuard
@@ -45,7 +44,9 @@ def make_server(
     device: torch.device | None = None,
 ) -> FederatedServer:
     """The coordinating server as every runtime starts it: the same initial model and sampling
-    stream for the same seed, whether the clients are simulated or separate processes."""
+    stream for the same seed, whether the clients are simulated or separate processes. Poisson
+    sampling (`poisson_rate`, user-level DP) is the accountant's amplification, which holds only
+    while who was sampled is secret: it comes from a secret `NoiseStream`, not from the seed."""
     shared = get_model(config.model.name).init_shared(
         n_items, config.model, torch_generator(config.seed, "shared", "init")
     )
@@ -55,9 +56,11 @@ def make_server(
     per_round = (
         fed.silos_per_round if config.federated.mode == "cross-silo" else fed.clients_per_round
     )
-    sampler = Sampler(
-        pool, torch_generator(config.seed, "server", "sampling"), per_round, poisson_rate
-    )
+    if poisson_rate is not None:
+        generator = NoiseStream.of(config.privacy.known_noise_seed, "server", "sampling")
+    else:
+        generator = torch_generator(config.seed, "server", "sampling")
+    sampler = Sampler(pool, generator, per_round, poisson_rate)
     return FederatedServer(shared, pipeline, make_server_optimizer(fed), sampler)
 
 
@@ -154,15 +157,13 @@ def run_cross_silo(
 
 
 def start_private_silos(clients: list[SiloClient], config: RunConfig, plan: DpPlan) -> None:
-    """Each silo's DP-SGD state and its released customer count. The counts' release is already in
-    the ledger (the guard composes the plan's fixed events when it opens)."""
+    """Each silo's DP-SGD state and its released customer count, both with secret noise. The counts'
+    release is already in the ledger (the guard composes the plan's fixed events when it opens)."""
     from fedshop.fl.dp_local import DpSgdState
     from fedshop.privacy.dp import release_silo_counts
 
-    counts = release_silo_counts(
-        [client.data.n_users for client in clients], plan,
-        np.random.default_rng(derive_seed(config.seed, "privacy", "silo-counts")),
-    )  # fmt: skip
     for i, client in enumerate(clients):
-        streams = {s: torch_generator(config.seed, "silo", i, "dp", s) for s in DpSgdState.STREAMS}
-        client.dp = SiloDp(DpSgdState.start(config.train.learning_rate, streams), float(counts[i]))
+        # Each silo releases its own count with noise of its own, as a deployed silo does.
+        stream = NoiseStream.of(config.privacy.known_noise_seed, "silo", i, "dp", "count")
+        count = release_silo_counts([client.data.n_users], plan, stream)[0]
+        client.dp = SiloDp(DpSgdState.of_run(config, i), float(count))

@@ -21,6 +21,7 @@ from fedshop.messages import AggregationPipeline, ClientMessage
 from fedshop.models.mf import bpr_loss
 from fedshop.models.spec import ModelSpec, Params, gather_rows
 from fedshop.models.train import batch_scores, embedding_penalty
+from fedshop.seeding import RandomSource, uniform
 
 # Redraws of negatives that hit one of the client's own items; after this many, a hit is tolerated
 # (it only happens for a shopper who bought most of the catalogue).
@@ -49,11 +50,13 @@ class RoundInput:
         return torch.tensor([len(p) for p in self.positives], dtype=torch.float32)
 
 
-def poisson_sample(pool: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:
-    """Each client independently with probability `rate` (the sampling the DP accountant assumes)."""
+def poisson_sample(pool: torch.Tensor, rate: float, generator: RandomSource) -> torch.Tensor:
+    """Each client independently with probability `rate` (the sampling the DP accountant assumes;
+    its amplification holds only while who was sampled stays secret: under DP, `generator` is a
+    secret `NoiseStream`)."""
     if rate >= 1.0:
         return pool
-    return pool[torch.rand(len(pool), generator=generator) < rate]
+    return pool[uniform(len(pool), generator) < rate]
 
 
 def draw_round(

@@ -11,16 +11,18 @@ from fedshop.fl.local_round import poisson_sample
 from fedshop.fl.server_opt import ServerOptimizer
 from fedshop.messages import AggregationPipeline, ClientMessage
 from fedshop.models.spec import Params
+from fedshop.seeding import RandomSource
 
 
 @dataclass
 class Sampler:
     """Which clients of `pool` take part in a round: a fixed number drawn uniformly without
     replacement (`per_round`), or each independently with probability `poisson_rate` (the sampling
-    the DP accountant assumes). Everyone, in pool order, when that is all of them."""
+    the DP accountant assumes, then from a secret `NoiseStream`). Everyone, in pool order, when that
+    is all of them."""
 
     pool: torch.Tensor
-    generator: torch.Generator
+    generator: RandomSource
     per_round: int = 0  # 0 (or more than the pool): everyone
     poisson_rate: float | None = None
 

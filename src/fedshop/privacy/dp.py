@@ -33,6 +33,7 @@ from fedshop.privacy.accounting import (
     repeated,
 )
 from fedshop.privacy.mechanisms import gaussian_mechanism
+from fedshop.seeding import NoiseStream
 from fedshop.storage.ledger import BudgetExceededError, Ledger
 
 UNITS = {
@@ -55,7 +56,14 @@ class DpPlan:
     steps_per_round: int  # noisy sums per released round (1 for user, local_steps for record)
     rounds: int
     accountant: str
-    units: int  # protected units behind δ (shoppers, or the largest silo's customers)
+    # The protected population δ is sized to: every unit that any release can touch (all shoppers,
+    # or every silo's customers together), so δ bounds the failure probability of the whole run.
+    units: int
+    population: str = (
+        ""  # the same in words, for the privacy block ("4,334 customers of all 11 silos")
+    )
+    # The user named the noise seed: the noise can be reproduced, so it protects nothing.
+    noise_seed_known: bool = False
     # record: the silos' customer counts are released once with the Gaussian mechanism at this
     # noise multiplier (one customer is in one silo: L2 sensitivity 1); None: no count release.
     count_noise_multiplier: float | None = None
@@ -102,6 +110,9 @@ class DpPlan:
             "sampling_rate": self.sampling_rate,
             "sampling": "poisson",
             "steps": self.steps_per_round * self.rounds,
+            "delta_population": self.population,
+            "protected_units": self.units,
+            "noise_seed_known": self.noise_seed_known,
         }
 
 
@@ -122,7 +133,7 @@ def _run_event(z: float, q: float, steps: int, fixed: tuple[dpa.DpEvent, ...]) -
 
 
 def release_silo_counts(
-    counts: Sequence[int], plan: DpPlan, rng: np.random.Generator
+    counts: Sequence[int], plan: DpPlan, rng: np.random.Generator | NoiseStream
 ) -> np.ndarray:
     """Silos' customer counts with Gaussian noise, the plan's fixed release (one customer is in one
     silo: L2 sensitivity 1). Clamping is post-processing; a silo never weighs below one customer."""
@@ -137,7 +148,9 @@ def release_silo_counts(
 
 
 def resolve_delta(config: PrivacyConfig, units: int) -> float:
-    """δ from the config, or 1/(10·n); δ ≥ 1/n is refused (it permits publishing one unit's data)."""
+    """δ from the config, or 1/(10·n) for the n protected units of the whole population (not of one
+    silo: δ is the run's chance of failing anyone). δ ≥ 1/n is refused: it permits publishing one
+    unit's data outright."""
     if units < 1:
         raise ConfigError("differential privacy needs at least one protected unit with data")
     delta = config.delta or 1.0 / (10 * units)
@@ -156,6 +169,7 @@ def make_plan(
     sampling_rate: float,
     steps_per_round: int,
     count_noise_multiplier: float | None = None,
+    population: str = "",
 ) -> DpPlan:
     delta = resolve_delta(config, units)
     fixed = _fixed_events(count_noise_multiplier)
@@ -169,6 +183,8 @@ def make_plan(
         mode=config.mode, noise_multiplier=z, clip=config.clip, delta=delta,
         sampling_rate=sampling_rate, steps_per_round=steps_per_round, rounds=rounds,
         accountant=config.accountant, units=units, count_noise_multiplier=count_noise_multiplier,
+        population=population or f"{units:,} protected units",
+        noise_seed_known=config.known_noise_seed is not None,
     )  # fmt: skip
 
 
@@ -277,4 +293,9 @@ class PrivacySummary:
     sampling_rate: float | None = None
     sampling: str | None = None
     steps: int | None = None  # noisy steps over the run
+    delta_population: str | None = None  # whom δ is sized to ("4,334 customers of all 11 silos")
+    protected_units: int | None = None  # how many units that population has
+    # True: the user gave [privacy] noise_seed, so anyone who knows it can remove the noise and the
+    # run is not private whatever ε says.
+    noise_seed_known: bool | None = None
     run_id: str | None = None  # the ledger's run

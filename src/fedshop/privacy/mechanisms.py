@@ -20,8 +20,10 @@ from dataclasses import dataclass
 
 import dp_accounting as dpa
 import numpy as np
+import torch
 
 from fedshop.errors import ConfigError
+from fedshop.seeding import NoiseStream
 
 
 @dataclass(frozen=True)
@@ -43,14 +45,18 @@ def gaussian_mechanism(
     values: np.ndarray,
     l2_sensitivity: float,
     noise_multiplier: float,
-    rng: np.random.Generator,
+    rng: np.random.Generator | NoiseStream,
 ) -> NoisyRelease:
-    """Release of `values` with Gaussian noise σ = z·Δ2 on every coordinate; ε(δ) from the event."""
+    """Release of `values` with Gaussian noise σ = z·Δ2 on every coordinate; ε(δ) from the event.
+    A run's releases draw from a secret `NoiseStream`; a numpy Generator is predictable."""
     sensitivity = _positive("L2 sensitivity", l2_sensitivity)
     noise_multiplier = _positive("noise multiplier", noise_multiplier)
     array = np.asarray(values, dtype=np.float64)
     if not np.all(np.isfinite(array)):
         raise ConfigError("values to release must be finite")
     scale = noise_multiplier * sensitivity
-    noisy = array + rng.normal(0.0, scale, size=array.shape)
+    if isinstance(rng, NoiseStream):
+        noisy = array + scale * rng.normal(array.shape, torch.float64).numpy()
+    else:
+        noisy = array + rng.normal(0.0, scale, size=array.shape)
     return NoisyRelease(noisy, dpa.GaussianDpEvent(noise_multiplier), scale, sensitivity)

@@ -22,6 +22,7 @@ import torch
 
 from fedshop.messages import Aggregate, ClientMessage, ServerStage, Tensors
 from fedshop.privacy.accounting import gaussian_step
+from fedshop.seeding import RandomSource, standard_normal
 
 
 def global_norm(tensors: Tensors) -> float:
@@ -52,11 +53,12 @@ class GaussianNoise:
     updates whose units took part with probability `sampling_rate` — every row of every table,
     touched or not, or the noise would reveal which rows were touched.
 
-    Drawn on the CPU from `generator` (the same numbers on any device), added where the sum is."""
+    Drawn on the CPU from `generator` (the same numbers on any device), added where the sum is. In a
+    run it is a secret `NoiseStream` (`seeding.py`): noise that someone can predict protects nothing."""
 
     noise_multiplier: float
     clip: float
-    generator: torch.Generator
+    generator: RandomSource
     sampling_rate: float = 1.0
 
     @property
@@ -68,7 +70,7 @@ class GaussianNoise:
         std = self.noise_multiplier * self.clip
         noisy = {}
         for name, value in aggregate.tensors.items():
-            noise = torch.randn(value.shape, generator=self.generator, dtype=value.dtype)
+            noise = standard_normal(value.shape, value.dtype, self.generator)
             noisy[name] = value + (std * noise).to(value.device)
         # The event of what was just drawn, read off the numbers that scaled this noise.
         drawn = gaussian_step(self.noise_multiplier, self.sampling_rate)

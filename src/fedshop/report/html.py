@@ -29,7 +29,7 @@ table{border-collapse:collapse;margin:.6rem 0;font-size:.92rem}
 th,td{padding:.28rem .7rem;border-bottom:1px solid #e7ebf0;text-align:right}
 th:first-child,td:first-child{text-align:left} th{background:#f4f6f9}
 .muted{color:#667085;font-size:.9rem} pre{background:#f6f8fa;padding:.8rem;overflow:auto;font-size:.85rem}
-.text{text-align:left}
+.text{text-align:left} .warning{color:#b42318;font-weight:600}
 """
 
 
@@ -132,9 +132,17 @@ def privacy_section(privacy: dict[str, Any]) -> str:
             "guarantee (ε = ∞). Train with <code>--dp user</code> (cross-device) or "
             "<code>--dp record</code> (cross-silo) for one.</p>"
         )
+    known = bool(privacy.get("noise_seed_known"))
+    noise = (
+        '<span class="warning">not private: noise seed known</span>'
+        if known
+        else "secret (drawn under a key from the operating system's CSPRNG)"
+    )
     rows = [
         ["ε (whole run)", _fmt(privacy["epsilon"], 3)],
         ["δ", f"{privacy['delta']:.3g}"],
+        ["δ sized to", _fmt(privacy.get("delta_population"))],
+        ["noise", noise],
         ["protected unit", _fmt(privacy.get("unit"))],
         ["mechanism", _fmt(privacy.get("mechanism"))],
         ["accountant", _fmt(privacy.get("accountant"))],
@@ -143,11 +151,19 @@ def privacy_section(privacy: dict[str, Any]) -> str:
         ["sampling", f"{_fmt(privacy.get('sampling'))}, rate {_fmt(privacy.get('sampling_rate'))}"],
         ["noisy steps", _fmt(privacy.get("steps"))],
     ]
-    return _table(["", "value"], rows, text_columns=(1,)) + (
+    warning = (
+        '<p class="warning">Not private: noise seed known. The noise follows [privacy] noise_seed '
+        "(in the configuration below), so anyone who has it can remove the noise: ε describes the "
+        "noise that was added, not a guarantee.</p>"
+        if known
+        else ""
+    )
+    note = (
         '<p class="muted">ε is computed by Google\'s dp-accounting from the releases of the federated '
         "model and was written to the privacy ledger before each release. The other methods are "
         "non-private reference points that only a simulation can compute (they see pooled data).</p>"
     )
+    return warning + _table(["", "value"], rows, text_columns=(1,)) + note
 
 
 _PROTECTION_LABELS = {
