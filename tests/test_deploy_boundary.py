@@ -129,6 +129,24 @@ def test_honest_silos_train_through_the_instant_grid(federation):
     _serve({n: silo_handler(node) for n, node in real.items()}, settings_record)
     history = _outcome(folder)["history"]
     assert [r["clients"] for r in history] == [[0, 1, 2], [0, 1, 2]]
+    # A silo's hello says who it is, not how many customers it has (only its noisy count, under
+    # DP, says anything of its size).
+    assert set(real[101].hello()["silo"]) == {"silo", "name", "n-items", "catalogue", "dataset"}
+
+
+def test_a_deployments_server_needs_delta_in_the_config():
+    from fedshop.experiment import record_level_plan
+
+    config = load_config(overrides={"privacy.mode": "record", "privacy.epsilon": 4.0})
+    with pytest.raises(FedShopError, match="delta is needed"):
+        record_level_plan(config, None)
+    stated = load_config(overrides={"privacy.mode": "record", "privacy.epsilon": 4.0,
+                                    "privacy.delta": 2e-5})  # fmt: skip
+    assert record_level_plan(stated, None).delta == 2e-5
+    # The same ε as the simulator's plan, which knows the counts, for the same δ.
+    assert record_level_plan(stated, None).planned_epsilon() == pytest.approx(
+        record_level_plan(stated, [3000, 1000]).planned_epsilon()
+    )
 
 
 def test_a_malformed_update_is_a_failed_reply_and_the_round_goes_on(federation):
@@ -277,7 +295,7 @@ def _plan(**privacy):
     from fedshop.experiment import record_level_plan
 
     overrides = {"privacy.mode": "record", "privacy.epsilon": 4.0, "federated.rounds": 5}
-    return record_level_plan(load_config(overrides={**overrides, **privacy}), 1000)
+    return record_level_plan(load_config(overrides={**overrides, **privacy}), [600, 400])
 
 
 def test_the_policy_checks_a_task_with_its_own_accountant():

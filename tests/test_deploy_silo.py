@@ -15,6 +15,7 @@ from fedshop.config import load_config
 from fedshop.deploy import wire
 from fedshop.deploy.silo_app import SiloNode
 from fedshop.deploy.silo_files import write_silo_file
+from fedshop.deploy.silo_policy import SiloPolicy, policy_path
 from fedshop.errors import FedShopError
 from fedshop.experiment import record_level_plan
 from fedshop.fl.aggregation import aggregation_pipeline
@@ -32,7 +33,11 @@ RUN_A, RUN_B, RUN_C = "a" * 32, "b" * 32, "c" * 32
 def silo_file(retail, tmp_path_factory):
     """The data file of the smallest silo (the quickest to train)."""
     index = min(range(retail.n_silos), key=lambda i: retail.silo(i).n_users)
-    return write_silo_file(tmp_path_factory.mktemp("data") / "silo.npz", retail, index)
+    path = write_silo_file(tmp_path_factory.mktemp("data") / "silo.npz", retail, index)
+    # These tests train many runs on one silo: a policy with room for all of them.
+    roomy = SiloPolicy(max_delta=1e-3, max_epsilon_per_run=1e3, budget_epsilon=1e6)
+    policy_path(path).write_text(roomy.to_toml())
+    return path
 
 
 class _Server:
@@ -45,8 +50,8 @@ class _Server:
         self.shared = make_server(self.config, retail.n_items, pool, pipeline).shared
         self.plan = None
         if self.config.privacy.enabled:
-            largest = max(retail.silo(i).n_users for i in range(retail.n_silos))
-            self.plan = json.dumps(asdict(record_level_plan(self.config, largest)))
+            counts = [retail.silo(i).n_users for i in range(retail.n_silos)]
+            self.plan = json.dumps(asdict(record_level_plan(self.config, counts)))
 
     def train(self, silo_file, state_dir, run: str | None, round_number=1, shared=None):
         """The silo's update for `round_number` of `run`, from a fresh `SiloNode` (a process)."""
@@ -59,7 +64,7 @@ class _Server:
         model = wire.params_record(self.shared if shared is None else shared)
         node = SiloNode({"silo-data": str(silo_file), "state-dir": str(state_dir)})
         reply = node.train(RecordDict({"task": ConfigRecord(task), "shared": model}))
-        return wire.record_update(reply)[1].tensors
+        return wire.record_params(reply["update"])
 
 
 def _same(a: dict, b: dict) -> bool:

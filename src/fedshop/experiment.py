@@ -11,6 +11,7 @@ the same 100 sampled negatives per user for every method).
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -20,7 +21,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from fedshop.config import RunConfig
+from fedshop.config import ConfigError, RunConfig
 from fedshop.data.interactions import RecDataset, SiloData, with_eval_negatives
 from fedshop.eval.metrics import MetricSums, evaluate, summarise
 from fedshop.fl.cross_device import eligible_clients, run_cross_device
@@ -288,17 +289,30 @@ def open_privacy(
     return PrivacyGuard.open(plan, privacy, dataset.name, dataset.silo_names, run_id)
 
 
-def record_level_plan(config: RunConfig, silo_customers: Sequence[int]) -> DpPlan:
+def record_level_plan(config: RunConfig, silo_customers: Sequence[int] | None) -> DpPlan:
     """Record-level DP of a cross-silo run (the simulator's and a deployment's), given every silo's
     customer count. δ is sized to all silos' customers together: δ = 1/(10·n) tolerates a mechanism
     that publishes each of n units' data with probability δ (a tenth of a unit expected); sized to
-    the largest silo alone, S silos together would tolerate about S/10."""
+    the largest silo alone, S silos together would tolerate about S/10.
+
+    Without the counts (a deployment's server, which never sees them) δ must be in the config, and
+    the plan takes the largest population that δ suits (n = 1/(10·δ))."""
     privacy = config.privacy
-    customers = sum(silo_customers)
+    if silo_customers is None:
+        if not privacy.delta:
+            raise ConfigError(
+                "[privacy] delta is needed: a deployment's server does not see the silos' "
+                "customer counts to size δ from (`fedshop deploy local` sets it from the data)"
+            )
+        customers = max(1, math.floor(1 / (10 * privacy.delta)))
+        population = "set in the config (the server sees no customer counts)"
+    else:
+        customers = sum(silo_customers)
+        population = f"{customers:,} customers of all {len(silo_customers)} silos"
     return make_plan(
         privacy, config.federated.rounds, units=customers,
         sampling_rate=privacy.sampling_rate, steps_per_round=privacy.local_steps,
         # The silos' customer counts weight the federated mean: released once, with noise.
         count_noise_multiplier=privacy.count_noise_multiplier,
-        population=f"{customers:,} customers of all {len(silo_customers)} silos",
+        population=population,
     )  # fmt: skip

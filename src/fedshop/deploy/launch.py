@@ -59,8 +59,7 @@ def policy_for(config: RunConfig, dataset: RecDataset) -> SiloPolicy:
         return SiloPolicy(require_secagg=secagg)
     from fedshop.experiment import record_level_plan
 
-    largest = max(dataset.silo(i).n_users for i in range(dataset.n_silos))
-    plan = record_level_plan(config, largest)
+    plan = record_level_plan(config, [dataset.silo(i).n_users for i in range(dataset.n_silos)])
     planned = plan.planned_epsilon()
     return SiloPolicy(
         require_secagg=secagg, require_dp=True,
@@ -69,8 +68,23 @@ def policy_for(config: RunConfig, dataset: RecDataset) -> SiloPolicy:
     )  # fmt: skip
 
 
+def with_delta(config: RunConfig, dataset: RecDataset) -> RunConfig:
+    """`config` with δ stated, under DP: the simulator's δ for `dataset` (sized to all silos'
+    customers), which this trial can compute because it splits the data itself. A deployment's
+    server never sees the customer counts, so it needs δ in the config."""
+    if not config.privacy.enabled or config.privacy.delta:
+        return config
+    from fedshop.experiment import record_level_plan
+
+    counts = [dataset.silo(i).n_users for i in range(dataset.n_silos)]
+    delta = record_level_plan(config, counts).delta
+    return replace(config, privacy=replace(config.privacy, delta=delta))
+
+
 def prepare(config: RunConfig, dataset: RecDataset, folder: Path) -> tuple[list[Silo], Path]:
-    """One data file and state folder per silo, and the server's config file, all owner-only."""
+    """One data file and state folder per silo, and the server's config file (δ stated under DP),
+    all owner-only."""
+    config = with_delta(config, dataset)
     private_dir(folder)
     silos = []
     for index, data in enumerate(write_silo_files(config, dataset, folder / "silos")):
@@ -104,7 +118,7 @@ def deploy_local(
 ) -> ExperimentResult:
     """Run `config` on `dataset` as a local federation; returns the result the run folder shows."""
     check_deployable(config)
-    config = replace(config, methods=("federated",))
+    config = with_delta(replace(config, methods=("federated",)), dataset)
     folder = (out / "deployment").resolve()  # the parties run in folders of their own
     silos, server_config = prepare(config, dataset, folder)
     started = time.perf_counter()

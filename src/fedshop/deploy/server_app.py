@@ -70,7 +70,6 @@ class Federation:
         self.catalogue: str | None = None
         self.n_items: int | None = None
         self.dataset = ""
-        self.customers: dict[int, int] = {}
         self._ignored: set[int] = set()
         wrong = sorted(s for s in registered.node_of if not 0 <= s < n_silos)
         if wrong:
@@ -98,7 +97,7 @@ class Federation:
                 info = reply.content["silo"]
                 claimed, name = int(info["silo"]), str(info["name"])
                 catalogue, n_items = str(info["catalogue"]), int(info["n-items"])
-                dataset, customers = str(info["dataset"]), int(info["customers"])
+                dataset = str(info["dataset"])
             except (KeyError, TypeError, ValueError) as exc:
                 self.log(f"silo {silo}: a malformed hello ({type(exc).__name__}: {exc})")
                 continue
@@ -116,7 +115,6 @@ class Federation:
             self.node_of[silo] = reply.metadata.src_node_id
             self.names[silo] = name
             self.dataset = dataset
-            self.customers[silo] = customers
 
     def metrics(self, replies: list[Message], name: str = "metrics") -> dict[str, MetricSums]:
         """The silos' metric sums in `replies`, by silo name in silo order; a malformed one is
@@ -371,7 +369,9 @@ def _privacy_guard(config, federation: Federation, resumed):
     from fedshop.experiment import record_level_plan
     from fedshop.privacy.dp import PrivacyGuard
 
-    plan = record_level_plan(config, list(federation.customers.values()))
+    # δ comes from the config: the server never sees a silo's exact customer count (`deploy local`
+    # sets δ from the data it splits; on separate hosts the operator states it).
+    plan = record_level_plan(config, None)
     names = tuple(federation.names[s] for s in sorted(federation.names))
     if resumed is not None and resumed.run_id:
         return PrivacyGuard.resume(

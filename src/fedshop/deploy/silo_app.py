@@ -25,7 +25,6 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
@@ -47,6 +46,7 @@ from fedshop.fl.client import LocalTask, SiloClient, SiloDp
 from fedshop.models.spec import Params
 from fedshop.secure.protected_sum import flatten
 from fedshop.secure.secagg import RoundSetup
+from fedshop.seeding import NoiseStream, torch_generator
 from fedshop.storage.private_files import create_private_once, private_dir, private_writer
 
 if TYPE_CHECKING:  # DP and its accountant load only in DP runs: every message is a new process
@@ -106,8 +106,11 @@ class SiloRun:
     def secret(self) -> bytes:
         return create_private_once(self.folder / "secret", os.urandom(32))
 
-    def seed(self, label: str) -> int:
-        return int.from_bytes(hashlib.sha256(self.secret + label.encode()).digest()[:8], "big")
+    def noise_stream(self, label: str) -> NoiseStream:
+        """A secret stream of the run's for `label`: AES-CTR under a key derived from the run's
+        secret (not a Mersenne Twister, whose state its published outputs would give away). The same
+        label gives the same stream, so a retried round draws the same noise."""
+        return NoiseStream(hashlib.sha256(self.secret + b"/" + label.encode()).digest())
 
 
 class SiloNode:
@@ -138,9 +141,8 @@ class SiloNode:
                         "n-items": int(self.meta["n_items"]),
                         "catalogue": self.meta["catalogue_digest"],
                         "dataset": str(self.meta["dataset"]),
-                        # For the DP plan's δ, which counts on the largest silo (as in the
-                        # simulator); the weights of the mean use a noisy count instead.
-                        "customers": int(self.data.n_users),
+                        # No customer count: the server sees the silo's size only as the noisy
+                        # count it releases under DP (δ is the config's, not sized here).
                     }
                 )
             }
@@ -179,24 +181,39 @@ class SiloNode:
         secret."""
         from fedshop.fl.dp_local import DpSgdState
 
-        streams = {
-            name: torch.Generator().manual_seed(run.seed(name) >> 1) for name in DpSgdState.STREAMS
-        }
-        state = DpSgdState.start(config.train.learning_rate, streams)
+        if config.privacy.known_noise_seed is not None:
+            # Asked for reproducible noise (the run is reported "not private"): the simulator's.
+            state = DpSgdState.of_run(config, self.index)
+        else:
+            state = DpSgdState.start(
+                config.train.learning_rate,
+                {
+                    "sampling": run.noise_stream("sampling"),
+                    "negatives": torch_generator(
+                        config.seed, "silo", self.index, "dp", "negatives"
+                    ),
+                    "noise": run.noise_stream("noise"),
+                },
+            )
         if saved is not None:
             state.optimizer.load_state_dict(saved["optimizer"])
             for name in DpSgdState.STREAMS:
                 getattr(state, name).set_state(saved[name])
         return state
 
-    def released_count(self, plan: DpPlan, run: SiloRun) -> float:
+    def released_count(self, plan: DpPlan, run: SiloRun, config: RunConfig) -> float:
         """The silo's customer count with Gaussian noise, released once in the run (its accounting
         is the plan's fixed event) and reused as the silo's weight every round."""
         from fedshop.privacy.dp import release_silo_counts
 
         path = run.folder / "released-count.json"
         if not path.exists():
-            rng = np.random.default_rng(run.seed("count"))
+            seed = config.privacy.known_noise_seed
+            rng = (
+                run.noise_stream("count")
+                if seed is None  # else the simulator's stream, asked for (a run "not private")
+                else NoiseStream.from_seed(seed, "silo", self.index, "dp", "count")
+            )
             count = release_silo_counts([self.data.n_users], plan, rng)[0]
             try:  # a release like any other: in the silo's own ledger first
                 self.ledger.spend(
@@ -238,7 +255,7 @@ class SiloNode:
             self._report(reply, "metrics", run, sums, task, f"round-{round_number - 1}")
         if plan is not None:
             dp = self.dp_state(config, run, saved_dp)
-            client.dp = SiloDp(dp, self.released_count(plan, run))
+            client.dp = SiloDp(dp, self.released_count(plan, run, config))
         message = client.fit(shared, LocalTask.of_run(config, plan))
         update = flatten(message, 1.0)
         if message.dp_event is not None:

@@ -113,6 +113,10 @@ class SiloPolicy:
             return
         if plan.mode != "record":
             raise PolicyError(f"a silo trains with record-level DP, not {plan.mode!r}")
+        if self.require_dp and plan.noise_seed_known:
+            raise PolicyError(
+                "the task's noise comes from a seed the coordinator knows: not private"
+            )
         if plan.noise_multiplier < self.min_noise_multiplier:
             raise PolicyError(
                 f"the task's noise multiplier {plan.noise_multiplier:.4g} is below the silo's "
