@@ -283,3 +283,41 @@ def test_record_level_dp_and_secagg_in_deployment_state_and_ledger_epsilon(three
     run = read_run_identity(folder / "server")
     for index in range(3):
         assert (folder / "silos" / f"silo-{index}-state" / "runs" / run / "secret").exists()
+
+
+def test_four_silos_on_loopback_keep_their_boundaries(tmp_path):
+    """Issue 16's deployment, whole: 4 silos behind the front door. An outsider with the CA alone
+    cannot register a key or submit an app, nor join with a key of its own; silo 3's policy asks for
+    secure aggregation, so it refuses the plain rounds, which go on with the other three."""
+    from fedshop.deploy.processes import Control, DeploymentError
+    from fedshop.deploy.silo_policy import SiloPolicy, policy_path
+
+    four = load_dataset(DataConfig(max_silos=4))
+    config = load_config(overrides={**SMALL, "data.max_silos": 4, "federated.rounds": 1})
+    folder = tmp_path / "deployment"
+    silos, server_config = prepare(config, four, folder)
+    policy_path(silos[3].data).write_text(SiloPolicy(require_secagg=True).to_toml())
+    log = folder / "server" / "server.log"
+    with LocalFederation(folder, silos) as federation:
+        federation.start()
+        outsider = Control(
+            tmp_path / "outsider", f"127.0.0.1:{federation.public_port}", federation.tls_files.ca
+        )
+        intruder_private, intruder_public = make_node_keys(tmp_path / "intruder", "silo-1")
+        with pytest.raises(DeploymentError, match="registering"):
+            outsider.register(intruder_public)
+        with pytest.raises(DeploymentError, match="flwr run failed"):
+            outsider.submit({}, tmp_path / "outsider-app")
+        # A SuperNode with an unregistered key, pretending to be silo 1: refused at the door.
+        process = federation.start_silo(silos[1], private_key=intruder_private)
+        assert process.wait(timeout=120) != 0
+        settings = DeploySettings(min_silos=3, round_timeout=120)
+        run_id = federation.submit(
+            run_config(folder, server_config, 4, settings, federation.nodes_file)
+        )
+        federation.wait(run_id, timeout=900)
+    history = json.loads((folder / "server" / "outcome.json").read_text())["history"]
+    assert [record["clients"] for record in history] == [[0, 1, 2]]
+    assert "the silo's policy requires secure aggregation" in log.read_text()
+    assert "fedshop silo refused a task" in federation.log_tail("silo-3", 100_000)
+    assert _no_flower_processes_left()
