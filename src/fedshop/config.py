@@ -319,6 +319,7 @@ class Environment:
     data_dir: str = ""  # FEDSHOP_DATA_DIR: the real datasets' folder, when data.data_dir is unset
     cache_dir: str = ""  # FEDSHOP_CACHE_DIR: downloads (unset: the user's cache folder)
     ledger_url: str = ""  # FEDSHOP_LEDGER_URL: the privacy ledger, when no URL is configured
+    nginx: str = ""  # FEDSHOP_NGINX: the nginx a deployment's front door runs (unset: on PATH)
 
     @staticmethod
     def from_os() -> Environment:
@@ -327,6 +328,7 @@ class Environment:
             data_dir=os.environ.get("FEDSHOP_DATA_DIR", ""),
             cache_dir=os.environ.get("FEDSHOP_CACHE_DIR", ""),
             ledger_url=os.environ.get("FEDSHOP_LEDGER_URL", ""),
+            nginx=os.environ.get("FEDSHOP_NGINX", ""),
         )
 
 

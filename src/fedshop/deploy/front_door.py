@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
+from fedshop.config import Environment
 from fedshop.errors import FedShopError
 
 TEMPLATES = Path(__file__).parent / "nginx"
@@ -83,9 +84,8 @@ class Address:
 
 def nginx_binary() -> str:
     """The nginx to run: $FEDSHOP_NGINX, else nginx on PATH or in an sbin folder."""
-    wanted = os.environ.get("FEDSHOP_NGINX", "nginx")
-    search = os.pathsep.join([os.environ.get("PATH", ""), *_SBIN])
-    found = shutil.which(wanted, path=search)
+    wanted = Environment.from_os().nginx or "nginx"
+    found = shutil.which(wanted) or shutil.which(wanted, path=os.pathsep.join(_SBIN))
     if found is None:
         raise FrontDoorError(
             f"nginx not found ({wanted}): the coordinator's front door runs nginx. Install it "

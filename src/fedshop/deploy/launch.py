@@ -48,7 +48,7 @@ def write_silo_files(config: RunConfig, dataset: RecDataset, folder: Path) -> li
     paths = []
     for index in range(dataset.n_silos):
         paths.append(write_silo_file(folder / f"silo-{index}.npz", dataset, index))
-        policy_path(paths[-1]).write_text(policy)
+        write_private(policy_path(paths[-1]), policy)
     return paths
 
 

@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from fedshop import __version__
 from fedshop.errors import FedShopError
 from fedshop.experiment import ExperimentResult
 from fedshop.report.html import render_report
+from fedshop.storage.private_files import write_private
 
 MARKER = "metrics.json"
 INCOMPLETE = "INCOMPLETE"
@@ -139,9 +140,10 @@ def write_run(out: Path, result: ExperimentResult) -> Path:
         {"item_id": result.dataset.item_ids, "name": result.dataset.item_names}
     ).rename_axis("index").to_csv(out / "catalogue.csv")
     for stem, tensors in result.weights.items():
+        # Owner-only: a silo's file holds its customers' private vectors (a trial's run folder
+        # gathers every silo's on one machine).
         path = out / "models" / f"{stem}.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+        write_private(path, save({k: v.contiguous() for k, v in tensors.items()}))
     (out / "report.html").write_text(
         render_report(metrics, data_report, result.config.to_toml()), encoding="utf-8"
     )
