@@ -347,3 +347,31 @@ def test_the_ledger_file_is_the_users_alone(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "sub" / "ledger.sqlite").stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "sub").stat().st_mode) == 0o700
+
+
+def test_two_dp_runs_started_at_once_never_overspend_one_budget(tmp_path):
+    """Two real `fedshop train --dp record` processes against one ledger whose budget holds one run
+    and a half: at least one of them is refused (at its opening check or at a round's write-ahead
+    release) and the silos' spend never passes the budget."""
+    import subprocess
+    import sys
+
+    ledger = f"sqlite:///{tmp_path / 'ledger.sqlite'}"
+    config = tmp_path / "run.toml"
+    config.write_text('methods = ["federated"]\n[model]\ndim = 8\n[data]\nmax_silos = 3\n')
+    runs = [
+        subprocess.Popen(
+            [
+                sys.executable, "-m", "fedshop", "train", "--config", str(config), "--dp", "record",
+                "--epsilon", "1", "--budget", "1.5", "--rounds", "3", "--ledger", ledger,
+                "--out", str(tmp_path / f"run-{i}"),
+            ],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]  # fmt: skip
+    outcomes = [(run.wait(timeout=900), run.communicate()[1]) for run in runs]
+    refused = [err for code, err in outcomes if code != 0]
+    assert refused and all("budget" in err and "Traceback" not in err for err in refused), outcomes
+    balances = Ledger(ledger).balances()
+    assert balances and all(b.spent_epsilon <= b.budget_epsilon + 1e-9 for b in balances)
