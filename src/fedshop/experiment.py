@@ -305,7 +305,8 @@ def record_level_plan(config: RunConfig, silo_customers: Sequence[int] | None) -
                 "customer counts to size δ from (`fedshop deploy local` sets it from the data)"
             )
         customers = max(1, math.floor(1 / (10 * privacy.delta)))
-        population = "set in the config (the server sees no customer counts)"
+        # The largest population this δ is 1/(10·n) for: what the privacy block can state.
+        population = f"at most {customers:,} units, from [privacy] delta (no counts seen)"
     else:
         customers = sum(silo_customers)
         population = f"{customers:,} customers of all {len(silo_customers)} silos"
