@@ -65,3 +65,18 @@ def offline(tmp_path, monkeypatch) -> Path:
     empty = tmp_path / "data"
     empty.mkdir()
     return empty
+
+
+@pytest.fixture(scope="session")
+def nginx() -> str:
+    """nginx, which a deployment's front door runs. Without it the deployment tests are skipped with
+    one line saying what to install; under CI (which installs it in .ci/run) that is a failure."""
+    from fedshop.deploy.front_door import FrontDoorError, nginx_binary
+
+    try:
+        return nginx_binary()
+    except FrontDoorError:
+        message = "nginx not found: the deployment tests need it (Debian: apt-get install nginx)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)

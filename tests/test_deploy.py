@@ -28,6 +28,9 @@ from fedshop.deploy.silo_files import SiloFileError, read_silo_file
 from fedshop.errors import FedShopError
 from fedshop.fl.in_process import run_cross_silo
 
+# The coordinator's front door runs nginx: without it these tests are skipped (conftest `nginx`).
+pytestmark = pytest.mark.usefixtures("nginx")
+
 SMALL = {
     "methods": ["federated"], "model.dim": 8, "federated.rounds": 2, "data.max_silos": 3,
     "federated.personalise_epochs": 1,

@@ -19,6 +19,9 @@ import pytest
 from fedshop.deploy.pki import make_node_keys, make_tls
 from fedshop.deploy.processes import Control, DeploymentError, LocalFederation, Silo
 
+# The coordinator's front door runs nginx: without it these tests are skipped (conftest `nginx`).
+pytestmark = pytest.mark.usefixtures("nginx")
+
 PROTOBUF = {"content-type": "application/protobuf", "accept": "application/protobuf"}
 
 
