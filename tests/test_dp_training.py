@@ -243,7 +243,7 @@ def test_privacy_sweep_writes_json_and_report(tmp_path, data_dir):
     assert private["epsilon"] <= 4.0 + 1e-9 and public["epsilon"] is None
     for point in sweep["points"]:
         assert 0.0 <= point["mia_auc"] <= 1.0 and 0.0 < point["hr@10"] <= 1.0
-    assert "popularity" in sweep
+    assert "popularity" in sweep and sweep["noise_seed_known"] is False
     report = (out / "report.html").read_text()
     assert "<svg" in report and "membership" in report.lower()
 

@@ -95,3 +95,10 @@ def test_write_sweep_report(tmp_path):
     assert path == tmp_path / "report.html"
     text = path.read_text(encoding="utf-8")
     assert "<svg" in text and "∞" in text
+
+
+def test_a_sweep_with_a_known_noise_seed_says_it_is_not_private():
+    assert "Not private: noise seed known" not in render_sweep_report(SWEEP)
+    assert "Not private: noise seed known" in render_sweep_report(
+        {**SWEEP, "noise_seed_known": True}
+    )

@@ -93,6 +93,8 @@ def run_sweep(
         "seed": config.seed,
         "rounds": config.federated.rounds,
         "clip": config.privacy.clip,
+        # Reproducible noise was asked for: the points' ε hold only against whoever lacks the seed.
+        "noise_seed_known": config.privacy.known_noise_seed is not None,
         "membership": {
             "attack": "loss threshold on a refitted user vector (user level)",
             "members": len(split.members),

@@ -213,6 +213,13 @@ def _table_rows(points: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+NOT_PRIVATE = (
+    '<p class="warning"><b>Not private: noise seed known.</b> This sweep drew its DP noise from '
+    "[privacy] noise_seed, so whoever knows the seed can remove it; the ε below hold only against "
+    "whoever does not.</p>"
+)
+
+
 def render_sweep_report(sweep: dict[str, Any]) -> str:
     """A complete, self-contained HTML page for one privacy–utility sweep (`sweep.json`)."""
     points = _sorted_points(sweep)
@@ -250,6 +257,7 @@ def render_sweep_report(sweep: dict[str, Any]) -> str:
 · protected unit <b>{_fmt(sweep.get("unit"))}</b> · mechanism <b>{_fmt(sweep.get("mechanism"))}</b>
 · accountant <b>{_fmt(sweep.get("accountant"))}</b> · δ = {delta_text}
 · seed {_fmt(sweep.get("seed"))} · {_fmt(sweep.get("rounds"))} rounds</p>
+{NOT_PRIVATE if sweep.get("noise_seed_known") else ""}
 <h2>How to read this</h2>
 <p>Each point is one model trained with differential privacy at a target ε. ε is the privacy loss of
 one protected unit — here {_fmt(sweep.get("unit"))} — over the whole run, holding with probability
