@@ -271,6 +271,9 @@ def test_record_level_dp_and_secagg_in_deployment_state_and_ledger_epsilon(three
     )  # fmt: skip
     result = deploy_local(config, three_silos, tmp_path / "run")
     assert result.protection.kind == "secagg" and result.protection.rounds == 2
+    # Under DP the server asks for no metric sums and so finds none missing.
+    log = (tmp_path / "run" / "deployment" / "server" / "server.log").read_text()
+    assert "malformed" not in log and "refused" not in log
     # The simulator's plan for the same config, in a ledger of its own.
     (tmp_path / "run.toml").write_text(config.to_toml())
     separate = {"privacy.ledger_url": f"sqlite:///{tmp_path / 'simulator.sqlite'}"}

@@ -668,11 +668,12 @@ def deploy_run(
     check_deployable(run)
     if ca is None:
         raise FedShopError("--ca is required: FedShop deployments use TLS")
-    if run.privacy.enabled and not run.privacy.delta:
-        raise FedShopError(
-            "[privacy] delta is needed in a deployment: the server never sees the silos' customer "
-            "counts to size δ from (1/(10·n) for n customers of all silos is the usual choice)"
-        )
+    if run.privacy.enabled:
+        from fedshop.experiment import record_level_plan
+
+        record_level_plan(
+            run, None
+        )  # the server's plan: refuses a config without δ, before submitting
     registered = SiloNodes.read(nodes)  # refuses a missing or malformed map before submitting
     if sorted(registered.node_of) != list(range(silos)):
         raise FedShopError(

@@ -9,12 +9,12 @@ of itself: one node cannot answer for another silo, or for several.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedshop.errors import FedShopError
+from fedshop.storage.private_files import write_private
 
 NODES_FILE = "node-silos.json"
 _KEY_NAME = re.compile(r"silo-(\d+)\.pub")
@@ -47,13 +47,9 @@ class SiloNodes:
         return next((s for s, n in self.node_of.items() if n == node), None)
 
     def write(self, path: Path) -> None:
+        # Owner-only, as everything a deployment writes: who serves which silo is the operator's.
         text = json.dumps({str(s): n for s, n in sorted(self.node_of.items())}, indent=1)
-        temporary = path.with_suffix(".tmp")
-        # Owner-only from the start: who serves which silo is the operator's business.
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "w") as f:
-            f.write(text + "\n")
-        os.replace(temporary, path)
+        write_private(path, text + "\n")
 
     @classmethod
     def read(cls, path: Path) -> SiloNodes:

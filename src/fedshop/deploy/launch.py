@@ -26,7 +26,7 @@ from fedshop.deploy.silo_files import write_silo_file
 from fedshop.deploy.silo_policy import SiloPolicy, policy_path
 from fedshop.eval.metrics import MetricSums
 from fedshop.experiment import ExperimentResult, method_result, slug
-from fedshop.privacy.dp import PrivacySummary
+from fedshop.privacy.dp import DpPlan, PrivacySummary
 from fedshop.storage.private_files import private_dir, write_private
 
 
@@ -57,9 +57,7 @@ def policy_for(config: RunConfig, dataset: RecDataset) -> SiloPolicy:
     secagg = config.protection.kind == "secagg"
     if not config.privacy.enabled:
         return SiloPolicy(require_secagg=secagg)
-    from fedshop.experiment import record_level_plan
-
-    plan = record_level_plan(config, [dataset.silo(i).n_users for i in range(dataset.n_silos)])
+    plan = simulator_plan(config, dataset)
     planned = plan.planned_epsilon()
     return SiloPolicy(
         require_secagg=secagg, require_dp=True,
@@ -74,11 +72,15 @@ def with_delta(config: RunConfig, dataset: RecDataset) -> RunConfig:
     server never sees the customer counts, so it needs δ in the config."""
     if not config.privacy.enabled or config.privacy.delta:
         return config
+    delta = simulator_plan(config, dataset).delta
+    return replace(config, privacy=replace(config.privacy, delta=delta))
+
+
+def simulator_plan(config: RunConfig, dataset: RecDataset) -> DpPlan:
+    """The DP plan the simulator makes for `config` on `dataset`, from every silo's count."""
     from fedshop.experiment import record_level_plan
 
-    counts = [dataset.silo(i).n_users for i in range(dataset.n_silos)]
-    delta = record_level_plan(config, counts).delta
-    return replace(config, privacy=replace(config.privacy, delta=delta))
+    return record_level_plan(config, [dataset.silo(i).n_users for i in range(dataset.n_silos)])
 
 
 def prepare(config: RunConfig, dataset: RecDataset, folder: Path) -> tuple[list[Silo], Path]:

@@ -221,9 +221,9 @@ class GridTransport:
             for silo, (task, kind) in tasks.items()
         }
         replies = federation.exchange(contents, f"round-{round_number}")
-        previous = federation.metrics(replies) if evaluate is not None else None
-        if self.dp_plan is not None:
-            previous = None  # under DP silos keep their metrics (`SiloNode._report`)
+        # Under DP the silos keep their metrics (`SiloNode._report`): none come back to read.
+        asked = evaluate is not None and self.dp_plan is None
+        previous = federation.metrics(replies) if asked else None
         needed = min(self.min_silos, len(chosen))
         if secure is None:
             updates = {}

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,7 +38,6 @@ from fedshop.deploy.silo_policy import (
     SiloLedger,
     SiloPolicy,
     policy_path,
-    refuse,
 )
 from fedshop.deploy.silo_secagg import SecAggSilo, run_folder
 from fedshop.errors import FedShopError
@@ -215,13 +215,11 @@ class SiloNode:
                 else NoiseStream.from_seed(seed, "silo", self.index, "dp", "count")
             )
             count = release_silo_counts([self.data.n_users], plan, rng)[0]
-            try:  # a release like any other: in the silo's own ledger first
-                self.ledger.spend(
-                    f"count {run.folder.name} {count!r}", plan.fixed_events[0], self.policy,
-                    plan.accountant,
-                )  # fmt: skip
-            except PolicyError as reason:
-                refuse(reason)
+            # A release like any other: in the silo's own ledger first.
+            self.ledger.spend(
+                f"count {run.folder.name} {count!r}", plan.fixed_events[0], self.policy,
+                plan.accountant,
+            )  # fmt: skip
             create_private_once(path, json.dumps({"count": float(count)}).encode())
         return float(json.loads(path.read_text())["count"])
 
@@ -233,6 +231,15 @@ class SiloNode:
         return task, run, config, client, saved_dp, wire.record_params(content["shared"])
 
     def train(self, content: RecordDict) -> RecordDict:
+        """Train on the received model (`_train`). A refusal by the silo's policy or own ledger is
+        also said in the silo's own log; Flower reports it to the server as a failed reply."""
+        try:
+            return self._train(content)
+        except PolicyError as reason:
+            print(f"fedshop silo refused a task: {reason}", file=sys.stderr, flush=True)
+            raise
+
+    def _train(self, content: RecordDict) -> RecordDict:
         """Train on the received model; with `evaluate`, first evaluate it (the server's previous
         round) with the private state it will train from, as the simulator evaluates it."""
         task, run, config, client, saved_dp, shared = self._task(content, 0)
@@ -243,10 +250,7 @@ class SiloNode:
 
             plan = DpPlan(**json.loads(str(task["dp-plan"])))
         setup = RoundSetup.from_json(str(task["secagg-setup"])) if "secagg-setup" in task else None
-        try:
-            self.policy.check_task(plan, setup)  # before any work on the silo's data
-        except PolicyError as reason:
-            refuse(reason)
+        self.policy.check_task(plan, setup)  # before any work on the silo's data
         inputs = inputs_digest(task, shared)
         run.check_inputs(round_number, inputs)
         reply = {}
@@ -262,10 +266,7 @@ class SiloNode:
             # Write-ahead in the silo's own ledger: the release is recorded (or refused) before
             # the update leaves, masked or not. The same update again (a retried round) is free.
             digest = hashlib.sha256(update.tobytes()).hexdigest()
-            try:
-                self.ledger.spend(digest, message.dp_event, self.policy, plan.accountant)
-            except PolicyError as reason:
-                refuse(reason)
+            self.ledger.spend(digest, message.dp_event, self.policy, plan.accountant)
         run.save(
             round_number, self.state_of(client, client.dp.state if client.dp else None, inputs)
         )

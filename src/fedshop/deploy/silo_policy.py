@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
-import sys
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -181,9 +180,3 @@ class SiloLedger:
 
     def releases(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM releases").fetchone()[0])
-
-
-def refuse(reason: Exception) -> None:
-    """Say in the silo's own log why it refused, then let Flower report the error to the server."""
-    print(f"fedshop silo refused a task: {reason}", file=sys.stderr, flush=True)
-    raise reason

@@ -76,11 +76,11 @@ def record_update(content: RecordDict, silo: int, layout: Layout) -> ClientMessa
         raise BadReplyError(f"a malformed update ({type(exc).__name__}: {exc})") from None
     if claimed != silo:
         raise BadReplyError(f"the reply claims silo {claimed}, but its node serves silo {silo}")
-    check_update(message, layout)
+    _check_update(message, layout)
     return message
 
 
-def check_update(message: ClientMessage, layout: Layout) -> None:
+def _check_update(message: ClientMessage, layout: Layout) -> None:
     got = layout_of(message)
     if got != layout:
         raise BadReplyError(f"an update of layout {got}, not the round's {layout}")
