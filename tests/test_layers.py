@@ -34,6 +34,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("deploy", "report"),  # deploy runs an experiment across processes; report renders a result
     # The sweep runs experiments and the membership attack, then writes its HTML through report/.
     ("sweep",),
+    # The shopping guide serves a finished run folder (report/ wrote it) to shoppers and operators.
+    ("serve",),
     ("cli",),
     ("__main__",),  # `python -m fedshop` calls the CLI
 )
