@@ -145,8 +145,14 @@
     state.searchTimer = setTimeout(async () => {
       const serial = ++state.searchSerial;
       // Only the words typed are sent; the basket is not.
-      const { items } = await getJson("/items?q=" + encodeURIComponent(text) + "&limit=12");
-      if (serial !== state.searchSerial) return;
+      let items;
+      try {
+        ({ items } = await getJson("/items?q=" + encodeURIComponent(text) + "&limit=12"));
+      } catch (error) {
+        items = null;
+        $("search-results").replaceChildren(el("li", { class: "empty warning", text: "Search failed: " + error.message }));
+      }
+      if (serial !== state.searchSerial || items === null) return;
       $("search-results").replaceChildren(
         ...(items.length
           ? items.map((item) =>
@@ -165,8 +171,20 @@
             )
           : [el("li", { class: "empty muted", text: "nothing matches" })]),
       );
+      markBasketInResults();
       $("search-results").dataset.query = text;
     }, 150);
+  }
+
+  // Search hits already in the basket cannot be added twice.
+  function markBasketInResults() {
+    const inBasket = new Set(state.basket.map((b) => b.item_id));
+    for (const row of $("search-results").querySelectorAll("li[data-item-id]")) {
+      const button = row.querySelector("button.add");
+      const added = inBasket.has(row.dataset.itemId);
+      button.disabled = added;
+      button.textContent = added ? "In basket" : "Add";
+    }
   }
 
   function addToBasket(item) {
@@ -183,6 +201,7 @@
   }
 
   function renderBasket() {
+    markBasketInResults();
     const list = $("basket");
     $("basket-count").textContent = state.basket.length ? "(" + state.basket.length + ")" : "";
     list.replaceChildren(
@@ -211,7 +230,15 @@
     state.mode = "basket";
     $("customer").value = "";
     $("recommendations-title").textContent = "Recommendations for your basket";
-    const model = await state.model;
+    let model;
+    try {
+      model = await state.model;
+    } catch (error) {
+      // Never fall back to the server: that would send the basket.
+      $("recommendations-note").textContent = "The model did not load, so this basket cannot be scored in the browser.";
+      $("recommendations").replaceChildren();
+      return;
+    }
     const answer = model.recommend(
       state.basket.map((b) => b.item_id),
       state.silo,
