@@ -394,6 +394,8 @@ def serve(
         raise FedShopError(f"--port must be between 0 and 65535, got {port}")
     if runs is not None and not runs.is_dir():
         raise FedShopError(f"--runs {runs}: no such folder")
+    import contextlib
+
     import torch
     import uvicorn
 
@@ -424,10 +426,9 @@ def serve(
     config = uvicorn.Config(
         create_app(model, runs), log_level="warning", access_log=False, ws="none"
     )
-    try:
+    # Ctrl-C is how a server stops: uvicorn shuts down cleanly, then passes the signal on.
+    with contextlib.suppress(KeyboardInterrupt):
         uvicorn.Server(config).run(sockets=[listener])
-    except KeyboardInterrupt:
-        pass  # Ctrl-C is how a server stops: uvicorn has shut down cleanly, then passed it on
     console.print("Stopped.")
 
 
