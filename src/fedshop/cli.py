@@ -394,6 +394,8 @@ def serve(
         raise FedShopError(f"--port must be between 0 and 65535, got {port}")
     if runs is not None and not runs.is_dir():
         raise FedShopError(f"--runs {runs}: no such folder")
+    import contextlib
+
     import torch
     import uvicorn
 
@@ -415,19 +417,19 @@ def serve(
         highlight=False,
         soft_wrap=True,
     )
-    if not _is_loopback(address):
-        errors.print(
-            f"[yellow]warning:[/] --host {escape(host)} listens beyond this machine: anyone who can "
-            f"reach port {bound_port} here can read any served customer's recommendations and the "
-            "purchases that explain them, with no login. Keep 127.0.0.1 unless a proxy that "
-            "authenticates stands in front.",
-            highlight=False,
-            soft_wrap=True,
-        )
+    warning = exposure_warning(host, address, bound_port)
+    if warning:
+        errors.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     console.print(f"Open [bold]{url}[/]  (API: {url}docs; Ctrl-C stops)", highlight=False)
     sys.stdout.flush()
-    config = uvicorn.Config(create_app(model, runs), log_level="warning", access_log=False)
-    uvicorn.Server(config).run(sockets=[listener])
+    # No access log: its lines would put customer ids into the server's log. No websockets.
+    config = uvicorn.Config(
+        create_app(model, runs), log_level="warning", access_log=False, ws="none"
+    )
+    # Ctrl-C is how a server stops: uvicorn shuts down cleanly, then passes the signal on.
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.Server(config).run(sockets=[listener])
+    console.print("Stopped.")
 
 
 def _listen(host: str, port: int):
@@ -444,19 +446,29 @@ def _listen(host: str, port: int):
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         listener.bind(address)
+        # Listening now: a client that reads the printed address before uvicorn has started waits
+        # in the queue instead of being refused.
+        listener.listen(2048)
     except OSError as exc:
         listener.close()
         raise FedShopError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     return listener
 
 
-def _is_loopback(address: str) -> bool:
+def exposure_warning(host: str, address: str, port: int) -> str | None:
+    """What to tell the operator when the API listens beyond this machine (None on loopback)."""
     import ipaddress
 
     try:
-        return ipaddress.ip_address(address.split("%")[0]).is_loopback
+        if ipaddress.ip_address(address.split("%")[0]).is_loopback:
+            return None
     except ValueError:
-        return False
+        pass
+    return (
+        f"--host {host} listens beyond this machine: anyone who can reach port {port} here can "
+        "read any served customer's recommendations and the purchases that explain them, with no "
+        "login. Keep 127.0.0.1 unless a proxy that authenticates stands in front."
+    )
 
 
 privacy_app = typer.Typer(
