@@ -21,6 +21,7 @@ import datetime as dt
 import hashlib
 import json
 import math
+import threading
 import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,6 +56,7 @@ class Bundle:
     manifest: dict[str, Any]
     data: bytes
     etag: str
+    version: str  # the binary's content hash, in its URL
 
 
 def _align(buffer: bytearray, to: int = 8) -> None:
@@ -113,7 +115,7 @@ def model_bundle(
     }
     text = json.dumps(manifest, sort_keys=True).encode()
     etag = '"' + hashlib.sha256(text + data).hexdigest()[:32] + '"'
-    return Bundle(manifest, data, etag)
+    return Bundle(manifest, data, etag, digest)
 
 
 def bundle_of(model: ServingModel) -> Bundle:
@@ -308,8 +310,17 @@ def _not_modified(request: Request, etag: str) -> bool:
 def add_web_routes(app: FastAPI, model: ServingModel, runs_root: Path | None) -> None:
     served = model.run_dir.resolve()
     root = Path(runs_root).expanduser() if runs_root is not None else served.parent
-    bundle = bundle_of(model)
-    manifest_body = json.dumps(bundle.manifest).encode()
+    built: list[tuple[Bundle, bytes]] = []
+    lock = threading.Lock()
+
+    def bundle() -> tuple[Bundle, bytes]:
+        """Built on first use, once (not at start-up: a server whose page nobody opens, such as a
+        benchmark's over a million items, never pays for it)."""
+        with lock:
+            if not built:
+                made = bundle_of(model)
+                built.append((made, json.dumps(made.manifest).encode()))
+            return built[0]
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -321,18 +332,24 @@ def add_web_routes(app: FastAPI, model: ServingModel, runs_root: Path | None) ->
     def model_manifest(request: Request) -> Response:
         """The shared model for the page's in-browser fold-in: the manifest (items, table layout,
         fold-in settings) with the URL of the binary."""
-        headers = {**REVALIDATE, "ETag": bundle.etag}
-        if _not_modified(request, bundle.etag):
+        made, body = bundle()
+        headers = {**REVALIDATE, "ETag": made.etag}
+        if _not_modified(request, made.etag):
             return Response(status_code=304, headers=headers)
-        return Response(manifest_body, media_type="application/json", headers=headers)
+        return Response(body, media_type="application/json", headers=headers)
 
     @app.get("/api/model.bin")
-    def model_data(request: Request) -> Response:
-        """The tables the manifest describes, one little-endian buffer."""
-        headers = {**IMMUTABLE, "ETag": bundle.etag}
-        if _not_modified(request, bundle.etag):
+    def model_data(request: Request, v: str = "") -> Response:
+        """The tables the manifest describes, one little-endian buffer. Only under the URL the
+        manifest gives (browsers keep it for good under that URL: another model's tables must not
+        answer it)."""
+        made, _ = bundle()
+        if v != made.version:
+            raise NotFoundError(f"no model tables of version '{v}' here: read /api/model again")
+        headers = {**IMMUTABLE, "ETag": made.etag}
+        if _not_modified(request, made.etag):
             return Response(status_code=304, headers=headers)
-        return Response(bundle.data, media_type="application/octet-stream", headers=headers)
+        return Response(made.data, media_type="application/octet-stream", headers=headers)
 
     @app.get("/api/runs")
     def runs() -> dict[str, Any]:
