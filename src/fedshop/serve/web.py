@@ -229,6 +229,7 @@ def ledger_block(path: Path, metrics: dict[str, Any], silos: list[str]) -> dict[
     used (its config's ledger_url, else the default). Read only: a ledger that does not exist is
     reported, never created."""
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
 
     from fedshop.storage.ledger import Ledger, LedgerError, default_url
 
@@ -250,6 +251,9 @@ def ledger_block(path: Path, metrics: dict[str, Any], silos: list[str]) -> dict[
         balances = [ledger.balance(silo, dataset) for silo in silos]
     except LedgerError as exc:
         return {"available": False, "url": shown, "message": str(exc)}
+    except SQLAlchemyError as exc:  # a database that went away after opening
+        message = " ".join(str(exc).split()[:30])
+        return {"available": False, "url": shown, "message": f"cannot read the ledger: {message}"}
     return {
         "available": True,
         "url": shown,
