@@ -586,8 +586,16 @@ def test_runs_endpoints_stay_inside_the_runs_folder(servers, runs_root, tmp_path
             assert status == 404, (path, status, body)
             assert body["error"]["status"] == 404, path
         assert "link-out" not in {r["name"] for r in json.loads(get(url + "/api/runs")[2])["runs"]}
+
+        # A folder whose metrics.json does not parse is listed as such, not a 500.
+        (runs_root / "broken").mkdir()
+        (runs_root / "broken" / "metrics.json").write_text("{", encoding="utf-8")
+        listed = {r["name"]: r for r in json.loads(get(url + "/api/runs")[2])["runs"]}
+        assert "cannot read metrics.json" in listed["broken"]["error"]
+        assert raw_get(url, "/api/runs/broken")[0] == 404
     finally:
         link.unlink()
+        shutil.rmtree(runs_root / "broken", ignore_errors=True)
 
 
 def test_insight_missing_says_how_to_compute_it(servers):

@@ -538,7 +538,7 @@
 
   function coldStartSection(cold) {
     if (!cold) {
-      return el("p", { class: "not-computed", text: "Not computed for this run: train with [eval] cold_start to hold new shoppers out and measure them." });
+      return el("p", { class: "not-computed", text: "Not computed for this run: train with --cold-start (the [eval] cold_start fraction of repeat customers held out as new shoppers) to measure them." });
     }
     const metrics = ["hr@10", "ndcg@10", "recall@20"];
     const methods = ["fold_in", "popularity", "trained"].filter((m) => cold[m]);
