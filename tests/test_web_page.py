@@ -123,6 +123,16 @@ def artifacts(tmp_path) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Torch on one thread, as `fedshop serve` runs it: these models' operations are small, and
+    on a busy 2-core machine a second thread made the module's training several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def runs_root(tmp_path_factory) -> Path:
     """Three real trained run folders in one runs folder; the DP run's ledger beside it."""
