@@ -543,7 +543,8 @@
     const metrics = ["hr@10", "ndcg@10", "recall@20"];
     const methods = ["fold_in", "popularity", "trained"].filter((m) => cold[m]);
     const out = [
-      el("p", { text: "New shoppers held out of training: " + fmt(cold.customers) + " evaluated" + (cold.rule ? " (" + cold.rule + ")" : "") + "." }),
+      el("p", { text: "New shoppers held out of training: " + fmt(cold.customers) + " evaluated, from their first-day basket." }),
+      cold.rule ? el("p", { class: "muted", text: "Rule: " + cold.rule + "." }) : null,
       el(
         "table",
         { class: "data", id: "cold-start-table" },
@@ -551,11 +552,38 @@
         el("tbody", {}, methods.map((m) => el("tr", { title: (cold.methods || {})[m] || "" }, el("td", { text: m.replace("_", "-") }), metrics.map((k) => el("td", { class: "number", text: fmt(cold[m][k], 3) }))))),
       ),
     ];
-    const ratio = ((cold.ratios || {})["fold_in/popularity"] || {})["hr@10"];
+    const ratio = (other) => {
+      const value = ((cold.ratios || {})["fold_in/" + other] || {})["hr@10"];
+      return value === null || value === undefined ? null : fmt(value, 2) + "×";
+    };
     out.push(facts([
-      ["fold-in HR@10 ÷ popularity", ratio === null || ratio === undefined ? null : fmt(ratio, 2) + "×"],
+      ["fold-in HR@10 ÷ popularity's", ratio("popularity")],
+      ["fold-in HR@10 ÷ trained vectors'", ratio("trained")],
       ["median fold-in time", cold.fold_in_ms_median === null || cold.fold_in_ms_median === undefined ? null : fmt(cold.fold_in_ms_median, 1) + " ms"],
     ]));
+    const silos = Object.entries(cold.per_silo || {});
+    if (silos.length) {
+      out.push(
+        el(
+          "table",
+          { class: "data", id: "cold-start-per-silo" },
+          el("thead", {}, el("tr", {}, el("th", { text: "storefront" }), el("th", { text: "new shoppers" }), methods.map((m) => el("th", { text: "HR@10 " + m.replace("_", "-") })))),
+          el(
+            "tbody",
+            {},
+            silos.map(([silo, byMethod]) =>
+              el(
+                "tr",
+                { "data-silo": silo },
+                el("td", { text: silo }),
+                el("td", { class: "number", text: fmt((byMethod.fold_in || {}).users) }),
+                methods.map((m) => el("td", { class: "number", text: fmt((byMethod[m] || {})["hr@10"], 3) })),
+              ),
+            ),
+          ),
+        ),
+      );
+    }
     return out;
   }
 
