@@ -10,43 +10,21 @@ import subprocess
 import sys
 
 import numpy as np
-import pandas as pd
 import pytest
 from scipy.stats import norm
 
-from fedshop.experiment import slug
 from fedshop.privacy import insight as maths
 from fedshop.seeding import NoiseStream
 from fedshop.serve.insight import INSIGHT, release_insight
 from fedshop.storage.ledger import BudgetExceededError, Ledger
-
-
-def write_run_folder(dataset, folder, seed=42):
-    """The public files and per-storefront history files a run folder holds (serving format 1:
-    `models/federated/silo-<slug>.customers.npz` with customer_ids, history_indptr,
-    history_items), written from the real dataset as `report/run_folder.write_run` does."""
-    (folder / "models" / "federated").mkdir(parents=True)
-    (folder / "metrics.json").write_text(json.dumps({"dataset": dataset.name, "seed": seed}))
-    (folder / "data_report.json").write_text(json.dumps(dataset.report, default=str))
-    pd.DataFrame({"item_id": dataset.item_ids, "name": dataset.item_names}).rename_axis(
-        "index"
-    ).to_csv(folder / "catalogue.csv")
-    for index, name in enumerate(dataset.silo_names):
-        silo = dataset.silo(index)
-        history = silo.train.tocsr()
-        history.sort_indices()
-        np.savez(
-            folder / "models" / "federated" / f"silo-{slug(name)}.customers.npz",
-            customer_ids=np.asarray(dataset.user_ids[silo.users]).astype(str),
-            history_indptr=history.indptr.astype(np.int64),
-            history_items=history.indices.astype(np.int64),
-        )
-    return folder
+from serving_runs import copy_run
 
 
 @pytest.fixture
-def run(retail, tmp_path):
-    return write_run_folder(retail, tmp_path / "run")
+def run(tmp_path):
+    """A real run folder (`fedshop train` on Online Retail, one silo per country), with each
+    storefront's private history file `models/federated/silo-<slug>.customers.npz`."""
+    return copy_run("retail-mf-cross-silo", tmp_path / "run")
 
 
 @pytest.fixture
