@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
+from fedshop.errors import DataError
 from fedshop.privacy import insight as maths
 from fedshop.seeding import NoiseStream
 from fedshop.serve.insight import INSIGHT, release_insight
@@ -301,6 +302,13 @@ def test_the_ledger_refuses_an_overspend_before_anything_is_released(run, ledger
     with pytest.raises(BudgetExceededError, match="United Kingdom"):
         release_insight(run, epsilon=3.0, ledger_url=ledger_url)
     assert (run / INSIGHT).read_bytes() == first
+
+
+def test_a_broken_history_file_stops_the_release_before_any_spend(run, ledger_url):
+    (run / "models" / "federated" / "silo-france.customers.npz").write_bytes(b"not a zip file")
+    with pytest.raises(DataError, match=r"silo-france\.customers\.npz"):
+        release_insight(run, epsilon=1.0, ledger_url=ledger_url, budget=10)
+    assert Ledger(ledger_url).balances() == [] and not (run / INSIGHT).exists()
 
 
 # --- the command line ----------------------------------------------------------------------------

@@ -5,11 +5,12 @@ items per storefront are written to the run folder's `insight.json` (public).
 Order of work, so that nothing leaves unpaid:
 1. read the run folder's public files (metrics.json, data_report.json, catalogue.csv, serving.json)
    and check that every storefront's private history file is there;
-2. calibrate the noise to the requested (ε, δ) and check every storefront's ledger: if any one
+2. read each storefront's own history file (a broken one stops the command before any spend);
+3. calibrate the noise to the requested (ε, δ) and check every storefront's ledger: if any one
    would pass its budget, stop with an error naming it, before any count is computed;
-3. per storefront: record the spend (write-ahead), then read that storefront's history file only
-   and release its counts with its own secret noise stream;
-4. post-process the released values (lifts, intervals) and write insight.json.
+4. per storefront: record the spend (write-ahead), then form its counts from its own histories
+   only and release them with its own secret noise stream;
+5. post-process the released values (lifts, intervals) and write insight.json.
 """
 
 from __future__ import annotations
@@ -122,13 +123,17 @@ def read_histories(run: RunFolder, storefront: Storefront) -> maths.Histories:
     path = run.path / storefront.history_file
     try:
         with np.load(path, allow_pickle=False) as data:
-            return maths.Histories(
+            histories = maths.Histories(
                 customer_ids=np.asarray(data["customer_ids"]).astype(str),
                 indptr=np.asarray(data["history_indptr"], dtype=np.int64),
                 items=np.asarray(data["history_items"], dtype=np.int64),
             )
     except (OSError, KeyError, ValueError) as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
+    items = histories.items
+    if items.size and (items.min() < 0 or items.max() >= len(run.item_ids)):
+        raise DataError(f"{path} names items outside the catalogue of {len(run.item_ids)}")
+    return histories
 
 
 def resolve_delta(delta: float | None, population: int | None) -> tuple[float, str]:
@@ -235,18 +240,21 @@ def release_insight(
     noise_multiplier = maths.noise_multiplier_for(epsilon, delta, accountant)
     event = maths.gaussian_event(noise_multiplier)
     spent = maths.event_epsilon(event, delta, accountant)  # the accountant's ε, not the target
+    # Each storefront's own file, read (and checked) before anything is spent: a broken file
+    # stops the command with nothing charged. No count is formed before the ledger agrees.
+    histories = [read_histories(run, storefront) for storefront in run.storefronts]
     ledger = Ledger(ledger_url)
     _check_budgets(ledger, run, spent, delta, budget)
 
     ledger_run = f"insight-{uuid.uuid4().hex}"
     releases = []
-    for storefront in run.storefronts:
+    for storefront, own in zip(run.storefronts, histories, strict=True):
         # Write-ahead: the spend is in the ledger before this storefront's counts exist.
         ledger.record(
             ledger_run, storefront.name, run.dataset, 0, spent, delta, UNITS["record"], accountant
         )
         release = maths.release_counts(
-            read_histories(run, storefront), run.item_ids, max_items, noise_multiplier,
+            own, run.item_ids, max_items, noise_multiplier,
             NoiseStream.of(noise_seed, "insight", storefront.slug), seed=run.seed,
         )  # fmt: skip
         if release.event != event:
