@@ -1,5 +1,6 @@
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,13 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 # package and the tests that need a research dataset are skipped (see `data_dir`).
 if SHARED_DATA.is_dir():
     os.environ.setdefault("FEDSHOP_DATA_DIR", str(SHARED_DATA))
+
+# Tests never spend from the developer's own privacy ledger (`fedshop demo` ends by releasing its
+# cross-border insight through the default one): a throwaway ledger per session unless one is named.
+os.environ.setdefault(
+    "FEDSHOP_LEDGER_URL",
+    f"sqlite:///{Path(tempfile.mkdtemp(prefix='fedshop-test-ledger-')) / 'ledger.sqlite'}",
+)
 
 # What the tests read from a folder laid out like ../shared/data.
 RESEARCH_FILES = {

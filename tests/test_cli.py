@@ -92,7 +92,10 @@ def test_demo_runs_on_the_embedded_data(tmp_path, monkeypatch):
     report = json.loads((out / "data_report.json").read_text())
     assert report["source"].startswith("embedded")
     assert "Full-ranking results" in result.stdout
-    # It ends with the one command that serves the run.
+    # It ends with the cross-border insight (released through the session's throwaway ledger),
+    # then the one command that serves the run.
+    assert "Cross-border insight: each of the 11 storefronts spent ε = 1" in result.stdout
+    assert json.loads((out / "insight.json").read_text())["epsilon"] == pytest.approx(1, rel=1e-3)
     assert result.stdout.strip().splitlines()[-1].strip() == f"fedshop serve {out}"
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -95,7 +96,14 @@ def _default_out(name: str) -> Path:
     return Path("fedshop-runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _execute(config: RunConfig, out: Path, overwrite: bool) -> ExperimentResult:
+def _execute(
+    config: RunConfig,
+    out: Path,
+    overwrite: bool,
+    then: Callable[[Path], None] | None = None,
+) -> ExperimentResult:
+    """Train, write the run folder, print the results; `then(folder)` runs before the closing
+    serve command (the demo's cross-border insight)."""
     from fedshop.report.run_folder import run_folder, write_run
 
     with run_folder(out, overwrite) as folder:
@@ -103,6 +111,8 @@ def _execute(config: RunConfig, out: Path, overwrite: bool) -> ExperimentResult:
         write_run(folder, result)
     _print_tables(result)
     console.print(f"\nRun folder: [bold]{folder}[/]  ·  report: [bold]{folder / 'report.html'}[/]")
+    if then is not None:
+        then(folder)
     _print_serve_command(result, folder)
     return result
 
@@ -293,7 +303,7 @@ def demo(
             "protection.kind": protection,
         }
     )
-    _execute(config, out or _default_out("demo"), overwrite)
+    _execute(config, out or _default_out("demo"), overwrite, then=_demo_insight)
 
 
 @app.command()
@@ -363,6 +373,102 @@ def train(
     )
     name = config.stem if config else "train"
     _execute(run_config, out or _default_out(name), overwrite)
+
+
+@app.command()
+def insight(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
+    epsilon: Annotated[
+        float, typer.Option("--epsilon", help="ε each storefront spends on its release.")
+    ] = 1.0,
+    delta: Annotated[
+        float | None,
+        typer.Option("--delta", help="δ (default 1/(10·n), n = all storefronts' customers)."),
+    ] = None,
+    max_items: Annotated[
+        int, typer.Option("--max-items", help="Items one customer may count for (sensitivity).")
+    ] = 20,
+    top: Annotated[int, typer.Option("--top", help="Items kept per storefront.")] = 10,
+    budget: BudgetOption = None,
+    ledger: LedgerOption = None,
+    noise_seed: NoiseSeedOption = None,
+    accountant: Annotated[
+        str, typer.Option("--accountant", help=f"{help_text('accountant')}.")
+    ] = "pld",
+) -> None:
+    """Cross-border insight: per storefront, the products that over-index against the whole shop,
+    from counts each storefront releases under differential privacy (paid from its ledger budget);
+    written to RUN_DIR/insight.json."""
+    from fedshop.serve.insight import release_insight
+
+    document = release_insight(
+        run_dir, epsilon=epsilon, delta=delta, max_items=max_items, top=top, ledger_url=ledger,
+        noise_seed=noise_seed, accountant=accountant, budget=budget,
+    )  # fmt: skip
+    _print_insight(document, Path(run_dir) / "insight.json")
+
+
+def _print_insight(document: dict, path: Path, shown: int = 5) -> None:
+    """Each storefront's first `shown` items as a table; those with none on one line."""
+    empty = []
+    for storefront in document["storefronts"]:
+        items = storefront["items"][:shown]
+        if not items:
+            empty.append(storefront["name"])
+            continue
+        table = Table(title=f"{storefront['name']}: over-indexing items", title_justify="left")
+        table.add_column("item", no_wrap=True)
+        table.add_column("name")
+        table.add_column("customers", justify="right")
+        table.add_column("lift", justify="right")
+        table.add_column(f"{document['interval']['level']:.0%} interval", justify="right")
+        for item in items:
+            low, high = item["interval"]
+            table.add_row(
+                item["item_id"], item["name"], f"{item['count']:.0f}",
+                "–" if item["lift"] is None else f"{item['lift']:.2f}",
+                f"{low:.2f}–{'∞' if high is None else f'{high:.2f}'}",
+            )  # fmt: skip
+        console.print(table)
+    if empty:
+        console.print(
+            f"No item's count clears the noise (σ = {document['sigma']:.3g} customers) in: "
+            f"{', '.join(empty)}",
+            highlight=False,
+        )
+    console.print(
+        f"[bold]Cross-border insight[/]: each of the {len(document['storefronts'])} storefronts "
+        f"spent ε = {document['epsilon']:.3g}, δ = {document['delta']:.3g} per "
+        f"{document['unit']} ({document['accountant']} accountant, σ = {document['sigma']:.3g}, "
+        f"at most {document['max_items']} items per customer); written to {path}",
+        highlight=False,
+    )
+    if document["noise_seed_known"]:
+        console.print(
+            "[bold red]Not private: noise seed known.[/] Anyone who has the seed can remove the "
+            "noise.",
+            highlight=False,
+        )
+
+
+# `fedshop demo` ends with the cross-border insight at this ε per storefront, paid from the ledger;
+# a storefront without a budget there gets DEMO_INSIGHT_BUDGET (what the README's record-level
+# example uses), so a first demo can release it and later ones stop when it is spent.
+DEMO_INSIGHT_EPSILON = 1.0
+DEMO_INSIGHT_BUDGET = 10.0
+
+
+def _demo_insight(folder: Path) -> None:
+    from fedshop.serve.insight import release_insight
+
+    try:
+        document = release_insight(folder, epsilon=DEMO_INSIGHT_EPSILON, budget=DEMO_INSIGHT_BUDGET)
+    except FedShopError as exc:
+        console.print(
+            f"[bold]Cross-border insight[/] not released: {escape(str(exc))}", highlight=False
+        )
+        return
+    _print_insight(document, folder / "insight.json")
 
 
 @app.command()
