@@ -111,7 +111,7 @@ def _train(config: RunConfig) -> ExperimentResult:
     from fedshop.experiment import run_experiment
 
     with console.status("Loading and cleaning data…"):
-        dataset = load_dataset(config.data, seed=config.seed)
+        dataset = load_dataset(config.data, seed=config.seed, cold_start=config.eval.cold_start)
     report = dataset.report
     console.print(
         f"[bold]{dataset.name}[/]: {dataset.n_users:,} customers, {dataset.n_items:,} items, "
