@@ -56,12 +56,32 @@ def test_fold_in_reduces_the_loss_and_ranks_the_basket_high(name):
     user = fold_in(spec, shared, BASKET, settings=settings)
     start = objective(spec, shared, zeros_like_user(spec, user), BASKET, settings)
     end = objective(spec, shared, user, BASKET, settings)
-    assert end < start - 0.5, (start, end)
+    assert end < start - 0.3, (start, end)
     # Four random items have no common direction, yet one vector puts them in the top fifth of
     # 300 items on average (149.5 at random), one of them in the top five.
     rank = torch.argsort(torch.argsort(scores(spec, shared, user), descending=True))
     assert float(rank[BASKET].float().mean()) < 60, rank[BASKET]
     assert int(rank[BASKET].min()) < 5, rank[BASKET]
+
+
+@pytest.mark.parametrize("name", ("mf-bpr", "gmf"))
+def test_the_default_settings_reach_the_minimum(name):
+    """For MF and GMF the objective is convex in u (log-sum-exp of linear scores plus a ridge): the
+    default steps end at its minimum, where the gradient vanishes."""
+    spec, shared = model(name)
+    user = fold_in(spec, shared, BASKET)
+    assert gradient_norm(spec, shared, user, BASKET) < 1e-4
+    assert gradient_norm(spec, shared, zeros_like_user(spec, user), BASKET) > 0.5
+
+
+def gradient_norm(spec, shared, user, basket) -> float:
+    settings = FoldInSettings()
+    free = {name: value.clone().requires_grad_(True) for name, value in user.items()}
+    log_p = torch.log_softmax(scores(spec, shared, free), dim=0)
+    penalty = sum(value.pow(2).sum() for value in free.values())
+    loss = -log_p[basket].mean() + 0.5 * settings.l2 * penalty
+    grads = torch.autograd.grad(loss, list(free.values()))
+    return float(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
 
 
 @pytest.mark.parametrize("name", ("mf-bpr", "gmf"))
