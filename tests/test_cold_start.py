@@ -162,12 +162,14 @@ def test_the_run_folder_reports_new_shoppers(small_run):
 
 
 def test_fold_in_beats_popularity_for_new_shoppers(small_run):
-    """Measured on this run (seed 5, 2xx new shoppers): HR@10 MEASURED_HR× popularity, NDCG@10
-    MEASURED_NDCG×; the asserted margins leave room for float differences between machines."""
+    """Measured on this run (seed 5, 268 new shoppers): HR@10 0.452 against 0.369 (1.22×),
+    NDCG@10 1.37×. The asserted margins leave room for float differences between machines; a
+    fold-in that did nothing (the model's item biases and offsets alone) or ranked by popularity
+    fails them."""
     block = json.loads((small_run[1] / "metrics.json").read_text())["cold_start"]
     ratios = block["ratios"]["fold_in/popularity"]
-    assert ratios["hr@10"] > HR_MARGIN, ratios
-    assert ratios["ndcg@10"] > NDCG_MARGIN, ratios
+    assert ratios["hr@10"] > 1.1, ratios
+    assert ratios["ndcg@10"] > 1.2, ratios
 
 
 def test_without_cold_start_nothing_changes(full_retail, tmp_path):
