@@ -64,7 +64,12 @@ _DATA = "fedshop.data.datasets"
 # Each dataset's loader: (DataConfig, seed, Environment) -> RecDataset.
 DATASETS = Registry(
     "dataset",
-    Choice("online-retail", "embedded; one silo per country", f"{_DATA}:load_online_retail"),
+    Choice(
+        "online-retail",
+        "embedded; one silo per country",
+        f"{_DATA}:load_online_retail",
+        frozenset({"purchase-days"}),  # [eval] cold_start needs them
+    ),
     Choice("movielens-1m", "", f"{_DATA}:load_movielens"),
     Choice("movielens-100k", "", f"{_DATA}:load_movielens"),
     Choice("amazon-toys", "", f"{_DATA}:load_amazon"),

@@ -180,6 +180,10 @@ class BaselineConfig:
         _at_least("baselines", "epochs", self.epochs, 0)
 
 
+# At most half the eligible customers are held out as new shoppers: the rest must train the model.
+MAX_COLD_START = 0.5
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     # full: rank the whole catalogue. sampled-100: rank each held-out item against 100 items the user
@@ -189,11 +193,20 @@ class EvalConfig:
     # use it to choose settings, and the test split only to report.
     split: str = "test"
     eval_every: int = 1  # evaluate the federated model every N rounds (for the per-round plot)
+    # New shoppers: this fraction of the customers with at least two purchase days is held out of
+    # training entirely (for every method); after training, a vector folded in from each one's first
+    # purchase day is scored on their next one (metrics.json "cold_start"). 0: off.
+    cold_start: float = 0.0
 
     def validate(self) -> None:
         PROTOCOLS.check(self.protocol, "[eval] protocol")
         _choice("eval", "split", self.split, ("test", "validation"))
         _at_least("eval", "eval_every", self.eval_every, 1)
+        if not 0.0 <= self.cold_start <= MAX_COLD_START:
+            raise ConfigError(
+                f"[eval] cold_start must be in [0, {MAX_COLD_START}] (a fraction of the customers "
+                f"held out of training), got {self.cold_start}"
+            )
 
 
 @dataclass(frozen=True)
@@ -383,7 +396,24 @@ class RunConfig:
             )
         if self.eval.split == "validation" and not self.data.validation:
             raise ConfigError('[eval] split = "validation" needs [data] validation = true')
+        self._validate_cold_start()
         return self
+
+    def _validate_cold_start(self) -> None:
+        if not self.eval.cold_start:
+            return
+        supported = DATASETS.names(tag="purchase-days")
+        if self.data.dataset not in supported:
+            raise ConfigError(
+                f"[eval] cold_start needs purchase days (a new shopper's first day is the basket, "
+                f"the next day the target): {', '.join(supported)} has them, "
+                f"{self.data.dataset} does not; set [eval] cold_start = 0"
+            )
+        if "federated" not in self.methods:
+            raise ConfigError(
+                '[eval] cold_start folds new shoppers into the federated model: add "federated" '
+                "to methods, or set [eval] cold_start = 0"
+            )
 
     def _validate_privacy(self) -> None:
         privacy, mode = self.privacy, self.federated.mode

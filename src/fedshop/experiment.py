@@ -7,6 +7,8 @@
 - popularity:  items ranked by how many training customers bought them (a sanity floor)
 All four are evaluated per silo on the same held-out items with the same protocol (full ranking, or
 the same 100 sampled negatives per user for every method).
+With [eval] cold_start, new shoppers held out of every method's training are then scored by the
+federated model from their first-day basket (`evaluate_cold_start`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -23,10 +25,12 @@ import torch
 
 from fedshop.config import ConfigError, RunConfig
 from fedshop.data.interactions import RecDataset, SiloData, with_eval_negatives
+from fedshop.eval.cold_start import ColdStartResult, evaluate_cohort
 from fedshop.eval.metrics import MetricSums, evaluate, summarise
 from fedshop.fl.cross_device import eligible_clients, run_cross_device
 from fedshop.fl.in_process import run_cross_silo
 from fedshop.fl.rounds import RoundRecord
+from fedshop.models.fold_in import FoldInSettings, fold_in
 from fedshop.models.spec import ModelSpec, Params, get_model, score_all
 from fedshop.models.train import TrainResult, train_bpr
 from fedshop.privacy.dp import DpPlan, PrivacyGuard, PrivacySummary, make_plan
@@ -82,6 +86,8 @@ class ExperimentResult:
     privacy: PrivacySummary = field(default_factory=PrivacySummary)
     # metrics.json "protection": kind, seconds_per_round, bytes_per_client_per_round (null: none)
     protection: ProtectionSummary = field(default_factory=ProtectionSummary)
+    # metrics.json "cold_start": new shoppers held out of training ([eval] cold_start), or None
+    cold_start: ColdStartResult | None = None
 
 
 def slug(name: str) -> str:
@@ -272,13 +278,97 @@ def run_experiment(
     }
     runs = {name: train() for name, train in trainers.items() if name in config.methods}
     federated = runs.get("federated")
+    cold = None
+    if dataset.cold is not None and federated is not None:
+        progress.start(COLD_START_TASK, 3)
+        cold = evaluate_cold_start(config, dataset, federated.weights, progress)
     return ExperimentResult(
         config, dataset, {name: run.result for name, run in runs.items()},
         federated.history if federated else [],
         {k: v for run in runs.values() for k, v in run.weights.items()},
         guard.summary() if guard is not None else PrivacySummary(),
         federated.protection if federated else ProtectionSummary(),
+        cold,
     )  # fmt: skip
+
+
+COLD_START_TASK = "new shoppers (cold start)"
+
+
+def evaluate_cold_start(
+    config: RunConfig,
+    dataset: RecDataset,
+    weights: dict[str, dict[str, torch.Tensor]],
+    progress: Progress | None = None,
+) -> ColdStartResult:
+    """Score the new shoppers (`dataset.cold`) with the federated model in `weights` (its shared
+    tables and each storefront's private offsets): folded-in vectors, popularity, and vectors
+    trained on the same baskets (the reference), all with the basket excluded from the ranking."""
+    progress = progress or _Silent()
+    cold = dataset.cold
+    if cold is None:
+        raise ValueError("the dataset holds no new shoppers ([eval] cold_start = 0)")
+    spec = get_model(config.model.name)
+    shared = {k: v.detach().cpu() for k, v in weights["federated/shared"].items()}
+    offsets = storefront_offsets(weights, dataset.silo_names)
+    rows, silo_of_row = torch.arange(cold.n_customers), torch.from_numpy(cold.silo)
+    with_offsets = {} if offsets is None else {"silo_item_bias": offsets}
+
+    settings = FoldInSettings()
+    folded: dict[str, list[torch.Tensor]] = {name: [] for name in spec.user_tables}
+    milliseconds = []
+    for row in range(cold.n_customers):
+        basket = cold.basket.indices[cold.basket.indptr[row] : cold.basket.indptr[row + 1]]
+        offset = None if offsets is None else offsets[cold.silo[row]]
+        started = time.perf_counter()
+        vector = fold_in(spec, shared, torch.from_numpy(basket.astype(np.int64)), offset, settings)
+        milliseconds.append(1000 * (time.perf_counter() - started))
+        for name, value in vector.items():
+            folded[name].append(value)
+    users = {name: torch.cat(values) for name, values in folded.items()}
+    with torch.no_grad():
+        fold_scores = score_all(spec, shared, {**users, **with_offsets}, rows, silo_of_row)
+    progress.advance(COLD_START_TASK, "fold-in")
+
+    counts = torch.from_numpy(np.asarray(dataset.train.sum(axis=0), dtype=np.float32).ravel())
+    popularity_scores = counts.expand(cold.n_customers, -1)
+    progress.advance(COLD_START_TASK, "popularity")
+
+    # The reference: vectors trained on the same baskets the way a silo trains its customers'.
+    epochs = config.baseline_epochs
+    private = spec.init_users(
+        cold.n_customers, config.model, torch_generator(config.seed, "cold-start", "users")
+    )
+    trained = train_bpr(
+        shared, {**private, **with_offsets}, cold.basket, epochs, config.train,
+        torch_generator(config.seed, "cold-start", "train"), update_shared=False,
+        user_silo=silo_of_row, spec=spec, frozen=("silo_item_bias",),
+    )  # fmt: skip
+    with torch.no_grad():
+        trained_scores = score_all(spec, shared, trained.private, rows, silo_of_row)
+    progress.advance(COLD_START_TASK, "trained vectors")
+
+    scores = {"fold_in": fold_scores, "popularity": popularity_scores, "trained": trained_scores}
+    return ColdStartResult(
+        methods={m: evaluate_cohort(s, cold, dataset.silo_names) for m, s in scores.items()},
+        fold_in_ms=milliseconds,
+        settings=asdict(settings),
+        trained_epochs=epochs,
+        held_out=len(cold.held_out_ids),
+    )
+
+
+def storefront_offsets(
+    weights: dict[str, dict[str, torch.Tensor]], silo_names: Sequence[str]
+) -> torch.Tensor | None:
+    """Every storefront's private item-bias row (silos × items) from the federated run's weights,
+    or None when the model has none."""
+    rows = [
+        weights.get(f"federated/silo-{slug(name)}", {}).get("silo_item_bias") for name in silo_names
+    ]
+    if any(row is None for row in rows):
+        return None
+    return torch.cat([row.detach().cpu().reshape(1, -1) for row in rows])
 
 
 def open_privacy(

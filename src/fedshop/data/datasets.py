@@ -2,27 +2,43 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from fedshop.choices import DATASETS
-from fedshop.config import DataConfig, Environment
+from fedshop.config import MAX_COLD_START, DataConfig, Environment
 from fedshop.data import amazon, movielens, online_retail
+from fedshop.data.cold_start import RULE as COLD_START_RULE
+from fedshop.data.cold_start import build_cohort, draw_cohort
 from fedshop.data.download import fetch
 from fedshop.data.interactions import RecDataset, build_dataset
 from fedshop.data.partition import assign_silos, home_country
 from fedshop.data.split import SplitPairs, leave_last_out, leave_random_out, temporal_split
-from fedshop.errors import DataError
+from fedshop.errors import ConfigError, DataError
 from fedshop.seeding import derive_seed
 
 
-def load_dataset(config: DataConfig, seed: int = 0, env: Environment | None = None) -> RecDataset:
+def load_dataset(
+    config: DataConfig, seed: int = 0, env: Environment | None = None, cold_start: float = 0.0
+) -> RecDataset:
     """Load `config.dataset`; `seed` (the run seed) drives the random splits and silo draws; `env`
-    (default: the variables as set now) gives the data and cache folders the config leaves open."""
+    (default: the variables as set now) gives the data and cache folders the config leaves open.
+    `cold_start` ([eval] cold_start): the fraction of eligible customers held out of training as
+    new shoppers (datasets with purchase days only)."""
     load = DATASETS.get(config.dataset)  # one of the load_* functions below
-    return load(config, seed, env or Environment.from_os())
+    if not cold_start:
+        return load(config, seed, env or Environment.from_os())
+    if config.dataset not in DATASETS.names(tag="purchase-days"):
+        raise ConfigError(
+            f"[eval] cold_start needs purchase days; {config.dataset} has none "
+            f"(supported: {', '.join(DATASETS.names(tag='purchase-days'))})"
+        )
+    if not 0.0 < cold_start <= MAX_COLD_START:
+        raise ConfigError(f"[eval] cold_start must be in [0, {MAX_COLD_START}], got {cold_start}")
+    return load(config, seed, env or Environment.from_os(), cold_start=cold_start)
 
 
 def data_dir_from(config: DataConfig, env: Environment) -> str | None:
@@ -40,7 +56,9 @@ def online_retail_file(config: DataConfig, env: Environment | None = None) -> tu
     return online_retail.resolve_path(config.path or None, data_dir_from(config, env))
 
 
-def load_online_retail(config: DataConfig, seed: int, env: Environment) -> RecDataset:
+def load_online_retail(
+    config: DataConfig, seed: int, env: Environment, cold_start: float = 0.0
+) -> RecDataset:
     path, origin = online_retail_file(config, env)
     raw = online_retail.read_raw(path)
     cleaned = online_retail.clean(raw, source=origin)
@@ -60,6 +78,16 @@ def load_online_retail(config: DataConfig, seed: int, env: Environment) -> RecDa
     )
     country = home_country(lines).sort_index()
     silos = assign_silos(country, config.min_silo_customers, config.max_silos)
+    user_silo, all_user_ids, all_user_silo = silos.user_silo, np.asarray(user_ids), silos.user_silo
+    cohort = None
+    if cold_start:
+        # New shoppers leave before the split: no matrix, user index or catalogue sees them.
+        days = lines[["user", "day"]].drop_duplicates().groupby("user").size()
+        days = days.reindex(range(len(user_ids)), fill_value=0).to_numpy()
+        cohort = draw_cohort(days, silos.user_silo, silos.names, cold_start, seed)
+        cohort_lines = lines[lines["user"].isin(cohort)]
+        lines, kept = _without_users(lines, cohort, len(user_ids))
+        user_ids, user_silo = all_user_ids[kept], all_user_silo[kept]
     split = temporal_split(lines[["user", "item", "day"]], config.min_train_days, config.validation)
 
     # The most frequent description of each stock code names the item.
@@ -90,7 +118,7 @@ def load_online_retail(config: DataConfig, seed: int, env: Environment) -> RecDa
         ],
         "split_rule": "temporal: each customer's last purchase day is the test basket",
         "split": split.counts,
-        "silos": _silo_table(silos.names, silos.user_silo, split),
+        "silos": _silo_table(silos.names, user_silo, split),
         "merged_into_rest_of_world": list(silos.merged_countries),
         "min_silo_customers": config.min_silo_customers,
     }
@@ -101,12 +129,42 @@ def load_online_retail(config: DataConfig, seed: int, env: Environment) -> RecDa
         item_ids=np.asarray(item_ids),
         item_names=names,
         silo_names=silos.names,
-        user_silo=silos.user_silo,
+        user_silo=user_silo,
         report=report,
         item_prices=prices,
     )
     report["catalogue_items"] = dataset.n_items
+    if cohort is not None:
+        cold, counts = build_cohort(
+            cohort_lines, cohort, all_user_ids, all_user_silo,
+            np.unique(split.train["item"].to_numpy()),
+        )  # fmt: skip
+        report["cold_start"] = {
+            "rule": COLD_START_RULE,
+            "fraction": cold_start,
+            "eligible": int((days >= 2).sum()),
+            **counts,
+            "per_silo": {
+                name: {
+                    "held_out": int((all_user_silo[cohort] == index).sum()),
+                    "evaluated": int((cold.silo == index).sum()),
+                }
+                for index, name in enumerate(silos.names)
+            },
+        }
+        dataset = replace(dataset, cold=cold)
     return dataset
+
+
+def _without_users(
+    lines: pd.DataFrame, users: np.ndarray, n_users: int
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """`lines` without `users`' rows, the others renumbered 0, 1, …; and the kept users' old codes."""
+    kept = np.setdiff1d(np.arange(n_users), users)
+    renumber = np.full(n_users, -1, dtype=np.int64)
+    renumber[kept] = np.arange(len(kept))
+    rest = lines[~lines["user"].isin(users)]
+    return rest.assign(user=renumber[rest["user"].to_numpy()]), kept
 
 
 def movielens_location(config: DataConfig, env: Environment | None = None) -> tuple[Path, str]:

@@ -40,6 +40,27 @@ class SiloData:
 
 
 @dataclass(frozen=True)
+class ColdCohort:
+    """New shoppers: customers held out of training entirely, for the cold-start evaluation.
+
+    Rows are the customers that can be evaluated (a non-empty basket and target on the training
+    catalogue); `held_out_ids` lists every customer kept out of training, evaluated or not."""
+
+    customer_ids: np.ndarray  # external customer id per row
+    silo: np.ndarray  # silo index per row (the storefront they shop at)
+    basket: sp.csr_matrix  # rows × items: their first purchase day
+    target: sp.csr_matrix  # rows × items: their next purchase day, basket items removed
+    held_out_ids: np.ndarray
+
+    @property
+    def n_customers(self) -> int:
+        return len(self.customer_ids)
+
+    def rows_of_silo(self, index: int) -> np.ndarray:
+        return np.flatnonzero(self.silo == index)
+
+
+@dataclass(frozen=True)
 class RecDataset:
     """A recommendation dataset: who bought what in training, the held-out baskets, and the silos."""
 
@@ -57,6 +78,8 @@ class RecDataset:
     eval_negatives: np.ndarray | None = None
     # Typical unit price per item (NaN where unknown); None for datasets without prices.
     item_prices: np.ndarray | None = None
+    # [eval] cold_start: the new shoppers held out of every matrix above (None: none held out).
+    cold: ColdCohort | None = None
 
     @property
     def n_users(self) -> int:

@@ -27,9 +27,15 @@ from fedshop.models.spec import ModelSpec, Params
 
 @dataclass(frozen=True)
 class FoldInSettings:
-    steps: int = 30
+    """Chosen on new shoppers of tuning runs (Online Retail, demo settings, seeds 101 with 30% and
+    102 with 10% held out; never the reported seeds): l2 = 0.3 gave HR@10 0.525 and 0.587 where
+    0.1 gave 0.490 and 0.530 (0.5: 0.519, 0.530). At lr 1 the descent has converged by 20 steps
+    (the same metrics as 30 to four decimals), so 20 costs a third less than 30 for the same vector.
+    """
+
+    steps: int = 20
     lr: float = 1.0
-    l2: float = 0.1
+    l2: float = 0.3
 
 
 def fold_in(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +43,7 @@ def train_bpr(
     user_silo: torch.Tensor | None = None,
     on_epoch: Callable[[int, TrainResult], None] | None = None,
     spec: ModelSpec = MF,
+    frozen: Collection[str] = (),
 ) -> TrainResult:
     """Run `epochs` passes of BPR over the (users × items) matrix `train`.
 
@@ -51,12 +52,15 @@ def train_bpr(
     the function works on copies and returns the new values. Negatives are drawn uniformly from the
     whole catalogue (a rare draw of a positive is tolerated, as in BPR). L2 applies to the embedding
     rows and offsets each batch touches. With `update_shared=False` only the private parameters move
-    (personalisation). `on_epoch(epoch, state)` is called after each epoch with read-only views.
+    (personalisation); private tensors named in `frozen` stay fixed too (a new customer's vector
+    fitted against a storefront's offsets). `on_epoch(epoch, state)` is called after each epoch
+    with read-only views.
     """
     mine_shared = {k: v.detach().clone().requires_grad_(update_shared) for k, v in shared.items()}
-    mine = {k: v.detach().clone().requires_grad_(True) for k, v in private.items()}
+    mine = {k: v.detach().clone().requires_grad_(k not in frozen) for k, v in private.items()}
     silo_bias = mine.get("silo_item_bias")
-    trainable = list(mine.values()) + (list(mine_shared.values()) if update_shared else [])
+    trainable = [v for k, v in mine.items() if k not in frozen]
+    trainable += list(mine_shared.values()) if update_shared else []
     optimizer = torch.optim.Adam(trainable, lr=config.learning_rate)
     dense = spec.dense_of(mine_shared)
 

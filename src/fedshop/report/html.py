@@ -206,6 +206,45 @@ def protection_section(protection: dict[str, Any]) -> str:
     return _table(["", "value"], rows, text_columns=(1,))
 
 
+COLD_START_LABELS = {
+    "fold_in": "Basket fold-in (federated model)",
+    "popularity": "Global popularity",
+    "trained": "Trained vectors (reference)",
+}
+
+
+def cold_start_section(block: dict[str, Any] | None) -> str:
+    """New shoppers held out of training: fold-in from their first-day basket against popularity
+    and against vectors trained on the same baskets. Empty when the run measured none."""
+    if not block:
+        return ""
+    rows = [
+        [html.escape(label)] + [_fmt(block.get(method, {}).get(k)) for k in METRICS]
+        for method, label in COLD_START_LABELS.items()
+        if method in block
+    ]
+    table = _table(["method", "HR@10", "NDCG@10", "Recall@20", "silo-mean HR@10"], rows)
+    hr = {m: (block.get(m) or {}).get("hr@10") for m in COLD_START_LABELS}
+    versus = (block.get("ratios") or {}).get("fold_in/popularity", {}).get("hr@10")
+    settings = block.get("settings") or {}
+    sentence = (
+        f"{_fmt(block.get('customers'))} new shoppers, never seen in training, each get a vector "
+        f"folded in from their first day's basket in {_fmt(block.get('fold_in_ms_median'), 1)} ms "
+        f"(median; {_fmt(settings.get('steps'))} steps): HR@10 {_fmt(hr['fold_in'])} on their next "
+        f"day's purchases, {_fmt(versus, 2)}× popularity ({_fmt(hr['popularity'])})"
+        + (
+            f", against {_fmt(hr['trained'])} for trained vectors."
+            if hr["trained"] is not None
+            else "."
+        )
+    )
+    return (
+        f"<h2>New shoppers (cold start)</h2><p>{sentence}</p>{table}"
+        f'<p class="muted">{_fmt(block.get("rule"))}. Basket items are excluded from the ranking '
+        "(full ranking).</p>"
+    )
+
+
 def render_report(metrics: dict[str, Any], data_report: dict[str, Any], config_toml: str) -> str:
     methods = _methods(metrics)
     summary_rows = []
@@ -284,6 +323,7 @@ def render_report(metrics: dict[str, Any], data_report: dict[str, Any], config_t
 <p class="muted">HR@10, NDCG@10 and Recall@20 average over all evaluated customers (for local-only, each
 customer is scored by their own silo's model); silo-mean HR@10 is the unweighted mean over silos, so a
 small storefront counts as much as the large one.</p>
+{cold_start_section(metrics.get("cold_start"))}
 <h2>Privacy</h2>
 {privacy_section(metrics.get("privacy") or {})}
 <h2>Protection of updates in transit</h2>

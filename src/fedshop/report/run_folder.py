@@ -124,6 +124,8 @@ def metrics_document(result: ExperimentResult) -> dict[str, Any]:
         for method, outcome in result.methods.items()
         if outcome.curve
     }
+    if result.cold_start is not None:
+        doc["cold_start"] = result.cold_start.block()
     return _finite(doc)
 
 
