@@ -30,7 +30,7 @@ from fedshop.eval.metrics import MetricSums, evaluate, summarise
 from fedshop.fl.cross_device import eligible_clients, run_cross_device
 from fedshop.fl.in_process import run_cross_silo
 from fedshop.fl.rounds import RoundRecord
-from fedshop.models.fold_in import FoldInSettings, fold_in
+from fedshop.models.fold_in import fold_in, settings_for
 from fedshop.models.spec import ModelSpec, Params, get_model, score_all
 from fedshop.models.train import TrainResult, train_bpr
 from fedshop.privacy.dp import DpPlan, PrivacyGuard, PrivacySummary, make_plan
@@ -314,7 +314,7 @@ def evaluate_cold_start(
     rows, silo_of_row = torch.arange(cold.n_customers), torch.from_numpy(cold.silo)
     with_offsets = {} if offsets is None else {"silo_item_bias": offsets}
 
-    settings = FoldInSettings()
+    settings = settings_for(spec)
     folded: dict[str, list[torch.Tensor]] = {name: [] for name in spec.user_tables}
     milliseconds = []
     for row in range(cold.n_customers):

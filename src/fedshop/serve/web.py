@@ -33,7 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from fedshop.models.fold_in import FoldInSettings
+from fedshop.models.fold_in import FoldInSettings, settings_for
 from fedshop.serve.model import NotFoundError, ServingModel
 
 STATIC = Path(__file__).with_name("static")
@@ -129,7 +129,7 @@ def bundle_of(model: ServingModel) -> Bundle:
         [str(n) for n in catalogue.names],
         prices,
         [(s.name, s.slug, s.item_offsets) for s in model.storefronts.values()],
-        FoldInSettings(),
+        settings_for(model.spec),
         model.run_dir.resolve().name,
     )
 
