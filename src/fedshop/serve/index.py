@@ -53,6 +53,9 @@ class IndexSettings:
     kind: str = "auto"
     exact_below: int = 200_000
     approximate: str = "hnsw"
+    # "l2-reduction": the faiss index searches items made equal-norm (see `l2_reduction`) by L2
+    # distance; "inner-product": faiss's inner-product metric on the items as they are.
+    metric: str = "l2-reduction"
     # Candidates beyond k fetched from the shared index and re-ranked with a storefront's offsets.
     margin: int = 100
     # HNSW: links per node, candidate list while building and while searching.
@@ -68,6 +71,8 @@ class IndexSettings:
             raise ConfigError(f"index kind {self.kind!r} is not one of {', '.join(KINDS)}")
         if self.approximate not in ("hnsw", "ivf"):
             raise ConfigError(f"approximate index {self.approximate!r} is not hnsw or ivf")
+        if self.metric not in ("l2-reduction", "inner-product"):
+            raise ConfigError(f"index metric {self.metric!r} is not l2-reduction or inner-product")
         if self.exact_below < 0 or self.margin < 0:
             raise ConfigError("index exact_below and margin must not be negative")
 
@@ -79,9 +84,14 @@ class IndexSettings:
     def build_key(self, kind: str) -> dict:
         """The settings a built index depends on (search-time ones are not in the cache key)."""
         if kind == "hnsw":
-            return {"kind": kind, "m": self.hnsw_m, "ef_construction": self.hnsw_ef_construction}
+            return {
+                "kind": kind,
+                "metric": self.metric,
+                "m": self.hnsw_m,
+                "ef_construction": self.hnsw_ef_construction,
+            }
         if kind == "ivf":
-            return {"kind": kind, "nlist": self.ivf_nlist}
+            return {"kind": kind, "metric": self.metric, "nlist": self.ivf_nlist}
         return {"kind": kind}
 
 
@@ -188,7 +198,8 @@ class CatalogueIndex:
         cache, path, index = "off", None, None
         if cache_dir is not None:
             path = Path(cache_dir) / f"{cache_key(vectors, settings.build_key(kind))}.faiss"
-            index = _load_cached(path, vectors)
+            width = vectors.shape[1] + (settings.metric == "l2-reduction")
+            index = _load_cached(path, len(vectors), width)
             cache = "hit" if index is not None else "miss"
         if index is None:
             index = build_faiss(vectors, settings, kind)
@@ -277,9 +288,12 @@ class CatalogueIndex:
         wanted = min(wanted, self.n_items)
         params = _search_parameters(self.kind, self.settings, wanted)
         if len(excluded):
-            # Kept in a local: faiss holds a raw pointer to the selector during the search.
-            selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(excluded))
+            # Both kept in locals: faiss holds raw pointers to them during the search.
+            bought = faiss.IDSelectorBatch(excluded)
+            selector = faiss.IDSelectorNot(bought)
             params.sel = selector
+        if self.settings.metric == "l2-reduction":
+            query = np.hstack([query, np.zeros((len(query), 1), np.float32)])
         _, ids = self.faiss_index.search(query, wanted, params=params)
         ids = ids[0]
         return ids[ids >= 0]
@@ -304,17 +318,32 @@ def default_nlist(n_items: int) -> int:
     return max(1, min(n_items // 39, int(4 * np.sqrt(n_items))))
 
 
+def l2_reduction(vectors: np.ndarray) -> np.ndarray:
+    """Items x ↦ [x, √(R² − ‖x‖²)], R the largest norm (Bachrach et al., RecSys 2014): every item
+    then has norm R, so for a query [q, 0] the distance ‖[q, 0] − x'‖² = ‖q‖² + R² − 2⟨q, x⟩ ranks
+    items exactly as the inner product does, and a metric index (whose graph or clusters assume
+    a distance) can search it."""
+    norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
+    extra = np.sqrt(np.maximum(norms.max(initial=0.0) ** 2 - norms**2, 0.0))
+    return np.ascontiguousarray(np.hstack([vectors, extra[:, None]]), dtype=np.float32)
+
+
 def build_faiss(vectors: np.ndarray, settings: IndexSettings, kind: str) -> faiss.Index:
+    if settings.metric == "l2-reduction":
+        vectors, metric = l2_reduction(vectors), faiss.METRIC_L2
+    else:
+        metric = faiss.METRIC_INNER_PRODUCT
     n, width = vectors.shape
     if kind == "hnsw":
-        index = faiss.IndexHNSWFlat(width, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexHNSWFlat(width, settings.hnsw_m, metric)
         index.hnsw.efConstruction = settings.hnsw_ef_construction
         index.add(vectors)
         return index
     if kind == "ivf":
         nlist = settings.ivf_nlist or default_nlist(n)
-        quantizer = faiss.IndexFlatIP(width)
-        index = faiss.IndexIVFFlat(quantizer, width, nlist, faiss.METRIC_INNER_PRODUCT)
+        flat = faiss.IndexFlatL2 if metric == faiss.METRIC_L2 else faiss.IndexFlatIP
+        quantizer = flat(width)
+        index = faiss.IndexIVFFlat(quantizer, width, nlist, metric)
         index.cp.seed = 0  # k-means from a fixed seed: the same vectors give the same index
         index.train(vectors)
         index.add(vectors)
@@ -346,8 +375,8 @@ def cache_key(vectors: np.ndarray, build: dict) -> str:
     return digest.hexdigest()[:32]
 
 
-def _load_cached(path: Path, vectors: np.ndarray) -> faiss.Index | None:
-    """The index in `path` when it is ours, not writable by others and matches `vectors`."""
+def _load_cached(path: Path, n_items: int, width: int) -> faiss.Index | None:
+    """The index in `path` when it is ours, not writable by others and of the expected size."""
     try:
         info = path.stat()
     except OSError:
@@ -358,7 +387,7 @@ def _load_cached(path: Path, vectors: np.ndarray) -> faiss.Index | None:
         index = faiss.deserialize_index(np.fromfile(path, dtype=np.uint8))
     except (RuntimeError, OSError, ValueError):
         return None  # a damaged file: build afresh
-    if index.ntotal != len(vectors) or index.d != vectors.shape[1]:
+    if index.ntotal != n_items or index.d != width:
         return None
     return index
 
