@@ -92,6 +92,8 @@ def test_demo_runs_on_the_embedded_data(tmp_path, monkeypatch):
     report = json.loads((out / "data_report.json").read_text())
     assert report["source"].startswith("embedded")
     assert "Full-ranking results" in result.stdout
+    # It ends with the one command that serves the run.
+    assert result.stdout.strip().splitlines()[-1].strip() == f"fedshop serve {out}"
 
 
 @pytest.mark.parametrize(

@@ -103,7 +103,19 @@ def _execute(config: RunConfig, out: Path, overwrite: bool) -> ExperimentResult:
         write_run(folder, result)
     _print_tables(result)
     console.print(f"\nRun folder: [bold]{folder}[/]  ·  report: [bold]{folder / 'report.html'}[/]")
+    _print_serve_command(result, folder)
     return result
+
+
+def _print_serve_command(result: ExperimentResult, folder: Path) -> None:
+    """The one command that serves the run (a run without the federated model has none)."""
+    import shlex
+
+    if "federated" in result.methods:
+        console.print("Serve it to shoppers (API and page on this machine):", highlight=False)
+        console.print(
+            f"  fedshop serve {shlex.quote(str(folder))}", highlight=False, soft_wrap=True
+        )
 
 
 def _train(config: RunConfig) -> ExperimentResult:
@@ -351,6 +363,112 @@ def train(
     )
     name = config.stem if config else "train"
     _execute(run_config, out or _default_out(name), overwrite)
+
+
+@app.command()
+def serve(
+    run_dir: Annotated[
+        Path, typer.Argument(help="A run folder, as train, demo or deploy local wrote it.")
+    ],
+    silo: Annotated[
+        str | None,
+        typer.Option(
+            "--silo",
+            help="Serve one storefront (name or slug): load the shared model and only this "
+            "silo's private files, and refuse every other customer (default: all, for trials).",
+        ),
+    ] = None,
+    host: Annotated[
+        str,
+        typer.Option("--host", help="Address to listen on (default 127.0.0.1: this machine only)."),
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port (0: any free port).")] = 8000,
+    runs: Annotated[
+        Path | None,
+        typer.Option("--runs", help="Folder of run folders the page's operator view lists."),
+    ] = None,
+) -> None:
+    """Serve a trained run's federated model to shoppers: the JSON API and the web page, until
+    Ctrl-C."""
+    if not 0 <= port <= 65535:
+        raise FedShopError(f"--port must be between 0 and 65535, got {port}")
+    if runs is not None and not runs.is_dir():
+        raise FedShopError(f"--runs {runs}: no such folder")
+    import contextlib
+
+    import torch
+    import uvicorn
+
+    from fedshop.serve.app import create_app
+    from fedshop.serve.model import ServingModel
+
+    # One core per request: under concurrent requests torch's own threads would fight the other
+    # requests for the same cores (on 2 cores, a 10 ms fold-in became seconds).
+    torch.set_num_threads(1)
+    with console.status("Loading the run…"):
+        model = ServingModel.load(run_dir, silo)
+    listener = _listen(host, port)
+    address, bound_port = listener.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{bound_port}/"
+    console.print(
+        f"Serving {escape(str(run_dir))} ({model.serving['model']}, {model.serving['mode']}; "
+        f"storefronts: {escape(', '.join(model.served))})",
+        highlight=False,
+        soft_wrap=True,
+    )
+    warning = exposure_warning(host, address, bound_port)
+    if warning:
+        errors.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+    console.print(f"Open [bold]{url}[/]  (API: {url}docs; Ctrl-C stops)", highlight=False)
+    sys.stdout.flush()
+    # No access log: its lines would put customer ids into the server's log. No websockets.
+    config = uvicorn.Config(
+        create_app(model, runs), log_level="warning", access_log=False, ws="none"
+    )
+    # Ctrl-C is how a server stops: uvicorn shuts down cleanly, then passes the signal on.
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.Server(config).run(sockets=[listener])
+    console.print("Stopped.")
+
+
+def _listen(host: str, port: int):
+    """A socket bound to host:port, or one line saying why not (a port in use, a bad address)."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        raise FedShopError(f"--host {host}: {exc.strerror}") from None
+    listener = socket.socket(family, kind, proto)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(address)
+        # Listening now: a client that reads the printed address before uvicorn has started waits
+        # in the queue instead of being refused.
+        listener.listen(2048)
+    except OSError as exc:
+        listener.close()
+        raise FedShopError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return listener
+
+
+def exposure_warning(host: str, address: str, port: int) -> str | None:
+    """What to tell the operator when the API listens beyond this machine (None on loopback)."""
+    import ipaddress
+
+    try:
+        if ipaddress.ip_address(address.split("%")[0]).is_loopback:
+            return None
+    except ValueError:
+        pass
+    return (
+        f"--host {host} listens beyond this machine: anyone who can reach port {port} here can "
+        "read any served customer's recommendations and the purchases that explain them, with no "
+        "login. Keep 127.0.0.1 unless a proxy that authenticates stands in front."
+    )
 
 
 privacy_app = typer.Typer(
@@ -616,6 +734,7 @@ def deploy_local(
         write_run(out, result)
     _print_tables(result)
     console.print(f"\nRun folder: [bold]{out}[/]  ·  report: [bold]{out / 'report.html'}[/]")
+    _print_serve_command(result, out)
     print_commands(console, commands(silos, "superlink.example.com"))
 
 

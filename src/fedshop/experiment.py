@@ -130,8 +130,9 @@ def run_federated(
         result = method_result(device_run.final, time.perf_counter() - started)
         weights = {
             "federated/shared": {k: v.cpu() for k, v in device_run.shared.items()},
-            # Each shopper's vectors belong on their own device; the simulator stores them together.
-            "federated/devices": {k: v.cpu() for k, v in device_run.user_tables.items()},
+            # Each shopper's vectors belong on their own device; the simulator keeps them together
+            # and writes them per storefront, in the same layout as a cross-silo run's silo files.
+            **device_tables_by_silo(dataset, device_run.user_tables),
         }
         history, protected = device_run.history, device_run.protection
     else:
@@ -147,6 +148,19 @@ def run_federated(
         history, protected = run.history, run.protection
     costs = protected.costs if protected is not None else []
     return MethodRun(result, weights, history, summarise_costs(config.protection.kind, costs))
+
+
+def device_tables_by_silo(
+    dataset: RecDataset, user_tables: dict[str, torch.Tensor]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Every shopper's private rows split by storefront: per silo its shoppers' rows, in the order
+    of `dataset.silo(i).users`, plus `users` (their global indices), as a cross-silo silo file."""
+    out = {}
+    for index, name in enumerate(dataset.silo_names):
+        users = torch.from_numpy(np.flatnonzero(dataset.user_silo == index))
+        tables = {k: v.detach().cpu()[users].clone() for k, v in user_tables.items()}
+        out[f"federated/silo-{slug(name)}"] = {**tables, "users": users}
+    return out
 
 
 def train_centralized(config: RunConfig, dataset: RecDataset, progress: Progress) -> MethodRun:

@@ -70,6 +70,15 @@ def load_online_retail(config: DataConfig, seed: int, env: Environment) -> RecDa
         .reindex(range(len(item_ids)), fill_value="")
         .to_numpy()
     )
+    # The typical unit price: the median over the item's purchase lines (robust to the odd
+    # wholesale or mistyped line).
+    prices = (
+        purchases.assign(item=item_codes)
+        .groupby("item")["UnitPrice"]
+        .median()
+        .reindex(range(len(item_ids)))
+        .to_numpy(dtype=np.float64)
+    )
     report = {
         "dataset": "online-retail",
         "source": origin,
@@ -94,6 +103,7 @@ def load_online_retail(config: DataConfig, seed: int, env: Environment) -> RecDa
         silo_names=silos.names,
         user_silo=silos.user_silo,
         report=report,
+        item_prices=prices,
     )
     report["catalogue_items"] = dataset.n_items
     return dataset

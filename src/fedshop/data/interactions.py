@@ -55,6 +55,8 @@ class RecDataset:
     report: dict = field(default_factory=dict)
     # Set by `with_eval_negatives` for the sampled-negative protocol: users × negatives, -1 pads.
     eval_negatives: np.ndarray | None = None
+    # Typical unit price per item (NaN where unknown); None for datasets without prices.
+    item_prices: np.ndarray | None = None
 
     @property
     def n_users(self) -> int:
@@ -102,11 +104,13 @@ def build_dataset(
     silo_names: tuple[str, ...],
     user_silo: np.ndarray,
     report: dict,
+    item_prices: np.ndarray | None = None,
 ) -> RecDataset:
     """Re-index items onto the training catalogue and assemble the sparse matrices.
 
-    `split` uses user/item codes indexing `user_ids`/`item_ids`; items never bought in training are
-    dropped from the catalogue (the split has already removed them from the held-out baskets).
+    `split` uses user/item codes indexing `user_ids`/`item_ids` (and `item_prices`, when given);
+    items never bought in training are dropped from the catalogue (the split has already removed
+    them from the held-out baskets).
     """
     catalogue = np.unique(split.train["item"].to_numpy())
     remap = np.full(len(item_ids), -1, dtype=np.int64)
@@ -129,6 +133,9 @@ def build_dataset(
         if split.validation is None
         else pairs_to_csr(reindex(split.validation), n_users, n_items),
         report=report,
+        item_prices=None
+        if item_prices is None
+        else np.asarray(item_prices, dtype=np.float64)[catalogue],
     )
 
 

@@ -51,7 +51,12 @@ def fold_in(
     catalogue = {name: value.unsqueeze(0) for name, value in items.items()}
     offsets = None if item_offsets is None else item_offsets.detach().float().reshape(1, width)
     for _ in range(settings.steps):
-        scores = spec.pair_scores({k: v.unsqueeze(1) for k, v in user.items()}, catalogue, dense)
+        if spec.catalogue_scores is not None:  # one matrix-vector product (MF, GMF)
+            scores = spec.catalogue_scores(user, items, dense)
+        else:
+            scores = spec.pair_scores(
+                {k: v.unsqueeze(1) for k, v in user.items()}, catalogue, dense
+            )
         if offsets is not None:
             scores = scores + offsets
         log_p = torch.log_softmax(scores.reshape(-1), dim=0)

@@ -3,8 +3,11 @@
 config.toml        the resolved configuration (re-run with `fedshop train --config config.toml`)
 data_report.json   cleaning counts, split counts, silos
 metrics.json       results of every method, overall and per silo, and the per-round history
-catalogue.csv      item index → item id and name (the rows of the item embeddings)
-models/…           weights as safetensors (each silo's private user embeddings in its own file)
+catalogue.csv      item index → item id, name and typical unit price (the item embeddings' rows)
+models/…           weights as safetensors (each silo's private user embeddings in its own file),
+                   and per silo of the federated model its customers.npz: which customer each row
+                   of its user tables is, and their training purchases (owner-only, as the weights)
+serving.json       what `fedshop serve` needs to know before it opens anything else (format 1)
 report.html        the human-readable report with plots
 INCOMPLETE         only in a folder whose run stopped before it finished: why it stopped
 """
@@ -12,6 +15,7 @@ INCOMPLETE         only in a folder whose run stopped before it finished: why it
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 from collections.abc import Iterator
@@ -19,17 +23,22 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from safetensors.torch import save
 
 from fedshop import __version__
+from fedshop.data.interactions import RecDataset
 from fedshop.errors import FedShopError
-from fedshop.experiment import ExperimentResult
+from fedshop.experiment import ExperimentResult, slug
 from fedshop.report.html import render_report
 from fedshop.storage.private_files import write_private
 
 MARKER = "metrics.json"
 INCOMPLETE = "INCOMPLETE"
+SERVING = "serving.json"
+# The layout `fedshop serve` reads; raised when it changes, so an older server refuses a newer folder.
+SERVING_FORMAT = 1
 
 
 def prepare_run_folder(out: Path, overwrite: bool = False) -> Path:
@@ -136,15 +145,59 @@ def write_run(out: Path, result: ExperimentResult) -> Path:
     (out / "data_report.json").write_text(json.dumps(data_report, indent=2, default=str) + "\n")
     metrics = metrics_document(result)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    pd.DataFrame(
-        {"item_id": result.dataset.item_ids, "name": result.dataset.item_names}
-    ).rename_axis("index").to_csv(out / "catalogue.csv")
+    write_catalogue(out / "catalogue.csv", result.dataset)
     for stem, tensors in result.weights.items():
         # Owner-only: a silo's file holds its customers' private vectors (a trial's run folder
         # gathers every silo's on one machine).
         path = out / "models" / f"{stem}.safetensors"
         write_private(path, save({k: v.contiguous() for k, v in tensors.items()}))
+    served = []
+    for name in result.dataset.silo_names:
+        stem = federated_silo_stem(name)
+        if stem in result.weights:  # a deployment's silo that never finished has no file
+            users = result.weights[stem]["users"].numpy()
+            write_private(out / "models" / f"{stem}.customers.npz", customers_npz(result, users))
+            served.append({"name": name, "slug": slug(name)})
+    serving = {
+        "format": SERVING_FORMAT,
+        "model": result.config.model.name,
+        "mode": result.config.federated.mode,
+        "n_items": result.dataset.n_items,
+        "silos": served,
+    }
+    (out / SERVING).write_text(json.dumps(serving, indent=2) + "\n")
     (out / "report.html").write_text(
         render_report(metrics, data_report, result.config.to_toml()), encoding="utf-8"
     )
     return out
+
+
+def write_catalogue(path: Path, dataset: RecDataset) -> None:
+    """catalogue.csv: `index,item_id,name,price`; the price is empty where it is unknown."""
+    prices = dataset.item_prices
+    if prices is None:
+        prices = np.full(dataset.n_items, np.nan)
+    pd.DataFrame(
+        {"item_id": dataset.item_ids, "name": dataset.item_names, "price": prices}
+    ).rename_axis("index").to_csv(path)
+
+
+def federated_silo_stem(name: str) -> str:
+    return f"federated/silo-{slug(name)}"
+
+
+def customers_npz(result: ExperimentResult, users: np.ndarray) -> bytes:
+    """A silo's customer map: row r of its user tables is customer `customer_ids[r]` (the shop's
+    own id), who bought `history_items[history_indptr[r]:history_indptr[r + 1]]` in training.
+    Plain arrays only (no pickle), so reading it runs no code."""
+    dataset = result.dataset
+    history = dataset.train[users].tocsr()
+    history.sort_indices()
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        customer_ids=np.asarray(dataset.user_ids[users]).astype(str),
+        history_indptr=history.indptr.astype(np.int64),
+        history_items=history.indices.astype(np.int64),
+    )
+    return buffer.getvalue()
