@@ -31,7 +31,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
@@ -51,7 +51,7 @@ class IndexSettings:
     """How to search a catalogue. `auto`: exact below `exact_below` items, else `approximate`."""
 
     kind: str = "auto"
-    exact_below: int = 200_000
+    exact_below: int = 50_000
     approximate: str = "hnsw"
     # "l2-reduction": the faiss index searches items made equal-norm (see `l2_reduction`) by L2
     # distance; "inner-product": faiss's inner-product metric on the items as they are.
@@ -124,6 +124,19 @@ def query_vectors(spec: ModelSpec, shared: Params, users: Params) -> np.ndarray:
     else:
         parts = [users[name].detach().float() for name in spec.user_tables]
     return np.ascontiguousarray(torch.cat(parts, 1).numpy())
+
+
+def searches_exactly(spec: ModelSpec, settings: IndexSettings, n_items: int) -> bool:
+    """Whether a catalogue of `n_items` is searched exactly: below the size, when asked, and always
+    for a model that is not an inner product (asking for an index for one is an error)."""
+    if not is_inner_product(spec):
+        if settings.kind in ("hnsw", "ivf"):
+            raise ConfigError(
+                f"{spec.name} scores through an MLP, not an inner product: only exact scoring "
+                "serves it (index kind auto or exact)"
+            )
+        return True
+    return settings.kind_for(n_items) == "exact"
 
 
 def _model_scorer(spec: ModelSpec, shared: Params) -> Callable[[np.ndarray], np.ndarray]:
@@ -223,13 +236,10 @@ class CatalogueIndex:
     ) -> CatalogueIndex:
         """The index a served model ranks with; NeuMF is scored exactly whatever the settings."""
         vectors = item_vectors(spec, shared)
-        if is_inner_product(spec):
+        if not searches_exactly(spec, settings, len(vectors)):
             return cls.build(vectors, settings, cache_dir)
-        if settings.kind in ("hnsw", "ivf"):
-            raise ConfigError(
-                f"{spec.name} scores through an MLP, not an inner product: only exact scoring "
-                "serves it (index kind auto or exact)"
-            )
+        if is_inner_product(spec):
+            return cls(vectors, settings, "exact")
         width = sum(shared[name].shape[1] for name in spec.item_tables if shared[name].dim() == 2)
         scorer = _model_scorer(spec, shared)
         return cls(vectors, settings, "exact", scorer=scorer, scorer_query_width=width)
@@ -410,14 +420,3 @@ def recall_at_k(
         for g, e in zip(got, exact, strict=True)
     ]
     return float(np.mean(hits)) if hits else float("nan")
-
-
-def settings_summary(index: CatalogueIndex) -> dict:
-    """What a report says about an index: its kind, settings, size and how it came to be."""
-    return {
-        "kind": index.kind,
-        "items": index.n_items,
-        "build_seconds": round(index.build_seconds, 3),
-        "cache": index.cache,
-        "settings": asdict(index.settings),
-    }
