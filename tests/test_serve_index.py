@@ -4,18 +4,21 @@ was built for these very vectors and settings and nobody else could have written
 
 from __future__ import annotations
 
+import json
 import os
 
 import faiss
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fedshop.config import load_config
 from fedshop.data.datasets import load_dataset
 from fedshop.errors import ConfigError
 from fedshop.experiment import run_experiment
 from fedshop.models.spec import get_model, score_all
+from fedshop.report.run_folder import run_folder, write_run
 from fedshop.serve.index import (
     CatalogueIndex,
     IndexSettings,
@@ -24,7 +27,8 @@ from fedshop.serve.index import (
     query_vectors,
     recall_at_k,
 )
-from fedshop.serve.synthetic import draw_rows, enlarge_tables, fit_rows
+from fedshop.serve.model import ServingModel
+from fedshop.serve.synthetic import draw_rows, enlarge_run, fit_rows
 
 
 def brute_force(vectors, query, k, exclude=(), offsets=None):
@@ -46,11 +50,12 @@ def random_vectors():
 
 # ---- a trained model's vectors ----------------------------------------------------------------------
 
+CATALOGUE = 60_000  # above the default exact_below: served through the default faiss index
+
 
 @pytest.fixture(scope="module")
-def trained():
-    """A real federated MF model on Online Retail (dim 32, 3 rounds), with its silos' offsets and
-    customers' histories: what a served run holds."""
+def trained_folder(tmp_path_factory):
+    """A real federated MF run on Online Retail (dim 32, 3 rounds) in the serving format."""
     config = load_config(
         overrides={
             "seed": 5,
@@ -62,41 +67,40 @@ def trained():
         }
     )
     dataset = load_dataset(config.data, seed=config.seed)
-    result = run_experiment(config, dataset)
-    return dataset, result.weights
+    with run_folder(tmp_path_factory.mktemp("runs") / "trained") as folder:
+        write_run(folder, run_experiment(config, dataset))
+    return folder
 
 
 @pytest.fixture(scope="module")
-def served_catalogue(trained):
-    """The trained model's catalogue enlarged to 40,000 items like benchmarks/serving.py does, and
-    300 real customers as queries with their histories and their storefront's offsets."""
-    dataset, weights = trained
-    spec = get_model("mf-bpr")
-    shared = weights["federated/shared"]
-    silos = {k: v for k, v in weights.items() if k.startswith("federated/silo-")}
-    tables, rows = enlarge_tables(
-        {name: shared[name] for name in spec.item_tables},
-        {k: v["silo_item_bias"] for k, v in silos.items()},
-        40_000,
-        seed=0,
-    )
-    shared = {**shared, **tables}
+def enlarged(trained_folder, tmp_path_factory):
+    """The trained run with its catalogue enlarged as benchmarks/serving.py does."""
+    return enlarge_run(trained_folder, tmp_path_factory.mktemp("runs") / "large", CATALOGUE, seed=0)
+
+
+@pytest.fixture(scope="module")
+def served_catalogue(enlarged):
+    """The enlarged catalogue's search vectors, and 300 real customers as queries with their
+    histories and their storefront's offsets, read from the run folder's files."""
+    serving = json.loads((enlarged / "serving.json").read_text())
+    spec = get_model(serving["model"])
+    models = enlarged / "models" / "federated"
+    shared = load_file(models / "shared.safetensors")
     queries, exclude, offsets = [], [], []
-    train = dataset.train.tocsr()
-    for key, silo in silos.items():
-        vectors = query_vectors(spec, shared, silo)
-        for row, user in enumerate(silo["users"].numpy()):
-            queries.append(vectors[row])
-            exclude.append(train.indices[train.indptr[user] : train.indptr[user + 1]])
-            offsets.append(key)
+    for silo in serving["silos"]:
+        tables = load_file(models / f"silo-{silo['slug']}.safetensors")
+        customers = np.load(models / f"silo-{silo['slug']}.customers.npz")
+        indptr, items = customers["history_indptr"], customers["history_items"]
+        for row, vector in enumerate(query_vectors(spec, shared, tables)):
+            queries.append(vector)
+            exclude.append(items[indptr[row] : indptr[row + 1]])
+            offsets.append(tables["silo_item_bias"].numpy().reshape(-1))
     pick = np.random.default_rng(1).choice(len(queries), 300, replace=False)
     return {
-        "spec": spec,
-        "shared": shared,
         "vectors": item_vectors(spec, shared),
         "queries": np.stack([queries[i] for i in pick]),
         "exclude": [exclude[i] for i in pick],
-        "offsets": np.stack([rows[offsets[i]].numpy().reshape(-1) for i in pick]),
+        "offsets": np.stack([offsets[i] for i in pick]),
     }
 
 
@@ -190,20 +194,19 @@ def test_recall_on_a_trained_models_catalogue(served_catalogue):
     """At the default settings, with what serving asks (bought items excluded, the storefront's
     offsets re-ranked on top), faiss finds ≥ 95% of the exact top 10 of real customers."""
     c = served_catalogue
-    settings = IndexSettings(exact_below=10_000)  # the default index, on a test-sized catalogue
-    index = CatalogueIndex.build(c["vectors"], settings)
+    index = CatalogueIndex.build(c["vectors"])
     exact = CatalogueIndex.build(c["vectors"], IndexSettings(kind="exact"))
     assert index.kind == IndexSettings().approximate
     recall = recall_at_k(index, c["queries"], 10, exact, c["exclude"], c["offsets"])
     assert recall >= 0.95, recall
     # And the measure can fail: a starved search misses much of it.
-    starved = IndexSettings(exact_below=10_000, hnsw_ef_search=1, margin=0)
+    starved = IndexSettings(hnsw_ef_search=1, margin=0)
     index.settings = starved
     assert recall_at_k(index, c["queries"], 10, exact, c["exclude"], c["offsets"]) < recall
 
 
 def test_synthetic_rows_match_the_real_rows(served_catalogue):
-    real = served_catalogue["vectors"][:3_000].astype(np.float64)
+    real = served_catalogue["vectors"][:3_000].astype(np.float64)  # real items come first
     drawn = draw_rows(fit_rows(real), 100_000, seed=3).astype(np.float64)
     np.testing.assert_allclose(drawn.mean(0), real.mean(0), atol=0.02 * real.std())
     np.testing.assert_allclose(
@@ -270,3 +273,52 @@ def test_an_unwritable_cache_folder_still_serves(random_vectors, tmp_path):
     index = CatalogueIndex.build(vectors, IndexSettings(kind="hnsw"), cache_dir=blocker / "index")
     assert index.cache == "unwritable"
     assert (index.search(queries, 10).items >= 0).all()
+
+
+# ---- plugged into the service -----------------------------------------------------------------------
+
+
+def test_the_service_ranks_a_large_catalogue_with_the_index(enlarged, trained_folder):
+    real = ServingModel.load(trained_folder)
+    model = ServingModel.load(enlarged)
+    assert model.index is not None and model.index.kind == IndexSettings().approximate
+    assert model.index.cache == "miss" and model.index.cache_path.parent == enlarged / "index"
+    assert model.index.cache_path.stat().st_mode & 0o777 == 0o600
+    assert ServingModel.load(enlarged).index.cache == "hit"
+    exact = ServingModel.load(enlarged, index=IndexSettings(kind="exact"))
+    assert exact.index is None
+    overlaps = []
+    for store in model.storefronts.values():
+        for customer in store.customer_ids[:20]:
+            got = model.recommend(str(customer), 10)
+            row = store.row_of[str(customer)]
+            bought = {str(model.catalogue.item_ids[i]) for i in store.history(row)}
+            ids = [item["item_id"] for item in got["items"]]
+            assert len(ids) == 10 and not bought & set(ids)
+            expected = [item["item_id"] for item in exact.recommend(str(customer), 10)["items"]]
+            overlaps.append(len(set(ids) & set(expected)) / 10)
+            # The customers, their storefronts and histories are the real run's.
+            assert real.customer(str(customer))[0].name == store.name
+    assert np.mean(overlaps) >= 0.95, np.mean(overlaps)
+
+
+def test_enlarged_run_keeps_the_real_items_first(enlarged, trained_folder):
+    real = ServingModel.load(trained_folder, index=IndexSettings(kind="exact"))
+    large = ServingModel.load(enlarged, index=IndexSettings(kind="exact"))
+    n = len(real.catalogue)
+    assert len(large.catalogue) == CATALOGUE
+    np.testing.assert_array_equal(large.catalogue.item_ids[:n], real.catalogue.item_ids)
+    np.testing.assert_array_equal(large.catalogue.prices[:n], real.catalogue.prices)
+    assert large.catalogue.item(n)["name"] == "synthetic item 1"
+    assert large.catalogue.item(CATALOGUE - 1)["item_id"] == f"SYN-{CATALOGUE - n}"
+    real_prices = set(real.catalogue.prices[~np.isnan(real.catalogue.prices)])
+    assert set(large.catalogue.prices[n:]) <= real_prices
+    for name in real.spec.item_tables:
+        torch.testing.assert_close(large.shared[name][:n], real.shared[name])
+    for store in real.storefronts.values():
+        twin = large.storefronts[store.name]
+        torch.testing.assert_close(twin.item_offsets[:n], store.item_offsets)
+        np.testing.assert_array_equal(twin.customer_ids, store.customer_ids)
+        np.testing.assert_array_equal(twin.history_items, store.history_items)
+    for path in (enlarged / "models" / "federated").iterdir():
+        assert path.stat().st_mode & 0o777 == 0o600, path
