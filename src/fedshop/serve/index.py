@@ -52,7 +52,7 @@ class IndexSettings:
 
     kind: str = "auto"
     exact_below: int = 50_000
-    approximate: str = "hnsw"
+    approximate: str = "ivf"
     # "l2-reduction": the faiss index searches items made equal-norm (see `l2_reduction`) by L2
     # distance; "inner-product": faiss's inner-product metric on the items as they are.
     metric: str = "l2-reduction"
@@ -60,11 +60,13 @@ class IndexSettings:
     margin: int = 100
     # HNSW: links per node, candidate list while building and while searching.
     hnsw_m: int = 32
-    hnsw_ef_construction: int = 200
-    hnsw_ef_search: int = 128
-    # IVF-Flat: clusters (0: 4·√n) and clusters scanned per query.
+    hnsw_ef_construction: int = 40
+    hnsw_ef_search: int = 256
+    # IVF-Flat: clusters (0: 4·√n), items per cluster k-means trains on (a sample), clusters
+    # scanned per query.
     ivf_nlist: int = 0
-    ivf_nprobe: int = 32
+    ivf_train_per_list: int = 64
+    ivf_nprobe: int = 48
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -91,7 +93,12 @@ class IndexSettings:
                 "ef_construction": self.hnsw_ef_construction,
             }
         if kind == "ivf":
-            return {"kind": kind, "metric": self.metric, "nlist": self.ivf_nlist}
+            return {
+                "kind": kind,
+                "metric": self.metric,
+                "nlist": self.ivf_nlist,
+                "train_per_list": self.ivf_train_per_list,
+            }
         return {"kind": kind}
 
 
@@ -355,6 +362,7 @@ def build_faiss(vectors: np.ndarray, settings: IndexSettings, kind: str) -> fais
         quantizer = flat(width)
         index = faiss.IndexIVFFlat(quantizer, width, nlist, metric)
         index.cp.seed = 0  # k-means from a fixed seed: the same vectors give the same index
+        index.cp.max_points_per_centroid = settings.ivf_train_per_list
         index.train(vectors)
         index.add(vectors)
         return index
