@@ -202,12 +202,42 @@ def run_load(
     return asyncio.run(coroutine)
 
 
+async def _fixed_responder(port: int) -> None:
+    """An HTTP/1.1 server that answers every request at once with a fixed small JSON body: what
+    the generator measures against it is the generator's own (and the loopback's) latency."""
+    body = b'{"status":"ok"}'
+    response = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+        + f"content-length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(response)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    async with server:
+        await server.serve_forever()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", required=True)
+    parser.add_argument("--url")
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--fixed-responder", type=int, metavar="PORT", help="serve, not load")
     args = parser.parse_args()
+    if args.fixed_responder:
+        runner = uvloop.run if uvloop is not None else asyncio.run
+        runner(_fixed_responder(args.fixed_responder))
+        return
+    if not args.url:
+        parser.error("--url is required")
     print(json.dumps(run_load(args.url, args.rate, args.seconds).summary(), indent=2))
 
 

@@ -392,7 +392,7 @@ def serve(
         typer.Option(
             "--index",
             help="How to search the catalogue: exact, hnsw or ivf (a faiss index, cached in "
-            "RUN_DIR/index), or auto: exact below 50,000 items, else hnsw.",
+            "RUN_DIR/index), or auto: exact below 50,000 items, else ivf.",
         ),
     ] = "auto",
 ) -> None:
