@@ -165,6 +165,15 @@ def latency_ms(index: CatalogueIndex, c: dict, served: bool) -> dict:
     }
 
 
+def index_kinds(names: str) -> dict[str, IndexSettings]:
+    """`ivf`, `hnsw`: the defaults (L2-reduced items); `…-inner-product`: faiss's IP metric."""
+    kinds = {}
+    for name in names.split(","):
+        kind, _, metric = name.partition("-")
+        kinds[name] = IndexSettings(kind=kind, metric=metric or "l2-reduction")
+    return kinds
+
+
 def compare_indexes(vectors: np.ndarray, c: dict, kinds: dict[str, IndexSettings]) -> dict:
     exact = CatalogueIndex.build(vectors, IndexSettings(kind="exact"))
     plain_truth = exact.search(c["queries"], 10).items
@@ -188,21 +197,30 @@ def compare_indexes(vectors: np.ndarray, c: dict, kinds: dict[str, IndexSettings
             "latency_ms_served": latency_ms(index, c, True),
         }
         console.print(f"  {name}: {out[name]}")
-        if name == "hnsw" and c["offsets"] is not None:
-            margins = {}
-            for margin in (0, 20, 100, 300):
-                index.settings = IndexSettings(**{**vars(settings), "margin": margin})
-                margins[margin] = {
-                    "recall_at_10_served": round(
-                        recall_at_k(
-                            index, c["queries"], 10, served_truth, c["exclude"], c["offsets"]
-                        ),
-                        4,
-                    ),
-                    "latency_ms_served": latency_ms(index, c, True),
-                }
-            out[name]["margins"] = margins
+        if name == IndexSettings().approximate and c["offsets"] is not None:
+            # What the storefront's offsets cost: candidates beyond k re-ranked with them.
+            out[name]["margins"] = sweep(
+                index, settings, "margin", (0, 20, 100, 300), c, served_truth
+            )
+            knob = "ivf_nprobe" if index.kind == "ivf" else "hnsw_ef_search"
+            values = (8, 16, 32, 48, 64, 128) if index.kind == "ivf" else (32, 64, 128, 256, 512)
+            out[name]["search_settings"] = sweep(index, settings, knob, values, c, served_truth)
+            index.settings = settings
         del index
+    return out
+
+
+def sweep(index, settings, knob: str, values, c: dict, served_truth) -> dict:
+    """Served recall@10 and latency of one built index as one search-time setting varies."""
+    out = {}
+    for value in values:
+        index.settings = IndexSettings(**{**vars(settings), knob: value})
+        recall = recall_at_k(index, c["queries"], 10, served_truth, c["exclude"], c["offsets"])
+        out[value] = {
+            "recall_at_10_served": round(recall, 4),
+            "latency_ms_served": latency_ms(index, c, True),
+        }
+        console.print(f"    {knob} {value}: {out[value]}")
     return out
 
 
@@ -423,6 +441,11 @@ def main() -> None:
     parser.add_argument(
         "--serve-args", default="", help="extra arguments of fedshop serve (e.g. '--index hnsw')"
     )
+    parser.add_argument(
+        "--kinds",
+        default="ivf,hnsw,ivf-inner-product,hnsw-inner-product",
+        help="indexes to compare in-process (kind, or kind-inner-product for faiss's IP metric)",
+    )
     parser.add_argument("--skip-index-comparison", action="store_true")
     parser.add_argument("--quick", action="store_true", help="20,000 items, 3 s steps: a smoke run")
     args = parser.parse_args()
@@ -454,9 +477,7 @@ def main() -> None:
         if not args.skip_index_comparison:
             spec = get_model(state["serving"]["model"])
             vectors = item_vectors(spec, state["shared"])
-            entry["indexes"] = compare_indexes(
-                vectors, c, {"hnsw": IndexSettings(kind="hnsw"), "ivf": IndexSettings(kind="ivf")}
-            )
+            entry["indexes"] = compare_indexes(vectors, c, index_kinds(args.kinds))
             del vectors
         del state
         gc.collect()
