@@ -519,6 +519,14 @@ def serve(
         Path | None,
         typer.Option("--runs", help="Folder of run folders the page's operator view lists."),
     ] = None,
+    index: Annotated[
+        str,
+        typer.Option(
+            "--index",
+            help="How to search the catalogue: exact, hnsw or ivf (a faiss index, cached in "
+            "RUN_DIR/index), or auto: exact below 50,000 items, else ivf.",
+        ),
+    ] = "auto",
 ) -> None:
     """Serve a trained run's federated model to shoppers: the JSON API and the web page, until
     Ctrl-C."""
@@ -532,13 +540,15 @@ def serve(
     import uvicorn
 
     from fedshop.serve.app import create_app
+    from fedshop.serve.index import IndexSettings
     from fedshop.serve.model import ServingModel
 
     # One core per request: under concurrent requests torch's own threads would fight the other
     # requests for the same cores (on 2 cores, a 10 ms fold-in became seconds).
     torch.set_num_threads(1)
-    with console.status("Loading the run…"):
-        model = ServingModel.load(run_dir, silo)
+    settings = IndexSettings(kind=index)
+    with console.status("Loading the run (and building its index on a first start)…"):
+        model = ServingModel.load(run_dir, silo, settings)
     listener = _listen(host, port)
     address, bound_port = listener.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
@@ -549,6 +559,19 @@ def serve(
         highlight=False,
         soft_wrap=True,
     )
+    if model.index is not None:
+        how = {
+            "hit": "loaded from",
+            "miss": "built, cached in",
+            "unwritable": "built; cannot cache in",
+        }
+        console.print(
+            f"Catalogue index: {model.index.kind} over {model.index.n_items:,} items, "
+            f"{how[model.index.cache]} {escape(str(model.run_dir / 'index'))} "
+            f"({model.index.build_seconds:.1f} s)",
+            highlight=False,
+            soft_wrap=True,
+        )
     warning = exposure_warning(host, address, bound_port)
     if warning:
         errors.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)

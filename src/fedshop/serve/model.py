@@ -9,8 +9,9 @@ With a storefront named (`--silo`), only that storefront's two private files are
 runs inside the storefront and never holds another storefront's customers. A customer is always
 scored with their own storefront's private parameters.
 
-Every ranking goes through one `Ranker` (`make_ranker`): exact scoring of the whole catalogue here;
-an approximate index for large catalogues plugs in there and nowhere else.
+Every ranking goes through one `Ranker` (`make_ranker`): exact scoring of the whole catalogue for a
+catalogue below `IndexSettings.exact_below` items (and always for NeuMF), else a faiss index over
+the shared item vectors (`serve/index.py`), built at start-up or loaded from `<run>/index/`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ from fedshop.experiment import slug
 from fedshop.models.fold_in import contributions, fold_in, interaction_vectors
 from fedshop.models.spec import ModelSpec, Params, get_model, score_all
 from fedshop.report.run_folder import INCOMPLETE, MARKER, SERVING, SERVING_FORMAT
+from fedshop.serve.index import (
+    CatalogueIndex,
+    IndexSettings,
+    query_vectors,
+    searches_exactly,
+)
 
 MAX_K = 100  # the most items one answer ranks (`k`, `limit`)
 MAX_CUSTOMERS = 1000  # the most customer ids one /customers answer lists
@@ -170,9 +177,37 @@ class ExactRanker:
         return top_k_excluding(catalogue_scores(self.spec, self.shared, query), k, exclude)
 
 
-def make_ranker(spec: ModelSpec, shared: Params) -> Ranker:
-    """How this server ranks. The approximate index for large catalogues plugs in here."""
-    return ExactRanker(spec, shared)
+@dataclass(frozen=True)
+class IndexRanker:
+    """Ranks with a faiss index over the shared item vectors; a storefront's offsets re-rank the
+    index's k + margin candidates exactly."""
+
+    spec: ModelSpec
+    shared: Params
+    index: CatalogueIndex
+
+    def top_k(self, query: Query, k: int, exclude: np.ndarray) -> Ranked:
+        vector = query_vectors(self.spec, self.shared, query.user)
+        offsets = None if query.offsets is None else query.offsets.detach().float().numpy()
+        found = self.index.search(vector, k, [exclude], offsets)
+        kept = found.items[0] >= 0
+        return Ranked(found.items[0][kept], found.scores[0][kept].astype(np.float64))
+
+
+def make_ranker(
+    spec: ModelSpec,
+    shared: Params,
+    settings: IndexSettings | None = None,
+    cache_dir: Path | None = None,
+) -> tuple[Ranker, CatalogueIndex | None]:
+    """How this server ranks: exactly below `settings.exact_below` items (or when asked, and
+    always for NeuMF), else with a faiss index, cached in `cache_dir`; and that index (None when
+    exact)."""
+    settings = settings or IndexSettings()
+    if searches_exactly(spec, settings, shared[spec.item_tables[0]].shape[0]):
+        return ExactRanker(spec, shared), None
+    index = CatalogueIndex.for_model(spec, shared, settings, cache_dir)
+    return IndexRanker(spec, shared, index), index
 
 
 def cosine_vectors(spec: ModelSpec, shared: Params) -> torch.Tensor:
@@ -212,6 +247,7 @@ class ServingModel:
         catalogue: Catalogue,
         storefronts: dict[str, Storefront],
         only: str | None,
+        index: IndexSettings | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.serving = serving
@@ -223,7 +259,7 @@ class ServingModel:
         self.run_silos = [(s["name"], s["slug"]) for s in serving["silos"]]
         self.vectors = interaction_vectors(spec, shared).detach()
         self.unit_vectors = cosine_vectors(spec, shared)
-        self.ranker = make_ranker(spec, shared)
+        self.ranker, self.index = make_ranker(spec, shared, index, run_dir / "index")
         # Each customer's storefront; ids are the shops' own, so one could recur across shops:
         # the first storefront keeps it (the data sets here number customers once).
         self.owner: dict[str, str] = {}
@@ -235,8 +271,11 @@ class ServingModel:
         )
 
     @classmethod
-    def load(cls, run_dir: Path, silo: str | None = None) -> ServingModel:
-        """Load `run_dir` for serving, every storefront or only `silo` (a name or slug).
+    def load(
+        cls, run_dir: Path, silo: str | None = None, index: IndexSettings | None = None
+    ) -> ServingModel:
+        """Load `run_dir` for serving, every storefront or only `silo` (a name or slug), ranking as
+        `index` says.
 
         Raises FedShopError, one line saying what is wrong, for a folder that is missing, half
         written, from an older fedshop, without a federated model, or with a file that does not
@@ -254,9 +293,8 @@ class ServingModel:
         storefronts = {}
         for name in names:
             storefronts[name] = read_storefront(models, name, spec, serving["n_items"])
-        return cls(
-            run_dir, serving, spec, shared, catalogue, storefronts, names[0] if silo else None
-        )
+        only = names[0] if silo else None
+        return cls(run_dir, serving, spec, shared, catalogue, storefronts, only, index)
 
     # ---- lookups -----------------------------------------------------------------------------------
 
