@@ -95,6 +95,9 @@ def test_demo_runs_on_the_embedded_data(tmp_path, monkeypatch):
     report = json.loads((out / "data_report.json").read_text())
     assert report["source"].startswith("embedded")
     assert "Full-ranking results" in result.stdout
+    # The demo holds new shoppers out and says how a folded-in basket serves them.
+    assert "New shoppers (cold start" in result.stdout
+    assert json.loads((out / "metrics.json").read_text())["cold_start"]["customers"] > 200
     # It ends with the cross-border insight (released through the session's throwaway ledger),
     # then the one command that serves the run.
     assert "Cross-border insight: each of the 11 storefronts spent ε = 1" in result.stdout
@@ -108,6 +111,8 @@ def test_demo_runs_on_the_embedded_data(tmp_path, monkeypatch):
         ("[model]\nsize = 3\n", "unknown config key 'size'"),
         ("[federated]\nrounds = -1\n", "rounds must be at least 1"),
         ("[data]\npath = '/nonexistent/retail.xlsx'\n", "not found"),
+        ("[eval]\ncold_start = 0.7\n", "cold_start must be in [0, 0.5]"),
+        ('[data]\ndataset = "movielens-1m"\n[eval]\ncold_start = 0.1\n', "needs purchase days"),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, toml, fragment):

@@ -216,7 +216,7 @@ def _print_cold_start(block: dict) -> None:
     fold, popular, trained = (block[m]["hr@10"] for m in ("fold_in", "popularity", "trained"))
     versus = block["ratios"]["fold_in/popularity"]["hr@10"]
     console.print(
-        f"[bold]New shoppers[/] (cold start, {block['customers']:,} held out of training): "
+        f"[bold]New shoppers[/] (cold start, {block['customers']:,} never seen in training): "
         f"HR@10 {fold:.4f} from a folded-in basket ({block['fold_in_ms_median']:.1f} ms), "
         f"{'–' if versus is None else f'{versus:.2f}×'} popularity ({popular:.4f}); "
         f"trained vectors {trained:.4f}",
