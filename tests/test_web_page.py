@@ -233,30 +233,9 @@ def baskets_of(model: ServingModel) -> list[tuple[list[str], str | None]]:
 
 
 def fold_in_float64(spec, shared, basket, offsets, settings: FoldInSettings) -> dict:
-    """`fedshop.models.fold_in.fold_in`'s loop with float64 in place of its float32: the same
-    objective through the model's own `pair_scores`, differentiated by autograd (so it checks the
-    page's hand-written gradient, not a copy of it)."""
-    items = {name: shared[name].double() for name in spec.item_tables}
-    dense = {k: v.double() for k, v in spec.dense_of(shared).items()}
-    width = items[spec.item_tables[0]].shape[1]
-    user = {
-        name: torch.zeros(1, width, dtype=torch.float64, requires_grad=True)
-        for name in spec.user_tables
-    }
-    catalogue = {name: value.unsqueeze(0) for name, value in items.items()}
-    offsets = None if offsets is None else offsets.double().reshape(1, -1)
-    for _ in range(settings.steps):
-        scores = spec.pair_scores({k: v.unsqueeze(1) for k, v in user.items()}, catalogue, dense)
-        if offsets is not None:
-            scores = scores + offsets
-        log_p = torch.log_softmax(scores.reshape(-1), dim=0)
-        penalty = sum(v.pow(2).sum() for v in user.values())
-        loss = -log_p[basket].mean() + 0.5 * settings.l2 * penalty
-        grads = torch.autograd.grad(loss, list(user.values()))
-        with torch.no_grad():
-            for value, grad in zip(user.values(), grads, strict=True):
-                value -= settings.lr * grad
-    return {name: value.detach() for name, value in user.items()}
+    """`fedshop.models.fold_in.fold_in` in float64: the same objective differentiated by autograd
+    (so it checks the page's hand-written gradient, not a copy of it)."""
+    return fold_in(spec, shared, basket, offsets, settings, dtype=torch.float64)
 
 
 def gap(js_user: dict, user: dict) -> float:

@@ -55,19 +55,22 @@ def fold_in(
     basket: torch.Tensor,
     item_offsets: torch.Tensor | None = None,
     settings: FoldInSettings | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Params:
     """User tables (one row) fitted to `basket` (item indices, distinct) against the frozen `shared`."""
     settings = settings or settings_for(spec)
     basket = torch.as_tensor(basket, dtype=torch.int64).unique()
     if basket.numel() == 0:
         raise ValueError("a basket needs at least one item")
-    items = {name: shared[name].detach().float() for name in spec.item_tables}
-    dense = {k: v.detach().float() for k, v in spec.dense_of(shared).items()}
+    items = {name: shared[name].detach().to(dtype) for name in spec.item_tables}
+    dense = {k: v.detach().to(dtype) for k, v in spec.dense_of(shared).items()}
     width = items[spec.item_tables[0]].shape[0]
     dims = {name: _user_width(spec, shared, name) for name in spec.user_tables}
-    user = {name: torch.zeros(1, dim, requires_grad=True) for name, dim in dims.items()}
+    user = {
+        name: torch.zeros(1, dim, dtype=dtype, requires_grad=True) for name, dim in dims.items()
+    }
     catalogue = {name: value.unsqueeze(0) for name, value in items.items()}
-    offsets = None if item_offsets is None else item_offsets.detach().float().reshape(1, width)
+    offsets = None if item_offsets is None else item_offsets.detach().to(dtype).reshape(1, width)
     for _ in range(settings.steps):
         if spec.catalogue_scores is not None:  # one matrix-vector product (MF, GMF)
             scores = spec.catalogue_scores(user, items, dense)

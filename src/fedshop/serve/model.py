@@ -583,15 +583,19 @@ def _check_shared(spec: ModelSpec, shared: Params, serving: dict[str, Any], run_
         raise FedShopError(f"{path} has {rows} items, {SERVING} says {serving['n_items']}")
 
 
-def _read_tensors(path: Path) -> Params:
-    # Read through Python's open (not safetensors' own), so every file the server opens is one a
-    # reader of the process (and its audit hooks) sees.
+def _read_bytes(path: Path) -> bytes:
+    # Read through Python's open (not safetensors' or numpy's own), so every file the server opens
+    # is one a reader of the process (and its audit hooks) sees.
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise FedShopError(f"{path} is missing") from None
     except OSError as exc:
         raise FedShopError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _read_tensors(path: Path) -> Params:
+    data = _read_bytes(path)
     try:
         return load_safetensors(data)
     except Exception as exc:  # safetensors raises its own error types for a damaged file
@@ -599,12 +603,7 @@ def _read_tensors(path: Path) -> Params:
 
 
 def _read_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise FedShopError(f"{path} is missing") from None
-    except OSError as exc:
-        raise FedShopError(f"cannot read {path}: {exc.strerror}") from None
+    data = _read_bytes(path)
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
             missing = [key for key in keys if key not in archive]
