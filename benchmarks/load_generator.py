@@ -129,10 +129,11 @@ async def _run(
         f"GET {path_of(i)} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode() for i in range(n)
     ]
 
-    async def connection() -> _Connection:
+    async def connection(fresh: bool = False) -> _Connection:
+        """An idle kept-alive connection, else a new one (`fresh`: a new one while allowed)."""
         nonlocal opened
         while True:
-            if idle:
+            if idle and not (fresh and opened < max_connections):
                 return idle.pop()
             if opened < max_connections:
                 opened += 1
@@ -155,12 +156,12 @@ async def _run(
 
     async def one(i: int, due: float) -> None:
         # A kept-alive connection the server has closed meanwhile (uvicorn closes idle ones after
-        # 5 s) fails at once: the request is sent again once on a new connection, as HTTP clients
-        # do. Its latency still runs from its due time.
+        # 5 s) fails at once: the request is sent again once on a new connection (not another idle
+        # one, which may be as stale), as HTTP clients do. Its latency still runs from its due time.
         for attempt in (1, 2):
             conn = None
             try:
-                conn = await asyncio.wait_for(connection(), timeout)
+                conn = await asyncio.wait_for(connection(fresh=attempt > 1), timeout)
                 statuses[i] = await asyncio.wait_for(conn.get(requests[i]), timeout)
                 latencies[i] = (time.perf_counter() - due) * 1000
                 await release(conn)
