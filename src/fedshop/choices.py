@@ -129,6 +129,7 @@ PROTOCOLS = Registry(
     "evaluation protocol",
     Choice("full", "rank the catalogue"),
     Choice("sampled-100", "rank against 100 sampled negatives"),
+    Choice("ncf", "the NCF paper's MovieLens-1M test set and its 99 negatives"),
 )
 METHODS = Registry(
     "method",

@@ -133,7 +133,12 @@ def _train(config: RunConfig) -> ExperimentResult:
     from fedshop.experiment import run_experiment
 
     with console.status("Loading and cleaning data…"):
-        dataset = load_dataset(config.data, seed=config.seed, cold_start=config.eval.cold_start)
+        dataset = load_dataset(
+            config.data,
+            seed=config.seed,
+            cold_start=config.eval.cold_start,
+            protocol=config.eval.protocol,
+        )
     report = dataset.report
     console.print(
         f"[bold]{dataset.name}[/]: {dataset.n_users:,} customers, {dataset.n_items:,} items, "
@@ -146,7 +151,9 @@ def _train(config: RunConfig) -> ExperimentResult:
 
 def _print_tables(result: ExperimentResult) -> None:
     split = result.config.eval.split
-    protocol = {"full": "Full-ranking", "sampled-100": "Sampled-100"}[result.config.eval.protocol]
+    protocol = {"full": "Full-ranking", "sampled-100": "Sampled-100", "ncf": "NCF-protocol"}[
+        result.config.eval.protocol
+    ]
     table = Table(
         title=f"{protocol} results on the {split} items, {result.config.federated.mode} "
         f"{result.config.model.name} (seed {result.config.seed})"
@@ -772,7 +779,9 @@ def privacy_sweep(
     if (out / "sweep.json").exists() and not overwrite:
         raise FedShopError(f"{out} already holds a sweep; choose another --out or pass --overwrite")
     with console.status("Loading and cleaning data…"):
-        data = load_dataset(run_config.data, seed=run_config.seed)
+        data = load_dataset(
+            run_config.data, seed=run_config.seed, protocol=run_config.eval.protocol
+        )
     table = Table(title=f"Privacy sweep: {data.name}, {run_config.federated.mode}")
     for header in ("target ε", "ε", "δ", "z", "HR@10", "NDCG@10", "MIA AUC", "time"):
         table.add_column(header, justify="right")
@@ -871,7 +880,9 @@ def deploy_local(
 
     with run_folder(out or _default_out("deploy"), overwrite) as out:
         with console.status("Loading and cleaning data…"):
-            dataset = load_dataset(run_config.data, seed=run_config.seed)
+            dataset = load_dataset(
+                run_config.data, seed=run_config.seed, protocol=run_config.eval.protocol
+            )
         if dataset.n_silos != silos:
             raise FedShopError(
                 f"{dataset.name} splits into {dataset.n_silos} silos here, not {silos}; "
@@ -1107,7 +1118,7 @@ def deploy_silo_data(
     from fedshop.deploy.launch import write_silo_files
 
     run_config = load_config(config)
-    dataset = load_dataset(run_config.data, seed=run_config.seed)
+    dataset = load_dataset(run_config.data, seed=run_config.seed, protocol=run_config.eval.protocol)
     paths = write_silo_files(run_config, dataset, out)
     for index, (name, path) in enumerate(zip(dataset.silo_names, paths, strict=True)):
         console.print(f"{path}  ({name}, {dataset.silo(index).n_users:,} customers)")

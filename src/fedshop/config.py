@@ -188,6 +188,7 @@ MAX_COLD_START = 0.5
 class EvalConfig:
     # full: rank the whole catalogue. sampled-100: rank each held-out item against 100 items the user
     # never interacted with (the NCF / federated-recsys protocol; numbers are not comparable to full).
+    # ncf (movielens-1m only): the NCF paper's published test pairs and their 99 negatives, exactly.
     protocol: str = "full"
     # "validation" scores the held-out validation baskets instead (needs data.validation = true):
     # use it to choose settings, and the test split only to report.
@@ -396,6 +397,12 @@ class RunConfig:
             )
         if self.eval.split == "validation" and not self.data.validation:
             raise ConfigError('[eval] split = "validation" needs [data] validation = true')
+        if self.eval.protocol == "ncf" and self.data.dataset != "movielens-1m":
+            raise ConfigError(
+                '[eval] protocol = "ncf" is the NCF paper\'s own MovieLens-1M test set: set '
+                f'[data] dataset = "movielens-1m" (not {self.data.dataset}), or use full or '
+                "sampled-100"
+            )
         self._validate_cold_start()
         return self
 

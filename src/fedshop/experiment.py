@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from fedshop.config import ConfigError, RunConfig
-from fedshop.data.interactions import RecDataset, SiloData, with_eval_negatives
+from fedshop.data.interactions import RecDataset, SiloData, for_protocol
 from fedshop.eval.cold_start import ColdStartResult, evaluate_cohort
 from fedshop.eval.metrics import MetricSums, evaluate, summarise
 from fedshop.fl.cross_device import eligible_clients, run_cross_device
@@ -266,8 +266,7 @@ def run_experiment(
     config: RunConfig, dataset: RecDataset, progress: Progress | None = None
 ) -> ExperimentResult:
     progress = progress or _Silent()
-    if config.eval.protocol == "sampled-100":
-        dataset = with_eval_negatives(dataset, 100, config.seed)
+    dataset = for_protocol(dataset, config.eval.protocol, config.eval.split, config.seed)
     # Before any training: a run that would overspend a budget stops here.
     guard = open_privacy(config, dataset) if "federated" in config.methods else None
     trainers = {

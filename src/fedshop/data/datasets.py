@@ -10,11 +10,11 @@ import pandas as pd
 
 from fedshop.choices import DATASETS
 from fedshop.config import MAX_COLD_START, DataConfig, Environment
-from fedshop.data import amazon, movielens, online_retail
+from fedshop.data import amazon, movielens, ncf_protocol, online_retail
 from fedshop.data.cold_start import RULE as COLD_START_RULE
 from fedshop.data.cold_start import build_cohort, draw_cohort
 from fedshop.data.download import fetch
-from fedshop.data.interactions import RecDataset, build_dataset
+from fedshop.data.interactions import RecDataset, build_dataset, sample_negatives
 from fedshop.data.partition import assign_silos, home_country
 from fedshop.data.split import SplitPairs, leave_last_out, leave_random_out, temporal_split
 from fedshop.errors import ConfigError, DataError
@@ -22,13 +22,27 @@ from fedshop.seeding import derive_seed
 
 
 def load_dataset(
-    config: DataConfig, seed: int = 0, env: Environment | None = None, cold_start: float = 0.0
+    config: DataConfig,
+    seed: int = 0,
+    env: Environment | None = None,
+    cold_start: float = 0.0,
+    protocol: str = "full",
 ) -> RecDataset:
     """Load `config.dataset`; `seed` (the run seed) drives the random splits and silo draws; `env`
     (default: the variables as set now) gives the data and cache folders the config leaves open.
     `cold_start` ([eval] cold_start): the fraction of eligible customers held out of training as
-    new shoppers (datasets with purchase days only)."""
+    new shoppers (datasets with purchase days only). `protocol` ([eval] protocol): "ncf" replaces
+    the split by the NCF paper's published test set (MovieLens-1M only) and attaches its negatives."""
     load = DATASETS.get(config.dataset)  # one of the load_* functions below
+    if protocol == "ncf":
+        if config.dataset != "movielens-1m":
+            raise ConfigError(
+                f'[eval] protocol = "ncf" is the NCF paper\'s MovieLens-1M test set; '
+                f"{config.dataset} has none (use full or sampled-100)"
+            )
+        if cold_start:
+            raise ConfigError("[eval] cold_start needs purchase days; movielens-1m has none")
+        return load_movielens(config, seed, env or Environment.from_os(), ncf=True)
     if not cold_start:
         return load(config, seed, env or Environment.from_os())
     if config.dataset not in DATASETS.names(tag="purchase-days"):
@@ -186,8 +200,12 @@ def movielens_location(config: DataConfig, env: Environment | None = None) -> tu
     return path, f"official release {release.official_url}"
 
 
-def load_movielens(config: DataConfig, seed: int, env: Environment) -> RecDataset:
-    """MovieLens-1M or -100K: leave-one-out by data.leave_out, one silo per US ZIP zone."""
+def load_movielens(
+    config: DataConfig, seed: int, env: Environment, ncf: bool = False
+) -> RecDataset:
+    """MovieLens-1M or -100K: leave-one-out by data.leave_out, one silo per US ZIP zone.
+
+    With `ncf` (MovieLens-1M), the NCF paper's test pairs and negatives instead (see ncf_protocol)."""
     release = movielens.RELEASES[config.dataset]
     location, origin = movielens_location(config, env)
     data = movielens.read_movielens(location, release)
@@ -197,14 +215,22 @@ def load_movielens(config: DataConfig, seed: int, env: Environment) -> RecDatase
     # Equal timestamps keep file order: leave_last_out sorts stably.
     order = ratings["Timestamp"].to_numpy() if data.has_timestamps else None
     events = pd.DataFrame({"user": user_codes, "item": item_codes, "order": order})
-    split, split_rule = _leave_one_out(
-        config,
-        seed,
-        events,
-        unit="rating",
-        latest="most recent rating (by timestamp, ties by file order)",
-        no_order=None if data.has_timestamps else f"{data.ratings_file} has no timestamps",
-    )
+    no_order = None if data.has_timestamps else f"{data.ratings_file} has no timestamps"
+    ncf_negatives = None
+    if ncf:
+        split, split_rule, ncf_negatives, ncf_source = _ncf_split(
+            config, seed, env, location, data, events, user_ids, no_order
+        )
+        origin += f"; test set: {ncf_source}"
+    else:
+        split, split_rule = _leave_one_out(
+            config,
+            seed,
+            events,
+            unit="rating",
+            latest="most recent rating (by timestamp, ties by file order)",
+            no_order=no_order,
+        )
     split_rule += "; every rating counts as an implicit interaction"
 
     profiles = data.users.drop_duplicates("UserID").set_index("UserID")
@@ -245,7 +271,7 @@ def load_movielens(config: DataConfig, seed: int, env: Environment) -> RecDatase
             str(pd.to_datetime(ratings["Timestamp"].min(), unit="s")),
             str(pd.to_datetime(ratings["Timestamp"].max(), unit="s")),
         ]
-    return _build(
+    dataset = _build(
         config.dataset,
         split,
         user_ids,
@@ -254,6 +280,107 @@ def load_movielens(config: DataConfig, seed: int, env: Environment) -> RecDatase
         silos.names,
         silos.user_silo,
         report,
+        keep_all_items=ncf,
+    )
+    if ncf_negatives is None:
+        return dataset
+    return _with_ncf_negatives(dataset, ncf_negatives, seed, report)
+
+
+def _ncf_split(
+    config: DataConfig,
+    seed: int,
+    env: Environment,
+    location: Path,
+    data: movielens.MovieLens,
+    events: pd.DataFrame,
+    user_ids: pd.Index,
+    no_order: str | None,
+) -> tuple[SplitPairs, str, pd.DataFrame, str]:
+    """The NCF test pairs as the test split, every other rating as training (minus a validation
+    item per user when asked for). Returns the split, its rule, the negatives (user code, MovieID)
+    and where the test files came from."""
+    folder, source = ncf_protocol.locate(data_dir_from(config, env), location, env.cache_dir)
+    test_set = ncf_protocol.read_test_set(folder, source)
+    user_codes = events["user"].to_numpy()
+    codes, rows, negative_movies = ncf_protocol.align(test_set, data.ratings, user_codes, user_ids)
+    held = np.zeros(len(events), dtype=bool)
+    held[rows] = True
+    remaining = events.loc[~held].reset_index(drop=True)
+    counts = {"users": int(len(user_ids)), "ncf_test_pairs": int(len(rows))}
+    rule = (
+        "NCF protocol (He et al., WWW 2017): each user's test pair is the one in "
+        f"{ncf_protocol.TEST_RATING} (their latest rating), ranked against the 99 negatives of "
+        f"{ncf_protocol.TEST_NEGATIVE}; training is every other rating"
+    )
+    validation = None
+    if config.validation:
+        carved, carve_rule = _leave_one_out(
+            replace(config, validation=False),
+            seed,
+            remaining,
+            unit="rating",
+            latest="most recent remaining rating",
+            no_order=no_order,
+        )
+        remaining, validation = carved.train, carved.test
+        rule += (
+            "; validation (carved from training only, never from the test files): "
+            + carve_rule.split(": ", 1)[1].replace("the test item", "the validation item")
+        )
+    train = remaining[["user", "item"]].drop_duplicates().reset_index(drop=True)
+    test = pd.DataFrame({"user": codes, "item": events["item"].to_numpy()[rows]})
+    # As in NCF's own code, the catalogue is every rated movie: a test or negative item nobody
+    # rated in training stays (with its untrained vector) rather than leaving the test set.
+    counts["test_items_unseen_in_training_kept"] = int(
+        (~test["item"].isin(np.unique(train["item"].to_numpy()))).sum()
+    )
+    counts["train_pairs"] = len(train)
+    counts["test_pairs"] = len(test)
+    counts["test_users"] = int(test["user"].nunique())
+    if validation is not None:
+        counts["validation_pairs"] = len(validation)
+        counts["validation_users"] = int(validation["user"].nunique())
+    negatives = pd.DataFrame(
+        {
+            "user": np.repeat(codes, negative_movies.shape[1]),
+            "movie": negative_movies.ravel(),
+        }
+    )
+    split = SplitPairs(train=train, test=test, validation=validation, counts=counts)
+    return split, rule, negatives, source
+
+
+def _with_ncf_negatives(
+    dataset: RecDataset, negatives: pd.DataFrame, seed: int, report: dict
+) -> RecDataset:
+    """Attach the published negatives (test) and, with a validation split, 99 fresh negatives per
+    user drawn like NCF drew its own: among the items the user never rated."""
+    position = pd.Series(np.arange(dataset.n_items), index=dataset.item_ids)
+    item = position.reindex(negatives["movie"].to_numpy()).to_numpy()
+    known = ~np.isnan(item)
+    per_user = ncf_protocol.NEGATIVES_PER_USER
+    test_negatives = np.full((dataset.n_users, per_user), -1, dtype=np.int64)
+    users = negatives["user"].to_numpy().reshape(-1, per_user)[:, 0]
+    test_negatives[users] = np.where(known, item, -1).astype(np.int64).reshape(-1, per_user)
+    user_rows = negatives["user"].to_numpy()
+    counts = report["split"]
+    counts["ncf_negatives"] = int(len(item))
+    counts["ncf_negatives_not_in_catalogue"] = int((~known).sum())
+    for name, matrix in (("training", dataset.train), ("test", dataset.test)):
+        rated = np.asarray(matrix.tocsr()[user_rows[known], item[known].astype(np.int64)]).ravel()
+        # As published; NCF's evaluation scores a duplicate of the test item once, as we do.
+        counts[f"ncf_negatives_rated_in_{name}_kept"] = int((rated > 0).sum())
+    validation_negatives = None
+    if dataset.validation is not None:
+        interacted = (dataset.train + dataset.test + dataset.validation).tocsr()
+        interacted.sort_indices()
+        rows = np.flatnonzero(np.diff(dataset.validation.indptr) > 0)
+        rng = np.random.default_rng(derive_seed(seed, "eval", "ncf-validation-negatives"))
+        validation_negatives = np.full((dataset.n_users, per_user), -1, dtype=np.int64)
+        validation_negatives[rows] = sample_negatives(interacted, rows, per_user, rng)
+    return replace(
+        dataset, eval_negatives=test_negatives, validation_negatives=validation_negatives
     )
 
 
@@ -380,6 +507,7 @@ def _build(
     silo_names: tuple[str, ...],
     user_silo: np.ndarray,
     report: dict,
+    keep_all_items: bool = False,
 ) -> RecDataset:
     dataset = build_dataset(
         name=name,
@@ -390,6 +518,7 @@ def _build(
         silo_names=silo_names,
         user_silo=user_silo,
         report=report,
+        keep_all_items=keep_all_items,
     )
     report["catalogue_items"] = dataset.n_items
     return dataset

@@ -76,6 +76,9 @@ class RecDataset:
     report: dict = field(default_factory=dict)
     # Set by `with_eval_negatives` for the sampled-negative protocol: users × negatives, -1 pads.
     eval_negatives: np.ndarray | None = None
+    # The NCF protocol: the published negatives are for the test item only; the validation item is
+    # ranked against these (drawn by us, same layout) so that tuning never reads the test files.
+    validation_negatives: np.ndarray | None = None
     # Typical unit price per item (NaN where unknown); None for datasets without prices.
     item_prices: np.ndarray | None = None
     # [eval] cold_start: the new shoppers held out of every matrix above (None: none held out).
@@ -128,14 +131,19 @@ def build_dataset(
     user_silo: np.ndarray,
     report: dict,
     item_prices: np.ndarray | None = None,
+    keep_all_items: bool = False,
 ) -> RecDataset:
     """Re-index items onto the training catalogue and assemble the sparse matrices.
 
     `split` uses user/item codes indexing `user_ids`/`item_ids` (and `item_prices`, when given);
     items never bought in training are dropped from the catalogue (the split has already removed
-    them from the held-out baskets).
+    them from the held-out baskets), unless `keep_all_items`: a published protocol that ranks every
+    item of its own catalogue (NCF) keeps them, untrained, as its authors did.
     """
-    catalogue = np.unique(split.train["item"].to_numpy())
+    if keep_all_items:
+        catalogue = np.arange(len(item_ids))
+    else:
+        catalogue = np.unique(split.train["item"].to_numpy())
     remap = np.full(len(item_ids), -1, dtype=np.int64)
     remap[catalogue] = np.arange(len(catalogue))
 
@@ -160,6 +168,18 @@ def build_dataset(
         if item_prices is None
         else np.asarray(item_prices, dtype=np.float64)[catalogue],
     )
+
+
+def for_protocol(dataset: RecDataset, protocol: str, split: str, seed: int) -> RecDataset:
+    """The dataset with the negatives its evaluation protocol ranks against on `split`.
+
+    full: none. sampled-100: 100 drawn per user. ncf: the loader attached the published test
+    negatives and, for the validation split, negatives of our own drawing (see ncf_protocol)."""
+    if protocol == "sampled-100":
+        return with_eval_negatives(dataset, 100, seed)
+    if protocol == "ncf" and split == "validation":
+        return replace(dataset, eval_negatives=dataset.validation_negatives)
+    return dataset
 
 
 def with_eval_negatives(dataset: RecDataset, count: int, seed: int) -> RecDataset:

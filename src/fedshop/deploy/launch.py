@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedshop.config import RunConfig
-from fedshop.data.interactions import RecDataset, with_eval_negatives
+from fedshop.data.interactions import RecDataset, for_protocol
 from fedshop.deploy import check_deployable
 from fedshop.deploy.checkpoint import read_run_identity
 from fedshop.deploy.outcome import SHARED_FILE, Outcome
@@ -42,8 +42,7 @@ def write_silo_files(config: RunConfig, dataset: RecDataset, folder: Path) -> li
     """Each silo's data file, silo-N.npz in `folder`, with what the config's evaluation needs, and
     beside it the policy the silo will hold the coordinator to (`silo_policy.py`): the protection
     this config asks for, as the least the silo accepts. A silo owner reviews and edits it."""
-    if config.eval.protocol == "sampled-100":
-        dataset = with_eval_negatives(dataset, 100, config.seed)
+    dataset = for_protocol(dataset, config.eval.protocol, config.eval.split, config.seed)
     policy = policy_for(config, dataset).to_toml()
     paths = []
     for index in range(dataset.n_silos):

@@ -92,7 +92,7 @@ def curve_figure(metrics: dict[str, Any], metric: str = "hr@10") -> plt.Figure:
             )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round (federated) / epoch (centralized)")
-    protocol = {"full": "full ranking", "sampled-100": "sampled-100"}.get(
+    protocol = {"full": "full ranking", "sampled-100": "sampled-100", "ncf": "NCF protocol"}.get(
         metrics.get("protocol", "full"), str(metrics.get("protocol"))
     )
     ax.set_ylabel(f"{metric.upper()} ({metrics.get('split', 'test')}, {protocol})")
@@ -115,6 +115,8 @@ PROTOCOL_TEXT = {
     "full": "every catalogue item ranked, the customer's training items excluded",
     "sampled-100": "each held-out item ranked against 100 sampled items the customer never "
     "interacted with, the same for every method; not comparable with full ranking",
+    "ncf": "the NCF paper's published MovieLens-1M test set (He et al., WWW 2017): each user's "
+    "latest rating ranked against its 99 published negatives, as FedMF, FedNCF and PFedRec report",
 }
 ATTRIBUTION = {
     "online-retail": "Data: UCI Online Retail (Chen, Sain &amp; Guo, 2012), CC BY 4.0.",
