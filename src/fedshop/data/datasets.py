@@ -307,7 +307,7 @@ def _ncf_split(
     held = np.zeros(len(events), dtype=bool)
     held[rows] = True
     remaining = events.loc[~held].reset_index(drop=True)
-    counts = {"users": int(len(user_ids)), "ncf_test_pairs": int(len(rows))}
+    counts = {"users": len(user_ids), "ncf_test_pairs": len(rows)}
     rule = (
         "NCF protocol (He et al., WWW 2017): each user's test pair is the one in "
         f"{ncf_protocol.TEST_RATING} (their latest rating), ranked against the 99 negatives of "
@@ -365,7 +365,7 @@ def _with_ncf_negatives(
     test_negatives[users] = np.where(known, item, -1).astype(np.int64).reshape(-1, per_user)
     user_rows = negatives["user"].to_numpy()
     counts = report["split"]
-    counts["ncf_negatives"] = int(len(item))
+    counts["ncf_negatives"] = len(item)
     counts["ncf_negatives_not_in_catalogue"] = int((~known).sum())
     for name, matrix in (("training", dataset.train), ("test", dataset.test)):
         rated = np.asarray(matrix.tocsr()[user_rows[known], item[known].astype(np.int64)]).ravel()

@@ -140,10 +140,8 @@ def build_dataset(
     them from the held-out baskets), unless `keep_all_items`: a published protocol that ranks every
     item of its own catalogue (NCF) keeps them, untrained, as its authors did.
     """
-    if keep_all_items:
-        catalogue = np.arange(len(item_ids))
-    else:
-        catalogue = np.unique(split.train["item"].to_numpy())
+    trained = np.unique(split.train["item"].to_numpy())
+    catalogue = np.arange(len(item_ids)) if keep_all_items else trained
     remap = np.full(len(item_ids), -1, dtype=np.int64)
     remap[catalogue] = np.arange(len(catalogue))
 

@@ -185,7 +185,9 @@ def sweep_svg(sweep: dict[str, Any]) -> str:
 def _protocol_name(sweep: dict[str, Any]) -> str:
     """The protocol for the y label; only known names, so no text from the JSON reaches matplotlib
     (where "$" would start mathtext and the SVG would carry it in comments)."""
-    return {"full": "full ranking", "sampled-100": "sampled-100", "ncf": "NCF protocol"}.get(sweep.get("protocol"), "")
+    return {"full": "full ranking", "sampled-100": "sampled-100", "ncf": "NCF protocol"}.get(
+        sweep.get("protocol"), ""
+    )
 
 
 def _table_rows(points: list[dict[str, Any]]) -> list[list[str]]:
