@@ -35,8 +35,10 @@ CANDIDATES: dict[str, dict] = {
     "shipped": {},
     "mf-64 neg1 r30": {"model.dim": 64, "train.negatives": 1, "federated.rounds": 30},
     "mf-64 neg4 r30": {"model.dim": 64, "train.negatives": 4, "federated.rounds": 30},
-    "mf-128 neg4 r30": {"model.dim": 128, "train.negatives": 4, "federated.rounds": 30},
-    "mf-64 neg4 r60": {"model.dim": 64, "train.negatives": 4, "federated.rounds": 60},
+    "mf-128 neg1 r30": {"model.dim": 128, "federated.rounds": 30},
+    "mf-64 neg1 r60": {"model.dim": 64, "federated.rounds": 60},
+    "mf-64 neg1 r30 personalise20": {"federated.personalise_epochs": 20},
+    "mf-64 neg1 r30 local4": {"federated.local_epochs": 4},
 }
 
 
