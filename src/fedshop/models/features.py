@@ -1,13 +1,13 @@
 """Matrix factorisation with an item-feature tower, so that a product never bought can be placed.
 
     item_vector(i) = id_embedding_i + mean_{f in F(i)} feature_embedding_f
-    score(u, i)    = <user_u, item_vector(i)> + bias_i + mean_{f in F(i)} feature_bias_f
+    score(u, i)    = <user_u, item_vector(i)> + mean_{f in F(i)} feature_bias_f
                      (+ silo_bias[silo(u), i], as in mf.py)
 
 F(i) are the item's public catalogue features (data/item_features.py). Trained with BPR like MF.
 Parameter groups (models/spec.py):
-- item tables (shared, sparse): `item_embedding` and `item_bias`, zero at the start, so an item
-  nobody trained on is placed by its features alone; and the fixed `item_feature_<k>` tables, the
+- item tables (shared, sparse): `item_embedding`, zero at the start, so an item nobody trained
+  on is placed by its features alone; and the fixed `item_feature_<k>` tables, the
   item's feature ids (-1: none), which are inputs, not parameters: the score multiplies them by
   zero so that every trainer sees them used and computes an exactly zero update for them. They
   travel with the shared model like any item row (public catalogue data), so every runtime,
@@ -15,6 +15,11 @@ Parameter groups (models/spec.py):
   first ones by feature id; data report: max_features_per_item).
 - dense weights (shared): `feature_table`, one row per feature, [embedding ; bias].
 - user tables (private): `user_embedding`.
+
+There is no per-item id bias: the bias is the features' alone. Measured on Online Retail (seed 1,
+10 rounds, dim 32): without it the warm-item HR@10 is the same (0.312 vs 0.316) and new products
+rank better among the whole catalogue (federated HR@10 0.036 vs 0.018), because a trained item no
+longer outranks every new one by an id bias the new one cannot have.
 
 Not for runs under differential privacy: noise added to the shared model would also move the fixed
 feature-id tables (config validation refuses the combination).
@@ -47,7 +52,7 @@ def feature_codes(features: sp.csr_matrix) -> Params:
 
 
 def init_shared(n_items: int, config: ModelConfig, generator: torch.Generator) -> Params:
-    return {"item_embedding": torch.zeros(n_items, config.dim), "item_bias": torch.zeros(n_items)}
+    return {"item_embedding": torch.zeros(n_items, config.dim)}
 
 
 def init_features(
@@ -68,7 +73,7 @@ def _lookup(table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 
 
 def item_parts(items: Params, dense: Params) -> tuple[torch.Tensor, torch.Tensor]:
-    """(item vectors (..., dim), feature-level bias plus item bias (...)) of gathered item rows."""
+    """(item vectors (..., dim), feature-level biases (...)) of gathered item rows."""
     codes = torch.stack([items[name] for name in CODE_TABLES], -1)  # (..., S)
     valid = (codes >= 0).to(items["item_embedding"].dtype)
     rows = _lookup(dense["feature_table"], codes.detach().clamp(min=0).long())  # (..., S, w)
@@ -76,7 +81,7 @@ def item_parts(items: Params, dense: Params) -> tuple[torch.Tensor, torch.Tensor
     vector = items["item_embedding"] + tower[..., :-1]
     # Zero times the feature ids: they take part in the score (every trainer differentiates all
     # item tables) with an exactly zero gradient, so they never change.
-    bias = items["item_bias"] + tower[..., -1] + 0.0 * codes.sum(-1)
+    bias = tower[..., -1] + 0.0 * codes.sum(-1)
     return vector, bias
 
 
@@ -92,7 +97,7 @@ def catalogue_scores(users: Params, items: Params, dense: Params) -> torch.Tenso
 
 MF_FEATURES = ModelSpec(
     name="mf-features",
-    item_tables=("item_embedding", "item_bias", *CODE_TABLES),
+    item_tables=("item_embedding", *CODE_TABLES),
     user_tables=("user_embedding",),
     init_shared=init_shared,
     init_users=lambda n_users, c, g: {
