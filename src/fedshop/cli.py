@@ -233,7 +233,7 @@ def _print_cold_items(block: dict) -> None:
         "held out of training, placed by their features"
     )
     table.caption = "among new: ranked among the held-out items; among all: the whole catalogue"
-    table.add_column("method")
+    table.add_column("method", no_wrap=True)
     for header in ("HR@10\namong new", "NDCG@10\namong new", "Recall@20\namong new",
                    "HR@10\namong all", "customers"):  # fmt: skip
         table.add_column(header, justify="right")
