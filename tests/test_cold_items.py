@@ -235,3 +235,17 @@ def test_cli_errors_are_one_line(args, fragment, tmp_path):
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and fragment in lines[0], result.stderr
+
+
+def test_serving_reads_the_feature_model_through_its_item_vectors():
+    from fedshop.models.fold_in import fold_in, interaction_vectors
+
+    features = sp.csr_matrix(np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0]], dtype=np.float32))
+    config = load_config(None, {"model.name": "mf-features", "model.dim": 4})
+    shared = MF_FEATURES.init_model(3, config.model, torch.Generator().manual_seed(1), features)
+    shared["item_embedding"] = torch.randn(3, 4, generator=torch.Generator().manual_seed(2))
+    vectors = interaction_vectors(MF_FEATURES, shared)
+    expected, _ = item_parts({k: shared[k] for k in MF_FEATURES.item_tables}, shared)
+    assert torch.allclose(vectors, expected)
+    user = fold_in(MF_FEATURES, shared, torch.tensor([0, 2]))
+    assert user["user_embedding"].shape == (1, 4) and torch.isfinite(user["user_embedding"]).all()
