@@ -68,14 +68,21 @@ DATASETS = Registry(
         "online-retail",
         "embedded; one silo per country",
         f"{_DATA}:load_online_retail",
-        frozenset({"purchase-days"}),  # [eval] cold_start needs them
+        frozenset({"purchase-days", "item-features"}),  # [eval] cold_start needs purchase days
     ),
     Choice("movielens-1m", "", f"{_DATA}:load_movielens"),
     Choice("movielens-100k", "", f"{_DATA}:load_movielens"),
-    Choice("amazon-toys", "", f"{_DATA}:load_amazon"),
-    Choice("amazon-beauty", "", f"{_DATA}:load_amazon"),
-    Choice("amazon-sports", "", f"{_DATA}:load_amazon"),
-    Choice("amazon-sequential", "with --data-path", f"{_DATA}:load_amazon"),
+    # "item-features": public catalogue features exist (data/item_features.py; Amazon: an
+    # *_item2attributes.json file next to the interactions), for models that read them.
+    Choice("amazon-toys", "", f"{_DATA}:load_amazon", frozenset({"item-features"})),
+    Choice("amazon-beauty", "", f"{_DATA}:load_amazon", frozenset({"item-features"})),
+    Choice("amazon-sports", "", f"{_DATA}:load_amazon", frozenset({"item-features"})),
+    Choice(
+        "amazon-sequential",
+        "with --data-path",
+        f"{_DATA}:load_amazon",
+        frozenset({"item-features"}),
+    ),
 )
 # Each model's ModelSpec.
 MODELS = Registry(
@@ -83,6 +90,13 @@ MODELS = Registry(
     Choice("mf-bpr", "", "fedshop.models.mf:MF"),
     Choice("gmf", "", "fedshop.models.ncf:GMF"),
     Choice("neumf", "", "fedshop.models.ncf:NEUMF"),
+    # "item-features": reads the dataset's item features (new products, [eval] cold_items).
+    Choice(
+        "mf-features",
+        "MF + item-feature tower",
+        "fedshop.models.features:MF_FEATURES",
+        frozenset({"item-features"}),
+    ),
 )
 # Each rule's base pipeline: () -> AggregationPipeline.
 AGGREGATIONS = Registry(

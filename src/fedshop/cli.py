@@ -176,6 +176,8 @@ def _print_tables(result: ExperimentResult) -> None:
     console.print(table)
     if result.cold_start is not None:
         _print_cold_start(result.cold_start.block())
+    if result.cold_items is not None:
+        _print_cold_items(result.cold_items)
     # Names whole at 80 columns: "United Kingdom" on one line, no method cut to "centraliz…" (the
     # outer border gives up the two columns that needs).
     per_silo = Table(title="HR@10 per silo", show_edge=False)
@@ -231,6 +233,25 @@ def _print_cold_start(block: dict) -> None:
     )
 
 
+def _print_cold_items(block: dict) -> None:
+    """New products: every method's metrics on the held-out items, among them and among all."""
+    table = Table(
+        title=f"New products: {block['held_out_items']:,} of {block['catalogue_items']:,} items "
+        "held out of training, placed by their features"
+    )
+    table.caption = "among new: ranked among the held-out items; among all: the whole catalogue"
+    table.add_column("method", no_wrap=True)
+    for header in ("HR@10\namong new", "NDCG@10\namong new", "Recall@20\namong new",
+                   "HR@10\namong all", "customers"):  # fmt: skip
+        table.add_column(header, justify="right")
+    for method, m in block["methods"].items():
+        table.add_row(
+            method, f"{m['hr@10']:.4f}", f"{m['ndcg@10']:.4f}", f"{m['recall@20']:.4f}",
+            f"{m['among_all']['hr@10']:.4f}", f"{m['users']:,}",
+        )  # fmt: skip
+    console.print(table)
+
+
 OutOption = Annotated[
     Path | None, typer.Option("--out", help="Run folder (default: fedshop-runs/<name>-<time>).")
 ]
@@ -283,6 +304,12 @@ ColdStartOption = Annotated[
     float | None,
     typer.Option("--cold-start", help="Fraction of the repeat customers held out of training as "
                  "new shoppers, served by basket fold-in (eval.cold_start; online-retail)."),
+]  # fmt: skip
+
+ColdItemsOption = Annotated[
+    float | None,
+    typer.Option("--cold-items", help="Fraction of the catalogue held out of training as new "
+                 "products, placed by their features (eval.cold_items; --model mf-features)."),
 ]  # fmt: skip
 
 
@@ -382,6 +409,7 @@ def train(
     noise_seed: NoiseSeedOption = None,
     protection: ProtectionOption = None,
     cold_start: ColdStartOption = None,
+    cold_items: ColdItemsOption = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Run one configured experiment (a TOML config, command-line options, or both)."""
@@ -402,6 +430,7 @@ def train(
             "federated.rounds": rounds,
             "protection.kind": protection,
             "eval.cold_start": cold_start,
+            "eval.cold_items": cold_items,
         },
     )
     name = config.stem if config else "train"

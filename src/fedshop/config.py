@@ -182,6 +182,8 @@ class BaselineConfig:
 
 # At most half the eligible customers are held out as new shoppers: the rest must train the model.
 MAX_COLD_START = 0.5
+# At most half the catalogue is held out as new products.
+MAX_COLD_ITEMS = 0.5
 
 
 @dataclass(frozen=True)
@@ -198,6 +200,10 @@ class EvalConfig:
     # training entirely (for every method); after training, a vector folded in from each one's first
     # purchase day is scored on their next one (metrics.json "cold_start"). 0: off.
     cold_start: float = 0.0
+    # New products: this fraction of the catalogue is held out of training entirely (for every
+    # method); after training, each shopper's interactions with them are ranked, the products placed
+    # by their features alone (metrics.json "cold_items"; needs a model with item features). 0: off.
+    cold_items: float = 0.0
 
     def validate(self) -> None:
         PROTOCOLS.check(self.protocol, "[eval] protocol")
@@ -207,6 +213,11 @@ class EvalConfig:
             raise ConfigError(
                 f"[eval] cold_start must be in [0, {MAX_COLD_START}] (a fraction of the customers "
                 f"held out of training), got {self.cold_start}"
+            )
+        if not 0.0 <= self.cold_items <= MAX_COLD_ITEMS:
+            raise ConfigError(
+                f"[eval] cold_items must be in [0, {MAX_COLD_ITEMS}] (a fraction of the catalogue "
+                f"held out of training), got {self.cold_items}"
             )
 
 
@@ -404,7 +415,30 @@ class RunConfig:
                 "sampled-100"
             )
         self._validate_cold_start()
+        self._validate_item_features()
         return self
+
+    def _validate_item_features(self) -> None:
+        """Models that read item features, and [eval] cold_items, which needs one."""
+        featured = MODELS.names(tag="item-features")
+        with_features = DATASETS.names(tag="item-features")
+        if self.eval.cold_items and self.model.name not in featured:
+            raise ConfigError(
+                "[eval] cold_items places new products by their features: set [model] name to "
+                f"{' or '.join(featured)}, or set [eval] cold_items = 0"
+            )
+        if self.model.name not in featured:
+            return
+        if self.data.dataset not in with_features:
+            raise ConfigError(
+                f'[model] name = "{self.model.name}" needs item features; {self.data.dataset} '
+                f"has none (datasets with item features: {', '.join(with_features)})"
+            )
+        if self.privacy.enabled:
+            raise ConfigError(
+                f'[model] name = "{self.model.name}" does not run under differential privacy '
+                "yet (noise would move its fixed feature-id tables); use another model or no DP"
+            )
 
     def _validate_cold_start(self) -> None:
         if not self.eval.cold_start:

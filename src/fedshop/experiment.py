@@ -23,6 +23,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from fedshop.cold_items import evaluate_cold_items
+from fedshop.cold_items import prepare as prepare_items
 from fedshop.config import ConfigError, RunConfig
 from fedshop.data.interactions import RecDataset, SiloData, for_protocol
 from fedshop.eval.cold_start import ColdStartResult, evaluate_cohort
@@ -88,6 +90,8 @@ class ExperimentResult:
     protection: ProtectionSummary = field(default_factory=ProtectionSummary)
     # metrics.json "cold_start": new shoppers held out of training ([eval] cold_start), or None
     cold_start: ColdStartResult | None = None
+    # metrics.json "cold_items": new products held out of training ([eval] cold_items), or None
+    cold_items: dict | None = None
 
 
 def slug(name: str) -> str:
@@ -174,9 +178,10 @@ def train_centralized(config: RunConfig, dataset: RecDataset, progress: Progress
     progress.start("centralized", epochs)
     started = time.perf_counter()
     model, spec = config.model, get_model(config.model.name)
-    shared = spec.init_shared(
-        dataset.n_items, model, torch_generator(config.seed, "centralized", "init")
-    )
+    shared = spec.init_model(
+        dataset.n_items, model, torch_generator(config.seed, "centralized", "init"),
+        dataset.item_features,
+    )  # fmt: skip
     private = spec.init_private(
         dataset.n_users, dataset.n_items, model,
         torch_generator(config.seed, "centralized", "users"), n_silos=dataset.n_silos,
@@ -227,9 +232,10 @@ def train_local_only(config: RunConfig, dataset: RecDataset, progress: Progress)
     model, spec = config.model, get_model(config.model.name)
     per_silo, weights = {}, {}
     for index, silo in enumerate(dataset.silos()):
-        shared = spec.init_shared(
-            dataset.n_items, model, torch_generator(config.seed, "local", index, "init")
-        )
+        shared = spec.init_model(
+            dataset.n_items, model, torch_generator(config.seed, "local", index, "init"),
+            dataset.item_features,
+        )  # fmt: skip
         private = spec.init_private(
             silo.n_users, dataset.n_items, model,
             torch_generator(config.seed, "local", index, "users"),
@@ -266,6 +272,8 @@ def run_experiment(
     config: RunConfig, dataset: RecDataset, progress: Progress | None = None
 ) -> ExperimentResult:
     progress = progress or _Silent()
+    # Item features for models that read them; [eval] cold_items: new products leave the dataset.
+    dataset, new_products = prepare_items(config, dataset)
     dataset = for_protocol(dataset, config.eval.protocol, config.eval.split, config.seed)
     # Before any training: a run that would overspend a budget stops here.
     guard = open_privacy(config, dataset) if "federated" in config.methods else None
@@ -281,6 +289,12 @@ def run_experiment(
     if dataset.cold is not None and federated is not None:
         progress.start(COLD_START_TASK, 3)
         cold = evaluate_cold_start(config, dataset, federated.weights, progress)
+    cold_items = None
+    if new_products is not None:
+        progress.start(COLD_ITEMS_TASK, 1)
+        weights = {k: v for run in runs.values() for k, v in run.weights.items()}
+        cold_items = evaluate_cold_items(config, dataset, new_products, weights)
+        progress.advance(COLD_ITEMS_TASK)
     return ExperimentResult(
         config, dataset, {name: run.result for name, run in runs.items()},
         federated.history if federated else [],
@@ -288,9 +302,11 @@ def run_experiment(
         guard.summary() if guard is not None else PrivacySummary(),
         federated.protection if federated else ProtectionSummary(),
         cold,
+        cold_items,
     )  # fmt: skip
 
 
+COLD_ITEMS_TASK = "new products (cold items)"
 COLD_START_TASK = "new shoppers (cold start)"
 
 

@@ -83,6 +83,8 @@ class RecDataset:
     item_prices: np.ndarray | None = None
     # [eval] cold_start: the new shoppers held out of every matrix above (None: none held out).
     cold: ColdCohort | None = None
+    # Public item features, items × features (data/item_features.py), for models that read them.
+    item_features: sp.csr_matrix | None = None
 
     @property
     def n_users(self) -> int:

@@ -179,7 +179,9 @@ def run_cross_device(
     protected = ProtectedSum(protection, config.protection.bound) if protection else None
     pipeline = shopper_pipeline(config, guard, len(pool), protected)
     rate = guard.plan.sampling_rate if guard is not None else None
-    server = make_server(config, dataset.n_items, pool, pipeline, rate, device)
+    server = make_server(
+        config, dataset.n_items, pool, pipeline, rate, device, dataset.item_features
+    )
     run = CrossDeviceRun(spec, server.shared, user_tables, dataset, protection=protected)
     training = LocalTraining(
         fed.local_epochs, fed.client_learning_rate, config.train.l2, config.train.negatives

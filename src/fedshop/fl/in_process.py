@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+import scipy.sparse as sp
 import torch
 
 from fedshop.config import RunConfig
@@ -42,13 +43,14 @@ def make_server(
     pipeline: AggregationPipeline,
     poisson_rate: float | None = None,
     device: torch.device | None = None,
+    item_features: sp.csr_matrix | None = None,
 ) -> FederatedServer:
     """The coordinating server as every runtime starts it: the same initial model and sampling
     stream for the same seed, whether the clients are simulated or separate processes. Poisson
     sampling (`poisson_rate`, user-level DP) is the accountant's amplification, which holds only
     while who was sampled is secret: it comes from a secret `NoiseStream`, not from the seed."""
-    shared = get_model(config.model.name).init_shared(
-        n_items, config.model, torch_generator(config.seed, "shared", "init")
+    shared = get_model(config.model.name).init_model(
+        n_items, config.model, torch_generator(config.seed, "shared", "init"), item_features
     )
     if device is not None:  # initialised on the CPU: the same numbers whatever the device
         shared = {k: v.to(device) for k, v in shared.items()}
@@ -130,7 +132,10 @@ def build_federation(
         )
         for i in range(dataset.n_silos)
     ]  # fmt: skip
-    server = make_server(config, dataset.n_items, torch.arange(len(clients)), pipeline)
+    server = make_server(
+        config, dataset.n_items, torch.arange(len(clients)), pipeline,
+        item_features=dataset.item_features,
+    )  # fmt: skip
     return FederatedRun(server=server, clients=clients, history=[], protection=protected)
 
 

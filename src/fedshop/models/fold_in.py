@@ -108,6 +108,11 @@ def interaction_vectors(spec: ModelSpec, shared: Params) -> torch.Tensor:
         return shared["item_embedding"].float()
     if spec.name == "gmf":
         return shared["item_embedding"].float() * shared["output_weight"].float()
+    if spec.name == "mf-features":  # the id embedding plus the features' mean embedding
+        from fedshop.models.features import item_parts
+
+        items = {name: shared[name].float() for name in spec.item_tables}
+        return item_parts(items, {"feature_table": shared["feature_table"].float()})[0]
     dim = shared["item_gmf"].shape[1]
     return shared["item_gmf"].float() * shared["output_weight"][:dim].float()
 

@@ -17,10 +17,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import scipy.sparse as sp
 import torch
 
 from fedshop.choices import MODELS
 from fedshop.config import ModelConfig
+from fedshop.errors import FedShopError
 
 Params = dict[str, torch.Tensor]
 PairScores = Callable[[Params, Params, Params], torch.Tensor]
@@ -36,6 +38,37 @@ class ModelSpec:
     pair_scores: PairScores
     # Optional fast path for users × whole catalogue (a matrix product instead of broadcasting).
     catalogue_scores: PairScores | None = None
+    # Models that read public item features (data/item_features.py), given the items × features
+    # matrix: `item_inputs` builds fixed item tables (each item's feature ids; never trained, so
+    # their updates are zero) and `init_features` the shared weights of the features. See
+    # models/features.py and `init_model`.
+    item_inputs: Callable[[sp.csr_matrix], Params] | None = None
+    init_features: Callable[[sp.csr_matrix, ModelConfig, torch.Generator], Params] | None = None
+
+    @property
+    def needs_item_features(self) -> bool:
+        return self.item_inputs is not None
+
+    def init_model(
+        self,
+        n_items: int,
+        config: ModelConfig,
+        generator: torch.Generator,
+        item_features: sp.csr_matrix | None = None,
+    ) -> Params:
+        """`init_shared`, plus the item-feature tables and weights for models that read them."""
+        shared = self.init_shared(n_items, config, generator)
+        if self.item_inputs is None or self.init_features is None:
+            return shared
+        if item_features is None:
+            raise FedShopError(
+                f"model {self.name} needs item features and the dataset has none loaded"
+            )
+        if item_features.shape[0] != n_items:
+            raise ValueError(f"item features for {item_features.shape[0]} items, not {n_items}")
+        shared.update(self.item_inputs(item_features))
+        shared.update(self.init_features(item_features, config, generator))
+        return shared
 
     def dense_of(self, shared: Params) -> Params:
         """The shared weights that are not item tables (their names depend on the configuration)."""

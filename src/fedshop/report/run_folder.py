@@ -126,6 +126,8 @@ def metrics_document(result: ExperimentResult) -> dict[str, Any]:
     }
     if result.cold_start is not None:
         doc["cold_start"] = result.cold_start.block()
+    if result.cold_items is not None:
+        doc["cold_items"] = result.cold_items
     return _finite(doc)
 
 
