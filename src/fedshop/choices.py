@@ -83,6 +83,7 @@ MODELS = Registry(
     Choice("mf-bpr", "", "fedshop.models.mf:MF"),
     Choice("gmf", "", "fedshop.models.ncf:GMF"),
     Choice("neumf", "", "fedshop.models.ncf:NEUMF"),
+    Choice("sasrec", "sequential; amazon-*", "fedshop.models.sasrec:SASREC"),
 )
 # Each rule's base pipeline: () -> AggregationPipeline.
 AGGREGATIONS = Registry(

@@ -394,6 +394,10 @@ class RunConfig:
             raise ConfigError(
                 '[model] silo_item_bias is cross-silo only; set it to false for mode = "cross-device"'
             )
+        if self.model.name == "sasrec":
+            from fedshop.sequential_config import check_sequential_config
+
+            check_sequential_config(self)
         if self.eval.split == "validation" and not self.data.validation:
             raise ConfigError('[eval] split = "validation" needs [data] validation = true')
         self._validate_cold_start()
@@ -475,7 +479,10 @@ def load_config(
     mode = federated.get("mode") if isinstance(federated, dict) else None
     privacy = raw.get("privacy", {})
     privacy_mode = privacy.get("mode") if isinstance(privacy, dict) else None
-    for group in MODE_DEFAULTS.get(mode, ()) + PRIVACY_DEFAULTS.get(privacy_mode, ()):
+    model = raw.get("model", {})
+    model_name = model.get("name") if isinstance(model, dict) else None
+    groups = MODEL_DEFAULTS.get((model_name, mode or "cross-silo"), ()) + MODE_DEFAULTS.get(mode, ())
+    for group in groups + PRIVACY_DEFAULTS.get(privacy_mode, ()):
         # A group applies only as a whole: a user who picks the optimiser picks its settings too.
         if not any(_get(raw, dotted) is not None for dotted in group):
             for dotted, value in group.items():
@@ -499,6 +506,42 @@ MODE_DEFAULTS: dict[str, tuple[dict[str, Any], ...]] = {
         # every method trains the same model, so they are off for the baselines too.
         {"model.silo_item_bias": False},
     )
+}
+
+
+# Defaults of sequential models (fedshop/sequential.py) by (model, mode), applied before the
+# mode's. Cross-device SASRec: one SGD step per shopper and FedAdam at Adam's usual step size, for
+# many more rounds than the user-vector models, evaluated every few hundred rounds (full ranking is
+# the costly part). Cross-silo: each shard trains Adam for an epoch, plain FedAvg.
+_SASREC_COMMON: tuple[dict[str, Any], ...] = (
+    {"train.learning_rate": 1e-3},
+    {"train.batch_size": 128},
+    {"baselines.epochs": 20},
+    {"methods": ["federated", "centralized", "popularity"]},
+    {"model.silo_item_bias": False},
+)
+MODEL_DEFAULTS: dict[tuple[str, str], tuple[dict[str, Any], ...]] = {
+    ("sasrec", "cross-device"): (
+        {
+            "federated.server_optimizer": "fedadam",
+            "federated.server_learning_rate": 1e-3,
+            "federated.server_epsilon": 1e-8,
+            "federated.server_momentum": 0.9,
+        },
+        {"federated.local_epochs": 1, "federated.client_learning_rate": 1.0},
+        {"federated.rounds": 3000},
+        {"federated.clients_per_round": 128},
+        {"eval.eval_every": 500},
+        *_SASREC_COMMON,
+    ),
+    ("sasrec", "cross-silo"): (
+        {"federated.server_optimizer": "fedavg", "federated.server_learning_rate": 1.0},
+        {"federated.aggregation": "fedavg"},
+        {"federated.local_epochs": 1},
+        {"federated.rounds": 20},
+        {"eval.eval_every": 5},
+        *_SASREC_COMMON,
+    ),
 }
 
 

@@ -266,6 +266,10 @@ def run_experiment(
     config: RunConfig, dataset: RecDataset, progress: Progress | None = None
 ) -> ExperimentResult:
     progress = progress or _Silent()
+    if config.model.name == "sasrec":  # sequential models train on sequences: fedshop/sequential
+        from fedshop.sequential import run_sequential_experiment
+
+        return run_sequential_experiment(config, dataset, progress)
     if config.eval.protocol == "sampled-100":
         dataset = with_eval_negatives(dataset, 100, config.seed)
     # Before any training: a run that would overspend a budget stops here.

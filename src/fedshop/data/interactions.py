@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from fedshop.data.sequences import UserSequences
 from fedshop.data.split import SplitPairs
 from fedshop.seeding import derive_seed
 
@@ -80,6 +81,9 @@ class RecDataset:
     item_prices: np.ndarray | None = None
     # [eval] cold_start: the new shoppers held out of every matrix above (None: none held out).
     cold: ColdCohort | None = None
+    # Sequential datasets (Amazon): every user's items in time order (`data/sequences.py`), for
+    # sequential models; the other models read only the matrices above.
+    sequences: UserSequences | None = None
 
     @property
     def n_users(self) -> int:
