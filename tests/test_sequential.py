@@ -164,3 +164,16 @@ def test_cli_refuses_unsupported_sasrec_runs_in_one_line(tmp_path):
     assert_one_line_error(result, "full ranking only")
     result = fedshop("train", "--model", "sasrec", "--out", tmp_path / "run2")
     assert_one_line_error(result, "Amazon dataset")
+
+
+def test_serve_refuses_a_sasrec_run_in_one_line(tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"fedshop_version": "x", "federated": {}}))
+    (run / "serving.json").write_text(
+        json.dumps({"format": 1, "model": "sasrec", "mode": "cross-device", "n_items": 3,
+                    "silos": []})  # fmt: skip
+    )
+    assert_one_line_error(fedshop("serve", run), "sasrec run")
