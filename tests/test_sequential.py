@@ -127,7 +127,7 @@ def test_a_short_federated_run_beats_popularity(toys_slice):
         overrides={
             "data.dataset": "amazon-sequential", "data.path": "unused.txt",
             "data.validation": True, "model.name": "sasrec", "model.dim": 32,
-            "federated.mode": "cross-device", "federated.rounds": 120,
+            "federated.mode": "cross-device", "federated.rounds": 300,
             "federated.clients_per_round": 64, "federated.server_learning_rate": 0.005,
             "federated.server_optimizer": "fedadam", "eval.eval_every": 1000,
         }
