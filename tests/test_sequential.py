@@ -5,6 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from tests.test_cli import assert_one_line_error, fedshop
 
 from fedshop.config import DataConfig, load_config
 from fedshop.data.datasets import load_dataset
@@ -23,7 +24,6 @@ from fedshop.sequential import (
     summarise,
     trainable_users,
 )
-from tests.test_cli import assert_one_line_error, fedshop
 
 SHAPE = sasrec.SasRecShape(dim=16, maxlen=20, blocks=2, dropout=0.0)
 
@@ -145,12 +145,18 @@ def test_unsupported_combinations_are_config_errors():
         load_config(overrides={"model.name": "sasrec"})  # online-retail
     with pytest.raises(ConfigError, match="full ranking only"):
         load_config(
-            overrides={"model.name": "sasrec", "data.dataset": "amazon-toys",
-                       "eval.protocol": "sampled-100"}  # fmt: skip
+            overrides={
+                "model.name": "sasrec",
+                "data.dataset": "amazon-toys",
+                "eval.protocol": "sampled-100",
+            }
         )
     defaults = load_config(
-        overrides={"model.name": "sasrec", "data.dataset": "amazon-toys",
-                   "federated.mode": "cross-device"}  # fmt: skip
+        overrides={
+            "model.name": "sasrec",
+            "data.dataset": "amazon-toys",
+            "federated.mode": "cross-device",
+        }
     )
     assert defaults.federated.server_optimizer == "fedadam"
     assert defaults.methods == ("federated", "centralized", "popularity")
@@ -173,7 +179,8 @@ def test_serve_refuses_a_sasrec_run_in_one_line(tmp_path):
     run.mkdir()
     (run / "metrics.json").write_text(json.dumps({"fedshop_version": "x", "federated": {}}))
     (run / "serving.json").write_text(
-        json.dumps({"format": 1, "model": "sasrec", "mode": "cross-device", "n_items": 3,
-                    "silos": []})  # fmt: skip
+        json.dumps(
+            {"format": 1, "model": "sasrec", "mode": "cross-device", "n_items": 3, "silos": []}
+        )
     )
     assert_one_line_error(fedshop("serve", run), "sasrec run")

@@ -481,8 +481,10 @@ def load_config(
     privacy_mode = privacy.get("mode") if isinstance(privacy, dict) else None
     model = raw.get("model", {})
     model_name = model.get("name") if isinstance(model, dict) else None
-    groups = MODEL_DEFAULTS.get((model_name, mode or "cross-silo"), ()) + MODE_DEFAULTS.get(mode, ())
-    for group in groups + PRIVACY_DEFAULTS.get(privacy_mode, ()):
+    model_groups = MODEL_DEFAULTS.get((model_name, mode or "cross-silo"), ())
+    for group in (
+        model_groups + MODE_DEFAULTS.get(mode, ()) + PRIVACY_DEFAULTS.get(privacy_mode, ())
+    ):
         # A group applies only as a whole: a user who picks the optimiser picks its settings too.
         if not any(_get(raw, dotted) is not None for dotted in group):
             for dotted, value in group.items():

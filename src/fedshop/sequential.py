@@ -32,6 +32,11 @@ client computes the same update in any chunk.
   returns the client's delta (a (C, …) stack of per-client updates, then weighted and summed).
 Both are checked against a plain loop over clients in tests/test_sequential.py.
 
+Loss: full cross-entropy over the catalogue (DEFAULT_LOSS), chosen on the validation item (the
+second-to-last) of Toys, never on test: on the first 4,000 Toys shoppers CE reached validation HR@10
+0.053 after 30 epochs, SASRec's BCE with one sampled negative 0.032 after 30 and 0.046 after 90
+(README, "Sequential recommendation"). `loss="bce"` remains available.
+
 Cross-silo (`mode = "cross-silo"`): the shards `load_amazon` deals users into are the clients; each
 silo trains with Adam on its own users' sequences for `local_epochs` epochs from the shared model and
 sends its change; example-weighted FedAvg.
@@ -539,7 +544,9 @@ def run_sequential_experiment(config: RunConfig, dataset: RecDataset, progress=N
         started = time.perf_counter()
 
         def on_round(record: RoundRecord) -> None:
-            progress.advance("federated", f"HR@10 {record.metrics['hr@10']:.3f}" if record.metrics else "")
+            progress.advance(
+                "federated", f"HR@10 {record.metrics['hr@10']:.3f}" if record.metrics else ""
+            )
 
         fed = run_federated_sequences(dataset, config, settings, on_round)
         methods["federated"] = method_result(fed.final, time.perf_counter() - started)
@@ -638,4 +645,4 @@ def _finite(value):
     return value if not isinstance(value, dict) else {k: _finite(v) for k, v in value.items()}
 
 
-__all__ = ["run_amazon", "run_sequential_experiment", "SEQUENTIAL_MODELS", "DataConfig"]
+__all__ = ["SEQUENTIAL_MODELS", "DataConfig", "run_amazon", "run_sequential_experiment"]

@@ -46,9 +46,11 @@ class UserSequences:
         """The sequences of `users` only, renumbered 0, 1, … in that order."""
         lengths = np.diff(self.indptr)[users]
         starts = self.indptr[users]
-        take = np.concatenate(
-            [np.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)]
-        ) if len(users) else np.zeros(0, dtype=np.int64)
+        take = (
+            np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)])
+            if len(users)
+            else np.zeros(0, dtype=np.int64)
+        )
         return UserSequences(
             np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
             self.items[take],

@@ -95,7 +95,7 @@ def hidden_states(
     d = table.shape[-1]
     L = items.shape[-1]
     maxlen = params["position_embedding"].shape[0]
-    if L > maxlen:
+    if maxlen < L:
         raise ValueError(f"sequences of {L} items are longer than maxlen {maxlen}")
     keep = mask.to(table.dtype).unsqueeze(-1)
     x = table[items.clamp(min=0)] * math.sqrt(d) + params["position_embedding"][maxlen - L :]
