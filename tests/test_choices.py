@@ -61,7 +61,9 @@ def test_dispatchers_build_what_the_name_says():
 
 
 def test_an_unknown_name_is_one_error_listing_the_accepted_ones():
-    with pytest.raises(ConfigError, match=r"^model must be one of mf-bpr, gmf, neumf, sasrec; got 'svd'$"):
+    with pytest.raises(
+        ConfigError, match=r"^model must be one of mf-bpr, gmf, neumf, sasrec; got 'svd'$"
+    ):
         get_model("svd")
     with pytest.raises(ConfigError, match=r"^accountant must be one of rdp, pld; got 'moments'$"):
         make_accountant("moments")

@@ -10,9 +10,7 @@ from tests.test_cli import assert_one_line_error, fedshop
 from fedshop.config import DataConfig, load_config
 from fedshop.data.datasets import load_dataset
 from fedshop.errors import ConfigError
-from fedshop.messages import AggregationPipeline
-from fedshop.models import sasrec
-from fedshop.sequential import (
+from fedshop.fl.sequences import (
     Examples,
     SeqSettings,
     client_message,
@@ -24,6 +22,8 @@ from fedshop.sequential import (
     summarise,
     trainable_users,
 )
+from fedshop.messages import AggregationPipeline
+from fedshop.models import sasrec
 
 SHAPE = sasrec.SasRecShape(dim=16, maxlen=20, blocks=2, dropout=0.0)
 

@@ -395,13 +395,36 @@ class RunConfig:
                 '[model] silo_item_bias is cross-silo only; set it to false for mode = "cross-device"'
             )
         if self.model.name == "sasrec":
-            from fedshop.sequential_config import check_sequential_config
-
-            check_sequential_config(self)
+            self._validate_sequential()
         if self.eval.split == "validation" and not self.data.validation:
             raise ConfigError('[eval] split = "validation" needs [data] validation = true')
         self._validate_cold_start()
         return self
+
+    def _validate_sequential(self) -> None:
+        """What a sequential run (`fl/sequences.py`) supports; anything else names the setting."""
+        name = self.model.name
+        if not self.data.dataset.startswith("amazon-"):
+            raise ConfigError(
+                f'[model] name = "{name}" reads each shopper\'s items in time order: it needs an '
+                "Amazon dataset (amazon-toys, amazon-beauty, amazon-sports, amazon-sequential), "
+                f"not {self.data.dataset}"
+            )
+        unsupported = {
+            '[data] leave_out = "last"': self.data.leave_out != "last",
+            f'[eval] protocol = "full" (full ranking only; drop --protocol {self.eval.protocol})': (
+                self.eval.protocol != "full"
+            ),
+            'no differential privacy ([privacy] mode = "none")': self.privacy.enabled,
+            'no protection ([protection] kind = "none")': self.protection.kind != "none",
+            "no cold-start evaluation ([eval] cold_start = 0)": bool(self.eval.cold_start),
+            "methods among federated, centralized, popularity": bool(
+                set(self.methods) - {"federated", "centralized", "popularity"}
+            ),
+        }
+        for needs, violated in unsupported.items():
+            if violated:
+                raise ConfigError(f'[model] name = "{name}" needs {needs}')
 
     def _validate_cold_start(self) -> None:
         if not self.eval.cold_start:
@@ -511,7 +534,7 @@ MODE_DEFAULTS: dict[str, tuple[dict[str, Any], ...]] = {
 }
 
 
-# Defaults of sequential models (fedshop/sequential.py) by (model, mode), applied before the
+# Defaults of sequential models (fl/sequences.py) by (model, mode), applied before the
 # mode's. Cross-device SASRec: one SGD step per shopper and FedAdam at Adam's usual step size, for
 # many more rounds than the user-vector models, evaluated every few hundred rounds (full ranking is
 # the costly part). Cross-silo: each shard trains Adam for an epoch, plain FedAvg.

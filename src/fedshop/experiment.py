@@ -266,10 +266,16 @@ def run_experiment(
     config: RunConfig, dataset: RecDataset, progress: Progress | None = None
 ) -> ExperimentResult:
     progress = progress or _Silent()
-    if config.model.name == "sasrec":  # sequential models train on sequences: fedshop/sequential
-        from fedshop.sequential import run_sequential_experiment
+    if config.model.name == "sasrec":  # a sequential model: fl/sequences.py trains its methods
+        from fedshop.fl.sequences import train_sequential
 
-        return run_sequential_experiment(config, dataset, progress)
+        runs = train_sequential(config, dataset, progress)
+        return ExperimentResult(
+            config, dataset,
+            {name: method_result(r.per_silo, r.seconds, r.curve) for name, r in runs.items()},
+            runs["federated"].history if "federated" in runs else [],
+            {k: v for r in runs.values() for k, v in r.weights.items()},
+        )  # fmt: skip
     if config.eval.protocol == "sampled-100":
         dataset = with_eval_negatives(dataset, 100, config.seed)
     # Before any training: a run that would overspend a budget stops here.
