@@ -1,4 +1,4 @@
-"""SASRec and its federated training (fedshop/sequential.py) on a slice of the real Toys file."""
+"""SASRec and its federated training (fl/sequences.py) on a slice of the real Toys file."""
 
 import dataclasses
 

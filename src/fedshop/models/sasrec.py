@@ -189,7 +189,7 @@ def _not_pairwise(users: Params, items: Params, dense: Params) -> torch.Tensor:
 
 
 # The registry entry (choices.MODELS): every parameter shared, no private user table. The pairwise
-# scorer of the user-vector models does not apply; `fedshop.sequential` trains and scores it.
+# scorer of the user-vector models does not apply; `fl/sequences.py` trains and scores it.
 SASREC = ModelSpec(
     name="sasrec",
     item_tables=(ITEM_TABLE,),
