@@ -62,7 +62,8 @@ def test_dispatchers_build_what_the_name_says():
 
 def test_an_unknown_name_is_one_error_listing_the_accepted_ones():
     with pytest.raises(
-        ConfigError, match=r"^model must be one of mf-bpr, gmf, neumf, mf-features; got 'svd'$"
+        ConfigError,
+        match=r"^model must be one of mf-bpr, gmf, neumf, mf-features, sasrec; got 'svd'$",
     ):
         get_model("svd")
     with pytest.raises(ConfigError, match=r"^accountant must be one of rdp, pld; got 'moments'$"):
@@ -82,7 +83,9 @@ def test_choices_and_help_read_the_registry():
     assert help_text("federated_mode") == (
         "cross-silo (silos are clients) or cross-device (every shopper is a client)"
     )
-    assert help_text("model") == "mf-bpr, gmf, neumf or mf-features (MF + item-feature tower)"
+    assert help_text("model") == (
+        "mf-bpr, gmf, neumf, mf-features (MF + item-feature tower) or sasrec (sequential; amazon-*)"
+    )
 
 
 def test_protections_tagged_for_deployment_are_the_ones_it_runs():

@@ -30,7 +30,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("messages",),  # fedshop/messages.py: the message and pipeline types privacy/ and secure/ share
     ("privacy", "secure"),  # stages on either side of the sum; neither needs the other
     ("fl",),  # the round: trains, aggregates through privacy/ and secure/
-    ("attacks", "experiment"),  # both train through fl/; neither uses the other
+    # All three train through fl/; none uses another (sequential: the SASRec benchmark entry).
+    ("attacks", "experiment", "sequential"),
     ("deploy", "report"),  # deploy runs an experiment across processes; report renders a result
     # The sweep runs experiments and the membership attack, then writes its HTML through report/.
     ("sweep",),

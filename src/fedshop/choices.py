@@ -97,6 +97,7 @@ MODELS = Registry(
         "fedshop.models.features:MF_FEATURES",
         frozenset({"item-features"}),
     ),
+    Choice("sasrec", "sequential; amazon-*", "fedshop.models.sasrec:SASREC"),
 )
 # Each rule's base pipeline: () -> AggregationPipeline.
 AGGREGATIONS = Registry(

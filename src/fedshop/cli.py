@@ -121,7 +121,9 @@ def _print_serve_command(result: ExperimentResult, folder: Path) -> None:
     """The one command that serves the run (a run without the federated model has none)."""
     import shlex
 
-    if "federated" in result.methods:
+    if result.config.model.name == "sasrec":  # `fedshop serve` refuses sequential runs
+        console.print("A sasrec run is not served: `fedshop serve` serves user-vector models.")
+    elif "federated" in result.methods:
         console.print("Serve it to shoppers (API and page on this machine):", highlight=False)
         console.print(
             f"  fedshop serve {shlex.quote(str(folder))}", highlight=False, soft_wrap=True

@@ -406,6 +406,8 @@ class RunConfig:
             raise ConfigError(
                 '[model] silo_item_bias is cross-silo only; set it to false for mode = "cross-device"'
             )
+        if self.model.name == "sasrec":
+            self._validate_sequential()
         if self.eval.split == "validation" and not self.data.validation:
             raise ConfigError('[eval] split = "validation" needs [data] validation = true')
         if self.eval.protocol == "ncf" and self.data.dataset != "movielens-1m":
@@ -439,6 +441,31 @@ class RunConfig:
                 f'[model] name = "{self.model.name}" does not run under differential privacy '
                 "yet (noise would move its fixed feature-id tables); use another model or no DP"
             )
+
+    def _validate_sequential(self) -> None:
+        """What a sequential run (`fl/sequences.py`) supports; anything else names the setting."""
+        name = self.model.name
+        if not self.data.dataset.startswith("amazon-"):
+            raise ConfigError(
+                f'[model] name = "{name}" reads each shopper\'s items in time order: it needs an '
+                "Amazon dataset (amazon-toys, amazon-beauty, amazon-sports, amazon-sequential), "
+                f"not {self.data.dataset}"
+            )
+        unsupported = {
+            '[data] leave_out = "last"': self.data.leave_out != "last",
+            f'[eval] protocol = "full" (full ranking only; drop --protocol {self.eval.protocol})': (
+                self.eval.protocol != "full"
+            ),
+            'no differential privacy ([privacy] mode = "none")': self.privacy.enabled,
+            'no protection ([protection] kind = "none")': self.protection.kind != "none",
+            "no cold-start evaluation ([eval] cold_start = 0)": bool(self.eval.cold_start),
+            "methods among federated, centralized, popularity": bool(
+                set(self.methods) - {"federated", "centralized", "popularity"}
+            ),
+        }
+        for needs, violated in unsupported.items():
+            if violated:
+                raise ConfigError(f'[model] name = "{name}" needs {needs}')
 
     def _validate_cold_start(self) -> None:
         if not self.eval.cold_start:
@@ -516,7 +543,12 @@ def load_config(
     mode = federated.get("mode") if isinstance(federated, dict) else None
     privacy = raw.get("privacy", {})
     privacy_mode = privacy.get("mode") if isinstance(privacy, dict) else None
-    for group in MODE_DEFAULTS.get(mode, ()) + PRIVACY_DEFAULTS.get(privacy_mode, ()):
+    model = raw.get("model", {})
+    model_name = model.get("name") if isinstance(model, dict) else None
+    model_groups = MODEL_DEFAULTS.get((model_name, mode or "cross-silo"), ())
+    for group in (
+        model_groups + MODE_DEFAULTS.get(mode, ()) + PRIVACY_DEFAULTS.get(privacy_mode, ())
+    ):
         # A group applies only as a whole: a user who picks the optimiser picks its settings too.
         if not any(_get(raw, dotted) is not None for dotted in group):
             for dotted, value in group.items():
@@ -540,6 +572,42 @@ MODE_DEFAULTS: dict[str, tuple[dict[str, Any], ...]] = {
         # every method trains the same model, so they are off for the baselines too.
         {"model.silo_item_bias": False},
     )
+}
+
+
+# Defaults of sequential models (fl/sequences.py) by (model, mode), applied before the
+# mode's. Cross-device SASRec: one SGD step per shopper and FedAdam at Adam's usual step size, for
+# many more rounds than the user-vector models, evaluated every few hundred rounds (full ranking is
+# the costly part). Cross-silo: each shard trains Adam for an epoch, plain FedAvg.
+_SASREC_COMMON: tuple[dict[str, Any], ...] = (
+    {"train.learning_rate": 5e-3},
+    {"train.batch_size": 128},
+    {"baselines.epochs": 12},
+    {"methods": ["federated", "centralized", "popularity"]},
+    {"model.silo_item_bias": False},
+)
+MODEL_DEFAULTS: dict[tuple[str, str], tuple[dict[str, Any], ...]] = {
+    ("sasrec", "cross-device"): (
+        {
+            "federated.server_optimizer": "fedadam",
+            "federated.server_learning_rate": 5e-3,
+            "federated.server_epsilon": 1e-8,
+            "federated.server_momentum": 0.9,
+        },
+        {"federated.local_epochs": 1, "federated.client_learning_rate": 1.0},
+        {"federated.rounds": 1800},  # 12 passes over Toys' shoppers at 128 per round
+        {"federated.clients_per_round": 128},
+        {"eval.eval_every": 300},
+        *_SASREC_COMMON,
+    ),
+    ("sasrec", "cross-silo"): (
+        {"federated.server_optimizer": "fedavg", "federated.server_learning_rate": 1.0},
+        {"federated.aggregation": "fedavg"},
+        {"federated.local_epochs": 1},
+        {"federated.rounds": 20},
+        {"eval.eval_every": 5},
+        *_SASREC_COMMON,
+    ),
 }
 
 

@@ -272,6 +272,16 @@ def run_experiment(
     config: RunConfig, dataset: RecDataset, progress: Progress | None = None
 ) -> ExperimentResult:
     progress = progress or _Silent()
+    if config.model.name == "sasrec":  # a sequential model: fl/sequences.py trains its methods
+        from fedshop.fl.sequences import train_sequential
+
+        runs = train_sequential(config, dataset, progress)
+        return ExperimentResult(
+            config, dataset,
+            {name: method_result(r.per_silo, r.seconds, r.curve) for name, r in runs.items()},
+            runs["federated"].history if "federated" in runs else [],
+            {k: v for r in runs.values() for k, v in r.weights.items()},
+        )  # fmt: skip
     # Item features for models that read them; [eval] cold_items: new products leave the dataset.
     dataset, new_products = prepare_items(config, dataset)
     dataset = for_protocol(dataset, config.eval.protocol, config.eval.split, config.seed)

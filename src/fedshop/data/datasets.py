@@ -16,6 +16,7 @@ from fedshop.data.cold_start import build_cohort, draw_cohort
 from fedshop.data.download import fetch
 from fedshop.data.interactions import RecDataset, build_dataset, sample_negatives
 from fedshop.data.partition import assign_silos, home_country
+from fedshop.data.sequences import build_sequences
 from fedshop.data.split import SplitPairs, leave_last_out, leave_random_out, temporal_split
 from fedshop.errors import ConfigError, DataError
 from fedshop.seeding import derive_seed
@@ -409,12 +410,9 @@ def load_amazon(config: DataConfig, seed: int, env: Environment) -> RecDataset:
     # Codes in order of first appearance: sequential files number users and items that way.
     user_codes, user_ids = pd.factorize(events["user"])
     item_codes, item_ids = pd.factorize(events["item"])
+    coded = pd.DataFrame({"user": user_codes, "item": item_codes, "order": events["position"]})
     split, split_rule = _leave_one_out(
-        config,
-        seed,
-        pd.DataFrame({"user": user_codes, "item": item_codes, "order": events["position"]}),
-        unit="item",
-        latest="last item in time order",
+        config, seed, coded, unit="item", latest="last item in time order"
     )
     shard_names, user_shard = amazon.random_shards(
         len(user_ids), config.silos, derive_seed(seed, "silos", "random-shards")
@@ -440,9 +438,14 @@ def load_amazon(config: DataConfig, seed: int, env: Environment) -> RecDataset:
     if sequences.time_range is not None:
         report["date_range"] = [str(pd.to_datetime(t, unit="s")) for t in sequences.time_range]
     item_ids = np.asarray(item_ids, dtype=object)
-    return _build(
+    dataset = _build(
         config.dataset, split, user_ids, item_ids, item_ids, shard_names, user_shard, report
     )
+    if config.leave_out != "last":  # sequences follow the time-ordered split only
+        return dataset
+    catalogue = np.unique(split.train["item"].to_numpy())
+    held = 2 if config.validation else 1
+    return replace(dataset, sequences=build_sequences(coded, len(user_ids), catalogue, held))
 
 
 def _leave_one_out(

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from fedshop.data.sequences import UserSequences
 from fedshop.data.split import SplitPairs
 from fedshop.seeding import derive_seed
 
@@ -85,6 +86,9 @@ class RecDataset:
     cold: ColdCohort | None = None
     # Public item features, items × features (data/item_features.py), for models that read them.
     item_features: sp.csr_matrix | None = None
+    # Sequential datasets (Amazon): every user's items in time order (`data/sequences.py`), for
+    # sequential models; the other models read only the matrices above.
+    sequences: UserSequences | None = None
 
     @property
     def n_users(self) -> int:

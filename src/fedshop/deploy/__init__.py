@@ -15,6 +15,11 @@ if TYPE_CHECKING:
 
 
 def check_deployable(config: RunConfig) -> None:
+    if config.model.name == "sasrec":
+        raise FedShopError(
+            "fedshop deploy runs the user-vector models (mf-bpr, gmf, neumf); sasrec runs in the "
+            "simulator only (fedshop train)"
+        )
     if config.federated.mode != "cross-silo":
         raise FedShopError(
             "fedshop deploy runs cross-silo federations (each party a process); "

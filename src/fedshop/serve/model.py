@@ -478,6 +478,11 @@ def read_serving(run_dir: Path) -> dict[str, Any]:
         }
     except (KeyError, TypeError, ValueError) as exc:
         raise FedShopError(f"cannot read {run_dir / SERVING}: bad or missing {exc}") from None
+    if serving["model"] == "sasrec":
+        raise FedShopError(
+            f"{run_dir} holds a sasrec run: `fedshop serve` serves user-vector models (mf-bpr, "
+            "gmf, neumf), not sequential ones; SASRec scores a shopper's item sequence"
+        )
     shared = run_dir / "models" / "federated" / "shared.safetensors"
     if not silos or not shared.is_file():
         methods = [
