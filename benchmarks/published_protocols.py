@@ -113,7 +113,7 @@ def cold_items(seeds: list[int], console: Console) -> dict:
     """10 % of the products held out of training entirely, ranked among the held-out products
     (and, under "among_all", in the whole catalogue). Amazon Toys is the headline (key
     `cold_items.hr@10.<method>`); Online Retail follows under `cold_items.online_retail`."""
-    from fedshop.cold_items import run
+    from fedshop.experiment import run_cold_items as run
 
     out: dict = {}
     for name, (dataset, mode, config) in COLD_ITEM_SETTINGS.items():

@@ -30,6 +30,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("messages",),  # fedshop/messages.py: the message and pipeline types privacy/ and secure/ share
     ("privacy", "secure"),  # stages on either side of the sum; neither needs the other
     ("fl",),  # the round: trains, aggregates through privacy/ and secure/
+    (
+        "cold_items",
+    ),  # new products: held out before training, evaluated after (experiment calls it)
     # All three train through fl/; none uses another (sequential: the SASRec benchmark entry).
     ("attacks", "experiment", "sequential"),
     ("deploy", "report"),  # deploy runs an experiment across processes; report renders a result

@@ -27,6 +27,7 @@ import torch
 from fedshop.config import Environment, RunConfig
 from fedshop.data.cold_items import ColdItems, hold_out_items
 from fedshop.data.interactions import RecDataset
+from fedshop.data.partition import slug
 from fedshop.eval.metrics import MetricSums, evaluate, summarise
 from fedshop.models.spec import ModelSpec, Params, get_model, score_all
 from fedshop.seeding import torch_generator
@@ -123,8 +124,6 @@ def federated_tables(
 ) -> tuple[Params, torch.Tensor | None]:
     """Every shopper's private rows and every storefront's offsets, from the federated run's
     per-storefront files (in a deployment they never meet: this is the evaluation's view)."""
-    from fedshop.experiment import slug
-
     users: Params = {}
     offsets = []
     for name in dataset.silo_names:
@@ -217,35 +216,3 @@ def _columns(matrix: sp.csr_matrix, positions: np.ndarray, width: int) -> sp.csr
     out = sp.csr_matrix((coo.data, (coo.row, positions[coo.col])), shape=(matrix.shape[0], width))
     out.sort_indices()
     return out
-
-
-def run(
-    dataset: str,
-    seed: int = 0,
-    mode: str = "cross-silo",
-    fraction: float = 0.1,
-    overrides: dict[str, Any] | None = None,
-    config_path: str | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Train the federated and centralized mf-features models with `fraction` of the catalogue held
-    out and return, per method, the among-cold metrics ("hr@10", "ndcg@10", "recall@20", "users")
-    plus "among_all" (the whole-catalogue ranking)."""
-    from fedshop.config import load_config
-    from fedshop.data.datasets import load_dataset
-    from fedshop.experiment import run_experiment
-
-    config = load_config(
-        config_path,
-        {
-            "data.dataset": dataset,
-            "seed": seed,
-            "federated.mode": mode,
-            "model.name": "mf-features",
-            "eval.cold_items": fraction,
-            "methods": ["federated", "centralized"],
-            **(overrides or {}),
-        },
-    )
-    result = run_experiment(config, load_dataset(config.data, seed=config.seed))
-    assert result.cold_items is not None
-    return result.cold_items["methods"]

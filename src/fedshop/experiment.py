@@ -14,11 +14,10 @@ federated model from their first-day basket (`evaluate_cold_start`).
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -27,6 +26,7 @@ from fedshop.cold_items import evaluate_cold_items
 from fedshop.cold_items import prepare as prepare_items
 from fedshop.config import ConfigError, RunConfig
 from fedshop.data.interactions import RecDataset, SiloData, for_protocol
+from fedshop.data.partition import slug
 from fedshop.eval.cold_start import ColdStartResult, evaluate_cohort
 from fedshop.eval.metrics import MetricSums, evaluate, summarise
 from fedshop.fl.cross_device import eligible_clients, run_cross_device
@@ -92,10 +92,6 @@ class ExperimentResult:
     cold_start: ColdStartResult | None = None
     # metrics.json "cold_items": new products held out of training ([eval] cold_items), or None
     cold_items: dict | None = None
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def method_result(per_silo: dict[str, MetricSums], seconds: float, curve=None) -> MethodResult:
@@ -446,3 +442,33 @@ def record_level_plan(config: RunConfig, silo_customers: Sequence[int] | None) -
         count_noise_multiplier=privacy.count_noise_multiplier,
         population=population,
     )  # fmt: skip
+
+
+def run_cold_items(
+    dataset: str,
+    seed: int = 0,
+    mode: str = "cross-silo",
+    fraction: float = 0.1,
+    overrides: dict[str, Any] | None = None,
+    config_path: str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Train the federated and centralized mf-features models with `fraction` of the catalogue held
+    out and return, per method, the among-cold metrics ("hr@10", "ndcg@10", "recall@20", "users")
+    plus "among_all" (the whole-catalogue ranking)."""
+    from fedshop.config import load_config
+    from fedshop.data.datasets import load_dataset
+
+    config = load_config(
+        config_path,
+        {
+            "data.dataset": dataset,
+            "seed": seed,
+            "federated.mode": mode,
+            "model.name": "mf-features",
+            "eval.cold_items": fraction,
+            "methods": ["federated", "centralized"],
+            **(overrides or {}),
+        },
+    )
+    result = run_experiment(config, load_dataset(config.data, seed=config.seed))
+    return result.cold_items["methods"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,3 +49,8 @@ def assign_silos(user_country: pd.Series, min_customers: int, max_silos: int = 0
         user_silo=silo_of.map(index).to_numpy(dtype=np.int64),
         merged_countries=tuple(small),
     )
+
+
+def slug(name: str) -> str:
+    """A silo name as it appears in file names and URLs ("United Kingdom" → "united-kingdom")."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
