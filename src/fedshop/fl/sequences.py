@@ -404,13 +404,28 @@ def round_sum(
 
 
 @dataclass
-class SequenceTransport:
-    """Cross-device rounds of SASRec: each sampled shopper trains on its own sequence."""
+class _SequenceRounds:
+    """What both sequence transports share: the data, the settings and how a model is scored."""
 
     dataset: RecDataset
     settings: SeqSettings
     seed: int
     split: str
+
+    def evaluate(self, round_number: int, shared: Params) -> dict[str, MetricSums]:
+        return evaluate_params(shared, self.dataset, self.split, self.settings.shape.maxlen)
+
+    def finish(self, shared: Params, evaluate: int | None) -> FinalEvaluation:
+        return FinalEvaluation(self.evaluate(-1, shared))
+
+    def recover(self) -> None:
+        pass
+
+
+@dataclass
+class SequenceTransport(_SequenceRounds):
+    """Cross-device rounds of SASRec: each sampled shopper trains on its own sequence."""
+
     unit: str = "shoppers"
     retries: bool = False
     client_dp_event: None = None
@@ -426,24 +441,11 @@ class SequenceTransport:
         total = round_sum(shared, examples, self.dataset.n_items, self.settings, generator)
         return RoundReply(total, list(clients))
 
-    def evaluate(self, round_number: int, shared: Params) -> dict[str, MetricSums]:
-        return evaluate_params(shared, self.dataset, self.split, self.settings.shape.maxlen)
-
-    def finish(self, shared: Params, evaluate: int | None) -> FinalEvaluation:
-        return FinalEvaluation(self.evaluate(-1, shared))
-
-    def recover(self) -> None:
-        pass
-
 
 @dataclass
-class SiloSequenceTransport:
+class SiloSequenceTransport(_SequenceRounds):
     """Cross-silo rounds: each silo (a shard of shoppers) trains Adam on its users' sequences."""
 
-    dataset: RecDataset
-    settings: SeqSettings
-    seed: int
-    split: str
     unit: str = "silos"
     retries: bool = False
     client_dp_event: None = None
@@ -467,15 +469,6 @@ class SiloSequenceTransport:
                 sums[k] += n * (trained[k] - shared[k])
             weight += n
         return RoundReply(Aggregate(sums, weight, len(clients)), list(clients))
-
-    def evaluate(self, round_number: int, shared: Params) -> dict[str, MetricSums]:
-        return evaluate_params(shared, self.dataset, self.split, self.settings.shape.maxlen)
-
-    def finish(self, shared: Params, evaluate: int | None) -> FinalEvaluation:
-        return FinalEvaluation(self.evaluate(-1, shared))
-
-    def recover(self) -> None:
-        pass
 
 
 @dataclass
