@@ -411,6 +411,8 @@ class _SequenceRounds:
     settings: SeqSettings
     seed: int
     split: str
+    retries: bool = False  # RoundDriver: a failed round is not retried (nothing here can fail)
+    client_dp_event: None = None  # no DP for sequence models (config validation refuses it)
 
     def evaluate(self, round_number: int, shared: Params) -> dict[str, MetricSums]:
         return evaluate_params(shared, self.dataset, self.split, self.settings.shape.maxlen)
@@ -427,8 +429,6 @@ class SequenceTransport(_SequenceRounds):
     """Cross-device rounds of SASRec: each sampled shopper trains on its own sequence."""
 
     unit: str = "shoppers"
-    retries: bool = False
-    client_dp_event: None = None
 
     def train(
         self, round_number: int, clients: Sequence[int], shared: Params, evaluate: int | None
@@ -447,8 +447,6 @@ class SiloSequenceTransport(_SequenceRounds):
     """Cross-silo rounds: each silo (a shard of shoppers) trains Adam on its users' sequences."""
 
     unit: str = "silos"
-    retries: bool = False
-    client_dp_event: None = None
 
     def train(
         self, round_number: int, clients: Sequence[int], shared: Params, evaluate: int | None
