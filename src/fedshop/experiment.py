@@ -290,6 +290,7 @@ def run_experiment(
         "popularity": lambda: popularity(config, dataset, progress),
     }
     runs = {name: train() for name, train in trainers.items() if name in config.methods}
+    weights = {k: v for run in runs.values() for k, v in run.weights.items()}
     federated = runs.get("federated")
     cold = None
     if dataset.cold is not None and federated is not None:
@@ -298,13 +299,12 @@ def run_experiment(
     cold_items = None
     if new_products is not None:
         progress.start(COLD_ITEMS_TASK, 1)
-        weights = {k: v for run in runs.values() for k, v in run.weights.items()}
         cold_items = evaluate_cold_items(config, dataset, new_products, weights)
         progress.advance(COLD_ITEMS_TASK)
     return ExperimentResult(
         config, dataset, {name: run.result for name, run in runs.items()},
         federated.history if federated else [],
-        {k: v for run in runs.values() for k, v in run.weights.items()},
+        weights,
         guard.summary() if guard is not None else PrivacySummary(),
         federated.protection if federated else ProtectionSummary(),
         cold,

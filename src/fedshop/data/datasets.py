@@ -14,7 +14,7 @@ from fedshop.data import amazon, movielens, ncf_protocol, online_retail
 from fedshop.data.cold_start import RULE as COLD_START_RULE
 from fedshop.data.cold_start import build_cohort, draw_cohort
 from fedshop.data.download import fetch
-from fedshop.data.interactions import RecDataset, build_dataset, sample_negatives
+from fedshop.data.interactions import RecDataset, build_dataset, with_eval_negatives
 from fedshop.data.partition import assign_silos, home_country
 from fedshop.data.sequences import build_sequences
 from fedshop.data.split import SplitPairs, leave_last_out, leave_random_out, temporal_split
@@ -373,13 +373,8 @@ def _with_ncf_negatives(
         # As published; NCF's evaluation scores a duplicate of the test item once, as we do.
         counts[f"ncf_negatives_rated_in_{name}_kept"] = int((rated > 0).sum())
     validation_negatives = None
-    if dataset.validation is not None:
-        interacted = (dataset.train + dataset.test + dataset.validation).tocsr()
-        interacted.sort_indices()
-        rows = np.flatnonzero(np.diff(dataset.validation.indptr) > 0)
-        rng = np.random.default_rng(derive_seed(seed, "eval", "ncf-validation-negatives"))
-        validation_negatives = np.full((dataset.n_users, per_user), -1, dtype=np.int64)
-        validation_negatives[rows] = sample_negatives(interacted, rows, per_user, rng)
+    if dataset.validation is not None:  # drawn as sampled-100 draws them, 99 per user
+        validation_negatives = with_eval_negatives(dataset, per_user, seed).eval_negatives
     return replace(
         dataset, eval_negatives=test_negatives, validation_negatives=validation_negatives
     )

@@ -92,9 +92,7 @@ def curve_figure(metrics: dict[str, Any], metric: str = "hr@10") -> plt.Figure:
             )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round (federated) / epoch (centralized)")
-    protocol = {"full": "full ranking", "sampled-100": "sampled-100", "ncf": "NCF protocol"}.get(
-        metrics.get("protocol", "full"), str(metrics.get("protocol"))
-    )
+    protocol = PROTOCOL_LABELS.get(metrics.get("protocol", "full"), str(metrics.get("protocol")))
     ax.set_ylabel(f"{metric.upper()} ({metrics.get('split', 'test')}, {protocol})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
@@ -111,6 +109,7 @@ def curve_svg(metrics: dict[str, Any], metric: str = "hr@10") -> str:
     return svg[svg.find("<svg") :]
 
 
+PROTOCOL_LABELS = {"full": "full ranking", "sampled-100": "sampled-100", "ncf": "NCF protocol"}
 PROTOCOL_TEXT = {
     "full": "every catalogue item ranked, the customer's training items excluded",
     "sampled-100": "each held-out item ranked against 100 sampled items the customer never "

@@ -15,7 +15,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
-from fedshop.report.html import ATTRIBUTION, CSS, PROTOCOL_TEXT, _fmt, _table
+from fedshop.report.html import ATTRIBUTION, CSS, PROTOCOL_LABELS, PROTOCOL_TEXT, _fmt, _table
 
 METRIC_LABELS = {"hr@10": "HR@10", "ndcg@10": "NDCG@10"}
 METRIC_COLOURS = {"hr@10": "C0", "ndcg@10": "C1"}
@@ -185,9 +185,7 @@ def sweep_svg(sweep: dict[str, Any]) -> str:
 def _protocol_name(sweep: dict[str, Any]) -> str:
     """The protocol for the y label; only known names, so no text from the JSON reaches matplotlib
     (where "$" would start mathtext and the SVG would carry it in comments)."""
-    return {"full": "full ranking", "sampled-100": "sampled-100", "ncf": "NCF protocol"}.get(
-        sweep.get("protocol"), ""
-    )
+    return PROTOCOL_LABELS.get(sweep.get("protocol"), "")
 
 
 def _table_rows(points: list[dict[str, Any]]) -> list[list[str]]:
