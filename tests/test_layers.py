@@ -33,8 +33,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     (
         "cold_items",
     ),  # new products: held out before training, evaluated after (experiment calls it)
-    # All three train through fl/; none uses another (sequential: the SASRec benchmark entry).
-    ("attacks", "experiment", "sequential"),
+    # All four train through fl/ or on their own; none uses another (sequential: the SASRec
+    # benchmark entry; vertical: feature-split learning between parties aligned by PSI).
+    ("attacks", "experiment", "sequential", "vertical"),
     ("deploy", "report"),  # deploy runs an experiment across processes; report renders a result
     # The sweep runs experiments and the membership attack, then writes its HTML through report/.
     ("sweep",),
