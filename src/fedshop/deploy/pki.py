@@ -81,6 +81,62 @@ def make_tls(folder: Path, hosts: list[str], days: int = 365) -> TlsFiles:
     return files
 
 
+@dataclass(frozen=True)
+class LinkFiles:
+    """One party's files for a direct party-to-party link (the vertical PSI's): the link CA's
+    certificate and the party's own certificate and key, good for TLS server and client alike."""
+
+    ca: Path
+    certificate: Path
+    key: Path
+
+
+def make_link_certs(folder: Path, parties: list[str], hosts: list[str], days: int = 30) -> dict:
+    """A CA of its own for the parties' direct link and a certificate per party (both ends of the
+    link authenticate: each is a TLS server and client), valid for `hosts`. A CA apart from the
+    SuperLink's: a link certificate opens only the link, a SuperLink one only the SuperLink. As in
+    `make_tls`, the CA's private key is never written."""
+    private_dir(folder)
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "FedShop party link CA")])
+    ca = (
+        _builder(ca_name, ca_name, ca_key.public_key(), now, days)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_usage(cert_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    write_private(folder / "link-ca.crt", ca.public_bytes(_PEM))
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    files = {}
+    for party in parties:
+        key = ec.generate_private_key(ec.SECP384R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, party)])
+        certificate = (
+            _builder(subject, ca_name, key.public_key(), now, days)
+            .add_extension(
+                x509.SubjectAlternativeName([_subject_alt_name(h) for h in hosts]), False
+            )
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        entry = LinkFiles(folder / "link-ca.crt", folder / f"{party}.crt", folder / f"{party}.key")
+        write_private(entry.certificate, certificate.public_bytes(_PEM))
+        write_private(
+            entry.key,
+            key.private_bytes(
+                _PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+            ),
+        )
+        files[party] = entry
+    return files
+
+
 def make_node_keys(folder: Path, name: str) -> tuple[Path, Path]:
     """A SuperNode's (private, public) key files; only the public one leaves the silo."""
     private_dir(folder)

@@ -52,6 +52,7 @@ class Silo:
     state: Path
     private_key: Path | None = None
     public_key: Path | None = None
+    extra_config: dict[str, str] = field(default_factory=dict)  # more of its --node-config
 
 
 @dataclass
@@ -154,6 +155,7 @@ class LocalFederation:
 
     def start_silo(self, silo: Silo, private_key: Path | None = None) -> subprocess.Popen:
         node_config = f'silo-data="{silo.data}" state-dir="{silo.state}"'
+        node_config += "".join(f' {k}="{v}"' for k, v in silo.extra_config.items())
         command = [
             str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.public_port}",
             "--port", str(free_port()), "--node-config", node_config,

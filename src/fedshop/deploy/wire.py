@@ -115,3 +115,29 @@ def record_metrics(content: RecordDict, silo: int, name: str = "metrics") -> Met
     if users < 0 or not all(math.isfinite(v) and v >= 0 for v in sums.values()):
         raise BadReplyError("metric sums must be finite and not negative")
     return MetricSums(sums, users)
+
+
+def arrays_record(arrays: dict) -> ArrayRecord:
+    """A vertical exchange's arrays (numbers only: customers travel as positions, never as ids)."""
+    import numpy as np
+    from flwr.app import Array
+
+    record = {}
+    for name, value in arrays.items():
+        array = np.ascontiguousarray(value)
+        if array.dtype.kind not in "biuf":
+            raise FedShopError(f"'{name}' is {array.dtype}: only numbers cross the cut")
+        record[name] = Array(array)
+    return ArrayRecord(record)
+
+
+def record_arrays(record: ArrayRecord) -> dict:
+    """The arrays of a vertical exchange, numbers only (`BadReplyError` otherwise)."""
+    try:
+        arrays = {name: value.numpy() for name, value in record.items()}
+    except (TypeError, ValueError) as exc:
+        raise BadReplyError(f"a malformed array ({type(exc).__name__}: {exc})") from None
+    for name, array in arrays.items():
+        if array.dtype.kind not in "biuf":
+            raise BadReplyError(f"'{name}' is {array.dtype}: only numbers cross the cut")
+    return arrays

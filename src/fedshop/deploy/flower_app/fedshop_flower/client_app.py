@@ -1,4 +1,5 @@
-"""The ClientApp: one silo (fedshop.deploy.silo_app, fedshop.deploy.silo_secagg).
+"""The ClientApp: one silo (fedshop.deploy.silo_app, fedshop.deploy.silo_secagg), or in a vertical
+run one feature holder (fedshop.deploy.vertical_party).
 
 Flower starts a process per message: each handler imports only what it needs, so that the secure
 aggregation steps do not pay for importing PyTorch.
@@ -29,6 +30,20 @@ def secagg(message: Message, context: Context) -> Message:
     from fedshop.deploy.silo_secagg import handle_step
 
     return handle_step(message, context)
+
+
+@app.query("vertical")
+def vertical_query(message: Message, context: Context) -> Message:
+    from fedshop.deploy.vertical_party import handle
+
+    return handle(message, context)
+
+
+@app.train("vertical")
+def vertical_train(message: Message, context: Context) -> Message:
+    from fedshop.deploy.vertical_party import handle
+
+    return handle(message, context)
 
 
 @app.evaluate()

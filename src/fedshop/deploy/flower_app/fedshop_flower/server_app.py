@@ -1,4 +1,5 @@
-"""The ServerApp: FedShop's federated server (fedshop.deploy.server_app.serve)."""
+"""The ServerApp: FedShop's federated server (fedshop.deploy.server_app.serve), or in a vertical run
+the label holder (fedshop.deploy.vertical_server.serve_vertical)."""
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -10,4 +11,9 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    serve(grid, context)
+    if str(context.run_config.get("task", "recommend")) == "vertical":
+        from fedshop.deploy.vertical_server import serve_vertical
+
+        serve_vertical(grid, context)
+    else:
+        serve(grid, context)
