@@ -399,7 +399,8 @@ class FeatureHolder:
         meta = json.loads((folder / "state.json").read_text())
         if meta["aligned"] != {"count": self.n_aligned, "sha256": digest(self.aligned_ids)}:
             raise SplitProtocolError(f"{self.name}: saved state is for another intersection")
-        if meta["plan"] != self.plan.to_dict() or meta["columns"] != self.columns.to_dict():
+        mine = json.loads(json.dumps([self.plan.to_dict(), self.columns.to_dict()]))
+        if [meta["plan"], meta["columns"]] != mine:
             raise SplitProtocolError(f"{self.name}: saved state is for another plan or columns")
         self.encoding = Encoding.from_dict(meta["encoding"])
         self._encode()
@@ -574,6 +575,11 @@ class LabelHolder:
 
     def fit_local(self, epochs: int) -> float:
         """`epochs` passes of mini-batch steps on the top and own bottom model, activations fixed."""
+        with torch.random.fork_rng(devices=[]):  # dropout draws from the global stream: seed it
+            torch.manual_seed(derive_seed(self.plan.seed, "vertical", "dropout", self.epochs))
+            return self._fit_local(epochs)
+
+    def _fit_local(self, epochs: int) -> float:
         self.bottom.train()
         self.top.train()
         total, count = 0.0, 0
