@@ -1,0 +1,29 @@
+"""ROC AUC without scikit-learn: the Mann–Whitney statistic, ties counted as one half."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """P(score of a random positive > score of a random negative) + ½ P(equal); NaN without both."""
+    scores = np.asarray(scores, dtype=np.float64)
+    positive = np.asarray(positive, dtype=bool)
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="stable")
+    sorted_scores = scores[order]
+    ranks = np.empty(len(scores), dtype=np.float64)
+    # Average rank within each run of equal scores (1-based).
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    ends = np.r_[starts[1:], len(scores)]
+    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def macro_auc(probabilities: np.ndarray, labels: np.ndarray) -> tuple[float, list[float]]:
+    """Mean one-vs-rest AUC over the classes (columns of `probabilities`), and each class's AUC."""
+    per_class = [roc_auc(probabilities[:, k], labels == k) for k in range(probabilities.shape[1])]
+    return float(np.nanmean(per_class)), per_class
