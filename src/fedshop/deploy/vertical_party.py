@@ -31,7 +31,9 @@ from fedshop.errors import FedShopError
 from fedshop.storage.private_files import private_dir, write_private
 
 _RUN = re.compile(r"[A-Za-z0-9_-]{1,64}")
-ALIGNED_FILE = "aligned.json"
+ALIGNED_FILE = "aligned.json"  # the intersection PSI revealed to this party
+TRAINED_FILE = "trained.json"  # the customers the run trains on (a subset of it)
+PLAN_FILE = "plan.json"
 HOLDER_DIR = "holder"
 
 
@@ -107,28 +109,37 @@ class FeaturePartyNode:
         )
 
     def split(self, task: ConfigRecord, content: RecordDict) -> RecordDict:
-        from fedshop.vertical.split_learning import FeatureHolder, SplitPlan
+        import numpy as np
+
+        from fedshop.vertical.split_learning import FeatureHolder, Plan
 
         folder = self.run_folder(task)
         kind = str(task["kind"])
-        holder_dir = folder / HOLDER_DIR
         message = wire.record_arrays(content["message"]) if "message" in content else {}
         if kind == "setup":
-            aligned_file = folder / ALIGNED_FILE
-            if not aligned_file.exists():
+            if not (folder / ALIGNED_FILE).exists():
                 raise FedShopError(
                     "no aligned customers for this run: the PSI did not reveal the intersection "
-                    "to this party (reveal_to must be 'both' for training)"
+                    "to this party (psi.reveal_to must be 'both' for training)"
                 )
-            aligned = json.loads(aligned_file.read_text())
-            plan = SplitPlan.from_json(str(task["plan"]))
-            holder = FeatureHolder.for_party(self.party, aligned, plan)
-        else:
-            if not holder_dir.exists():
-                raise FedShopError(f"a {kind!r} request before this run's setup")
-            holder = FeatureHolder.load(holder_dir)
+            found = np.asarray(json.loads((folder / ALIGNED_FILE).read_text()), dtype=np.int64)
+            # With several feature holders the label holder trains on the customers every one of
+            # them holds: `keep` marks those among this party's intersection with it.
+            keep = message.pop("keep", None)
+            if keep is None or keep.shape != found.shape:
+                raise FedShopError("a setup request without a keep mask over the intersection")
+            write_private(folder / TRAINED_FILE, json.dumps(found[keep.astype(bool)].tolist()))
+            write_private(folder / PLAN_FILE, str(task["plan"]))
+        if not (folder / PLAN_FILE).exists():
+            raise FedShopError(f"a {kind!r} request before this run's setup")
+        aligned = np.asarray(json.loads((folder / TRAINED_FILE).read_text()), dtype=np.int64)
+        plan = Plan.from_dict(json.loads((folder / PLAN_FILE).read_text()))
+        party = self.party
+        holder = FeatureHolder(party.frame, party.columns, aligned, plan, name=party.name)
+        if kind != "setup":
+            holder.load(folder / HOLDER_DIR)
         reply = holder.handle(kind, message)
-        holder.save(private_dir(holder_dir))
+        holder.save(private_dir(folder / HOLDER_DIR))
         return RecordDict({"message": wire.arrays_record(reply)})
 
 

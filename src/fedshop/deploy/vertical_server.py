@@ -112,14 +112,14 @@ class FeatureParties:
 
 
 class GridSplitTransport:
-    """`train_split`'s transport over Flower: one exchange = one message to each feature holder."""
+    """`train_split`'s transport over Flower: one exchange = one message to each feature holder.
+    The setup request carries the plan and, per holder, the mask of its intersection the run trains
+    on (the customers every feature holder has)."""
 
-    def __init__(self, parties: FeatureParties, run: str, plan_json: str) -> None:
-        self.parties, self.run, self.plan_json = parties, run, plan_json
+    def __init__(self, parties: FeatureParties, run: str, plan_json: str, keep: dict) -> None:
+        self.parties, self.run, self.plan_json, self.keep = parties, run, plan_json, keep
         self.index_of = {name: index for index, name in parties.names.items()}
-        self.bytes_sent = 0
-        self.bytes_received = 0
-        self.exchanges = 0
+        self.names = tuple(parties.names[i] for i in sorted(parties.names))
 
     def exchange(self, requests: dict) -> dict:
         contents = {}
@@ -127,17 +127,14 @@ class GridSplitTransport:
             task = _task("split", run=self.run, kind=kind)
             if kind == "setup":
                 task["plan"] = self.plan_json
-            record = wire.arrays_record(message)
-            self.bytes_sent += sum(int(a.numpy().nbytes) for a in record.values())
-            contents[self.index_of[name]] = (RecordDict({"task": task, "message": record}), _TRAIN)
+                message = {**message, "keep": self.keep[name]}
+            record = RecordDict({"task": task, "message": wire.arrays_record(message)})
+            contents[self.index_of[name]] = (record, _TRAIN)
         replies = self.parties.ask(contents, self.parties.timeout)
-        self.exchanges += 1
-        out = {}
-        for index, content in replies.items():
-            arrays = wire.record_arrays(content["message"])
-            self.bytes_received += sum(int(a.nbytes) for a in arrays.values())
-            out[self.parties.names[index]] = arrays
-        return out
+        return {
+            self.parties.names[index]: wire.record_arrays(content["message"])
+            for index, content in replies.items()
+        }
 
 
 def _task(step: str, **values) -> ConfigRecord:
@@ -186,17 +183,16 @@ def run_psi(parties: FeatureParties, index: int, ids: list[str], settings, confi
 
 
 def serve_vertical(grid: Grid, context) -> None:
-    from fedshop.vertical.scenario import read_party_file
+    import numpy as np
+
+    from fedshop.vertical.scenario import PartyTable
     from fedshop.vertical.settings import load_vertical_config
-    from fedshop.vertical.split_learning import (
-        LabelHolder,
-        evaluate_split,
-        train_label_only,
-        train_split,
-    )
+    from fedshop.vertical.simulate import NoPartners, block
+    from fedshop.vertical.split_learning import LabelHolder, train_split
 
     settings = context.run_config
     config = load_vertical_config(Path(str(settings["config-path"])))
+    plan = config.plan
     out = private_dir(Path(str(settings["out-dir"])))
     log = _Log(out / "server.log")
     registered = SiloNodes.read(Path(str(settings["node-silos"])))
@@ -205,50 +201,67 @@ def serve_vertical(grid: Grid, context) -> None:
     )
     parties.wait_for_all(float(settings["wait-timeout"]))
     log(f"feature holders online: {', '.join(parties.names[i] for i in sorted(parties.names))}")
-    label = read_party_file(Path(str(settings["label-data"])))
+    label = PartyTable.load(Path(str(settings["label-data"])))
+    ids = [int(i) for i in label.ids]
     run = secrets.token_hex(8)  # this run's state folder at every feature holder
 
-    psi_report: dict = {"protocol": config.psi.protocol, "reveal_to": config.psi.reveal_to}
-    aligned: dict[str, list[str]] = {}
+    psi_report: dict = {
+        "protocol": config.psi.protocol,
+        "reveal_to": config.psi.reveal_to,
+        "label_holder_customers": len(ids),
+        "with": {},
+    }
+    found: dict[str, np.ndarray] = {}
     for index in sorted(parties.names):
-        result, remote = run_psi(parties, index, list(label.ids), settings, config, run)
+        result, remote = run_psi(parties, index, ids, settings, config, run)
         name = parties.names[index]
-        aligned[name] = list(result.intersection)
-        psi_report[name] = {
-            "label_holder_size": len(label.ids),
+        if result.intersection is None:
+            raise FedShopError("the PSI revealed no intersection to the label holder")
+        found[name] = np.sort(np.asarray([int(i) for i in result.intersection], dtype=np.int64))
+        psi_report["with"][name] = {
             "intersection_size": result.intersection_size,
+            "feature_holder_customers": result.peer_size,
             "seconds": round(result.seconds, 3),
-            "bytes_label_to_feature": result.bytes_sent,
-            "bytes_feature_to_label": result.bytes_received,
             "feature_holder_learned_intersection": bool(remote["learned-intersection"]),
         }
         log(f"PSI with {name}: {result.intersection_size} common customers "
             f"({result.seconds:.2f} s, {config.psi.protocol})")  # fmt: skip
+    aligned = next(iter(found.values()))
+    for values in found.values():
+        aligned = np.intersect1d(aligned, values)
+    if len(aligned) == 0:
+        raise FedShopError(
+            "no customer is held by the label holder and every feature holder: nothing to train"
+        )
+    psi_report["aligned_customers"] = len(aligned)
+    keep = {name: np.isin(values, aligned).astype(np.uint8) for name, values in found.items()}
 
-    started = time.perf_counter()
-    holder = LabelHolder.for_party(label, aligned, config.plan)
-    transport = GridSplitTransport(parties, run, config.plan.to_json())
-    trained = train_split(holder, transport, config.plan, progress=log)
-    joint = evaluate_split(holder, transport, trained)
-    joint["seconds"] = round(time.perf_counter() - started, 3)
-    log(f"joint model: macro AUC {joint['macro_auc']:.4f}")
-    started = time.perf_counter()
-    alone = train_label_only(label, aligned, config.plan)
-    alone["seconds"] = round(time.perf_counter() - started, 3)
-    log(f"label holder alone: macro AUC {alone['macro_auc']:.4f}")
+    holder = LabelHolder(label.frame, label.columns, aligned, plan)
+    transport = GridSplitTransport(parties, run, json.dumps(plan.to_dict()), keep)
+    joint = train_split(holder, transport, plan, progress=lambda e: log(_progress(e)))
+    log(f"joint model: macro AUC {joint.metrics['macro_auc']:.4f}")
+    alone = train_split(LabelHolder(label.frame, label.columns, aligned, plan), NoPartners(), plan)
+    log(f"label holder alone: macro AUC {alone.metrics['macro_auc']:.4f}")
     outcome = {
-        "joint": joint,
-        "label_holder_only": alone,
+        "joint": block(joint),
+        "label_holder_only": block(alone),
         "psi": psi_report,
-        "exchanges": transport.exchanges,
-        "bytes_across_cut": {
-            "label_to_feature": transport.bytes_sent,
-            "feature_to_label": transport.bytes_received,
+        "exchanges": joint.exchanges,
+        "bytes": {
+            "to_feature_holders": joint.bytes_to_feature_holders,
+            "to_label_holder": joint.bytes_to_label_holder,
         },
-        "feature_holders": [parties.names[i] for i in sorted(parties.names)],
+        "history": joint.history,
+        "feature_holders": list(transport.names),
+        "aligned_rentals": len(holder.labels),
+        "platform_rentals_not_aligned": holder.rows_dropped_unaligned,
     }
     write_private(out / OUTCOME_FILE, json.dumps(outcome, indent=1) + "\n")
     log("finished")
+
+
+def _progress(entry: dict) -> str:
+    return f"exchange {entry['exchanges']}: round {entry['round']}, loss {entry['train_loss']:.4f}"
 
 
 class _Log:

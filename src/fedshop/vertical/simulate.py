@@ -99,7 +99,7 @@ def pooled(scenario: Scenario) -> tuple[object, Columns]:
     return frame, columns
 
 
-def _block(result: SplitResult) -> dict:
+def block(result: SplitResult) -> dict:
     m = result.metrics
     return {
         "macro_auc": m["macro_auc"],
@@ -168,6 +168,17 @@ def attack_features(
     return out
 
 
+def build_scenario(settings: VerticalSettings, seed: int) -> Scenario:
+    """The parties' tables for `settings` (the deployment writes each into its party's file)."""
+    data = subsample(load_renttherunway(settings.data_dir_or_env()), settings.max_customers, seed)
+    scenario = renttherunway_scenario(data, settings.fractions, seed)
+    if settings.feature_holders == 2:
+        return split_features(scenario)
+    if settings.feature_holders != 1:
+        raise ConfigError("feature_holders is 1 (the partner) or 2 (body and profile)")
+    return scenario
+
+
 def run_vertical(
     scenario_settings: VerticalSettings | Mapping | None = None,
     plan: Plan | None = None,
@@ -180,12 +191,7 @@ def run_vertical(
         else VerticalSettings.from_dict(scenario_settings or {})
     )
     plan = replace(plan or Plan(), seed=seed)
-    data = subsample(load_renttherunway(settings.data_dir_or_env()), settings.max_customers, seed)
-    scenario = renttherunway_scenario(data, settings.fractions, seed)
-    if settings.feature_holders == 2:
-        scenario = split_features(scenario)
-    elif settings.feature_holders != 1:
-        raise ConfigError("feature_holders is 1 (the partner) or 2 (body and profile)")
+    scenario = build_scenario(settings, seed)
     # The simulator computes the intersection in the clear; a deployment passes PSI's output.
     aligned = scenario.aligned_ids() if psi_intersection is None else np.asarray(psi_intersection)
     record = {3, 2 + plan.rounds // 2, 2 + plan.rounds}  # first, middle and last backward
@@ -206,7 +212,7 @@ def run_vertical(
         },
         "plan": plan.to_dict(),
         "seed": seed,
-        "joint": _block(joint),
+        "joint": block(joint),
         "exchanges": joint.exchanges,
         "bytes": {
             "to_feature_holders": joint.bytes_to_feature_holders,
@@ -221,10 +227,10 @@ def run_vertical(
 
     if settings.baselines:
         alone = LabelHolder(scenario.label.frame, scenario.label.columns, aligned, plan)
-        out["label_holder_only"] = _block(train_split(alone, NoPartners(), plan))
+        out["label_holder_only"] = block(train_split(alone, NoPartners(), plan))
         frame, columns = pooled(scenario)
         central = LabelHolder(frame, columns, aligned, plan)
-        out["centralized"] = _block(train_split(central, NoPartners(), plan))
+        out["centralized"] = block(train_split(central, NoPartners(), plan))
         out["joint_vs_centralized"] = joint.metrics["macro_auc"] / out["centralized"]["macro_auc"]
 
     protection: dict = {
@@ -253,7 +259,7 @@ def run_vertical(
             "epsilon": label_dp_epsilon(
                 settings.protect_noise, result.gradient_releases, plan.delta
             ),
-            "joint": _block(result),
+            "joint": block(result),
             "macro_auc_cost": joint.metrics["macro_auc"] - result.metrics["macro_auc"],
             "attacks": attack_labels(safe_label, safe_transport, seed),
         }
