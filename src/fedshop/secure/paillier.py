@@ -174,6 +174,19 @@ def _unpack(message: bytes, public_key: PaillierPublicKey, count: int, who: str)
     return ciphertexts
 
 
+def pack_ciphertexts(ciphertexts: Sequence[int], public_key: PaillierPublicKey) -> bytes:
+    """Raw ciphertexts as one message, each as wide as n² (the format every party here reads)."""
+    return _pack(ciphertexts, _ciphertext_bytes(public_key))
+
+
+def unpack_ciphertexts(
+    message: bytes, public_key: PaillierPublicKey, count: int, who: str
+) -> list[int]:
+    """The raw ciphertexts in a `pack_ciphertexts` message; a wrong length or a value outside
+    [1, n²) raises `ProtectionError` naming `who` sent it."""
+    return _unpack(message, public_key, count, who)
+
+
 # ---------------------------------------------------------------------------------------------
 # The three parties
 # ---------------------------------------------------------------------------------------------
@@ -202,6 +215,13 @@ class PaillierKeyHolder:
             # Only a silo that encrypted out-of-range plaintexts can make the sum overflow.
             raise ProtectionError(f"the Paillier aggregate does not decode: {error}") from None
         return layout.decode(sums)
+
+    def decrypt_residues(self, message: bytes, count: int, who: str) -> list[int]:
+        """The plaintexts of `count` packed ciphertexts as residues in [0, n), undecoded: for
+        protocols whose plaintexts are masked with a uniform value mod n (vertical logistic
+        regression), which phe's signed decoding would reject as overflow."""
+        ciphertexts = _unpack(message, self._public, count, who)
+        return [self._private.raw_decrypt(c) for c in ciphertexts]
 
 
 class PaillierSilo:
