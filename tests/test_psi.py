@@ -6,6 +6,7 @@ either party receives are captured by a relay between them and searched for what
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import ipaddress
@@ -94,7 +95,8 @@ def encodings(customer_id: str) -> list[bytes]:
     plain = customer_id.encode()
     digest = hashlib.sha256(plain)
     key = encode_id(customer_id)
-    return [plain, digest.digest(), digest.hexdigest().encode(), key.encode(), bytes.fromhex(key)]
+    raw_key = base64.urlsafe_b64decode(key + "==")
+    return [plain, digest.digest(), digest.hexdigest().encode(), key.encode(), raw_key]
 
 
 @pytest.mark.parametrize("reveal_to", ["both", "label"])

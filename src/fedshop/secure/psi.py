@@ -28,12 +28,13 @@ What each side learns:
   it, or the openmined client sends it); with reveal_to="label", nothing but the label holder's set
   size — spu's sender then reports no intersection count either (`intersection_size` is None).
 
-Ids are strings (integers are written in decimal; other types are refused). Each is encoded as the
-hex SHA-256 of a domain-separated UTF-8 string before it reaches a protocol, so commas, quotes or
-newlines in ids cannot corrupt spu's CSV files, and mapped back afterwards. The hash is an
-encoding, not protection: no protocol sends it in the clear (tests/test_psi.py searches the wire
-bytes for it). Duplicate ids are dropped before the PSI and counted (`PsiResult.duplicates`); an
-empty list, an empty id or an id of another type is a `FedShopError`.
+Ids are strings (integers are written in decimal; other types are refused). Each is encoded as a
+truncated SHA-256 of a domain-separated UTF-8 string (`encode_id`) before it reaches a protocol, so
+commas, quotes or newlines in ids cannot corrupt spu's CSV files, and mapped back afterwards. The
+hash is an encoding, not protection (ids can be guessed and hashed): no protocol sends a
+non-member's key in the clear (tests/test_psi.py searches the wire bytes for every encoding).
+Duplicate ids are dropped before the PSI and counted (`PsiResult.duplicates`); an empty list, an
+empty id or an id of another type is a `FedShopError`.
 
 The link (spu's brpc, one listening port per party): run it with TLS (`PsiTls`) on any network
 that others can reach. Both sides then present a certificate signed by the CA the two companies
@@ -47,6 +48,7 @@ checked, not a host name: the CA must sign certificates for the two parties of t
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import numbers
 import socket
@@ -122,9 +124,12 @@ def require_backend(protocol: str) -> None:
 
 
 def encode_id(customer_id: str) -> str:
-    """The CSV-safe key an id travels under into a protocol: hex SHA-256 of a domain-separated
-    UTF-8 string."""
-    return hashlib.sha256(_DOMAIN + customer_id.encode("utf-8")).hexdigest()
+    """The CSV-safe key an id travels under into a protocol: the first 128 bits of the SHA-256 of a
+    domain-separated UTF-8 string, in URL-safe base64 (22 characters). 128 bits: two different ids
+    of two million collide with probability below 2^-86; shorter keys than the full hex digest
+    (64 characters) make spu's CSV reading and hashing about twice as fast."""
+    digest = hashlib.sha256(_DOMAIN + customer_id.encode("utf-8")).digest()[:16]
+    return base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
 
 
 @dataclass
