@@ -95,7 +95,7 @@ def encodings(customer_id: str) -> list[bytes]:
     plain = customer_id.encode()
     digest = hashlib.sha256(plain)
     key = encode_id(customer_id)
-    raw_key = base64.urlsafe_b64decode(key + "==")
+    raw_key = base64.urlsafe_b64decode(key)
     return [plain, digest.digest(), digest.hexdigest().encode(), key.encode(), raw_key]
 
 
