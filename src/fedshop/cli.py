@@ -1160,6 +1160,163 @@ def deploy_silo_data(
     )
 
 
+vertical_app = typer.Typer(
+    help="Vertical federation: a label holder and feature holders that hold different columns "
+    "about the same shoppers, aligned by PSI, trained by split learning.",
+    no_args_is_help=True,
+)
+app.add_typer(vertical_app, name="vertical")
+VerticalConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML vertical configuration.")
+]
+CustomersOption = Annotated[
+    int | None,
+    typer.Option("--max-customers", help="A seeded sample of this many customers (0: all)."),
+]
+VerticalRoundsOption = Annotated[
+    int | None, typer.Option("--rounds", help="Backward+forward exchanges of split learning.")
+]
+
+
+def _vertical_setup(config: Path | None, seed, max_customers, rounds, protocol=None):
+    from fedshop.vertical.settings import load_vertical_config
+
+    return load_vertical_config(
+        config,
+        overrides={
+            "seed": seed,
+            "scenario.max_customers": max_customers,
+            "split.rounds": rounds,
+            "psi.protocol": protocol,
+        },
+    )
+
+
+def _vertical_settings(vconfig):
+    from fedshop.vertical.simulate import VerticalSettings
+
+    return VerticalSettings(
+        data_dir=vconfig.data_dir or None,
+        fractions=vconfig.scenario.fractions,
+        feature_holders=vconfig.scenario.feature_holders,
+        max_customers=vconfig.scenario.max_customers,
+    )
+
+
+def _print_vertical(result: dict, out: Path) -> None:
+    table = Table(title="Fit prediction on the aligned customers' test rentals")
+    for column in ("model", "macro AUC", "accuracy", "seconds"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for key, label in (
+        ("joint", "joint (split learning)"),
+        ("label_holder_only", "label holder alone"),
+        ("centralized", "centralized (pooled, reference)"),
+    ):
+        block = result.get(key)
+        if block:
+            table.add_row(
+                label, f"{block['macro_auc']:.4f}", f"{block['accuracy']:.4f}",
+                f"{block['seconds']:.1f}",
+            )  # fmt: skip
+    console.print(table)
+    psi = result.get("psi", {})
+    if psi:
+        console.print(
+            f"PSI ({psi.get('protocol')}): {psi.get('aligned_customers', '?')} customers aligned"
+        )
+    console.print(f"\nRun folder: [bold]{out}[/]  ·  report: [bold]{out / 'report.html'}[/]")
+
+
+@vertical_app.command("simulate")
+def vertical_simulate(
+    config: VerticalConfigOption = None,
+    out: OutOption = None,
+    seed: SeedOption = None,
+    max_customers: CustomersOption = None,
+    rounds: VerticalRoundsOption = None,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Every party in this process (each still sees only its own table and the messages): the
+    joint model, both baselines and the attacks with and without protection."""
+    vconfig = _vertical_setup(config, seed, max_customers, rounds)
+    from fedshop.report.run_folder import run_folder
+    from fedshop.report.vertical_run import write_vertical_run
+    from fedshop.vertical.simulate import run_vertical
+
+    with run_folder(out or _default_out("vertical"), overwrite) as out:
+        with console.status("Training the joint model, the baselines and the attacks…"):
+            result = run_vertical(_vertical_settings(vconfig), vconfig.plan, vconfig.seed)
+        result["runtime"] = "simulator"
+        write_vertical_run(out, vconfig.to_toml(), result)
+    _print_vertical(result, out)
+
+
+@vertical_app.command("local")
+def vertical_local(
+    config: VerticalConfigOption = None,
+    out: OutOption = None,
+    seed: SeedOption = None,
+    max_customers: CustomersOption = None,
+    rounds: VerticalRoundsOption = None,
+    round_timeout: RoundTimeoutOption = 300.0,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """The scenario as real parties on this machine: the label holder as Flower's ServerApp, each
+    feature holder a SuperNode with only its own file, TLS and node authentication, PSI over a
+    TLS link between them. Then the centralized reference and the attacks, in this process."""
+    vconfig = _vertical_setup(config, seed, max_customers, rounds)
+    if vconfig.psi.protocol == "openmined":
+        raise FedShopError(
+            "fedshop vertical local runs PSI over a direct link: psi.protocol rr22, kkrt or ecdh "
+            "(openmined runs in the simulator and the PSI benchmark)"
+        )
+    if vconfig.psi.reveal_to != "both":
+        raise FedShopError(
+            "training needs both parties to know the aligned customers: psi.reveal_to = "
+            '"both" (reveal_to = "label" is for counting an audience overlap only)'
+        )
+    from fedshop.deploy.front_door import nginx_binary
+
+    nginx_binary()
+    from fedshop.deploy.vertical_launch import deploy_vertical
+    from fedshop.report.run_folder import run_folder
+    from fedshop.report.vertical_run import write_vertical_run
+    from fedshop.vertical.simulate import build_scenario, run_vertical
+
+    settings = _vertical_settings(vconfig)
+    with run_folder(out or _default_out("vertical-local"), overwrite) as out:
+        with console.status("Loading RentTheRunway and splitting it between the parties…"):
+            scenario = build_scenario(settings, vconfig.seed)
+        console.print(
+            f"[bold]Local vertical federation[/]: label holder {scenario.label.name} (ServerApp) + "
+            f"{len(scenario.features)} feature holder(s) "
+            f"({', '.join(t.name for t in scenario.features)}) as SuperNodes on 127.0.0.1, TLS "
+            "and node authentication on; PSI over a mutually authenticated TLS link"
+        )
+        deployed = deploy_vertical(
+            vconfig, scenario, out, on_line=lambda line: console.print(f"  {line}"),
+            round_timeout=round_timeout,
+        )  # fmt: skip
+        with console.status("The centralized reference and the attacks (simulator)…"):
+            simulated = run_vertical(settings, vconfig.plan, vconfig.seed)
+        result = {
+            **deployed,
+            "runtime": "deployment",
+            "centralized": simulated.get("centralized"),
+            "joint_vs_centralized": deployed["joint"]["macro_auc"]
+            / simulated["centralized"]["macro_auc"],
+            "simulator_joint": simulated["joint"],
+            "protection": {
+                "measured_in": "the simulator, same scenario, plan and seed (it plays the "
+                "attacker with the ground truth no party has)",
+                **simulated["protection"],
+            },
+            "scenario": simulated["scenario"],
+        }
+        write_vertical_run(out, vconfig.to_toml(), result)
+    _print_vertical(result, out)
+
+
 def _parse_epsilons(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(part) for part in text.split(",") if part.strip())

@@ -69,7 +69,8 @@ class FeaturePartyNode:
         )
 
     def psi(self, task: ConfigRecord) -> RecordDict:
-        from fedshop.secure.psi import PsiTls, run_psi_party
+        from fedshop.secure.psi import PsiTls
+        from fedshop.secure.psi_process import run_psi_party_isolated as run_psi_party
 
         folder = self.run_folder(task)
         tls = None

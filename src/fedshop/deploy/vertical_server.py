@@ -46,7 +46,13 @@ class FeatureParties:
     node's hello, and one request/reply exchange with all of them at a time."""
 
     def __init__(self, grid: Grid, registered: SiloNodes, n: int, timeout: float, log) -> None:
-        self.grid, self.registered, self.n, self.timeout, self.log = grid, registered, n, timeout, log
+        self.grid, self.registered, self.n, self.timeout, self.log = (
+            grid,
+            registered,
+            n,
+            timeout,
+            log,
+        )
         self.node_of: dict[int, int] = {}
         self.names: dict[int, str] = {}
         self.psi_address: dict[int, str] = {}
@@ -66,7 +72,8 @@ class FeatureParties:
                 )
             time.sleep(0.5)
         self.node_of = expected
-        replies = self.ask({s: (_task("hello"), _QUERY) for s in expected}, self.timeout)
+        hello = RecordDict({"task": _task("hello")})
+        replies = self.ask({s: (hello, _QUERY) for s in expected}, self.timeout)
         for index, content in replies.items():
             info = content["party"]
             self.names[index] = str(info["name"])
@@ -144,7 +151,8 @@ def _task(step: str, **values) -> ConfigRecord:
 def run_psi(parties: FeatureParties, index: int, ids: list[str], settings, config, run: str):
     """The label holder's side of the PSI with feature holder `index` (in a thread: both ends run at
     once), while the feature holder runs its side in the message handler."""
-    from fedshop.secure.psi import PsiTls, run_psi_party
+    from fedshop.secure.psi import PsiTls
+    from fedshop.secure.psi_process import run_psi_party_isolated as run_psi_party
 
     tls = None
     if str(settings.get("psi-ca", "")):

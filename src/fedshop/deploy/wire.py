@@ -124,7 +124,9 @@ def arrays_record(arrays: dict) -> ArrayRecord:
 
     record = {}
     for name, value in arrays.items():
-        array = np.ascontiguousarray(value)
+        array = np.asarray(value)  # not ascontiguousarray: it makes a 0-d scalar 1-d
+        if not array.flags.c_contiguous:
+            array = array.copy(order="C")
         if array.dtype.kind not in "biuf":
             raise FedShopError(f"'{name}' is {array.dtype}: only numbers cross the cut")
         record[name] = Array(array)

@@ -1,23 +1,23 @@
 """A vertical run's configuration: TOML ⇄ typed settings, checked once, with errors that name the key.
 
-    seed = 1
-    [scenario]                # which real customers each party holds (`scenario.py`)
-    fractions = [0.3, 0.4, 0.3]   # A (platform only), B (both), C (partner only)
-    feature_holders = 1       # 2: the partner's columns split over two holders (body, profile)
-    max_customers = 0         # 0: every customer; else a seeded sample of customers
-    [psi]                     # `fedshop.secure.psi`
-    protocol = "rr22"         # rr22 | kkrt | ecdh (spu), openmined (simulator and benchmark only)
-    reveal_to = "both"        # both | label
-    timeout = 120.0
-    [split]                   # `split_learning.Plan`: any of its fields
-    rounds = 40
-    [protection]              # the cut's protection, measured against the attacks
-    gradient_clip = 0.0       # 0: off
-    gradient_noise = 0.0
-    activation_clip = 0.0
-    activation_noise = 0.0
-    [data]
-    dir = ""                  # else $FEDSHOP_DATA_DIR, else the cache
+seed = 1
+[scenario]                # which real customers each party holds (`scenario.py`)
+fractions = [0.3, 0.4, 0.3]   # A (platform only), B (both), C (partner only)
+feature_holders = 1       # 2: the partner's columns split over two holders (body, profile)
+max_customers = 0         # 0: every customer; else a seeded sample of customers
+[psi]                     # `fedshop.secure.psi`
+protocol = "rr22"         # rr22 | kkrt | ecdh (spu), openmined (simulator and benchmark only)
+reveal_to = "both"        # both | label
+timeout = 120.0
+[split]                   # `split_learning.Plan`: any of its fields
+rounds = 40
+[protection]              # the cut's protection, measured against the attacks
+gradient_clip = 0.0       # 0: off
+gradient_noise = 0.0
+activation_clip = 0.0
+activation_noise = 0.0
+[data]
+dir = ""                  # else $FEDSHOP_DATA_DIR, else the cache
 """
 
 from __future__ import annotations
