@@ -148,7 +148,25 @@ def _task(step: str, **values) -> ConfigRecord:
     return ConfigRecord({"step": step, **values})
 
 
-def run_psi(parties: FeatureParties, index: int, ids: list[str], settings, config, run: str):
+PSI_ATTEMPTS = 3
+
+
+def run_psi(parties: FeatureParties, index: int, ids: list, settings, config, run: str):
+    """`psi_once`, tried again (a fresh session on both sides) when a session breaks off: spu's
+    link now and then fails a session on loopback; a second session is independent of the first
+    (fresh randomness), so retrying reveals nothing more."""
+    for attempt in range(1, PSI_ATTEMPTS + 1):
+        try:
+            return psi_once(parties, index, ids, settings, config, run)
+        except FedShopError as reason:
+            if attempt == PSI_ATTEMPTS:
+                raise
+            parties.log(f"PSI with {parties.label(index)}: attempt {attempt} failed ({reason}); "
+                        "trying again")  # fmt: skip
+    raise AssertionError("unreachable")
+
+
+def psi_once(parties: FeatureParties, index: int, ids: list, settings, config, run: str):
     """The label holder's side of the PSI with feature holder `index` (in a thread: both ends run at
     once), while the feature holder runs its side in the message handler."""
     from fedshop.secure.psi import PsiTls
@@ -181,8 +199,10 @@ def run_psi(parties: FeatureParties, index: int, ids: list[str], settings, confi
         peer=str(settings["psi-address"]), timeout=float(config.psi.timeout),
     )  # fmt: skip
     task["reveal-to"] = task.pop("reveal_to")
-    reply = parties.ask({index: (RecordDict({"task": task}), _QUERY)}, config.psi.timeout + 60)
-    thread.join(config.psi.timeout + 60)
+    try:
+        reply = parties.ask({index: (RecordDict({"task": task}), _QUERY)}, config.psi.timeout + 60)
+    finally:
+        thread.join(config.psi.timeout + 60)  # this side's session ends before any next one
     if "error" in outcome:
         raise FedShopError(f"PSI with {parties.label(index)} failed: {outcome['error']}")
     if "result" not in outcome:

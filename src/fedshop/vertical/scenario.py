@@ -14,6 +14,7 @@ columns over several holders (N > 1 feature holders).
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -27,6 +28,7 @@ import pyarrow.parquet as pq
 from fedshop.data.renttherunway import FIT_CLASSES, MEASUREMENT_COLUMNS, RentTheRunway
 from fedshop.errors import DataError
 from fedshop.seeding import derive_seed
+from fedshop.storage.private_files import write_private
 
 _METADATA_KEY = b"fedshop.party_table"
 
@@ -94,8 +96,10 @@ class PartyTable:
         table = pa.Table.from_pandas(self.frame, preserve_index=False)
         meta = {"name": self.name, "columns": self.columns.to_dict()}
         metadata = {**(table.schema.metadata or {}), _METADATA_KEY: json.dumps(meta).encode()}
-        pq.write_table(table.replace_schema_metadata(metadata), path)
-        return path
+        # Owner-only, as every file a party keeps (`storage/private_files.py`).
+        buffer = io.BytesIO()
+        pq.write_table(table.replace_schema_metadata(metadata), buffer)
+        return write_private(path, buffer.getvalue())
 
     @staticmethod
     def load(path: str | Path) -> PartyTable:
