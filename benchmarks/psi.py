@@ -2,12 +2,14 @@
 
 1. Every candidate at 100k × 100k ids, half of each side shared, side by side in one run: spu's
    RR22, KKRT and ECDH (Curve25519, and FourQ for the curve choice) over spu's brpc link on
-   127.0.0.1, and openmined-psi's ECDH (P-256) as messages. Both parties run in this process, a
-   thread each (`local_psi`), so on 2 cores they share the CPU as two machines would not.
-   "seconds" is `local_psi` end to end (encoding the ids, CSV files, connecting, the protocol,
-   mapping the result back), the median of the timed repeats; "protocol s" is the protocol alone
-   (the slower party's). Bytes each way come from one more run through a counting TCP relay
-   (`CountingRelay`), which the timed runs go without.
+   127.0.0.1, and openmined-psi's ECDH (P-256) as messages. Both parties run on this machine
+   (`local_psi`: a child process each for spu; openmined's two sides one after the other in this
+   process), so on 2 cores they share the CPU as two machines would not. "seconds" is `local_psi`
+   end to end (encoding the ids, CSV files, starting the session processes, connecting, the
+   protocol, mapping the result back), the median of the repeats; "protocol s" is the protocol
+   alone (the slower party's, from the connected link to its result). Bytes each way are counted
+   by the TCP relay `local_psi` puts between the parties (`CountingRelay`); openmined's are its
+   message sizes.
 2. The chosen protocol (the default, RR22) at 1M × 1M: `seconds_1m` (target ≤ 10 s on 2 cores) and
    `mb_1m` (MB sent by the label holder + by the feature holder).
 
@@ -58,14 +60,10 @@ def measure(protocol: str, curve: str | None, n: int, repeats: int) -> dict:
         walls, protocol_seconds = [], []
         for _ in range(repeats):
             started = time.perf_counter()
-            ours, theirs = local_psi(label_ids, feature_ids, protocol, measure_bytes=False)
+            ours, theirs = local_psi(label_ids, feature_ids, protocol)
             walls.append(time.perf_counter() - started)
             protocol_seconds.append(max(ours.seconds, theirs.seconds))
             assert ours.intersection_size == n - n // 2, ours.intersection_size
-        if protocol == "openmined":  # message sizes: the timed run already counted them
-            counted = ours
-        else:
-            counted, _ = local_psi(label_ids, feature_ids, protocol, measure_bytes=True)
     finally:
         psi_spu.ECDH_CURVE = saved
     return {
@@ -77,8 +75,8 @@ def measure(protocol: str, curve: str | None, n: int, repeats: int) -> dict:
         "seconds": statistics.median(walls),
         "seconds_all": walls,
         "protocol_seconds": statistics.median(protocol_seconds),
-        "mb_label_to_feature": counted.bytes_sent / 1e6,
-        "mb_feature_to_label": counted.bytes_received / 1e6,
+        "mb_label_to_feature": ours.bytes_sent / 1e6,
+        "mb_feature_to_label": ours.bytes_received / 1e6,
     }
 
 

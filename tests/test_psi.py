@@ -10,7 +10,6 @@ import base64
 import datetime as dt
 import hashlib
 import ipaddress
-import os
 import sys
 import tempfile
 import threading
@@ -160,7 +159,6 @@ def test_duplicates_are_dropped_and_counted(protocol):
 
 
 def test_missing_backends_say_how_to_install(monkeypatch):
-    monkeypatch.setattr(psi_spu, "_modules", {})
     monkeypatch.setattr(psi_spu, "spu_folder", lambda: None)
     assert not psi_available("rr22")
     with pytest.raises(FedShopError, match=r"pip install --no-deps spu==0\.9\.5"):
@@ -301,8 +299,6 @@ def test_tls_between_certified_parties_works(protocol, tls_files):
         tls=(tls_files["label"], tls_files["feature"]),
     )
     assert ours.intersection == theirs.intersection == ids("c", range(25, 50))
-    outcome = run_both(tls_files["label"], tls_files["feature"])
-    assert outcome["label"].intersection == ids("c", range(25, 50))
 
 
 @pytest.mark.parametrize("protocol", [installed("rr22")])
@@ -321,9 +317,10 @@ def test_a_party_without_a_certificate_from_the_ca_cannot_take_part(protocol, tl
 
 
 @pytest.mark.parametrize("protocol", [installed("rr22")])
-def test_an_absent_peer_is_a_clear_error_and_nothing_is_left_behind(protocol):
-    before = set(Path(tempfile.gettempdir()).glob("fedshop-psi-*"))
-    tmpdir = os.environ.get("TMPDIR")
+def test_an_absent_peer_is_a_clear_error_and_nothing_is_left_behind(
+    protocol, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where each party's files go
     from fedshop.secure.psi import _free_ports
 
     port, unused = _free_ports(2)
@@ -336,5 +333,4 @@ def test_an_absent_peer_is_a_clear_error_and_nothing_is_left_behind(protocol):
             timeout=1.0,
         )
     local_psi(["a", "b"], ["b"], protocol)
-    assert set(Path(tempfile.gettempdir()).glob("fedshop-psi-*")) == before
-    assert os.environ.get("TMPDIR") == tmpdir
+    assert list(tmp_path.iterdir()) == []

@@ -116,8 +116,8 @@ def require_backend(protocol: str) -> None:
     if protocol == "openmined":
         psi_openmined.load()
     else:
-        psi_spu.load("libspu")
-        psi_spu.load("libpsi")
+        psi_spu.library_path("libspu")
+        psi_spu.library_path("libpsi")
 
 
 # ---- inputs ----
@@ -202,8 +202,9 @@ def run_psi_party(
 ) -> PsiResult:
     """This party's side of a PSI session with the peer at `peer_address` ("host:port"), listening
     on `self_address`. Both parties must use the same protocol and reveal_to. `ids` may also be
-    `prepare_ids(ids)`, already checked and encoded. Blocks until the session ends; a FedShopError
-    when the peer cannot be reached within `timeout` seconds, fails TLS, or breaks off."""
+    `prepare_ids(ids)`, already checked and encoded. Blocks until the session ends (it runs in a
+    child process: see secure/psi_spu.py); a FedShopError when the peer cannot be reached within
+    `timeout` seconds, fails TLS, or breaks off."""
     _check_choice("role", role, ROLES)
     _check_choice("reveal_to", reveal_to, REVEAL_TO)
     _check_choice("protocol", protocol, PROTOCOLS)
@@ -262,13 +263,13 @@ def local_psi(
     *,
     tls: tuple[PsiTls | None, PsiTls | None] | None = None,
     timeout: float = 120.0,
-    measure_bytes: bool = True,
     capture: bool = False,
 ) -> tuple[PsiResult, PsiResult]:
-    """Both parties in this process (a thread each, talking over 127.0.0.1 on free ports) — for
-    the in-process simulator, tests and benchmarks. Returns (label holder's, feature holder's)
-    results. With `measure_bytes`, each party reaches the other through a `CountingRelay`, which
-    fills in the bytes each way (and, with `capture`, keeps them in `received_wire`)."""
+    """Both parties here (a thread each, each running its spu session in a child process,
+    talking over 127.0.0.1 on free ports) — for the in-process simulator, tests and benchmarks.
+    Returns (label holder's, feature holder's) results. Each party reaches the other through a
+    `CountingRelay`, which fills in the bytes each way (and, with `capture`, keeps them in
+    `received_wire`), and spares a session whose sides start a moment apart brpc's 3 s wait."""
     _check_choice("protocol", protocol, PROTOCOLS)
     _check_choice("reveal_to", reveal_to, REVEAL_TO)
     if protocol == "openmined":
@@ -279,13 +280,12 @@ def local_psi(
     tls = tls or (None, None)
     ports = _free_ports(2)
     own = [f"127.0.0.1:{p}" for p in ports]
-    relays = [CountingRelay(address, capture=capture) for address in own] if measure_bytes else None
-    # Each party reaches the other through the relay in front of it, when there is one.
-    reach = [r.address for r in relays] if relays else own
+    relays = [CountingRelay(address, capture=capture, patience=timeout) for address in own]
+    reach = [r.address for r in relays]  # each party reaches the other through its relay
     results: list[PsiResult | None] = [None, None]
     errors: list[BaseException | None] = [None, None]
 
-    def party(rank: int, ids: list) -> None:
+    def party(rank: int, ids: PreparedIds) -> None:
         try:
             results[rank] = run_psi_party(
                 ROLES[rank],
@@ -310,31 +310,29 @@ def local_psi(
         for thread in threads:
             thread.join()
     finally:
-        if relays:
-            for relay in relays:
-                relay.close()
+        for relay in relays:
+            relay.close()
     for error in errors:
         if error is not None:
             raise error
     label, feature = results
-    if relays:
-        # relays[r] sits in front of party r: its upstream is what the other party sent to r.
-        label = replace(
-            label,
-            bytes_sent=relays[1].upstream + relays[0].downstream,
-            bytes_received=relays[0].upstream + relays[1].downstream,
-            received_wire=(relays[0].captured("up") + relays[1].captured("down"))
-            if capture
-            else None,
-        )
-        feature = replace(
-            feature,
-            bytes_sent=relays[0].upstream + relays[1].downstream,
-            bytes_received=relays[1].upstream + relays[0].downstream,
-            received_wire=(relays[1].captured("up") + relays[0].captured("down"))
-            if capture
-            else None,
-        )
+
+    # relays[r] sits in front of party r: its upstream is what the other party sent to r.
+    def wire(relay_up: CountingRelay, relay_down: CountingRelay) -> bytes | None:
+        return relay_up.captured("up") + relay_down.captured("down") if capture else None
+
+    label = replace(
+        label,
+        bytes_sent=relays[1].upstream + relays[0].downstream,
+        bytes_received=relays[0].upstream + relays[1].downstream,
+        received_wire=wire(relays[0], relays[1]),
+    )
+    feature = replace(
+        feature,
+        bytes_sent=relays[0].upstream + relays[1].downstream,
+        bytes_received=relays[1].upstream + relays[0].downstream,
+        received_wire=wire(relays[1], relays[0]),
+    )
     return label, feature
 
 

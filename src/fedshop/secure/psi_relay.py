@@ -4,6 +4,10 @@ A party's peer is told to reach it through the relay instead of directly; every 
 forwards is counted in each direction, and kept when asked (`capture=True`), so that a test can
 search what one party received for what it must not learn. The relay sees TCP bytes only: under TLS
 it counts ciphertext, which is what a network carries.
+
+The relay listens from the start and, when the party behind it is not listening yet, holds the
+connection while it keeps trying: brpc, refused once, marks the address down for its health-check
+interval (3 s), which would make a session whose two sides start a moment apart take 3 s longer.
 """
 
 from __future__ import annotations
@@ -11,16 +15,18 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 
 
 class CountingRelay:
     """Forwards connections made to `address` on to `target` ("host:port"), counting bytes:
     `upstream` from whoever connects to the target, `downstream` back."""
 
-    def __init__(self, target: str, capture: bool = False):
+    def __init__(self, target: str, capture: bool = False, patience: float = 60.0):
         host, _, port = target.rpartition(":")
         self._target = (host, int(port))
         self._capture = capture
+        self._patience = patience
         self._lock = threading.Lock()
         self.upstream = 0
         self.downstream = 0
@@ -60,18 +66,24 @@ class CountingRelay:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            threading.Thread(target=self._connect, args=(client,), daemon=True).start()
+
+    def _connect(self, client: socket.socket) -> None:
+        deadline = time.monotonic() + self._patience
+        while True:
             try:
                 server = socket.create_connection(self._target, timeout=10)
+                break
             except OSError:
-                client.close()  # the target is not up yet: the connecting party retries
-                continue
-            server.settimeout(None)
-            with self._lock:
-                self._sockets += [client, server]
-            for source, sink, direction in ((client, server, "up"), (server, client, "down")):
-                threading.Thread(
-                    target=self._pump, args=(source, sink, direction), daemon=True
-                ).start()
+                if self._closed or time.monotonic() > deadline:
+                    client.close()
+                    return
+                time.sleep(0.02)  # the party behind the relay is not listening yet
+        server.settimeout(None)
+        with self._lock:
+            self._sockets += [client, server]
+        for source, sink, direction in ((client, server, "up"), (server, client, "down")):
+            threading.Thread(target=self._pump, args=(source, sink, direction), daemon=True).start()
 
     def _pump(self, source: socket.socket, sink: socket.socket, direction: str) -> None:
         try:

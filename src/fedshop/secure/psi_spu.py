@@ -4,11 +4,13 @@
 numpy<2). Its two native extension modules, `libspu` (the link) and `libpsi` (the protocols), need
 neither: they are loaded here straight from their files, without running the package's `__init__`.
 
-spu reads and writes CSV files, and keeps its own scratch files (hash buckets of the inputs) under
-$TMPDIR. While a session runs in this process, $TMPDIR points at an owner-only folder made for the
-session, and the native libraries' console output (they log to stdout, and brpc to stderr, with no
-switch to turn it off) goes to a log file there, so that failures can quote it; both are restored,
-and the folder removed, when the last session of the process ends.
+Every session runs in a child process of its own (`python -m fedshop.secure.psi_spu CONFIG`):
+brpc keeps process-wide state, and a session started in a process where an earlier one had failed
+(a peer refused for its certificate, say) can abort the whole process in a brpc check. A child also
+gets what spu needs without touching the caller's process: a umask of 077 and $TMPDIR pointing at
+the party's owner-only folder (spu keeps hash buckets of the inputs there), and stdout/stderr in a
+log file there (the native libraries log every step to the console, with no switch to turn it off),
+which errors quote.
 """
 
 from __future__ import annotations
@@ -16,14 +18,12 @@ from __future__ import annotations
 import contextlib
 import importlib.machinery
 import importlib.util
+import json
 import os
 import re
-import shutil
+import subprocess
 import sys
-import tempfile
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -35,6 +35,7 @@ PARTY_NAMES = ("label", "feature")  # rank 0 (PSI receiver) and rank 1 (sender)
 # Curve25519 2.4 s, FourQ 4.6 s; this build's FourQ is the slower of the two here.
 ECDH_CURVE = "CURVE_25519"
 CONNECT_INTERVAL_MS = 200
+SESSION_LIMIT_FACTOR = 10  # a session process still running after 10× its timeout is killed
 
 _modules: dict[str, ModuleType] = {}
 
@@ -48,21 +49,26 @@ def spu_folder() -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def library_path(name: str) -> Path:
+    """The file of `libspu` or `libpsi`; FedShopError, saying how to install spu, without it."""
+    folder = spu_folder()
+    suffixes = (*importlib.machinery.EXTENSION_SUFFIXES, ".so")
+    files = [] if folder is None else [folder / f"{name}{suffix}" for suffix in suffixes]
+    path = next((f for f in files if f.is_file()), None)
+    if path is None:
+        raise FedShopError(
+            "spu PSI needs SecretFlow's spu 0.9.5: python -m pip install --no-deps spu==0.9.5 "
+            "(--no-deps: spu declares numpy<2 and jax, which FedShop's numpy 2 and torch "
+            "environment cannot take; FedShop loads only spu's native PSI and link modules, "
+            "which need neither)"
+        )
+    return path
+
+
 def load(name: str) -> ModuleType:
-    """`libspu` or `libpsi`, loaded from its file; FedShopError when spu is not installed."""
+    """`libspu` or `libpsi`, loaded from its file (in the session's child process only)."""
     if name not in _modules:
-        folder = spu_folder()
-        suffix = importlib.machinery.EXTENSION_SUFFIXES
-        files = [] if folder is None else [folder / f"{name}{s}" for s in (*suffix, ".so")]
-        path = next((f for f in files if f.is_file()), None)
-        if path is None:
-            raise FedShopError(
-                "spu PSI needs SecretFlow's spu 0.9.5: python -m pip install --no-deps spu==0.9.5 "
-                "(--no-deps: spu declares numpy<2 and jax, which FedShop's numpy 2 and torch "
-                "environment cannot take; FedShop loads only spu's native PSI and link modules, "
-                "which need neither)"
-            )
-        spec = importlib.util.spec_from_file_location(name, path)
+        spec = importlib.util.spec_from_file_location(name, library_path(name))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         _modules[name] = module
@@ -70,60 +76,14 @@ def load(name: str) -> ModuleType:
 
 
 def available() -> bool:
+    """Whether spu's native modules are installed (found, not loaded: they are loaded by each
+    session's child process)."""
     try:
-        load("libspu")
-        load("libpsi")
-    except (FedShopError, ImportError, OSError):
+        library_path("libspu")
+        library_path("libpsi")
+    except FedShopError:
         return False
     return True
-
-
-# ---- the process-wide native scope: $TMPDIR and fds 1/2, shared by the sessions running here ----
-
-_scope_lock = threading.Lock()
-_scope_users = 0
-_scope_state: dict = {}
-
-
-@contextlib.contextmanager
-def native_scope() -> Iterator[Path]:
-    """While at least one session runs: $TMPDIR is an owner-only scratch folder and the native
-    console output goes to its `native.log`. Yields that log's path."""
-    global _scope_users
-    with _scope_lock:
-        if _scope_users == 0:
-            scratch = Path(tempfile.mkdtemp(prefix="fedshop-psi-scratch-"))  # mode 0700
-            log = scratch / "native.log"
-            log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            for stream in (sys.stdout, sys.stderr):
-                with contextlib.suppress(Exception):
-                    stream.flush()
-            saved = (os.dup(1), os.dup(2))
-            os.dup2(log_fd, 1)
-            os.dup2(log_fd, 2)
-            os.close(log_fd)
-            _scope_state.update(
-                scratch=scratch, log=log, saved=saved, tmpdir=os.environ.get("TMPDIR")
-            )
-            os.environ["TMPDIR"] = str(scratch)
-        _scope_users += 1
-        log = _scope_state["log"]
-    try:
-        yield log
-    finally:
-        with _scope_lock:
-            _scope_users -= 1
-            if _scope_users == 0:
-                state = dict(_scope_state)
-                _scope_state.clear()
-                for fd, saved in zip((1, 2), state["saved"], strict=True):
-                    os.dup2(saved, fd)
-                    os.close(saved)
-                if state["tmpdir"] is None:
-                    os.environ.pop("TMPDIR", None)
-                else:
-                    os.environ["TMPDIR"] = state["tmpdir"]
-                shutil.rmtree(state["scratch"], ignore_errors=True)
 
 
 def native_errors(log: Path, limit: int = 2) -> str:
@@ -170,13 +130,80 @@ def run_party(
     timeout: float,
     workdir: Path,
 ) -> SpuOutcome:
-    """Run the PSI of `keys` (CSV-safe strings, unique) as party `rank` (0 receives the result)."""
+    """Run the PSI of `keys` (CSV-safe strings, unique) as party `rank` (0 receives the result), in
+    a child process, with its files in `workdir` (owner-only, the caller's to remove)."""
+    library_path("libspu"), library_path("libpsi")  # a missing spu: said here, not in the child
+    write_keys(workdir / "ids.csv", keys)
+    config = {
+        "rank": rank,
+        "size": len(keys),
+        "protocol": protocol,
+        "curve": ECDH_CURVE,
+        "self_address": self_address,
+        "peer_address": peer_address,
+        "broadcast": broadcast,
+        "tls": None if tls is None else [tls.ca, tls.certificate, tls.key],
+        "timeout": timeout,
+    }
+    write_private_text(workdir / "config.json", json.dumps(config))
+    log = workdir / "native.log"
+    environment = dict(os.environ, TMPDIR=str(workdir), OMP_NUM_THREADS="1")
+    package_root = str(Path(__file__).resolve().parents[2])  # the folder holding fedshop/
+    environment["PYTHONPATH"] = os.pathsep.join(
+        p for p in (package_root, os.environ.get("PYTHONPATH")) if p
+    )
+    descriptor = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as output:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "fedshop.secure.psi_spu", str(workdir)],
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=output,
+            env=environment,
+            cwd=workdir,
+        )
+    try:
+        # The child's own timeouts (connecting, each message) end a stuck session long before.
+        code = child.wait(timeout=SESSION_LIMIT_FACTOR * timeout + 60)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+        raise FedShopError(
+            f"PSI: the session ran past {SESSION_LIMIT_FACTOR}× its timeout"
+        ) from None
+    finally:
+        if child.poll() is None:  # interrupted: the session must not outlive its caller
+            child.kill()
+            child.wait()
+    peer = PARTY_NAMES[1 - rank]
+    result_path = workdir / "result.json"
+    result = json.loads(result_path.read_text()) if result_path.exists() else None
+    if result is not None and "error" in result:
+        raise FedShopError(result["error"])
+    # A result saved means the PSI finished; the process may still have died closing the link.
+    if result is None:
+        raise FedShopError(
+            f"PSI with the {peer} holder failed: its session process ended without a result "
+            f"(exit status {code}) [{native_errors(log) or 'nothing logged'}]"
+        )
+    return SpuOutcome(
+        keys=read_keys(workdir / "intersection.csv") if result["learns"] else None,
+        peer_size=result["peer_size"],
+        seconds=result["seconds"],
+    )
+
+
+def _session(workdir: Path) -> dict:
+    """The child's side: one session as configured in `workdir/config.json`."""
+    config = json.loads((workdir / "config.json").read_text())
+    rank, timeout = config["rank"], config["timeout"]
+    peer, peer_address = PARTY_NAMES[1 - rank], config["peer_address"]
     libspu, libpsi = load("libspu"), load("libpsi")
     link = libspu.link
     desc = link.Desc()
     desc.id = "fedshop-psi"
-    addresses = [self_address, peer_address] if rank == 0 else [peer_address, self_address]
-    for name, address in zip(PARTY_NAMES, addresses, strict=True):
+    own = config["self_address"]
+    for name, address in zip(PARTY_NAMES, [own, peer_address][:: 1 - 2 * rank], strict=True):
         desc.add_party(name, address)
     # Connect: one try every CONNECT_INTERVAL_MS for about `timeout` seconds, each try without
     # brpc's own retries (whose backoff would stretch a failure far past the timeout).
@@ -186,62 +213,94 @@ def run_party(
     desc.retry_opts.max_retry = 0
     desc.retry_opts.aggressive_retry = False
     desc.recv_timeout_ms = int(timeout * 1000)
-    if tls is not None:
+    if config["tls"] is not None:
+        ca, certificate, key = config["tls"]
         desc.enable_ssl = True
         for options in (desc.client_ssl_opts, desc.server_ssl_opts):
-            options.cert.certificate_path = tls.certificate
-            options.cert.private_key_path = tls.key
+            options.cert.certificate_path = certificate
+            options.cert.private_key_path = key
             # Depth > 0 turns verification on, both ways: the server asks for the client's
             # certificate and the client checks the server's, each against the CA.
             options.verify.verify_depth = 1
-            options.verify.ca_file_path = tls.ca
-
-    source, output = workdir / "ids.csv", workdir / "intersection.csv"
-    write_keys(source, keys)
-    config = libpsi.PsiExecuteConfig(
-        protocol_conf=protocol_config(libpsi, protocol, broadcast),
-        input_params=libpsi.InputParams(path=str(source), selected_keys=["id"], keys_unique=True),
-        output_params=libpsi.OutputParams(path=str(output), disable_alignment=True),
+            options.verify.ca_file_path = ca
+    execute = libpsi.PsiExecuteConfig(
+        protocol_conf=protocol_config(
+            libpsi, config["protocol"], config["broadcast"], config["curve"]
+        ),
+        input_params=libpsi.InputParams(
+            path=str(workdir / "ids.csv"), selected_keys=["id"], keys_unique=True
+        ),
+        output_params=libpsi.OutputParams(
+            path=str(workdir / "intersection.csv"), disable_alignment=True
+        ),
     )
-    peer = PARTY_NAMES[1 - rank]
-    with native_scope() as log:
-        try:
-            context = link.create_brpc(desc, rank)
-        except RuntimeError as error:
-            raise FedShopError(
-                f"PSI: could not connect to the {peer} holder at {peer_address} within "
-                f"{timeout:g} s (is it running, with TLS on both sides and a certificate signed by "
-                f"the shared CA?) [{native_errors(log) or first_line(error)}]"
-            ) from None
-        started = time.perf_counter()  # the protocol's own time, not the wait for the peer
-        try:
-            # The protocols already reveal each side's set size to the other (spu exchanges them
-            # while bucketing, and each party logs both); sent openly here to record it.
-            sizes = [int(s) for s in context.all_gather(str(len(keys)))]
-            libpsi.psi_execute(config, context)
-        except RuntimeError as error:
-            raise FedShopError(
-                f"PSI with the {peer} holder failed: {first_line(error)}"
-                + (f" [{details}]" if (details := native_errors(log)) else "")
-            ) from None
-        finally:
+    try:
+        context = link.create_brpc(desc, rank)
+    except RuntimeError as error:
+        return {
+            "error": f"PSI: could not connect to the {peer} holder at {peer_address} within "
+            f"{timeout:g} s (is it running, with TLS on both sides and a certificate signed by "
+            f"the shared CA?) [{native_errors(workdir / 'native.log') or first_line(error)}]"
+        }
+    started = time.perf_counter()  # the protocol's own time, not the wait for the peer
+    try:
+        # The protocols already reveal each side's set size to the other (spu exchanges them
+        # while bucketing, and each party logs both); sent openly here to record it.
+        sizes = [int(s) for s in context.all_gather(str(config["size"]))]
+        libpsi.psi_execute(execute, context)
+        result = {
+            "learns": rank == 0 or config["broadcast"],
+            "peer_size": sizes[1 - rank],
+            "seconds": time.perf_counter() - started,
+        }
+    except RuntimeError as error:
+        details = native_errors(workdir / "native.log")
+        result = {
+            "error": f"PSI with the {peer} holder failed: {first_line(error)}"
+            + (f" [{details}]" if details else "")
+        }
+    # Saved before the link closes: if anything below fails, the PSI's result stands.
+    _write_result(workdir, result)
+    with contextlib.suppress(RuntimeError):
+        if "error" in result:
             context.stop_link()
-            del context
-        seconds = time.perf_counter() - started
-    learns = rank == 0 or broadcast
-    return SpuOutcome(
-        keys=read_keys(output) if learns else None, peer_size=sizes[1 - rank], seconds=seconds
-    )
+        else:
+            # Neither side leaves while the other still sends; then the process exits, which
+            # closes the link. Not stop_link(): under TLS, brpc then often aborts the process (a
+            # failed check in its controller, "error_code is 0") as the peer's connection ends.
+            context.barrier()
+    return result
 
 
-def protocol_config(libpsi: ModuleType, protocol: str, broadcast: bool):
+def _write_result(workdir: Path, result: dict) -> None:
+    write_private_text(workdir / "result.json", json.dumps(result))
+
+
+def _child_main(workdir: str) -> None:
+    os.umask(0o077)
+    folder = Path(workdir)
+    try:
+        result = _session(folder)
+    except FedShopError as error:
+        result = {"error": str(error)}
+    except Exception as error:  # spu failing to load or run, for a reason of its own
+        result = {"error": f"PSI: spu failed ({type(error).__name__}: {error})"}
+    _write_result(folder, result)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    # Skip interpreter teardown: brpc's threads and static state do not always survive it, and
+    # the result is written.
+    os._exit(0 if "error" not in result else 1)
+
+
+def protocol_config(libpsi: ModuleType, protocol: str, broadcast: bool, curve: str):
     config = libpsi.PsiProtocolConfig(
         protocol=getattr(libpsi.PsiProtocol, f"PROTOCOL_{protocol.upper()}"),
         receiver_rank=0,
         broadcast_result=broadcast,
     )
     if protocol == "ecdh":
-        config.ecdh_params = libpsi.EcdhParams(curve=getattr(libpsi.EllipticCurveType, ECDH_CURVE))
+        config.ecdh_params = libpsi.EcdhParams(curve=getattr(libpsi.EllipticCurveType, curve))
     return config
 
 
@@ -251,6 +310,12 @@ def write_keys(path: Path, keys: list[str]) -> None:
         f.write("id\n")
         f.write("\n".join(keys))
         f.write("\n")
+
+
+def write_private_text(path: Path, text: str) -> None:
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def read_keys(path: Path) -> list[str]:
@@ -264,3 +329,7 @@ def read_keys(path: Path) -> list[str]:
 def first_line(error: BaseException) -> str:
     text = str(error).replace("what:", "").strip()
     return text.splitlines()[0].strip() if text else type(error).__name__
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1])
