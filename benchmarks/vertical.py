@@ -238,7 +238,7 @@ def main() -> None:
     path = args.out / "vertical.json"
     path.write_text(json.dumps(document, indent=2) + "\n")
 
-    console = Console()
+    console = Console(width=150)
     table = Table(title=f"RentTheRunway fit, test = latest 20% (median over seeds {args.seeds})")
     table.add_column("method")
     table.add_column("macro AUC", justify="right")
