@@ -91,4 +91,5 @@ def test_environment_variables_are_read_in_the_config_layer_only(monkeypatch):
         and (node.attr if isinstance(node, ast.Attribute) else node.id) in ("environ", "getenv")
     }
     # deploy/processes.py hands the whole environment on to the parties' processes.
-    assert readers == {"config.py", "deploy/processes.py"}
+    # secure/psi_spu.py hands it on to each PSI session's own process (with TMPDIR set for it).
+    assert readers == {"config.py", "deploy/processes.py", "secure/psi_spu.py"}
