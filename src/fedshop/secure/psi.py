@@ -153,7 +153,9 @@ def prepare_ids(ids: Iterable) -> PreparedIds:
     if not texts:
         raise FedShopError("PSI needs at least one customer id; the list is empty")
     # One base64 pass over all digests (15 bytes each encode to 20 characters), then sliced.
-    encoded = base64.urlsafe_b64encode(b"".join(map(_digest, texts))).decode("ascii")
+    sha256 = hashlib.sha256
+    digests = [sha256(_DOMAIN + t.encode("utf-8")).digest()[:KEY_BYTES] for t in texts]
+    encoded = base64.urlsafe_b64encode(b"".join(digests)).decode("ascii")
     width = len(encoded) // len(texts)
     keys = [encoded[i : i + width] for i in range(0, len(encoded), width)]
     ids_of = dict(zip(keys, texts, strict=True))  # a repeated id keeps its first place
@@ -180,10 +182,11 @@ def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
 def _decode(keys: list[str] | None, prepared: PreparedIds) -> list[str] | None:
     if keys is None:
         return None
-    unknown = [k for k in keys if k not in prepared.ids_of]
-    if unknown:
+    found = [prepared.ids_of.get(k) for k in keys]
+    if None in found:
         raise FedShopError("PSI: the result names ids this party does not hold")
-    return sorted(prepared.ids_of[k] for k in keys)
+    found.sort()
+    return found
 
 
 # ---- one party over spu's link ----
