@@ -32,7 +32,7 @@ from fedshop.errors import FedShopError
 
 PARTY_NAMES = ("label", "feature")  # rank 0 (PSI receiver) and rank 1 (sender)
 # spu's ECDH curve. Measured at 100k × 100k on 2 cores (benchmarks/psi.py, which times both):
-# Curve25519 2.4 s, FourQ 4.6 s; this build's FourQ is the slower of the two here.
+# Curve25519 3.6 s, FourQ 7.2 s end to end; this build's FourQ is the slower of the two here.
 ECDH_CURVE = "CURVE_25519"
 CONNECT_INTERVAL_MS = 200
 SESSION_LIMIT_FACTOR = 3  # a session process still running after 3× its timeout (+60 s) is killed
