@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -88,6 +89,7 @@ def main() -> None:
     args = parser.parse_args()
     n_small, n_large = (10_000, 100_000) if args.quick else (100_000, 1_000_000)
 
+    load_before = os.getloadavg()[0]
     rows = []
     for name, protocol, curve in CANDIDATES:
         if not psi_available(protocol):
@@ -123,6 +125,11 @@ def main() -> None:
     if speedup:
         console.print(f"{chosen['name']} is {speedup:.0f}× faster than openmined at {n_small:,}.")
 
+    load_after = os.getloadavg()[0]
+    console.print(
+        f"Load average (1 min) before / after: {load_before:.1f} / {load_after:.1f} on "
+        f"{os.cpu_count()} cores (above 0 means other work shared the CPU)"
+    )
     document = {
         "chosen": DEFAULT_PROTOCOL,
         "ecdh_curve": psi_spu.ECDH_CURVE,
@@ -137,6 +144,8 @@ def main() -> None:
         "candidates": rows,
         "large": large,
         "quick": args.quick,
+        "cpu_count": os.cpu_count(),
+        "load_average_before_after": [load_before, load_after],
     }
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "psi.json"

@@ -23,12 +23,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedshop.errors import FedShopError
-from fedshop.secure import psi_openmined, psi_spu
+from fedshop.secure import psi, psi_openmined, psi_spu
 from fedshop.secure.psi import (
     PROTOCOLS,
     PsiTls,
     encode_id,
-    local_psi,
     prepare_ids,
     psi_available,
     require_backend,
@@ -46,6 +45,12 @@ def installed(protocol: str):
         except FedShopError as error:
             reason = str(error)
     return pytest.param(protocol, marks=pytest.mark.skipif(bool(reason), reason=reason))
+
+
+def local_psi(*args, **options):
+    """`psi.local_psi` with a short timeout: a stuck session fails the test within a minute or
+    two, saying where, instead of hanging the suite."""
+    return psi.local_psi(*args, **{"timeout": 20.0, **options})
 
 
 ALL = [installed(p) for p in PROTOCOLS]
