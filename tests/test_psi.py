@@ -263,7 +263,7 @@ def tls_files(tmp_path_factory):
     }
 
 
-def run_both(label_tls, feature_tls, timeout: float = 3.0) -> dict:
+def run_both(label_tls, feature_tls, timeout: float = 3.0, measure: bool = False) -> dict:
     """Each party's own run_psi_party (a thread each, directly connected): its result or error."""
     from fedshop.secure.psi import _free_ports
 
@@ -280,6 +280,7 @@ def run_both(label_tls, feature_tls, timeout: float = 3.0) -> dict:
                 peer_address=addresses[1 - rank],
                 tls=tls,
                 timeout=timeout,
+                measure_bytes=measure and role == "label",
             )
         except FedShopError as error:
             outcome[role] = error
@@ -304,6 +305,23 @@ def test_tls_between_certified_parties_works(protocol, tls_files):
         tls=(tls_files["label"], tls_files["feature"]),
     )
     assert ours.intersection == theirs.intersection == ids("c", range(25, 50))
+
+
+@pytest.mark.parametrize("protocol", [installed("rr22")])
+def test_one_party_measures_its_own_traffic_without_the_peer_noticing(protocol, tls_files):
+    outcome = run_both(tls_files["label"], tls_files["feature"], timeout=20.0, measure=True)
+    label, feature = outcome["label"], outcome["feature"]
+    assert label.intersection == feature.intersection == ids("c", range(25, 50))
+    # The same session measured by local_psi's relays: of the same order (TLS handshakes and
+    # framing vary a little between sessions).
+    ours, _ = local_psi(
+        ids("c", range(50)), ids("c", range(25, 80)), protocol,
+        tls=(tls_files["label"], tls_files["feature"]),
+    )  # fmt: skip
+    assert label.bytes_sent > 0 and label.bytes_received > 0
+    assert 0.5 < label.bytes_sent / ours.bytes_sent < 2
+    assert 0.5 < label.bytes_received / ours.bytes_received < 2
+    assert feature.bytes_sent is None  # it did not ask to measure
 
 
 @pytest.mark.parametrize("protocol", [installed("rr22")])

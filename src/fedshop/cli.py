@@ -1239,13 +1239,24 @@ def vertical_simulate(
     """Every party in this process (each still sees only its own table and the messages): the
     joint model, both baselines and the attacks with and without protection."""
     vconfig = _vertical_setup(config, seed, max_customers, rounds)
+    if vconfig.psi.reveal_to != "both":
+        raise FedShopError(
+            "training needs both parties to know the aligned customers: psi.reveal_to = "
+            '"both" (reveal_to = "label" is for counting an audience overlap only)'
+        )
+    from fedshop.secure.psi import require_backend
+
+    require_backend(vconfig.psi.protocol)  # a missing library says how to install it, at once
     from fedshop.report.run_folder import run_folder
     from fedshop.report.vertical_run import write_vertical_run
     from fedshop.vertical.simulate import run_vertical
 
     with run_folder(out or _default_out("vertical"), overwrite) as out:
         with console.status("Training the joint model, the baselines and the attacks…"):
-            result = run_vertical(_vertical_settings(vconfig), vconfig.plan, vconfig.seed)
+            result = run_vertical(
+                _vertical_settings(vconfig), vconfig.plan, vconfig.seed,
+                psi_protocol=vconfig.psi.protocol,
+            )  # fmt: skip
         result["runtime"] = "simulator"
         write_vertical_run(out, vconfig.to_toml(), result)
     _print_vertical(result, out)

@@ -69,8 +69,7 @@ class FeaturePartyNode:
         )
 
     def psi(self, task: ConfigRecord) -> RecordDict:
-        from fedshop.secure.psi import PsiTls
-        from fedshop.secure.psi_process import run_psi_party_isolated as run_psi_party
+        from fedshop.secure.psi import PsiTls, run_psi_party
 
         folder = self.run_folder(task)
         tls = None
@@ -89,6 +88,7 @@ class FeaturePartyNode:
             reveal_to=str(task["reveal-to"]),
             tls=tls,
             timeout=float(task.get("timeout", 120.0)),
+            measure_bytes=True,
         )
         if result.intersection is not None:
             # Customer ids are integers in the party files; kept as the sorted numbers, which

@@ -169,8 +169,7 @@ def run_psi(parties: FeatureParties, index: int, ids: list, settings, config, ru
 def psi_once(parties: FeatureParties, index: int, ids: list, settings, config, run: str):
     """The label holder's side of the PSI with feature holder `index` (in a thread: both ends run at
     once), while the feature holder runs its side in the message handler."""
-    from fedshop.secure.psi import PsiTls
-    from fedshop.secure.psi_process import run_psi_party_isolated as run_psi_party
+    from fedshop.secure.psi import PsiTls, run_psi_party
 
     tls = None
     if str(settings.get("psi-ca", "")):
@@ -187,7 +186,7 @@ def psi_once(parties: FeatureParties, index: int, ids: list, settings, config, r
                 "label", ids, protocol=config.psi.protocol,
                 self_address=str(settings["psi-address"]),
                 peer_address=parties.psi_address[index], reveal_to=config.psi.reveal_to,
-                tls=tls, timeout=config.psi.timeout,
+                tls=tls, timeout=config.psi.timeout, measure_bytes=True,
             )  # fmt: skip
         except BaseException as exc:  # handed to the main thread, which reports it
             outcome["error"] = exc
@@ -250,6 +249,9 @@ def serve_vertical(grid: Grid, context) -> None:
             "intersection_size": result.intersection_size,
             "feature_holder_customers": result.peer_size,
             "seconds": round(result.seconds, 3),
+            # Measured at the label holder's end of the link (TCP bytes, TLS included).
+            "bytes_label_to_feature": result.bytes_sent,
+            "bytes_feature_to_label": result.bytes_received,
             "feature_holder_learned_intersection": bool(remote["learned-intersection"]),
         }
         log(f"PSI with {name}: {result.intersection_size} common customers "

@@ -209,10 +209,15 @@ def run_psi_party(
     reveal_to: str = "both",
     tls: PsiTls | None = None,
     timeout: float = 120.0,
+    measure_bytes: bool = False,
 ) -> PsiResult:
     """This party's side of a PSI session with the peer at `peer_address` ("host:port"), listening
-    on `self_address`. Both parties must use the same protocol and reveal_to. `ids` may also be
-    `prepare_ids(ids)`, already checked and encoded. Blocks until the session ends (it runs in a
+    on `self_address`. With `measure_bytes`, this party's traffic passes through two
+    `CountingRelay`s of its own (one listening on `self_address` in front of spu's listener on a
+    loopback port, one in front of the peer) and the result carries the bytes each way as they
+    cross the network (TLS ciphertext included); the peer notices nothing. Both parties must use
+    the same protocol and reveal_to. `ids` may also be `prepare_ids(ids)`, already checked and
+    encoded. Blocks until the session ends (it runs in a
     child process: see secure/psi_spu.py); a FedShopError when the peer cannot be reached within
     `timeout` seconds, fails TLS, or breaks off."""
     _check_choice("role", role, ROLES)
@@ -236,18 +241,36 @@ def run_psi_party(
     rank = ROLES.index(role)
     # Owner-only (mkdtemp makes it 0700), removed afterwards: the ids' encodings, spu's metadata
     # beside them, and the intersection.
-    with tempfile.TemporaryDirectory(prefix=f"fedshop-psi-{role}-") as workdir:
-        outcome = psi_spu.run_party(
-            rank,
-            prepared.keys,
-            protocol=protocol,
-            self_address=self_address,
-            peer_address=peer_address,
-            broadcast=reveal_to == "both",
-            tls=paths,
-            timeout=timeout,
-            workdir=Path(workdir),
-        )
+    relays: list[CountingRelay] = []
+    listen_on, reach = self_address, peer_address
+    if measure_bytes:
+        inner = f"127.0.0.1:{_free_ports(1)[0]}"
+        relays = [
+            CountingRelay(inner, patience=timeout, listen=self_address),  # the peer → us
+            CountingRelay(peer_address, patience=timeout),  # us → the peer
+        ]
+        listen_on, reach = inner, relays[1].address
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"fedshop-psi-{role}-") as workdir:
+            outcome = psi_spu.run_party(
+                rank,
+                prepared.keys,
+                protocol=protocol,
+                self_address=listen_on,
+                peer_address=reach,
+                broadcast=reveal_to == "both",
+                tls=paths,
+                timeout=timeout,
+                workdir=Path(workdir),
+            )
+    finally:
+        for relay in relays:
+            relay.close()
+    sent = received = None
+    if relays:
+        inbound, outbound = relays
+        sent = outbound.upstream + inbound.downstream
+        received = inbound.upstream + outbound.downstream
     intersection = _decode(outcome.keys, prepared)
     return PsiResult(
         role=role,
@@ -259,6 +282,8 @@ def run_psi_party(
         intersection_size=None if intersection is None else len(intersection),
         duplicates=prepared.duplicates,
         seconds=outcome.seconds,
+        bytes_sent=sent,
+        bytes_received=received,
     )
 
 

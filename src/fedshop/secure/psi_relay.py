@@ -22,7 +22,10 @@ class CountingRelay:
     """Forwards connections made to `address` on to `target` ("host:port"), counting bytes:
     `upstream` from whoever connects to the target, `downstream` back."""
 
-    def __init__(self, target: str, capture: bool = False, patience: float = 60.0):
+    def __init__(
+        self, target: str, capture: bool = False, patience: float = 60.0, listen: str = ""
+    ):
+        """`listen` ("host:port"): where the relay listens; default a free port on 127.0.0.1."""
         host, _, port = target.rpartition(":")
         self._target = (host, int(port))
         self._capture = capture
@@ -31,8 +34,9 @@ class CountingRelay:
         self.upstream = 0
         self.downstream = 0
         self._captured = {"up": bytearray(), "down": bytearray()}
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        listen_host, _, listen_port = listen.rpartition(":") if listen else ("127.0.0.1", "", "0")
+        self._listener = socket.create_server((listen_host, int(listen_port)))
+        self.address = f"{listen_host}:{self._listener.getsockname()[1]}"
         self._sockets: list[socket.socket] = []
         self._closed = False
         self._accepting = threading.Thread(target=self._accept, daemon=True)

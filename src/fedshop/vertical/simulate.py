@@ -179,12 +179,45 @@ def build_scenario(settings: VerticalSettings, seed: int) -> Scenario:
     return scenario
 
 
+def align_by_psi(scenario: Scenario, protocol: str) -> tuple[dict, np.ndarray]:
+    """Each feature holder aligns with the label holder by `protocol` (both ends here, over
+    loopback, traffic measured); the customers every one of them shares, and the `psi` block."""
+    from fedshop.secure.psi import local_psi
+
+    label_ids = [int(i) for i in scenario.label.ids]
+    block: dict = {
+        "protocol": protocol,
+        "reveal_to": "both",
+        "label_holder_customers": len(label_ids),
+        "with": {},
+    }
+    aligned = np.asarray(label_ids, dtype=np.int64)
+    for table in scenario.features:
+        ours, theirs = local_psi(label_ids, [int(i) for i in table.ids], protocol)
+        found = np.asarray(sorted(int(i) for i in ours.intersection), dtype=np.int64)
+        aligned = np.intersect1d(aligned, found)
+        block["with"][table.name] = {
+            "intersection_size": ours.intersection_size,
+            "feature_holder_customers": ours.peer_size,
+            "seconds": round(ours.seconds, 3),
+            "bytes_label_to_feature": ours.bytes_sent,
+            "bytes_feature_to_label": ours.bytes_received,
+            "feature_holder_learned_intersection": theirs.intersection is not None,
+        }
+    block["aligned_customers"] = len(aligned)
+    return block, aligned
+
+
 def run_vertical(
     scenario_settings: VerticalSettings | Mapping | None = None,
     plan: Plan | None = None,
     seed: int = 0,
     psi_intersection: np.ndarray | None = None,
+    psi_protocol: str | None = None,
 ) -> dict:
+    """The whole experiment. With `psi_protocol`, the parties align by that PSI (both ends on
+    loopback, `secure.psi.local_psi`) and the result has a `psi` block; else the intersection is
+    `psi_intersection`, or computed in the clear."""
     settings = (
         scenario_settings
         if isinstance(scenario_settings, VerticalSettings)
@@ -192,8 +225,15 @@ def run_vertical(
     )
     plan = replace(plan or Plan(), seed=seed)
     scenario = build_scenario(settings, seed)
-    # The simulator computes the intersection in the clear; a deployment passes PSI's output.
-    aligned = scenario.aligned_ids() if psi_intersection is None else np.asarray(psi_intersection)
+    psi_block = None
+    if psi_protocol is not None:
+        psi_block, aligned = align_by_psi(scenario, psi_protocol)
+        if len(aligned) == 0:
+            raise ConfigError("the PSI found no customer every party holds: nothing to train")
+    elif psi_intersection is not None:
+        aligned = np.asarray(psi_intersection)
+    else:
+        aligned = scenario.aligned_ids()  # in the clear: the simulator may look at everything
     record = {3, 2 + plan.rounds // 2, 2 + plan.rounds}  # first, middle and last backward
 
     joint, label, holders, transport = joint_run(scenario, aligned, plan, record)
@@ -212,6 +252,7 @@ def run_vertical(
         },
         "plan": plan.to_dict(),
         "seed": seed,
+        **({"psi": psi_block} if psi_block is not None else {}),
         "joint": block(joint),
         "exchanges": joint.exchanges,
         "bytes": {
