@@ -106,6 +106,21 @@ def summary(result: dict) -> dict:
             "time_cost_seconds": protected["joint"]["seconds"] - result["joint"]["seconds"],
             "attack": attack_maxima(protected["attacks"]),
         }
+    features = protection.get("features_protected")
+    if features:
+        out["features_protected"] = {
+            "clip": features["clip"],
+            "noise_multiplier": features["noise_multiplier"],
+            "releases_per_customer": features["releases_per_customer"],
+            "epsilon": features["epsilon"],
+            "delta": features["delta"],
+            "macro_auc": features["joint"]["macro_auc"],
+            "macro_auc_cost": features["macro_auc_cost"],
+            "time_cost_seconds": features["joint"]["seconds"] - result["joint"]["seconds"],
+            "reconstruction_r2": {
+                holder: found["r2"] for holder, found in features["reconstruction"].items()
+            },
+        }
     return out
 
 
@@ -152,6 +167,21 @@ def medians(runs: list[dict]) -> dict:
         )
         out["protected"]["attack"] = {
             k: median_of(runs, "protected", "attack", k) for k in p["attack"]
+        }
+    if "features_protected" in runs[0]:
+        f = runs[0]["features_protected"]
+        out["features_protected"] = {
+            k: median_of(runs, "features_protected", k)
+            for k in f
+            if k not in ("reconstruction_r2", "noise_multiplier", "delta")
+        }
+        out["features_protected"].update(noise_multiplier=f["noise_multiplier"], delta=f["delta"])
+        out["features_protected"]["reconstruction_r2"] = {
+            holder: {
+                c: median_of(runs, "features_protected", "reconstruction_r2", holder, c)
+                for c in columns
+            }
+            for holder, columns in f["reconstruction_r2"].items()
         }
     out["exchanges"] = median_of(runs, "exchanges")
     out["bytes"] = {k: median_of(runs, "bytes", k) for k in runs[0]["bytes"]}
@@ -313,6 +343,22 @@ def main() -> None:
             "",
             "",
         )
+    f = median.get("features_protected")
+    if f:
+        checks.add_row(
+            f"features protected: clip (median) {f['clip']:.2f}, noise {f['noise_multiplier']}",
+            f"ε {f['epsilon']:.1f}",
+            f"δ {f['delta']:g}, {f['releases_per_customer']:.0f} releases",
+            "",
+        )
+        checks.add_row("  macro-AUC cost", f"{f['macro_auc_cost']:+.4f}", "", "")
+        for holder, r2 in f["reconstruction_r2"].items():
+            checks.add_row(
+                f"  reconstruction R² ({holder}), protected",
+                ", ".join(f"{c} {v:.2f}" for c, v in r2.items()),
+                "",
+                "",
+            )
     b = median["bytes"]
     checks.add_row(
         "exchanges; MB to holders / to label holder",
