@@ -70,10 +70,7 @@ def render_vertical(result: dict[str, Any], config_toml: str) -> str:
         ["model", "macro AUC", "accuracy", "recall small", "recall fit", "recall large", "seconds"],
         rows,
     )
-    psi = result.get("psi", {})
-    psi_rows = [
-        [html.escape(str(k)), html.escape(json.dumps(v, default=_json))] for k, v in psi.items()
-    ]
+    psi_html = _psi(result.get("psi", {}))
     protection = result.get("protection", {})
     prot_html = _protection(protection)
     scenario = result.get("scenario", {})
@@ -95,11 +92,39 @@ research use.</p>
 <p class="muted">Macro AUC: the mean of the one-vs-rest AUCs of small, fit and large. The test set:
 the latest rentals by review date among the aligned customers' rentals.</p>
 <h2>Training</h2>{curve}
-<h2>Private set intersection</h2>{_table(["", "value"], psi_rows, (1,))}
+<h2>Private set intersection</h2>{psi_html}
 <h2>What crosses the cut, and the attacks</h2>{prot_html}
 <h2>Scenario: who holds what</h2>{_table(["", "value"], scen_rows, (1,))}
 <h2>Configuration</h2><pre>{html.escape(config_toml)}</pre>
 </body></html>"""
+
+
+def _psi(psi: dict[str, Any]) -> str:
+    if not psi:
+        return "<p class='muted'>No PSI in this run (the intersection was taken in the clear).</p>"
+    rows = [
+        [
+            html.escape(name),
+            _fmt(entry.get("intersection_size")),
+            _fmt(entry.get("feature_holder_customers")),
+            _fmt(entry.get("seconds"), 3),
+            _fmt(entry.get("bytes_label_to_feature")),
+            _fmt(entry.get("bytes_feature_to_label")),
+            "yes" if entry.get("feature_holder_learned_intersection") else "no",
+        ]
+        for name, entry in psi.get("with", {}).items()
+    ]
+    table = _table(
+        ["feature holder", "intersection", "its customers", "seconds", "bytes label→feature",
+         "bytes feature→label", "it learned the intersection"],
+        rows,
+    )  # fmt: skip
+    return (
+        f"<p>Protocol <b>{html.escape(str(psi.get('protocol')))}</b> (semi-honest), revealed to "
+        f"{html.escape(str(psi.get('reveal_to')))}; the label holder has "
+        f"{_fmt(psi.get('label_holder_customers'))} customers; "
+        f"{_fmt(psi.get('aligned_customers'))} are held by every party and trained on.</p>{table}"
+    )
 
 
 def _protection(protection: dict[str, Any]) -> str:
@@ -122,7 +147,23 @@ def _protection(protection: dict[str, Any]) -> str:
     )
     table = _table(["run", *[k[4:] for k in keys], "ε", "macro AUC cost"], rows)
     what = html.escape(str(protection.get("protects", "")))
-    return f"{table}<p class='muted'>{what}</p>"
+    out = f"<h3>Labels, against the feature holders</h3>{table}<p class='muted'>{what}</p>"
+    recon_rows = []
+    features = protection.get("features_protected", {})
+    for label, found, extra in (
+        ("unprotected", protection.get("unprotected", {}).get("reconstruction", {}), {}),
+        ("activations protected", features.get("reconstruction", {}), features),
+    ):
+        for holder, result in found.items():
+            r2 = ", ".join(f"{c} {v:.2f}" for c, v in result.get("r2", {}).items())
+            recon_rows.append(
+                [html.escape(label), html.escape(holder), html.escape(r2),
+                 _fmt(extra.get("epsilon")), _fmt(extra.get("macro_auc_cost"))]
+            )  # fmt: skip
+    if recon_rows:
+        out += "<h3>Features, against the label holder (reconstruction from activations)</h3>"
+        out += _table(["run", "feature holder", "R² per column", "ε", "macro AUC cost"], recon_rows)
+    return out
 
 
 def _curve(history: list[dict]) -> str:
