@@ -88,3 +88,15 @@ def nginx() -> str:
         if os.environ.get("CI") == "true":
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
+
+
+# Tests marked `slow` (recovery from failures in a real deployment: minutes each) run under CI
+# (`CI=true`, as .ci/run sets on a fresh machine) or with FEDSHOP_SLOW=1, and are skipped, saying so,
+# in a developer's default run, which stays well under 15 minutes on 2 cores.
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("CI") == "true" or os.environ.get("FEDSHOP_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: runs under CI=true or FEDSHOP_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

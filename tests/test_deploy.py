@@ -168,6 +168,7 @@ def _wait_for_line(path: Path, text: str, timeout: float = 300) -> None:
     raise AssertionError(f"{text!r} never appeared in {path}")
 
 
+@pytest.mark.slow
 def test_a_killed_silo_is_left_out_and_rejoins(three_silos, tmp_path):
     config = load_config(overrides={**SMALL, "federated.rounds": 5})
     folder = tmp_path / "deployment"
@@ -190,6 +191,7 @@ def test_a_killed_silo_is_left_out_and_rejoins(three_silos, tmp_path):
     assert all(record["metrics"] for record in history)
 
 
+@pytest.mark.slow
 def test_a_restarted_server_resumes_from_its_checkpoint(three_silos, tmp_path):
     """The SuperLink and the ServerApp are killed after round 2 of 4; a new SuperLink and a new
     run resume from the checkpoint, and the model is the uninterrupted simulator's."""
@@ -241,6 +243,7 @@ def test_deploy_run_submits_to_a_running_superlink(three_silos, tmp_path):
     assert len(outcome["history"]) == 1 and len(outcome["per_silo"]) == 3
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_process(tmp_path):
     command = [
         sys.executable, "-m", "fedshop", "deploy", "local", "--silos", "2", "--rounds", "20",

@@ -103,6 +103,7 @@ def test_each_party_holds_only_its_own_file(small, deployed):
             assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others"
 
 
+@pytest.mark.slow
 def test_a_feature_holder_that_disconnects_stops_the_run(small, tmp_path):
     config, scenario = small
     config = load_vertical_config(
@@ -127,7 +128,7 @@ def test_a_feature_holder_that_disconnects_stops_the_run(small, tmp_path):
 
     with pytest.raises((DeploymentError, FedShopError)) as failure:
         deploy_vertical(
-            config, scenario, tmp_path, round_timeout=20, wait_timeout=60,
+            config, scenario, tmp_path, round_timeout=10, wait_timeout=60,
             on_started=kill_the_partner,
         )  # fmt: skip
     assert "feature holder" in str(failure.value)
