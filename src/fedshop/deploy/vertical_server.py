@@ -62,12 +62,12 @@ class FeatureParties:
         expected = {s: node for s, node in self.registered.node_of.items() if s < self.n}
         while True:
             online = set(self.grid.get_node_ids())
-            missing = {s: node for s, node in expected.items() if node in online}
-            if len(missing) == self.n:
+            arrived = [s for s, node in expected.items() if node in online]
+            if len(arrived) == self.n:
                 break
             if time.monotonic() > deadline:
                 raise PartyLostError(
-                    f"only {len(missing)} of the {self.n} feature holders came online within "
+                    f"only {len(arrived)} of the {self.n} feature holders came online within "
                     f"{wait_timeout:.0f} s"
                 )
             time.sleep(0.5)
@@ -155,15 +155,13 @@ def run_psi(parties: FeatureParties, index: int, ids: list, settings, config, ru
     """`psi_once`, tried again (a fresh session on both sides) when a session breaks off: spu's
     link now and then fails a session on loopback; a second session is independent of the first
     (fresh randomness), so retrying reveals nothing more."""
-    for attempt in range(1, PSI_ATTEMPTS + 1):
+    for attempt in range(1, PSI_ATTEMPTS):
         try:
             return psi_once(parties, index, ids, settings, config, run)
         except FedShopError as reason:
-            if attempt == PSI_ATTEMPTS:
-                raise
             parties.log(f"PSI with {parties.label(index)}: attempt {attempt} failed ({reason}); "
                         "trying again")  # fmt: skip
-    raise AssertionError("unreachable")
+    return psi_once(parties, index, ids, settings, config, run)
 
 
 def psi_once(parties: FeatureParties, index: int, ids: list, settings, config, run: str):
@@ -194,10 +192,9 @@ def psi_once(parties: FeatureParties, index: int, ids: list, settings, config, r
     thread = threading.Thread(target=label_side, daemon=True)
     thread.start()
     task = _task(
-        "psi", run=run, protocol=config.psi.protocol, reveal_to=config.psi.reveal_to,
-        peer=str(settings["psi-address"]), timeout=float(config.psi.timeout),
+        "psi", run=run, protocol=config.psi.protocol, peer=str(settings["psi-address"]),
+        timeout=float(config.psi.timeout), **{"reveal-to": config.psi.reveal_to},
     )  # fmt: skip
-    task["reveal-to"] = task.pop("reveal_to")
     try:
         reply = parties.ask({index: (RecordDict({"task": task}), _QUERY)}, config.psi.timeout + 60)
     finally:

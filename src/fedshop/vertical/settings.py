@@ -22,7 +22,6 @@ dir = ""                  # else $FEDSHOP_DATA_DIR, else the cache
 
 from __future__ import annotations
 
-import json
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -78,9 +77,6 @@ class VerticalConfig:
         }
         data = {k: v for k, v in data.items() if v != {}}
         return tomli_w.dumps(data)
-
-    def to_json(self) -> str:
-        return json.dumps(tomllib.loads(self.to_toml()))
 
 
 def load_vertical_config(path: Path | None, overrides: dict | None = None) -> VerticalConfig:
