@@ -21,32 +21,14 @@ import os
 import platform
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
+from fedshop.vertical.hetero_lr import (
+    HeteroLRConfig,
+    renttherunway_columns,
+    renttherunway_rows,
+    time_per_epoch,
+)
 
-from fedshop.vertical.hetero_lr import HeteroLRConfig, time_per_epoch
-
-HOST_COLUMNS = ["height_in", "weight_lbs", "age", "bust_size_num"]
 TEST_ROWS = 10_000
-
-
-def rentals(data_dir: Path) -> pd.DataFrame:
-    frame = pd.read_parquet(data_dir / "renttherunway" / "renttherunway_clean.parquet")
-    frame = frame.dropna(subset=["size", "category", "fit", *HOST_COLUMNS])
-    return frame.sample(frac=1.0, random_state=0).reset_index(drop=True)
-
-
-def split_columns(frame: pd.DataFrame, categories: int = 8):
-    def standard(values):
-        values = values.to_numpy(dtype=np.float64)
-        return (values - values.mean()) / values.std()
-
-    top = frame["category"].value_counts().index[:categories]
-    X_guest = np.column_stack(
-        [standard(frame["size"])] + [(frame["category"] == c).to_numpy(float) for c in top]
-    )
-    X_host = np.column_stack([standard(frame[c]) for c in HOST_COLUMNS])
-    return X_guest, X_host, (frame["fit"] == "small").to_numpy(np.float64)
 
 
 def main() -> None:
@@ -62,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
 
     # Standardised over all clean rows, then the held-out rows first and the training rows after.
-    X_guest, X_host, y = split_columns(rentals(args.data_dir))
+    X_guest, X_host, y = renttherunway_columns(renttherunway_rows(args.data_dir))
     test = (X_guest[:TEST_ROWS], [X_host[:TEST_ROWS]], y[:TEST_ROWS])
     cases = []
     args.out.mkdir(parents=True, exist_ok=True)

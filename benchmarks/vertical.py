@@ -37,7 +37,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -45,13 +44,16 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from fedshop.vertical.hetero_lr import HeteroLRConfig, time_per_epoch
+from fedshop.vertical.hetero_lr import (
+    HeteroLRConfig,
+    renttherunway_columns,
+    renttherunway_rows,
+    time_per_epoch,
+)
 from fedshop.vertical.simulate import VerticalSettings, run_vertical
 from fedshop.vertical.split_learning import Plan
 
-# hetero_lr.py is a sibling script, not a package module: the same rows and columns.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import hetero_lr as hlr_bench
+HE_TEST_ROWS = 10_000  # held-out rows of the hetero-LR cases, as benchmarks/hetero_lr.py
 
 METHODS = ("joint", "label_holder_only", "centralized")
 FATE_PUBLISHED = {
@@ -189,8 +191,8 @@ def medians(runs: list[dict]) -> dict:
 
 
 def he_cases(specs: list[str], data_dir: Path) -> list[dict]:
-    X_guest, X_host, y = hlr_bench.split_columns(hlr_bench.rentals(data_dir))
-    test_rows = hlr_bench.TEST_ROWS
+    X_guest, X_host, y = renttherunway_columns(renttherunway_rows(data_dir))
+    test_rows = HE_TEST_ROWS
     test = (X_guest[:test_rows], [X_host[:test_rows]], y[:test_rows])
     cases = []
     for spec in specs:

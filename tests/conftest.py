@@ -27,6 +27,7 @@ RESEARCH_FILES = {
     "MovieLens-1M": "movielens-1m",
     "MovieLens-100K": "movielens-100k",
     "Amazon Toys": "amazon-2014-5core/Toys_and_Games.txt",
+    "RentTheRunway": "renttherunway/renttherunway_clean.parquet",
 }
 
 

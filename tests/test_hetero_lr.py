@@ -6,9 +6,6 @@ Small keys (1024 bits) and a few hundred RentTheRunway rows keep these fast; the
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 from phe.paillier import PaillierPublicKey
@@ -19,46 +16,23 @@ from fedshop.vertical.hetero_lr import (
     HeteroLRConfig,
     auc,
     predict_one_vs_rest,
+    renttherunway_columns,
+    renttherunway_rows,
     train_encrypted,
     train_one_vs_rest,
     train_plaintext,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-RTR_FILE = "renttherunway/renttherunway_clean.parquet"
-HOST_COLUMNS = ["height_in", "weight_lbs", "age", "bust_size_num"]
 FAST = HeteroLRConfig(key_bits=1024, epochs=2, batch_size=64, learning_rate=1.0, l2=0.01)
 
 
 @pytest.fixture(scope="module")
-def rentals():
-    """Clean RentTheRunway rows with every feature present, shuffled once (seeded)."""
-    import pandas as pd
-
-    path = Path(os.environ.get("FEDSHOP_DATA_DIR", SHARED_DATA)) / RTR_FILE
-    if not path.exists():
-        message = f"RentTheRunway not at {path}: set FEDSHOP_DATA_DIR to a folder like shared/data"
-        if os.environ.get("FEDSHOP_REQUIRE_DATA") == "1":
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    frame = pd.read_parquet(path).dropna(subset=["size", "category", "fit", *HOST_COLUMNS])
-    return frame.sample(frac=1.0, random_state=0).reset_index(drop=True)
+def rentals(data_dir):
+    return renttherunway_rows(data_dir)
 
 
-def split_columns(frame, categories=6):
-    """Guest: standardised size and the top categories one-hot; host: standardised body measures;
-    label: the item ran small."""
-
-    def standard(values):
-        values = values.to_numpy(dtype=np.float64)
-        return (values - values.mean()) / values.std()
-
-    top = frame["category"].value_counts().index[:categories]
-    X_guest = np.column_stack(
-        [standard(frame["size"])] + [(frame["category"] == c).to_numpy(float) for c in top]
-    )
-    X_host = np.column_stack([standard(frame[c]) for c in HOST_COLUMNS])
-    return X_guest, X_host, (frame["fit"] == "small").to_numpy(np.float64)
+def split_columns(frame):
+    return renttherunway_columns(frame, categories=6)
 
 
 def largest_difference(a, b) -> float:

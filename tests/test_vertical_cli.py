@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,19 +16,7 @@ from fedshop.vertical.scenario import PartyTable, Scenario
 from fedshop.vertical.settings import VerticalConfigError, load_vertical_config
 from fedshop.vertical.simulate import VerticalSettings, align_by_psi, build_scenario
 
-RTR = "renttherunway/renttherunway_clean.parquet"
 needs_psi = pytest.mark.skipif(not psi_available("rr22"), reason="spu is not installed")
-
-
-@pytest.fixture(scope="module")
-def data_dir():
-    base = Path(os.environ.get("FEDSHOP_DATA_DIR", Path(__file__).parents[2] / "shared" / "data"))
-    if not (base / RTR).exists():
-        message = f"RentTheRunway not in {base}: set FEDSHOP_DATA_DIR to a folder like shared/data"
-        if os.environ.get("FEDSHOP_REQUIRE_DATA") == "1":
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    return str(base)
 
 
 def fedshop(*args, env=None):
@@ -51,7 +38,7 @@ def test_simulate_writes_a_run_folder_with_every_block(data_dir, tmp_path):
     out = tmp_path / "run"
     result = fedshop(
         "vertical", "simulate", "--max-customers", "3000", "--rounds", "2", "--out", out,
-        env={"FEDSHOP_DATA_DIR": data_dir},
+        env={"FEDSHOP_DATA_DIR": str(data_dir)},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())
@@ -114,7 +101,7 @@ def test_the_config_round_trips_through_toml(tmp_path):
 
 @needs_psi
 def test_an_empty_and_a_total_intersection(data_dir):
-    settings = VerticalSettings(data_dir=data_dir, max_customers=1500)
+    settings = VerticalSettings(data_dir=str(data_dir), max_customers=1500)
     scenario = build_scenario(settings, 1)
     # Every platform customer is also the partner's (and only those): the total intersection.
     label_ids = scenario.label.ids

@@ -5,8 +5,6 @@ link between them; and a party that disconnects stops the run with nothing writt
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,18 +22,6 @@ pytestmark = [
     pytest.mark.usefixtures("nginx"),
     pytest.mark.skipif(not psi_available("rr22"), reason="spu (the RR22 PSI) is not installed"),
 ]
-RTR = "renttherunway/renttherunway_clean.parquet"
-
-
-@pytest.fixture(scope="module")
-def data_dir():
-    base = Path(os.environ.get("FEDSHOP_DATA_DIR", Path(__file__).parents[2] / "shared" / "data"))
-    if not (base / RTR).exists():
-        message = f"RentTheRunway not in {base}: set FEDSHOP_DATA_DIR to a folder like shared/data"
-        if os.environ.get("FEDSHOP_REQUIRE_DATA") == "1":
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    return str(base)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +29,7 @@ def small(data_dir):
     config = load_vertical_config(
         None, {"scenario.max_customers": 2500, "split.rounds": 2, "split.batch_size": 512}
     )
-    settings = VerticalSettings(data_dir=data_dir, max_customers=2500)
+    settings = VerticalSettings(data_dir=str(data_dir), max_customers=2500)
     return config, build_scenario(settings, config.seed)
 
 

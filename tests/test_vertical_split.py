@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -35,19 +33,12 @@ from fedshop.vertical.split_learning import (
     train_split,
 )
 
-RTR = "renttherunway/renttherunway_clean.parquet"
 SMALL = Plan(rounds=3, batch_size=512, activation_dim=8, hidden=32, final_epochs=1)
 
 
 @pytest.fixture(scope="module")
-def rtr():
-    base = Path(os.environ.get("FEDSHOP_DATA_DIR", Path(__file__).parents[2] / "shared" / "data"))
-    if not (base / RTR).exists():
-        message = f"RentTheRunway not in {base}: set FEDSHOP_DATA_DIR to a folder like shared/data"
-        if os.environ.get("FEDSHOP_REQUIRE_DATA") == "1":
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
-    return load_renttherunway(base)
+def rtr(data_dir):
+    return load_renttherunway(data_dir)
 
 
 @pytest.fixture(scope="module")

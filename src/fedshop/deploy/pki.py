@@ -44,15 +44,7 @@ def make_tls(folder: Path, hosts: list[str], days: int = 365) -> TlsFiles:
     """A CA and a SuperLink certificate valid for `hosts` (names or IP addresses)."""
     private_dir(folder)
     now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "FedShop deployment CA")])
-    ca = (
-        _builder(ca_name, ca_name, ca_key.public_key(), now, days)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_usage(cert_sign=True), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
-    )
+    ca_key, ca_name, ca = _make_ca("FedShop deployment CA", now, days)
     key = ec.generate_private_key(ec.SECP384R1())
     names = [_subject_alt_name(host) for host in hosts]
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])
@@ -98,15 +90,7 @@ def make_link_certs(folder: Path, parties: list[str], hosts: list[str], days: in
     `make_tls`, the CA's private key is never written."""
     private_dir(folder)
     now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "FedShop party link CA")])
-    ca = (
-        _builder(ca_name, ca_name, ca_key.public_key(), now, days)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_usage(cert_sign=True), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
-    )
+    ca_key, ca_name, ca = _make_ca("FedShop party link CA", now, days)
     write_private(folder / "link-ca.crt", ca.public_bytes(_PEM))
     usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
     files = {}
@@ -177,6 +161,20 @@ def _make_operator(folder: Path, ca_key, ca_name: x509.Name, now, days: int) -> 
         ),
     )
     return certificate_file, key_file
+
+
+def _make_ca(common_name: str, now: dt.datetime, days: int):
+    """A self-signed CA (key, name, certificate) that signs end-entity certificates only."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    certificate = (
+        _builder(name, name, key.public_key(), now, days)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_usage(cert_sign=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, name, certificate
 
 
 def _builder(subject, issuer, public_key, now: dt.datetime, days: int) -> x509.CertificateBuilder:

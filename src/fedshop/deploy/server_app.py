@@ -312,7 +312,7 @@ def serve(grid: Grid, context: Context) -> None:
     config = load_config(Path(str(settings["config-path"])))
     out = private_dir(Path(str(settings["out-dir"])))
     n_silos = int(settings["silos"])
-    log = _Log(out / "server.log")
+    log = ServerLog(out / "server.log")
     registered = SiloNodes.read(Path(str(settings["node-silos"])))
     federation = Federation(grid, n_silos, float(settings["round-timeout"]), log, registered)
     wait_timeout = float(settings["wait-timeout"])
@@ -380,7 +380,9 @@ def _privacy_guard(config, federation: Federation, resumed):
     return PrivacyGuard.open(plan, config.privacy, federation.dataset, names)
 
 
-class _Log:
+class ServerLog:
+    """The server's log: each line stamped, printed and appended to an owner-only file."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
 

@@ -28,8 +28,9 @@ from flwr.serverapp import Grid
 
 from fedshop.deploy import wire
 from fedshop.deploy.identities import SiloNodes
+from fedshop.deploy.server_app import ServerLog
 from fedshop.errors import FedShopError
-from fedshop.storage.private_files import open_private_append, private_dir, write_private
+from fedshop.storage.private_files import private_dir, write_private
 
 OUTCOME_FILE = "vertical-outcome.json"
 _POLL_SECONDS = 0.1
@@ -218,7 +219,7 @@ def serve_vertical(grid: Grid, context) -> None:
     config = load_vertical_config(Path(str(settings["config-path"])))
     plan = config.plan
     out = private_dir(Path(str(settings["out-dir"])))
-    log = _Log(out / "server.log")
+    log = ServerLog(out / "server.log")
     registered = SiloNodes.read(Path(str(settings["node-silos"])))
     parties = FeatureParties(
         grid, registered, int(settings["silos"]), float(settings["round-timeout"]), log
@@ -289,14 +290,3 @@ def serve_vertical(grid: Grid, context) -> None:
 
 def _progress(entry: dict) -> str:
     return f"exchange {entry['exchanges']}: round {entry['round']}, loss {entry['train_loss']:.4f}"
-
-
-class _Log:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __call__(self, line: str) -> None:
-        stamped = f"{time.strftime('%H:%M:%S')} {line}"
-        print(stamped, flush=True)
-        with open_private_append(self.path, "a") as f:
-            f.write(stamped + "\n")

@@ -76,6 +76,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 from phe.paillier import EncodedNumber, EncryptedNumber, PaillierPublicKey
 from scipy.stats import rankdata
 
@@ -451,14 +452,20 @@ class Host:
 
     def update(self, decrypted: dict) -> None:
         """Step 5: remove the masks, add the L2 term, take the step."""
-        assert self._rows is not None
-        n = self._public.n
-        residues = _residues_from_bytes(decrypted["values"], n, len(self.w))
-        scale = self.config.feature_bits + self.config.residual_bits
-        g = _gradient_from(residues, self._masks, n, scale, len(self._rows))
-        g = g + self.config.l2 * self._penalised * self.w
-        self.w = self.w - self.config.learning_rate * g
+        self.w = _step(self, decrypted)
         self._rows, self._masks = None, []
+
+
+def _step(party, decrypted: dict) -> np.ndarray:
+    """A party's (guest's or host's) weights after step 5: its gradient unmasked from the arbiter's
+    decrypted residues, plus the L2 term, one SGD step."""
+    assert party._rows is not None, "a step before its batch"
+    n = party._public.n
+    residues = _residues_from_bytes(decrypted["values"], n, len(party.w))
+    scale = party.config.feature_bits + party.config.residual_bits
+    g = _gradient_from(residues, party._masks, n, scale, len(party._rows))
+    g = g + party.config.l2 * party._penalised * party.w
+    return party.w - party.config.learning_rate * g
 
 
 class Guest:
@@ -551,14 +558,39 @@ class Guest:
         }
 
     def update(self, decrypted: dict) -> None:
-        assert self._rows is not None
-        n = self._public.n
-        residues = _residues_from_bytes(decrypted["values"], n, len(self.w))
-        scale = self.config.feature_bits + self.config.residual_bits
-        g = _gradient_from(residues, self._masks, n, scale, len(self._rows))
-        g = g + self.config.l2 * self._penalised * self.w
-        self.w = self.w - self.config.learning_rate * g
+        self.w = _step(self, decrypted)
         self._rows, self._d, self._masks = None, [], []
+
+
+# ---------------------------------------------------------------------------------------------
+# RentTheRunway as hetero-LR inputs (the tests' and the benchmarks')
+
+HOST_COLUMNS = ("height_in", "weight_lbs", "age", "bust_size_num")
+
+
+def renttherunway_rows(data_dir) -> pd.DataFrame:
+    """Clean RentTheRunway rows with every feature the split below uses, shuffled once (seeded)."""
+    from pathlib import Path
+
+    frame = pd.read_parquet(Path(data_dir) / "renttherunway" / "renttherunway_clean.parquet")
+    frame = frame.dropna(subset=["size", "category", "fit", *HOST_COLUMNS])
+    return frame.sample(frac=1.0, random_state=0).reset_index(drop=True)
+
+
+def renttherunway_columns(frame: pd.DataFrame, categories: int = 8):
+    """Guest: standardised size and the top `categories` categories one-hot; host: standardised
+    body measures; label: the item ran small. (X_guest, X_host, y)."""
+
+    def standard(values: pd.Series) -> np.ndarray:
+        values = values.to_numpy(dtype=np.float64)
+        return (values - values.mean()) / values.std()
+
+    top = frame["category"].value_counts().index[:categories]
+    X_guest = np.column_stack(
+        [standard(frame["size"])] + [(frame["category"] == c).to_numpy(float) for c in top]
+    )
+    X_host = np.column_stack([standard(frame[c]) for c in HOST_COLUMNS])
+    return X_guest, X_host, (frame["fit"] == "small").to_numpy(np.float64)
 
 
 # ---------------------------------------------------------------------------------------------
