@@ -83,6 +83,8 @@ DATASETS = Registry(
         f"{_DATA}:load_amazon",
         frozenset({"item-features"}),
     ),
+    # "fit": size and fit feedback for --task fit (data/fit_feedback.py loads it, not a RecDataset).
+    Choice("renttherunway", "fit feedback; --task fit", tags=frozenset({"fit"})),
 )
 # Each model's ModelSpec.
 MODELS = Registry(

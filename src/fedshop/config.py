@@ -172,6 +172,51 @@ class FederatedConfig:
 
 
 @dataclass(frozen=True)
+class FitConfig:
+    """Size and fit prediction (`task = "fit"`, issue 20): the model and the shops."""
+
+    model: str = "k-lf-ml"  # see FIT_MODELS below
+    dim: int = 4  # K, the length of a shopper's and a product's true-size vectors
+    silos: str = "rented-for"  # the shops: rented-for occasions, or category-group
+    split: str = "temporal"  # each shopper's latest feedback held out; random: 80:10:10 (the paper)
+    learning_rate: float = 0.01  # local AdamW
+    l2: float = 1e-3  # on the rows a record touches
+    weight_decay: float = 1.0  # AdamW's decoupled decay: keeps one-rental shoppers from being memorised
+    batch_size: int = 1024
+    user_learning_rate: float = 0.5  # DP-SGD: plain SGD step on a sampled customer's own vector
+    max_shoppers: int = 0  # keep this many shoppers, drawn by the seed (0: all)
+    methods: tuple[str, ...] = (
+        "federated", "centralized", "centralized_unlinked", "local_only", "majority", "1-lv-lr",
+        "measurements",
+    )  # fmt: skip
+
+    def validate(self) -> None:
+        _choice("fit", "model", self.model, FIT_MODELS)
+        _choice("fit", "silos", self.silos, ("rented-for", "category-group"))
+        _choice("fit", "split", self.split, ("temporal", "random"))
+        _at_least("fit", "dim", self.dim, 1)
+        _positive("fit", "learning_rate", self.learning_rate)
+        _at_least("fit", "l2", self.l2, 0.0)
+        _at_least("fit", "weight_decay", self.weight_decay, 0.0)
+        _at_least("fit", "batch_size", self.batch_size, 1)
+        _positive("fit", "user_learning_rate", self.user_learning_rate)
+        _at_least("fit", "max_shoppers", self.max_shoppers, 0)
+        if not self.methods:
+            raise ConfigError("[fit] methods must name at least one of " + ", ".join(FIT_METHODS))
+        for method in self.methods:
+            _choice("fit", "methods", method, FIT_METHODS)
+
+
+# The fit models (models/fit.py) and methods, named here so that validation imports no torch.
+FIT_MODELS = ("k-lf-ml", "k-lf-lr", "k-lv-lr", "1-lv-lr", "measure-ml")
+FIT_METHODS = (
+    "federated", "centralized", "centralized_unlinked", "local_only", "majority", "1-lv-lr",
+    "measurements",
+)  # fmt: skip
+TASKS = ("recommend", "fit")
+
+
+@dataclass(frozen=True)
 class BaselineConfig:
     # 0 means: the same number of passes over the data as federated training (rounds × local_epochs).
     epochs: int = 0
@@ -360,6 +405,7 @@ class Environment:
 @dataclass(frozen=True)
 class RunConfig:
     seed: int = 42
+    task: str = "recommend"  # recommend: top-K products; fit: will this size fit (issue 20)
     methods: tuple[str, ...] = METHODS.names()
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -369,9 +415,19 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     protection: ProtectionConfig = field(default_factory=ProtectionConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
 
     def validate(self) -> RunConfig:
         _at_least("", "seed", self.seed, 0)
+        _choice("", "task", self.task, TASKS)
+        fit_datasets = DATASETS.names(tag="fit")
+        if self.task == "fit":
+            return self._validate_fit(fit_datasets)
+        if self.data.dataset in fit_datasets:
+            raise ConfigError(
+                f"{self.data.dataset} is fit feedback, not purchases: train it with --task fit "
+                '(task = "fit")'
+            )
         if not self.methods:
             raise ConfigError("methods must name at least one of " + ", ".join(METHODS.names()))
         for method in self.methods:
@@ -418,6 +474,39 @@ class RunConfig:
             )
         self._validate_cold_start()
         self._validate_item_features()
+        return self
+
+    def _validate_fit(self, fit_datasets: tuple[str, ...]) -> RunConfig:
+        """A fit run reads [data], [fit], [federated], [baselines], [eval], [privacy] and
+        [protection]; [model], [train] and the top-level methods are the recommenders'."""
+        for section in (self.data, self.fit, self.federated, self.baselines, self.eval,
+                        self.privacy, self.protection):  # fmt: skip
+            section.validate()
+        if self.data.dataset not in fit_datasets:
+            raise ConfigError(
+                f"task = \"fit\" needs fit feedback: [data] dataset must be one of "
+                f"{', '.join(fit_datasets)}, not {self.data.dataset}"
+            )
+        if self.federated.mode != "cross-silo":
+            raise ConfigError(
+                'task = "fit" is cross-silo (shops keep their customers\' sizes): set [federated] '
+                'mode = "cross-silo"'
+            )
+        if self.privacy.mode == "user":
+            raise ConfigError(
+                'task = "fit" protects each shop\'s customers: use [privacy] mode = "record"'
+            )
+        if self.protection.kind != "none" and self.federated.silos_per_round == 1:
+            raise ConfigError(
+                "[protection] needs at least two clients per round: a sum of one update hides "
+                "nothing; raise [federated] silos_per_round"
+            )
+        if self.eval.split == "validation" and not self.data.validation:
+            raise ConfigError('[eval] split = "validation" needs [data] validation = true')
+        if self.eval.cold_start or self.eval.cold_items or self.eval.protocol != "full":
+            raise ConfigError(
+                '[eval] cold_start, cold_items and protocol are for recommendation, not task = "fit"'
+            )
         return self
 
     def _validate_item_features(self) -> None:

@@ -25,6 +25,10 @@ import pandas as pd
 from fedshop.errors import DataError
 
 OFFICIAL_PAGE = "https://cseweb.ucsd.edu/~jmcauley/datasets.html#clothing_fit"
+# The release linked from that page (no published checksum: the first download's digest is pinned).
+OFFICIAL_URL = (
+    "https://mcauleylab.ucsd.edu/public_datasets/data/renttherunway/renttherunway_final_data.json.gz"
+)
 FOLDER = "renttherunway"
 CANDIDATES = ("renttherunway_clean.parquet", "renttherunway_final_data.json.gz")
 FIT_CLASSES = ("small", "fit", "large")  # label order: class index = position here
@@ -84,9 +88,28 @@ def find_file(data_dir: str | Path | None) -> Path:
     raise DataError(f"no RentTheRunway file in {base / FOLDER}: {where}")
 
 
-def load_renttherunway(data_dir: str | Path | None = None, path: str | Path | None = None):
-    """Read and clean the rentals from `path`, else from `data_dir` (see `find_file`)."""
-    file = Path(path) if path else find_file(data_dir)
+def locate(data_dir: str | Path | None, download: bool = True) -> Path:
+    """The file in `data_dir`; without one, the official release downloaded into the cache (a
+    DataError naming both places when neither works, e.g. offline)."""
+    try:
+        return find_file(data_dir)
+    except DataError as missing:
+        if not download:
+            raise
+        from fedshop.data.download import fetch
+
+        try:
+            return fetch(OFFICIAL_URL, f"{FOLDER}/{CANDIDATES[1]}")
+        except DataError as failed:
+            raise DataError(f"{missing}; and {failed}") from None
+
+
+def load_renttherunway(
+    data_dir: str | Path | None = None, path: str | Path | None = None, download: bool = False
+):
+    """Read and clean the rentals from `path`, else from `data_dir` (see `find_file`), else (with
+    `download`) from the official release."""
+    file = Path(path) if path else locate(data_dir, download)
     if not file.is_file():
         raise DataError(f"RentTheRunway file not found: {file}")
     try:

@@ -80,6 +80,9 @@ class RoundReply:
 
 
 class Transport(Protocol):
+    """Carries rounds. A transport whose per-silo metrics are not `MetricSums` (fit prediction) also
+    has `summarise` (per-silo metrics → summary) and `headline` (the metric a log line shows)."""
+
     unit: str  # what a client is, in log lines: "silos", "shoppers"
     retries: bool  # whether a failed round is tried again (clients may come back) or stops the run
     client_dp_event: Any  # what every client adds to its update each round (None: nothing)
@@ -143,6 +146,8 @@ class RoundDriver:
         self.log = log
         # A resumed run's ledger already holds the completed rounds (`PrivacyGuard.resume`).
         self._released = server.round
+        self._summarise = getattr(transport, "summarise", summarise)
+        self._headline = getattr(transport, "headline", "hr@10")
 
     def declared_events(self) -> tuple[Any, ...]:
         """The DP events one round releases, as its noise stages declare them."""
@@ -206,7 +211,7 @@ class RoundDriver:
         metrics = None
         if evaluated_after(self.config, round_number):
             per_silo = self.transport.evaluate(round_number, server.shared)
-            metrics = summarise(per_silo) if per_silo is not None else None
+            metrics = self._summarise(per_silo) if per_silo is not None else None
         cost = None
         if reply.cost is not None:
             self.run.costs.append(reply.cost)
@@ -270,7 +275,8 @@ class RoundDriver:
         history = self.run.history
         last = history[-1]
         history[-1] = RoundRecord(
-            last.round, last.clients, last.seconds, summarise(per_silo), last.epsilon,
+            last.round, last.clients, last.seconds, self._summarise(per_silo), last.epsilon,
             last.protection,
         )  # fmt: skip
-        self.log(f"round {last.round}: HR@10 {history[-1].metrics['hr@10']:.4f}")
+        headline = self._headline
+        self.log(f"round {last.round}: {headline} {history[-1].metrics[headline]:.4f}")

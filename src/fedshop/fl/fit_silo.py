@@ -1,0 +1,220 @@
+"""Fit prediction across shops: a shop as a federated client, and the federated run.
+
+A `FitSiloClient` has the interface of the recommenders' `SiloClient` (fit, personalise, evaluate,
+private_state), so the same `SiloTransport`, `RoundDriver`, aggregation pipeline, server optimisers,
+record-level DP and secure sums carry its rounds. It holds its own records, its customers'
+measurements and their private true-size vectors; only the update of the shared product vectors,
+item biases and head leaves it, and only counts leave its evaluation (`eval/fit_metrics.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from fedshop.config import RunConfig
+from fedshop.data.fit_feedback import FitDataset, FitRecords, FitSilo
+from fedshop.eval.fit_metrics import FitCounts, summarise_fit
+from fedshop.fl.aggregation import aggregation_pipeline
+from fedshop.fl.client import LocalTask, SiloDp
+from fedshop.fl.fit_local import FitTraining, dp_sgd_fit, train_fit
+from fedshop.fl.in_process import SiloTransport
+from fedshop.fl.rounds import RoundCallback, RoundDriver, RoundRecord
+from fedshop.fl.server import FederatedServer, Sampler
+from fedshop.fl.server_opt import make_server_optimizer
+from fedshop.messages import AggregationPipeline, ClientMessage
+from fedshop.models.fit import Batch, FitModel, Params, get_fit_model, probabilities
+from fedshop.secure.protected_sum import ProtectedSum, make_protection
+from fedshop.seeding import NoiseStream, torch_generator
+
+if TYPE_CHECKING:
+    from fedshop.privacy.dp import PrivacyGuard
+
+
+def fit_training(config: RunConfig) -> FitTraining:
+    fit = config.fit
+    return FitTraining(
+        fit.learning_rate, fit.l2, fit.weight_decay, fit.batch_size, fit.user_learning_rate
+    )
+
+
+def records_batch(
+    records: FitRecords, user_row: np.ndarray, product_item: np.ndarray
+) -> Batch:
+    return Batch(
+        torch.from_numpy(np.asarray(user_row, dtype=np.int64)),
+        torch.from_numpy(records.product),
+        torch.from_numpy(product_item[records.product]),
+        torch.from_numpy(records.label),
+    )
+
+
+class FitSiloClient:
+    def __init__(
+        self,
+        silo: FitSilo,
+        dataset: FitDataset,
+        config: RunConfig,
+        pipeline: AggregationPipeline,
+    ) -> None:
+        self.index = silo.index
+        self.silo = silo
+        self.model = get_fit_model(config.fit.model)
+        self.dim = config.fit.dim
+        self.training = fit_training(config)
+        self.pipeline = pipeline
+        self._product_item = dataset.product_item
+        # Only this shop's customers' measurements (it asked them itself).
+        self._measurements = torch.from_numpy(dataset.measurements[silo.users])
+        self._private = self.model.init_private(
+            silo.n_users, self.dim, torch_generator(config.seed, "fit-silo", silo.index, "users")
+        )
+        self._generator = torch_generator(config.seed, "fit-silo", silo.index, "train")
+        self.dp: SiloDp | None = None
+
+    @property
+    def name(self) -> str:
+        return self.silo.name
+
+    @property
+    def n_customers(self) -> int:
+        return self.silo.n_users
+
+    def batch(self, records: FitRecords) -> Batch:
+        return records_batch(records, self.silo.local(records), self._product_item)
+
+    def fit(self, global_shared: Params, task: LocalTask) -> ClientMessage:
+        """Train from the global shared parameters; return the (staged) update of them."""
+        self.personalise(global_shared, task.reconstruction_epochs)
+        train = self.batch(self.silo.train)
+        if task.dp is None:
+            result = train_fit(
+                self.model, global_shared, self._private, self._measurements, train,
+                task.epochs, self.training, self._generator,
+            )  # fmt: skip
+            self._private = result.private
+            local, steps, examples, event = result.shared, result.steps, len(train), None
+        else:
+            if self.dp is None:
+                raise RuntimeError(f"silo {self.name} has no DP state for a DP round")
+            local, event = dp_sgd_fit(
+                self.model, global_shared, self._private, self._measurements, train, task.dp,
+                self.training, self.dp.state,
+            )  # fmt: skip
+            steps, examples = task.dp.steps, self.dp.released_count
+        delta = {k: local[k] - global_shared[k] for k in global_shared}
+        message = ClientMessage(delta, 1.0, examples, local_steps=max(steps, 1), dp_event=event)
+        return self.pipeline.on_client(message)
+
+    def personalise(self, global_shared: Params, epochs: int) -> None:
+        """Refit the customers' own vectors against the fixed shared model; nothing is sent."""
+        if epochs <= 0 or not self._private:
+            return
+        result = train_fit(
+            self.model, global_shared, self._private, self._measurements,
+            self.batch(self.silo.train), epochs, self.training, self._generator,
+            update_shared=False,
+        )  # fmt: skip
+        self._private = result.private
+
+    def predict(self, global_shared: Params, records: FitRecords) -> torch.Tensor:
+        return probabilities(
+            self.model, global_shared, self._private, self._measurements, self.batch(records)
+        )
+
+    def evaluate(self, global_shared: Params, split: str = "test") -> FitCounts:
+        """Counts over this shop's held-out records; only these leave the shop."""
+        records = self.silo.heldout(split)
+        return FitCounts.of(self.predict(global_shared, records).numpy(), records.label)
+
+    def state_dict(self) -> dict:
+        return {"private": self.private_state(), "generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._private = {k: v.clone() for k, v in state["private"].items()}
+        self._generator.set_state(state["generator"])
+
+    def private_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self._private.items()}
+
+
+@dataclass
+class FitTransport(SiloTransport):
+    """`SiloTransport` whose per-silo metrics are `FitCounts`."""
+
+    headline: str = "auc_macro"
+
+    @staticmethod
+    def summarise(per_silo: dict[str, FitCounts]) -> dict:
+        return summarise_fit(per_silo)
+
+
+@dataclass
+class FitFederatedRun:
+    server: FederatedServer
+    clients: list[FitSiloClient]
+    history: list[RoundRecord]
+    protection: ProtectedSum | None
+    final: dict[str, FitCounts]
+
+
+def init_fit_shared(config: RunConfig, dataset: FitDataset, *stream: object) -> Params:
+    model: FitModel = get_fit_model(config.fit.model)
+    return model.init_shared(
+        dataset.n_products, len(dataset.item_ids), dataset.measurements.shape[1],
+        config.fit.dim, torch_generator(config.seed, *stream),
+    )  # fmt: skip
+
+
+def run_fit_federated(
+    dataset: FitDataset,
+    config: RunConfig,
+    on_round: RoundCallback | None = None,
+    guard: PrivacyGuard | None = None,
+) -> FitFederatedRun:
+    """Federated training over the shops, through the recommenders' round driver and stages."""
+    pipeline = aggregation_pipeline(config.federated.aggregation)
+    protection = make_protection(config.protection)
+    protected = None
+    if protection is not None:
+        protected = ProtectedSum(protection, config.protection.bound)
+        pipeline = replace(pipeline, summation=protected)
+    clients = [FitSiloClient(silo, dataset, config, pipeline) for silo in dataset.silos]
+    fed = config.federated
+    sampler = Sampler(
+        torch.arange(len(clients)),
+        torch_generator(config.seed, "server", "sampling"),
+        fed.silos_per_round,
+    )
+    server = FederatedServer(
+        init_fit_shared(config, dataset, "shared", "init"), pipeline,
+        make_server_optimizer(fed), sampler,
+    )  # fmt: skip
+    if guard is not None:
+        start_private_fit_silos(clients, config, guard)
+    transport = FitTransport(
+        clients, LocalTask.of_run(config, guard.plan if guard is not None else None),
+        config.eval.split, fed.personalise_epochs, protected,
+    )  # fmt: skip
+    finished = RoundDriver(config, server, transport, guard, on_round=on_round).run_all()
+    return FitFederatedRun(server, clients, finished.history, protected, finished.final.per_silo)
+
+
+def start_private_fit_silos(
+    clients: list[FitSiloClient], config: RunConfig, guard: PrivacyGuard
+) -> None:
+    """Each shop's DP-SGD state and its customer count released once with noise (the release is
+    already in the ledger: the guard composed the plan's fixed events when it opened)."""
+    from fedshop.fl.dp_local import DpSgdState
+    from fedshop.privacy.dp import release_silo_counts
+
+    for i, client in enumerate(clients):
+        stream = NoiseStream.of(config.privacy.known_noise_seed, "silo", i, "dp", "count")
+        count = release_silo_counts([client.n_customers], guard.plan, stream)[0]
+        state = DpSgdState.of_run(config, i)
+        # The shared-model Adam of DP-SGD runs at the fit model's own learning rate.
+        state.optimizer.learning_rate = config.fit.learning_rate
+        client.dp = SiloDp(state, float(count))
