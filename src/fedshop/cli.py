@@ -412,6 +412,14 @@ def train(
     protection: ProtectionOption = None,
     cold_start: ColdStartOption = None,
     cold_items: ColdItemsOption = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            "--task",
+            help="recommend (top-K products, the default) or fit (will this size fit; "
+            "--dataset renttherunway).",
+        ),
+    ] = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Run one configured experiment (a TOML config, command-line options, or both)."""
@@ -433,10 +441,56 @@ def train(
             "protection.kind": protection,
             "eval.cold_start": cold_start,
             "eval.cold_items": cold_items,
+            "task": task,
         },
     )
     name = config.stem if config else "train"
+    if run_config.task == "fit":
+        _execute_fit(run_config, out or _default_out(f"{name}-fit"), overwrite)
+        return
     _execute(run_config, out or _default_out(name), overwrite)
+
+
+def _execute_fit(config: RunConfig, out: Path, overwrite: bool) -> None:
+    """Train and report fit prediction (`--task fit`), write the run folder, print the tables."""
+    from fedshop.data.fit_feedback import load_fit_dataset
+    from fedshop.fit_experiment import run_fit_experiment
+    from fedshop.report.fit_run import FIT_METHOD_LABELS, write_fit_run
+    from fedshop.report.run_folder import run_folder
+
+    with run_folder(out, overwrite) as folder:
+        with console.status("Loading and cleaning data…"):
+            dataset = load_fit_dataset(config.data, config.fit, config.seed)
+        report = dataset.report
+        console.print(
+            f"[bold]{dataset.name}[/]: {dataset.n_users:,} shoppers, {dataset.n_products:,} "
+            f"products (item × size), {len(dataset.pooled('train')):,} training records, "
+            f"{len(dataset.pooled(config.eval.split)):,} held out, {dataset.n_silos} shops by "
+            f"{config.fit.silos}  [dim]({report['source']})[/]"
+        )
+        with _progress_bars(transient=False) as bars:
+            progress = RichProgress(bars)
+            progress.labels = {**progress.labels, **FIT_METHOD_LABELS}
+            result = run_fit_experiment(config, dataset, progress)
+        write_fit_run(folder, result)
+    table = Table(title=f"Fit prediction on the {config.eval.split} records ({config.fit.model})")
+    for column in ("method", "AUC (macro)", "silo-mean AUC", "accuracy", "recall small",
+                   "recall fit", "recall large", "seconds"):  # fmt: skip
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for method, outcome in result.methods.items():
+        m = outcome.summary
+        table.add_row(
+            method,
+            *(f"{m[k]:.4f}" for k in ("auc_macro", "silo_mean_auc_macro", "accuracy",
+                                      "recall_small", "recall_fit", "recall_large")),  # fmt: skip
+            f"{outcome.seconds:.1f}",
+        )
+    console.print(table)
+    if result.privacy.epsilon is not None:
+        console.print(f"Privacy: ε = {result.privacy.epsilon:.2f}, δ = {result.privacy.delta:.2g}")
+    console.print(f"\nRun folder: [bold]{folder}[/]  ·  report: [bold]{folder / 'report.html'}[/]")
+    if "federated" in result.methods:
+        console.print(f"Serve fit advice: fedshop serve {folder}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -567,7 +621,7 @@ def serve(
     ] = "auto",
 ) -> None:
     """Serve a trained run's federated model to shoppers: the JSON API and the web page, until
-    Ctrl-C."""
+    Ctrl-C. A fit run (train --task fit) is served as size and fit advice: GET /fit."""
     if not 0 <= port <= 65535:
         raise FedShopError(f"--port must be between 0 and 65535, got {port}")
     if runs is not None and not runs.is_dir():
@@ -578,47 +632,61 @@ def serve(
     import uvicorn
 
     from fedshop.serve.app import create_app
+    from fedshop.serve.fit import FitServingModel, create_fit_app, serving_task
     from fedshop.serve.index import IndexSettings
     from fedshop.serve.model import ServingModel
 
     # One core per request: under concurrent requests torch's own threads would fight the other
     # requests for the same cores (on 2 cores, a 10 ms fold-in became seconds).
     torch.set_num_threads(1)
-    settings = IndexSettings(kind=index)
-    with console.status("Loading the run (and building its index on a first start)…"):
-        model = ServingModel.load(run_dir, silo, settings)
+    fit_run = serving_task(run_dir) == "fit"
+    if fit_run:  # `train --task fit`: size and fit advice (GET /fit), no page
+        with console.status("Loading the fit run…"):
+            fit_model = FitServingModel.load(run_dir, silo)
+        served_app = create_fit_app(fit_model)
+        lines = [
+            f"Serving fit advice from {run_dir} ({fit_model.serving['model']}; "
+            f"shops: {', '.join(fit_model.served)})"
+        ]
+    else:
+        settings = IndexSettings(kind=index)
+        with console.status("Loading the run (and building its index on a first start)…"):
+            model = ServingModel.load(run_dir, silo, settings)
+        served_app = create_app(model, runs)
+        lines = [
+            f"Serving {run_dir} ({model.serving['model']}, {model.serving['mode']}; "
+            f"storefronts: {', '.join(model.served)})"
+        ]
+        if model.index is not None:
+            how = {
+                "hit": "loaded from",
+                "miss": "built, cached in",
+                "unwritable": "built; cannot cache in",
+            }
+            lines.append(
+                f"Catalogue index: {model.index.kind} over {model.index.n_items:,} items, "
+                f"{how[model.index.cache]} {model.run_dir / 'index'} "
+                f"({model.index.build_seconds:.1f} s)"
+            )
     listener = _listen(host, port)
     address, bound_port = listener.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{bound_port}/"
-    console.print(
-        f"Serving {escape(str(run_dir))} ({model.serving['model']}, {model.serving['mode']}; "
-        f"storefronts: {escape(', '.join(model.served))})",
-        highlight=False,
-        soft_wrap=True,
-    )
-    if model.index is not None:
-        how = {
-            "hit": "loaded from",
-            "miss": "built, cached in",
-            "unwritable": "built; cannot cache in",
-        }
-        console.print(
-            f"Catalogue index: {model.index.kind} over {model.index.n_items:,} items, "
-            f"{how[model.index.cache]} {escape(str(model.run_dir / 'index'))} "
-            f"({model.index.build_seconds:.1f} s)",
-            highlight=False,
-            soft_wrap=True,
-        )
+    for line in lines:
+        console.print(escape(line), highlight=False, soft_wrap=True)
     warning = exposure_warning(host, address, bound_port)
     if warning:
         errors.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
-    console.print(f"Open [bold]{url}[/]  (API: {url}docs; Ctrl-C stops)", highlight=False)
+    if fit_run:
+        console.print(
+            f"Ask [bold]{url}fit?customer=ID&item=CODE[/]  (API: {url}docs; Ctrl-C stops)",
+            highlight=False,
+        )
+    else:
+        console.print(f"Open [bold]{url}[/]  (API: {url}docs; Ctrl-C stops)", highlight=False)
     sys.stdout.flush()
     # No access log: its lines would put customer ids into the server's log. No websockets.
-    config = uvicorn.Config(
-        create_app(model, runs), log_level="warning", access_log=False, ws="none"
-    )
+    config = uvicorn.Config(served_app, log_level="warning", access_log=False, ws="none")
     # Ctrl-C is how a server stops: uvicorn shuts down cleanly, then passes the signal on.
     with contextlib.suppress(KeyboardInterrupt):
         uvicorn.Server(config).run(sockets=[listener])

@@ -337,3 +337,20 @@ def _shared_shoppers(dataset: FitDataset) -> dict[str, int]:
     for silo in dataset.silos:
         per_user[silo.users] += 1
     return {"in_two_or_more": int((per_user >= 2).sum()), "max_silos": int(per_user.max())}
+
+
+def load_fit_dataset(config, fit, seed: int, env=None) -> FitDataset:
+    """The fit dataset a run's [data] and [fit] sections name: data.path, else the data directory
+    ([data] data_dir, else $FEDSHOP_DATA_DIR), else (source auto or download) the official release."""
+    from fedshop.config import Environment
+    from fedshop.data.renttherunway import load_renttherunway
+
+    env = env or Environment.from_os()
+    if config.source == "embedded":
+        raise DataError("RentTheRunway is not embedded (research use): give a data directory")
+    data = load_renttherunway(
+        None if config.source == "download" else (config.data_dir or env.data_dir or None),
+        config.path or None,
+        download=config.source in ("auto", "download"),
+    )
+    return build_fit_dataset(data, fit.silos, fit.split, config.validation, seed, fit.max_shoppers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -50,3 +51,44 @@ def fednova_pipeline() -> AggregationPipeline:
 def aggregation_pipeline(kind: str) -> AggregationPipeline:
     """The base pipeline of the aggregation rule named `kind`."""
     return AGGREGATIONS.get(kind)()
+
+
+ROW_WEIGHT_PREFIX = "__row_weight__/"
+
+
+def row_weights_stage(tables: tuple[str, ...]) -> Callable[[ClientMessage], ClientMessage]:
+    """Client stage (after the weighting): for each row table, a column of the message's weight on
+    the rows it changed and 0 elsewhere, summed with the update (also under secure aggregation).
+
+    A row that only a few clients touch (a product only one shop sells) would otherwise move by its
+    update times those clients' share of the total weight: the zeros of everyone else dilute it."""
+
+    def stage(message: ClientMessage) -> ClientMessage:
+        tensors = dict(message.tensors)
+        for name in tables:
+            changed = tensors[name].reshape(len(tensors[name]), -1).ne(0).any(1, keepdim=True)
+            tensors[ROW_WEIGHT_PREFIX + name] = changed.to(tensors[name].dtype) * message.weight
+        return replace(message, tensors=tensors)
+
+    return stage
+
+
+def row_weighted_mean(aggregate: Aggregate) -> Aggregate:
+    """Server stage (first): each row of a row table is divided by the weight of the clients that
+    changed it instead of everyone's, so that `mean_of` gives the mean over those clients."""
+    tensors = dict(aggregate.tensors)
+    for key in [k for k in tensors if k.startswith(ROW_WEIGHT_PREFIX)]:
+        weights = tensors.pop(key)
+        name = key[len(ROW_WEIGHT_PREFIX) :]
+        share = aggregate.weight / weights.clamp_min(1e-12)
+        tensors[name] = tensors[name] * torch.where(weights > 0, share, torch.zeros_like(share))
+    return replace(aggregate, tensors=tensors)
+
+
+def with_row_means(pipeline: AggregationPipeline, tables: tuple[str, ...]) -> AggregationPipeline:
+    """`pipeline` with the row tables averaged over the clients that changed each row."""
+    return replace(
+        pipeline,
+        client_stages=(*pipeline.client_stages, row_weights_stage(tables)),
+        server_stages=(row_weighted_mean, *pipeline.server_stages),
+    )

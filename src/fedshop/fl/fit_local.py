@@ -136,8 +136,13 @@ def per_customer_updates(
         value.requires_grad_(True)
     losses = record_losses(model, rows, dense, batch.label, l2)
     trained = [rows[n] for n in rows if n != "measurements"] + list(dense.values())
-    grads = dict(zip([n for n in rows if n != "measurements"] + list(dense_names),
-                     torch.autograd.grad(losses.sum(), trained), strict=True))  # fmt: skip
+    names = [n for n in rows if n != "measurements"] + list(dense_names)
+    # Unused is allowed: 1-LV reads no item bias.
+    found = torch.autograd.grad(losses.sum(), trained, allow_unused=True)
+    grads = {
+        n: g if g is not None else torch.zeros_like(t)
+        for n, g, t in zip(names, found, trained, strict=True)
+    }
     # Rows: one per (customer, row) pair, so a customer who rented a product twice is one row.
     row_deltas, row_owner, row_index = {}, {}, {}
     for name, index in (("product_size", batch.product), ("item_bias", batch.item)):

@@ -18,7 +18,7 @@ import torch
 from fedshop.config import RunConfig
 from fedshop.data.fit_feedback import FitDataset, FitRecords, FitSilo
 from fedshop.eval.fit_metrics import FitCounts, summarise_fit
-from fedshop.fl.aggregation import aggregation_pipeline
+from fedshop.fl.aggregation import aggregation_pipeline, with_row_means
 from fedshop.fl.client import LocalTask, SiloDp
 from fedshop.fl.fit_local import FitTraining, dp_sgd_fit, train_fit
 from fedshop.fl.in_process import SiloTransport
@@ -26,7 +26,17 @@ from fedshop.fl.rounds import RoundCallback, RoundDriver, RoundRecord
 from fedshop.fl.server import FederatedServer, Sampler
 from fedshop.fl.server_opt import make_server_optimizer
 from fedshop.messages import AggregationPipeline, ClientMessage
-from fedshop.models.fit import Batch, FitModel, Params, get_fit_model, probabilities
+from fedshop.models.fit import (
+    ITEM_TABLES,
+    PRODUCT_TABLES,
+    Batch,
+    FitModel,
+    Params,
+    get_fit_model,
+    probabilities,
+)
+
+ROW_TABLES = PRODUCT_TABLES + ITEM_TABLES
 from fedshop.secure.protected_sum import ProtectedSum, make_protection
 from fedshop.seeding import NoiseStream, torch_generator
 
@@ -106,6 +116,13 @@ class FitSiloClient:
             )  # fmt: skip
             steps, examples = task.dp.steps, self.dp.released_count
         delta = {k: local[k] - global_shared[k] for k in global_shared}
+        if task.dp is None:
+            # A shop changes only the rows of the products (and items) it rented out; the decay
+            # of the others is left to the shops that train them.
+            for name, rows in ((PRODUCT_TABLES[0], train.product), (ITEM_TABLES[0], train.item)):
+                touched = torch.zeros(len(delta[name]), 1, dtype=torch.bool)
+                touched[rows] = True
+                delta[name] = delta[name] * touched
         message = ClientMessage(delta, 1.0, examples, local_steps=max(steps, 1), dp_event=event)
         return self.pipeline.on_client(message)
 
@@ -177,6 +194,8 @@ def run_fit_federated(
 ) -> FitFederatedRun:
     """Federated training over the shops, through the recommenders' round driver and stages."""
     pipeline = aggregation_pipeline(config.federated.aggregation)
+    if guard is None:  # under DP every row carries noise, and so would the row weights
+        pipeline = with_row_means(pipeline, ROW_TABLES)
     protection = make_protection(config.protection)
     protected = None
     if protection is not None:

@@ -76,9 +76,10 @@ class FitModel:
             shared["projection"] = torch.eye(width) + 0.01 * torch.randn(
                 width, width, generator=generator
             )
-            # Prototypes start apart along the bias axes, small · fit · large in that order.
+            # Prototypes start apart along the shopper's and the item's bias axes, small · fit ·
+            # large in that order (along one axis only, some seeds settled in a poor optimum).
             shared["prototypes"] = torch.zeros(CLASSES, width)
-            shared["prototypes"][:, 0] = torch.tensor([-1.0, 0.0, 1.0])
+            shared["prototypes"][:, :2] = torch.tensor([-1.0, 0.0, 1.0]).unsqueeze(1)
         return shared
 
     def init_private(self, n_users: int, dim: int, generator: torch.Generator) -> Params:

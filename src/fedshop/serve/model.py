@@ -467,6 +467,11 @@ def read_serving(run_dir: Path) -> dict[str, Any]:
             f"{metrics.get('fedshop_version', '(unknown)')}; this fedshop ({__version__}) serves "
             f"format {SERVING_FORMAT}: re-run training with it"
         )
+    if serving.get("task") == "fit":
+        raise FedShopError(
+            f"{run_dir} is a fit run: load it with fedshop.serve.fit.FitServingModel "
+            "(`fedshop serve` does)"
+        )
     try:
         silos = [{"name": str(s["name"]), "slug": str(s["slug"])} for s in serving["silos"]]
         serving = {
