@@ -29,22 +29,44 @@ from fedshop.report.fit_run import fit_metrics_document
 # paper's results (rishabhmisra.github.io, "Would this clothing product fit me?", results table).
 PUBLISHED = {
     "source": "Misra, Wan & McAuley, RecSys 2018, Table 3 (average AUC)",
-    "renttherunway": {"1-LV-LR": 0.61, "K-LV-LR": 0.676, "K-LF-LR": 0.672, "K-LV-ML": 0.681,
-                      "K-LF-ML": 0.719},  # fmt: skip
-    "modcloth": {"1-LV-LR": 0.615, "K-LV-LR": 0.617, "K-LF-LR": 0.626, "K-LV-ML": 0.621,
-                 "K-LF-ML": 0.657},  # fmt: skip
+    "renttherunway": {
+        "1-LV-LR": 0.61,
+        "K-LV-LR": 0.676,
+        "K-LF-LR": 0.672,
+        "K-LV-ML": 0.681,
+        "K-LF-ML": 0.719,
+    },
+    "modcloth": {
+        "1-LV-LR": 0.615,
+        "K-LV-LR": 0.617,
+        "K-LF-LR": 0.626,
+        "K-LV-ML": 0.621,
+        "K-LF-ML": 0.657,
+    },
 }
-METHODS = ["federated", "centralized", "centralized_unlinked", "local_only", "majority", "1-lv-lr",
-           "measurements"]  # fmt: skip
+METHODS = [
+    "federated",
+    "centralized",
+    "centralized_unlinked",
+    "local_only",
+    "majority",
+    "1-lv-lr",
+    "measurements",
+]
 
 
 def run(data_dir: str, seed: int, rounds: int, split: str, methods: list[str]) -> dict:
     config = load_config(
         overrides={
-            "task": "fit", "data.dataset": "renttherunway", "data.data_dir": data_dir,
-            "seed": seed, "federated.rounds": rounds, "fit.split": split, "fit.methods": methods,
+            "task": "fit",
+            "data.dataset": "renttherunway",
+            "data.data_dir": data_dir,
+            "seed": seed,
+            "federated.rounds": rounds,
+            "fit.split": split,
+            "fit.methods": methods,
         }
-    )  # fmt: skip
+    )
     dataset = load_fit_dataset(config.data, config.fit, config.seed)
     started = time.perf_counter()
     document = fit_metrics_document(run_fit_experiment(config, dataset))
@@ -72,8 +94,14 @@ def main() -> None:
     medians = {
         method: {
             key: median([doc[method][key] for doc in temporal])
-            for key in ("auc_macro", "silo_mean_auc_macro", "accuracy", "recall_small",
-                        "recall_fit", "recall_large")  # fmt: skip
+            for key in (
+                "auc_macro",
+                "silo_mean_auc_macro",
+                "accuracy",
+                "recall_small",
+                "recall_fit",
+                "recall_large",
+            )
         }
         for method in METHODS
     }
@@ -120,14 +148,18 @@ def main() -> None:
     print(f"{'method':<22}{'AUC macro':>10}{'silo mean':>11}{'accuracy':>10}")
     for method in METHODS:
         m = medians[method]
-        print(f"{method:<22}{m['auc_macro']:>10.4f}{m['silo_mean_auc_macro']:>11.4f}"
-              f"{m['accuracy']:>10.4f}")  # fmt: skip
+        print(
+            f"{method:<22}{m['auc_macro']:>10.4f}{m['silo_mean_auc_macro']:>11.4f}"
+            f"{m['accuracy']:>10.4f}"
+        )
     for method, m in random_split.items():
         print(f"{method + ' (80:10:10)':<22}{m['auc_macro']:>10.4f}")
     print(f"published K-LF-ML {k_lf_ml}, 1-LV-LR {PUBLISHED['renttherunway']['1-LV-LR']}")
     targets = result["targets"]
-    print(f"federated / centralized = {targets['federated_over_centralized']:.3f}; "
-          f"seconds per round {result['seconds_per_round']:.2f}")  # fmt: skip
+    print(
+        f"federated / centralized = {targets['federated_over_centralized']:.3f}; "
+        f"seconds per round {result['seconds_per_round']:.2f}"
+    )
     print(f"wrote {path}")
 
 

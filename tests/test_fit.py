@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from fedshop.cli import app
 from fedshop.config import ConfigError, load_config
-from fedshop.data.partition import slug
 from fedshop.data.fit_feedback import FitRecords, build_fit_dataset, load_fit_dataset
+from fedshop.data.partition import slug
 from fedshop.data.renttherunway import RentTheRunway, clean, load_renttherunway
 from fedshop.errors import DataError
 from fedshop.eval.auc import macro_auc
@@ -48,10 +48,16 @@ def small(data_dir):
 def rentals_frame(rows):
     """A tiny RentTheRunway table in the cleaned file's columns."""
     base = {
-        "rating": 10.0, "age": 30.0, "bust_size_num": 34.0, "height_in": 65.0,
-        "weight_lbs": 130.0, "rented_for": "party", "category": "dress", "body_type": "petite",
+        "rating": 10.0,
+        "age": 30.0,
+        "bust_size_num": 34.0,
+        "height_in": 65.0,
+        "weight_lbs": 130.0,
+        "rented_for": "party",
+        "category": "dress",
+        "body_type": "petite",
         "bust_size_letter": "b",
-    }  # fmt: skip
+    }
     frame = pd.DataFrame([{**base, **row} for row in rows])
     frame["review_date"] = pd.to_datetime(frame["review_date"])
     return frame
@@ -79,10 +85,22 @@ def test_bad_input_is_counted_not_lost():
             {"fit": "fit", "user_id": 1, "item_id": 10, "size": 8, "review_date": "2017-01-01"},
             {"fit": "small", "user_id": 1, "item_id": 11, "size": 4, "review_date": "2017-02-01"},
             {"fit": None, "user_id": 2, "item_id": 10, "size": 8, "review_date": "2017-01-01"},
-            {"fit": "large", "user_id": 3, "item_id": 10, "size": None,
-             "review_date": "2017-01-01"},  # fmt: skip
-            {"fit": "fit", "user_id": 4, "item_id": 12, "size": 12, "review_date": "2017-03-01",
-             "rented_for": None, "category": "print"},  # fmt: skip
+            {
+                "fit": "large",
+                "user_id": 3,
+                "item_id": 10,
+                "size": None,
+                "review_date": "2017-01-01",
+            },
+            {
+                "fit": "fit",
+                "user_id": 4,
+                "item_id": 12,
+                "size": 12,
+                "review_date": "2017-03-01",
+                "rented_for": None,
+                "category": "print",
+            },
         ]
     )
     rentals, counts = clean(raw)
@@ -104,7 +122,7 @@ def test_bad_input_is_counted_not_lost():
 
 def test_missing_data_offline_is_one_clear_error(offline, monkeypatch):
     monkeypatch.delenv("FEDSHOP_DATA_DIR", raising=False)
-    with pytest.raises(DataError, match="could not download .*renttherunway_final_data"):
+    with pytest.raises(DataError, match=r"could not download .*renttherunway_final_data"):
         load_renttherunway(offline, download=True)
     with pytest.raises(DataError, match="no RentTheRunway file"):
         load_renttherunway(offline)
@@ -130,10 +148,18 @@ def test_binned_auc_matches_the_exact_statistic_and_adds_across_shops():
 @pytest.mark.parametrize("base", [fedavg_pipeline, fednova_pipeline])
 def test_row_means_average_each_row_over_the_clients_that_changed_it(base):
     pipeline = with_row_means(base(), ("rows",))
-    first = ClientMessage({"rows": torch.tensor([[1.0], [0.0]]), "w": torch.tensor([2.0])}, 1.0,
-                          num_examples=3, local_steps=2)  # fmt: skip
-    second = ClientMessage({"rows": torch.tensor([[3.0], [4.0]]), "w": torch.tensor([0.0])}, 1.0,
-                           num_examples=1, local_steps=2)  # fmt: skip
+    first = ClientMessage(
+        {"rows": torch.tensor([[1.0], [0.0]]), "w": torch.tensor([2.0])},
+        1.0,
+        num_examples=3,
+        local_steps=2,
+    )
+    second = ClientMessage(
+        {"rows": torch.tensor([[3.0], [4.0]]), "w": torch.tensor([0.0])},
+        1.0,
+        num_examples=1,
+        local_steps=2,
+    )
     mean = pipeline.aggregate([pipeline.on_client(first), pipeline.on_client(second)])
     # Row 0: both changed it, example-weighted (3·1 + 1·3)/4; row 1: only the second client.
     assert torch.allclose(mean["rows"], torch.tensor([[1.5], [4.0]]))
@@ -149,9 +175,11 @@ def test_per_customer_updates_are_the_clipped_sums_of_each_customers_gradient(na
     private = model.init_private(4, 3, g)
     measurements = torch.randn(4, 5, generator=g)
     batch = Batch(
-        torch.tensor([0, 0, 1, 2, 2, 2]), torch.tensor([1, 1, 5, 7, 8, 19]),
-        torch.tensor([0, 0, 2, 3, 3, 5]), torch.tensor([0, 1, 2, 1, 1, 0]),
-    )  # fmt: skip
+        torch.tensor([0, 0, 1, 2, 2, 2]),
+        torch.tensor([1, 1, 5, 7, 8, 19]),
+        torch.tensor([0, 0, 2, 3, 3, 5]),
+        torch.tensor([0, 1, 2, 1, 1, 0]),
+    )
     customer = torch.tensor([0, 0, 1, 2, 2, 2])
     clip = 0.05
     totals, _ = per_customer_updates(
@@ -165,8 +193,10 @@ def test_per_customer_updates_are_the_clipped_sums_of_each_customers_gradient(na
         dense = batched({n: params[n] for n in model.dense_names(params)}, len(part))
         loss = record_losses(model, rows, dense, part.label, 1e-3).sum()
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        update = {k: -(g if g is not None else torch.zeros_like(params[k]))
-                  for k, g in zip(params, grads, strict=True)}  # fmt: skip
+        update = {
+            k: -(g if g is not None else torch.zeros_like(params[k]))
+            for k, g in zip(params, grads, strict=True)
+        }
         norm = torch.sqrt(sum(u.pow(2).sum() for u in update.values()))
         scale = min(1.0, clip / float(norm))
         for k in expected:
@@ -194,8 +224,14 @@ def test_fit_under_record_dp_and_secure_aggregation_states_epsilon(small):
     config, data = small
     config = fit_config(
         config.data.data_dir,
-        **{"fit.methods": ["federated"], "privacy.mode": "record", "privacy.epsilon": 8.0,
-           "privacy.local_steps": 2, "privacy.budget": 50.0, "protection.kind": "secagg"},  # fmt: skip
+        **{
+            "fit.methods": ["federated"],
+            "privacy.mode": "record",
+            "privacy.epsilon": 8.0,
+            "privacy.local_steps": 2,
+            "privacy.budget": 50.0,
+            "protection.kind": "secagg",
+        },
     )
     result = run_fit_experiment(config, data)
     assert 0 < result.privacy.epsilon <= 8.0 + 1e-6
@@ -220,8 +256,21 @@ def test_fedshop_train_task_fit_writes_a_run_folder(data_dir, tmp_path):
     small_toml.write_text("[fit]\nmax_shoppers = 2000\n")
     result = CliRunner().invoke(
         app,
-        ["train", "--task", "fit", "--dataset", "renttherunway", "--data-dir", str(data_dir),
-         "--rounds", "2", "--out", str(out), "--config", str(small_toml)],  # fmt: skip
+        [
+            "train",
+            "--task",
+            "fit",
+            "--dataset",
+            "renttherunway",
+            "--data-dir",
+            str(data_dir),
+            "--rounds",
+            "2",
+            "--out",
+            str(out),
+            "--config",
+            str(small_toml),
+        ],
     )
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
@@ -239,4 +288,4 @@ def test_fedshop_train_task_fit_writes_a_run_folder(data_dir, tmp_path):
 
 def test_fit_records_concat_of_nothing_is_empty():
     assert len(FitRecords.concat([])) == 0
-    assert FitTraining().weight_decay > 0
+    assert FitTraining().private_decay > 0

@@ -455,7 +455,7 @@ def _execute_fit(config: RunConfig, out: Path, overwrite: bool) -> None:
     """Train and report fit prediction (`--task fit`), write the run folder, print the tables."""
     from fedshop.data.fit_feedback import load_fit_dataset
     from fedshop.fit_experiment import run_fit_experiment
-    from fedshop.report.fit_run import FIT_METHOD_LABELS, write_fit_run
+    from fedshop.report.fit_run import FIT_METHOD_LABELS, HEADLINE, write_fit_run
     from fedshop.report.run_folder import run_folder
 
     with run_folder(out, overwrite) as folder:
@@ -481,8 +481,7 @@ def _execute_fit(config: RunConfig, out: Path, overwrite: bool) -> None:
         m = outcome.summary
         table.add_row(
             method,
-            *(f"{m[k]:.4f}" for k in ("auc_macro", "silo_mean_auc_macro", "accuracy",
-                                      "recall_small", "recall_fit", "recall_large")),  # fmt: skip
+            *(f"{m[k]:.4f}" for k in HEADLINE),
             f"{outcome.seconds:.1f}",
         )
     console.print(table)

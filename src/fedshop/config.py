@@ -181,7 +181,8 @@ class FitConfig:
     split: str = "temporal"  # each shopper's latest feedback held out; random: 80:10:10 (the paper)
     learning_rate: float = 0.01  # local AdamW
     l2: float = 1e-3  # on the rows a record touches
-    weight_decay: float = 1.0  # AdamW's decoupled decay: keeps one-rental shoppers from being memorised
+    weight_decay: float = 1.0  # AdamW decay of the shared weights per step (stops memorising)
+    private_decay: float = 3.0  # a shopper's own vector shrinks by e^-this per pass over the data
     batch_size: int = 1024
     user_learning_rate: float = 0.5  # DP-SGD: plain SGD step on a sampled customer's own vector
     max_shoppers: int = 0  # keep this many shoppers, drawn by the seed (0: all)
@@ -198,6 +199,7 @@ class FitConfig:
         _positive("fit", "learning_rate", self.learning_rate)
         _at_least("fit", "l2", self.l2, 0.0)
         _at_least("fit", "weight_decay", self.weight_decay, 0.0)
+        _at_least("fit", "private_decay", self.private_decay, 0.0)
         _at_least("fit", "batch_size", self.batch_size, 1)
         _positive("fit", "user_learning_rate", self.user_learning_rate)
         _at_least("fit", "max_shoppers", self.max_shoppers, 0)
@@ -484,7 +486,7 @@ class RunConfig:
             section.validate()
         if self.data.dataset not in fit_datasets:
             raise ConfigError(
-                f"task = \"fit\" needs fit feedback: [data] dataset must be one of "
+                f'task = "fit" needs fit feedback: [data] dataset must be one of '
                 f"{', '.join(fit_datasets)}, not {self.data.dataset}"
             )
         if self.federated.mode != "cross-silo":

@@ -142,7 +142,9 @@ def train_pooled(
     user_rows = np.concatenate([rows_of(s.index, s.train) for s in dataset.silos])
     batch = records_batch(train, user_rows, dataset.product_item)
     shared = init_fit_shared(run_config, dataset, task, "init")
-    private = model.init_private(n_rows, config.fit.dim, torch_generator(config.seed, task, "users"))
+    private = model.init_private(
+        n_rows, config.fit.dim, torch_generator(config.seed, task, "users")
+    )
     generator = torch_generator(config.seed, task, "train")
     training = fit_training(run_config)
     for _ in range(epochs):

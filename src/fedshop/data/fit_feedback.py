@@ -35,24 +35,18 @@ OTHER = "other"
 
 # RentTheRunway's 68 categories in five shops; anything else (e.g. "print", "for") goes to "other".
 CATEGORY_GROUPS = {
-    "dresses": (
-        "dress gown sheath shift maxi mini shirtdress frock midi ballgown kaftan caftan".split()
-    ),
-    "tops": (
-        "top blouse shirt tank tunic tee t-shirt cami sweater cardigan pullover turtleneck "
-        "sweatshirt sweatershirt hoodie knit henley buttondown crewneck blouson kimono".split()
-    ),
-    "bottoms": (
-        "skirt skirts pants pant culottes culotte leggings legging trouser trousers tight jogger "
-        "jeans skort sweatpants".split()
-    ),
-    "outerwear": (
-        "jacket coat blazer down vest bomber cape poncho peacoat trench parka duster "
-        "overcoat".split()
-    ),
-    "one-pieces": "jumpsuit romper suit overalls combo".split(),
+    "dresses": "dress gown sheath shift maxi mini shirtdress frock midi ballgown kaftan caftan",
+    "tops": "top blouse shirt tank tunic tee t-shirt cami sweater cardigan pullover turtleneck "
+    "sweatshirt sweatershirt hoodie knit henley buttondown crewneck blouson kimono",
+    "bottoms": "skirt skirts pants pant culottes culotte leggings legging trouser trousers tight "
+    "jogger jeans skort sweatpants",
+    "outerwear": "jacket coat blazer down vest bomber cape poncho peacoat trench parka duster "
+    "overcoat",
+    "one-pieces": "jumpsuit romper suit overalls combo",
 }
-_GROUP_OF = {category: group for group, names in CATEGORY_GROUPS.items() for category in names}
+_GROUP_OF = {
+    category: group for group, names in CATEGORY_GROUPS.items() for category in names.split()
+}
 
 # A priori scales of the numeric measurements (US adult women, rounded), not fitted to the data.
 MEASUREMENT_SCALES = {
@@ -257,9 +251,7 @@ def build_fit_dataset(
     counts.update(split_counts)
     measurements, names = measurement_matrix(rentals, user_codes, len(user_ids))
 
-    records = FitRecords(
-        user_codes.astype(np.int64), product_codes.astype(np.int64), labels
-    )
+    records = FitRecords(user_codes.astype(np.int64), product_codes.astype(np.int64), labels)
     sizes = shop.value_counts()
     ordered = sorted(sizes.index, key=lambda name: (-sizes[name], name))
     built = []

@@ -26,9 +26,7 @@ from fedshop.errors import DataError
 
 OFFICIAL_PAGE = "https://cseweb.ucsd.edu/~jmcauley/datasets.html#clothing_fit"
 # The release linked from that page (no published checksum: the first download's digest is pinned).
-OFFICIAL_URL = (
-    "https://mcauleylab.ucsd.edu/public_datasets/data/renttherunway/renttherunway_final_data.json.gz"
-)
+OFFICIAL_URL = "https://mcauleylab.ucsd.edu/public_datasets/data/renttherunway/renttherunway_final_data.json.gz"
 FOLDER = "renttherunway"
 CANDIDATES = ("renttherunway_clean.parquet", "renttherunway_final_data.json.gz")
 FIT_CLASSES = ("small", "fit", "large")  # label order: class index = position here

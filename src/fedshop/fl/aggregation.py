@@ -54,11 +54,13 @@ def aggregation_pipeline(kind: str) -> AggregationPipeline:
 
 
 ROW_WEIGHT_PREFIX = "__row_weight__/"
+ROW_STEPS_PREFIX = "__row_steps__/"
 
 
 def row_weights_stage(tables: tuple[str, ...]) -> Callable[[ClientMessage], ClientMessage]:
-    """Client stage (after the weighting): for each row table, a column of the message's weight on
-    the rows it changed and 0 elsewhere, summed with the update (also under secure aggregation).
+    """Client stage (after the weighting and FedNova's normalisation): for each row table, a column
+    of the message's weight on the rows it changed and 0 elsewhere, summed with the update (also
+    under secure aggregation); under FedNova also its weighted step count on those rows.
 
     A row that only a few clients touch (a product only one shop sells) would otherwise move by its
     update times those clients' share of the total weight: the zeros of everyone else dilute it."""
@@ -67,21 +69,32 @@ def row_weights_stage(tables: tuple[str, ...]) -> Callable[[ClientMessage], Clie
         tensors = dict(message.tensors)
         for name in tables:
             changed = tensors[name].reshape(len(tensors[name]), -1).ne(0).any(1, keepdim=True)
-            tensors[ROW_WEIGHT_PREFIX + name] = changed.to(tensors[name].dtype) * message.weight
+            changed = changed.to(tensors[name].dtype)
+            tensors[ROW_WEIGHT_PREFIX + name] = changed * message.weight
+            if STEPS_KEY in tensors:
+                tensors[ROW_STEPS_PREFIX + name] = changed * tensors[STEPS_KEY].to(changed.dtype)
         return replace(message, tensors=tensors)
 
     return stage
 
 
 def row_weighted_mean(aggregate: Aggregate) -> Aggregate:
-    """Server stage (first): each row of a row table is divided by the weight of the clients that
-    changed it instead of everyone's, so that `mean_of` gives the mean over those clients."""
+    """Server stage (first): each row of a row table becomes the weighted mean over the clients
+    that changed it (scaled so that `mean_of`'s division by the total weight gives it). Under
+    FedNova each row is also rescaled by its own clients' mean step count rather than everyone's
+    (`rescale_by_effective_steps` follows with the global one, so it is divided out here): a row
+    only a 4-step shop trains must not move as if 40 steps had been taken on it."""
     tensors = dict(aggregate.tensors)
     for key in [k for k in tensors if k.startswith(ROW_WEIGHT_PREFIX)]:
-        weights = tensors.pop(key)
         name = key[len(ROW_WEIGHT_PREFIX) :]
-        share = aggregate.weight / weights.clamp_min(1e-12)
-        tensors[name] = tensors[name] * torch.where(weights > 0, share, torch.zeros_like(share))
+        weights = tensors.pop(key)
+        touched = weights > 0
+        scale = aggregate.weight / weights.clamp_min(1e-12)
+        steps = tensors.pop(ROW_STEPS_PREFIX + name, None)
+        if steps is not None:
+            global_steps = float(tensors[STEPS_KEY]) / aggregate.weight
+            scale = scale * (steps / weights.clamp_min(1e-12)) / global_steps
+        tensors[name] = tensors[name] * torch.where(touched, scale, torch.zeros_like(scale))
     return replace(aggregate, tensors=tensors)
 
 

@@ -35,25 +35,28 @@ from fedshop.models.fit import (
     get_fit_model,
     probabilities,
 )
-
-ROW_TABLES = PRODUCT_TABLES + ITEM_TABLES
 from fedshop.secure.protected_sum import ProtectedSum, make_protection
 from fedshop.seeding import NoiseStream, torch_generator
 
 if TYPE_CHECKING:
     from fedshop.privacy.dp import PrivacyGuard
 
+ROW_TABLES = PRODUCT_TABLES + ITEM_TABLES  # averaged over the shops that changed each row
+
 
 def fit_training(config: RunConfig) -> FitTraining:
     fit = config.fit
     return FitTraining(
-        fit.learning_rate, fit.l2, fit.weight_decay, fit.batch_size, fit.user_learning_rate
+        learning_rate=fit.learning_rate,
+        l2=fit.l2,
+        weight_decay=fit.weight_decay,
+        private_decay=fit.private_decay,
+        batch_size=fit.batch_size,
+        user_learning_rate=fit.user_learning_rate,
     )
 
 
-def records_batch(
-    records: FitRecords, user_row: np.ndarray, product_item: np.ndarray
-) -> Batch:
+def records_batch(records: FitRecords, user_row: np.ndarray, product_item: np.ndarray) -> Batch:
     return Batch(
         torch.from_numpy(np.asarray(user_row, dtype=np.int64)),
         torch.from_numpy(records.product),

@@ -126,7 +126,11 @@ FIT_MODELS = {
         FitModel("k-lf-lr", "lf", "lr", "latent factors, ordinal regression head"),
         FitModel("k-lv-lr", "lv", "lr", "latent size differences, ordinal regression head"),
         FitModel(
-            "1-lv-lr", "lv", "lr", "one latent size each, ordinal regression", fixed_dim=1,
+            "1-lv-lr",
+            "lv",
+            "lr",
+            "one latent size each, ordinal regression",
+            fixed_dim=1,
             biases=False,
         ),
         FitModel("measure-ml", "measure", "ml", "body measurements instead of a private vector"),
@@ -158,7 +162,11 @@ class Batch:
 
 
 def gather(
-    model: FitModel, shared: Params, private: Params, measurements: torch.Tensor | None, batch: Batch
+    model: FitModel,
+    shared: Params,
+    private: Params,
+    measurements: torch.Tensor | None,
+    batch: Batch,
 ) -> Params:
     rows = {
         "product_size": shared["product_size"][batch.product],
@@ -180,7 +188,8 @@ def record_losses(model: FitModel, rows: Params, dense: Params, label: torch.Ten
     """Each record's loss: −log P(its label) + l2 · ‖its rows (vectors and biases)‖²."""
     nll = -model.log_probs(rows, dense).gather(1, label.view(-1, 1)).squeeze(1)
     penalty = sum(
-        rows[name].pow(2).sum(1) for name in (*PRODUCT_TABLES, *ITEM_TABLES, *USER_TABLES)
+        rows[name].pow(2).sum(1)
+        for name in (*PRODUCT_TABLES, *ITEM_TABLES, *USER_TABLES)
         if name in rows
     )
     return nll + l2 * penalty

@@ -134,8 +134,15 @@ def confusion_svg(metrics: dict[str, Any]) -> str:
         axis.imshow(share, cmap="Blues", vmin=0, vmax=1)
         for i in range(3):
             for j in range(3):
-                axis.text(j, i, f"{share[i, j]:.2f}\n{int(counts[i, j]):,}", ha="center",
-                          va="center", fontsize=7, color="white" if share[i, j] > 0.6 else "black")  # fmt: skip
+                axis.text(
+                    j,
+                    i,
+                    f"{share[i, j]:.2f}\n{int(counts[i, j]):,}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if share[i, j] > 0.6 else "black",
+                )
         axis.set_xticks(range(3), FIT_CLASSES, fontsize=7)
         axis.set_yticks(range(3), FIT_CLASSES, fontsize=7)
         axis.set_title(method, fontsize=8)
@@ -148,11 +155,20 @@ def confusion_svg(metrics: dict[str, Any]) -> str:
     return buffer.getvalue()
 
 
-def render_fit_report(metrics: dict[str, Any], data_report: dict[str, Any], config_toml: str) -> str:
+def render_fit_report(
+    metrics: dict[str, Any], data_report: dict[str, Any], config_toml: str
+) -> str:
     methods = [m for m in FIT_METHOD_LABELS if m in metrics]
     summary = _table(
-        ["method", "AUC (macro)", "silo-mean AUC", "accuracy",
-         *(f"recall {c}" for c in FIT_CLASSES), "records", "seconds"],  # fmt: skip
+        [
+            "method",
+            "AUC (macro)",
+            "silo-mean AUC",
+            "accuracy",
+            *(f"recall {c}" for c in FIT_CLASSES),
+            "records",
+            "seconds",
+        ],
         [
             [html.escape(FIT_METHOD_LABELS[m])]
             + [_fmt(metrics[m].get(k)) for k in HEADLINE]
@@ -171,17 +187,31 @@ def render_fit_report(metrics: dict[str, Any], data_report: dict[str, Any], conf
     history = _table(
         ["round", "shops", "seconds", "AUC (macro)", "silo-mean AUC", "ε"],
         [
-            [_fmt(h["round"]), _fmt(h["clients"]), _fmt(h["seconds"], 2),
-             _fmt(h.get("auc_macro")), _fmt(h.get("silo_mean_auc_macro")), _fmt(h.get("epsilon"), 2)]  # fmt: skip
+            [
+                _fmt(h["round"]),
+                _fmt(h["clients"]),
+                _fmt(h["seconds"], 2),
+                _fmt(h.get("auc_macro")),
+                _fmt(h.get("silo_mean_auc_macro")),
+                _fmt(h.get("epsilon"), 2),
+            ]
             for h in metrics.get("history", [])
         ],
     )
     sizes = metrics.get("bytes_per_round_per_silo") or {}
-    bytes_rows = [[html.escape(s), _fmt(v["dense"]), _fmt(v["touched_rows"])] for s, v in sizes.items()]
+    bytes_rows = [
+        [html.escape(s), _fmt(v["dense"]), _fmt(v["touched_rows"])] for s, v in sizes.items()
+    ]
     cleaning = data_report.get("cleaning", {})
     silo_rows = [
-        [html.escape(s["silo"]), _fmt(s["customers"]), _fmt(s["train"]), _fmt(s["test"]),
-         _fmt(s["test_product_unseen_in_silo"]), _fmt(s["test_shopper_unseen_in_silo"])]  # fmt: skip
+        [
+            html.escape(s["silo"]),
+            _fmt(s["customers"]),
+            _fmt(s["train"]),
+            _fmt(s["test"]),
+            _fmt(s["test_product_unseen_in_silo"]),
+            _fmt(s["test_shopper_unseen_in_silo"]),
+        ]
         for s in data_report.get("silos", [])
     ]
     shared = data_report.get("shoppers_in_several_silos", {})
@@ -189,10 +219,14 @@ def render_fit_report(metrics: dict[str, Any], data_report: dict[str, Any], conf
 <html lang="en"><head><meta charset="utf-8"><title>FedShop fit report</title>
 <style>{CSS}</style></head><body>
 <h1>FedShop size and fit report</h1>
-<p class="muted">dataset <b>{_fmt(metrics.get("dataset"))}</b> · model <b>{_fmt(metrics.get("model"))}</b>
+<p class="muted">dataset <b>{_fmt(metrics.get("dataset"))}</b> · model <b>{
+        _fmt(metrics.get("model"))
+    }</b>
 (K = {_fmt(metrics.get("dim"))}) · shops by <b>{_fmt(metrics.get("silos_by"))}</b> · split
 <b>{_fmt(metrics.get("split"))}</b>, scored on {_fmt(metrics.get("evaluated_on"))} · seed
-{_fmt(metrics.get("seed"))} · {_fmt(metrics.get("rounds"))} rounds · FedShop {_fmt(metrics.get("fedshop_version"))}</p>
+{_fmt(metrics.get("seed"))} · {_fmt(metrics.get("rounds"))} rounds · FedShop {
+        _fmt(metrics.get("fedshop_version"))
+    }</p>
 <h2>Results</h2>
 {summary}
 <p class="muted">AUC (macro) is the mean of the one-vs-rest AUCs of small, fit and large (Misra et al.
@@ -217,8 +251,19 @@ Accuracy and recall use the most probable class.</p>
 {_fmt(shared.get("in_two_or_more"))} shoppers rented from two or more shops.</p>
 <p>{_fmt(data_report.get("split_rule"))}</p>
 {_table(["rule / count", "rows"], [[html.escape(k), _fmt(v)] for k, v in cleaning.items()])}
-{_table(["shop", "customers", "train", "test", "test product unseen in shop",
-         "test shopper unseen in shop"], silo_rows)}
+{
+        _table(
+            [
+                "shop",
+                "customers",
+                "train",
+                "test",
+                "test product unseen in shop",
+                "test shopper unseen in shop",
+            ],
+            silo_rows,
+        )
+    }
 <h2>Configuration</h2><pre>{html.escape(config_toml)}</pre>
 <p class="muted">RentTheRunway data: Misra, Wan &amp; McAuley, “Decomposing fit semantics for product
 size recommendation in metric spaces”, RecSys 2018; research use.</p>

@@ -325,7 +325,9 @@ class FitServingModel:
         needed += ["weights", "thresholds"] if model.head == "lr" else ["projection", "prototypes"]
         missing = [name for name in needed if name not in shared]
         if missing:
-            raise FedShopError(f"{shared_path} has no {', '.join(missing)} ({model.name} needs them)")
+            raise FedShopError(
+                f"{shared_path} has no {', '.join(missing)} ({model.name} needs them)"
+            )
         products = read_products(run_dir / PRODUCTS)
         if len(shared["product_size"]) != products.n_products:
             raise FedShopError(
@@ -446,7 +448,9 @@ class FitServingModel:
             "shop": store.name if store is not None else None,
             "known_customer": row is not None,
             "sizes": rows,
-            "suggested_size": rows[best]["size"],
+            # A new shopper has no size yet (a zero vector scores every size alike): no advice
+            # rather than the smallest size dressed up as one.
+            "suggested_size": rows[best]["size"] if row is not None else None,
         }
         if requested is not None:
             answer["requested"] = rows[requested]
