@@ -487,7 +487,16 @@ def _execute_fit(config: RunConfig, out: Path, overwrite: bool) -> None:
     _print_fit_table(config, result)
     console.print(f"\nRun folder: [bold]{folder}[/]  ·  report: [bold]{folder / 'report.html'}[/]")
     if "federated" in result.methods:
-        console.print(f"Serve fit advice: fedshop serve {folder}", highlight=False, soft_wrap=True)
+        _print_fit_serve_command(folder)
+
+
+def _print_fit_serve_command(folder: Path) -> None:
+    console.print(f"Serve fit advice: fedshop serve {folder}", highlight=False, soft_wrap=True)
+
+
+FIT_TABLE_KEYS = (
+    "auc_macro", "silo_mean_auc_macro", "accuracy", "recall_small", "recall_fit", "recall_large",
+)  # fmt: skip
 
 
 def _print_fit_table(config: RunConfig, result) -> None:
@@ -498,12 +507,7 @@ def _print_fit_table(config: RunConfig, result) -> None:
         table.add_column(column, justify="left" if column == "method" else "right")
     for method, outcome in result.methods.items():
         m = outcome.summary
-        table.add_row(
-            method,
-            *(f"{m[k]:.4f}" for k in ("auc_macro", "silo_mean_auc_macro", "accuracy",
-                                      "recall_small", "recall_fit", "recall_large")),  # fmt: skip
-            f"{outcome.seconds:.1f}",
-        )
+        table.add_row(method, *(f"{m[k]:.4f}" for k in FIT_TABLE_KEYS), f"{outcome.seconds:.1f}")
     console.print(table)
     if result.privacy.epsilon is not None:
         console.print(f"Privacy: ε = {result.privacy.epsilon:.2f}, δ = {result.privacy.delta:.2g}")
@@ -1024,8 +1028,11 @@ def deploy_local(
     else:
         _print_tables(result)
     console.print(f"\nRun folder: [bold]{out}[/]  ·  report: [bold]{out / 'report.html'}[/]")
-    _print_serve_command(result, out)
-    print_commands(console, commands(silos, "superlink.example.com"))
+    if fit:
+        _print_fit_serve_command(out)
+    else:
+        _print_serve_command(result, out)
+    print_commands(console, commands(dataset.n_silos, "superlink.example.com"))
 
 
 def print_commands(out: Console, text: str) -> None:
@@ -1237,15 +1244,16 @@ def deploy_silo_data(
         Path | None, typer.Option("--config", "-c", help="TOML run configuration.")
     ] = None,
 ) -> None:
-    """Write each silo's data file (silo-N.npz) from a dataset: hand each silo only its own."""
-    from fedshop.data.datasets import load_dataset
-    from fedshop.deploy.launch import write_silo_files
+    """Write each silo's data file (silo-N.npz) from a dataset: hand each silo only its own (a fit
+    run's: each shop its own records and customers' measurements)."""
+    from fedshop.deploy.launch import customer_counts, write_silo_files
 
     run_config = load_config(config)
-    dataset = load_dataset(run_config.data, seed=run_config.seed, protocol=run_config.eval.protocol)
+    dataset = _deploy_dataset(run_config)
     paths = write_silo_files(run_config, dataset, out)
-    for index, (name, path) in enumerate(zip(dataset.silo_names, paths, strict=True)):
-        console.print(f"{path}  ({name}, {dataset.silo(index).n_users:,} customers)")
+    counts = customer_counts(dataset)
+    for name, path, count in zip(dataset.silo_names, paths, counts, strict=True):
+        console.print(f"{path}  ({name}, {count:,} customers)")
     console.print(
         "Beside each file, its silo's policy (silo-<i>.policy.toml): the least protection the silo "
         "accepts and its own privacy budget. Each silo reviews its own before it joins.",
