@@ -1,5 +1,8 @@
 """Fit prediction deployed (`fedshop deploy local` with `task = "fit"`): each shop a SuperNode with
-its own records only, the simulator's model, and fit counts checked as they cross the wire."""
+its own records only, the simulator's model, and fit counts checked as they cross the wire.
+
+The deployment (8 shops, 2 rounds) takes over two minutes on 2 cores: its tests are `slow`
+(conftest: they run under CI=true or FEDSHOP_SLOW=1)."""
 
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ def deployed(data_dir, nginx, tmp_path_factory):
     return config, dataset, out, done.stdout
 
 
+@pytest.mark.slow
 def test_deployed_fit_model_is_the_simulators(deployed):
     config, dataset, out, stdout = deployed
     simulated = run_fit_federated(dataset, config)
@@ -63,6 +67,7 @@ def test_deployed_fit_model_is_the_simulators(deployed):
     assert "auc_macro" in stdout and (out / "report.html").exists()
 
 
+@pytest.mark.slow
 def test_each_shop_file_holds_only_its_own_records(deployed):
     _, dataset, out, _ = deployed
     for silo in dataset.silos:
