@@ -65,6 +65,7 @@ def test_deployed_fit_model_is_the_simulators(deployed):
     assert outcome["task"] == "fit" and set(outcome["per_silo"]) == set(dataset.silo_names)
     assert outcome["summary"]["auc_macro"] == pytest.approx(metrics["federated"]["auc_macro"])
     assert "auc_macro" in stdout and (out / "report.html").exists()
+    assert f"--silos {dataset.n_silos}" in stdout  # the commands for separate hosts, one per shop
 
 
 @pytest.mark.slow
