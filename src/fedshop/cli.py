@@ -451,11 +451,22 @@ def train(
     _execute(run_config, out or _default_out(name), overwrite)
 
 
+def _deploy_dataset(config: RunConfig):
+    """The data `deploy local` splits into silo files: a fit run's shops, or purchases."""
+    if config.task == "fit":
+        from fedshop.data.fit_feedback import load_fit_dataset
+
+        return load_fit_dataset(config.data, config.fit, config.seed)
+    from fedshop.data.datasets import load_dataset
+
+    return load_dataset(config.data, seed=config.seed, protocol=config.eval.protocol)
+
+
 def _execute_fit(config: RunConfig, out: Path, overwrite: bool) -> None:
     """Train and report fit prediction (`--task fit`), write the run folder, print the tables."""
     from fedshop.data.fit_feedback import load_fit_dataset
     from fedshop.fit_experiment import run_fit_experiment
-    from fedshop.report.fit_run import FIT_METHOD_LABELS, HEADLINE, write_fit_run
+    from fedshop.report.fit_run import FIT_METHOD_LABELS, write_fit_run
     from fedshop.report.run_folder import run_folder
 
     with run_folder(out, overwrite) as folder:
@@ -473,23 +484,30 @@ def _execute_fit(config: RunConfig, out: Path, overwrite: bool) -> None:
             progress.labels = {**progress.labels, **FIT_METHOD_LABELS}
             result = run_fit_experiment(config, dataset, progress)
         write_fit_run(folder, result)
+    _print_fit_table(config, result)
+    console.print(f"\nRun folder: [bold]{folder}[/]  ·  report: [bold]{folder / 'report.html'}[/]")
+    if "federated" in result.methods:
+        _print_fit_serve_command(folder)
+
+
+def _print_fit_serve_command(folder: Path) -> None:
+    console.print(f"Serve fit advice: fedshop serve {folder}", highlight=False, soft_wrap=True)
+
+
+def _print_fit_table(config: RunConfig, result) -> None:
+    """Each method's fit metrics on the held-out records, and ε under DP."""
+    from fedshop.report.fit_run import HEADLINE
+
     table = Table(title=f"Fit prediction on the {config.eval.split} records ({config.fit.model})")
     for column in ("method", "AUC (macro)", "silo-mean AUC", "accuracy", "recall small",
                    "recall fit", "recall large", "seconds"):  # fmt: skip
         table.add_column(column, justify="left" if column == "method" else "right")
     for method, outcome in result.methods.items():
         m = outcome.summary
-        table.add_row(
-            method,
-            *(f"{m[k]:.4f}" for k in HEADLINE),
-            f"{outcome.seconds:.1f}",
-        )
+        table.add_row(method, *(f"{m[k]:.4f}" for k in HEADLINE), f"{outcome.seconds:.1f}")
     console.print(table)
     if result.privacy.epsilon is not None:
         console.print(f"Privacy: ε = {result.privacy.epsilon:.2f}, δ = {result.privacy.delta:.2g}")
-    console.print(f"\nRun folder: [bold]{folder}[/]  ·  report: [bold]{folder / 'report.html'}[/]")
-    if "federated" in result.methods:
-        console.print(f"Serve fit advice: fedshop serve {folder}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -938,7 +956,12 @@ app.add_typer(deploy_app, name="deploy")
 
 @deploy_app.command("local")
 def deploy_local(
-    silos: Annotated[int, typer.Option("--silos", help="Silos (SuperNode processes).")] = 4,
+    silos: Annotated[
+        int | None,
+        typer.Option(
+            "--silos", help="Silos (SuperNode processes); default 4, a fit run's: its shops."
+        ),
+    ] = None,
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="TOML run configuration.")
     ] = None,
@@ -952,42 +975,38 @@ def deploy_local(
 ) -> None:
     """Run a TLS-authenticated federation on this machine: one SuperLink, one SuperNode per silo
     (each with only its own data file), FedShop's server as the ServerApp; writes the same run
-    folder as the simulator and stops every process it started."""
-    if silos < 2:
+    folder as the simulator and stops every process it started. A fit run (`task = "fit"`)
+    deploys its shops the same way."""
+    if silos is not None and silos < 2:
         raise FedShopError("--silos must be at least 2")
-    run_config = load_config(
-        config,
-        overrides={
-            "seed": seed,
-            "federated.rounds": rounds,
-            "data.max_silos": silos,
-            "methods": ["federated"],
-            "protection.kind": protection,
-        },
-    )
+    overrides = {"seed": seed, "federated.rounds": rounds, "protection.kind": protection}
+    run_config = load_config(config, overrides=overrides)
+    fit = run_config.task == "fit"
+    if not fit:  # a fit run's shops come from [fit] silos, not from a count
+        silos = silos or 4
+        more = {"data.max_silos": silos, "methods": ["federated"]}
+        run_config = load_config(config, overrides={**overrides, **more})
     check_deployable(run_config)
     from fedshop.deploy.front_door import nginx_binary
 
     nginx_binary()  # the front door runs nginx: missing, it says how to install it before any work
     # Imported once the config is checked: a mistake in it answers without loading torch and Flower.
-    from fedshop.data.datasets import load_dataset
     from fedshop.deploy.launch import DeploySettings
     from fedshop.deploy.launch import deploy_local as run_deployment
     from fedshop.deploy.processes import commands
     from fedshop.report.run_folder import run_folder, write_run
 
-    with run_folder(out or _default_out("deploy"), overwrite) as out:
+    with run_folder(out or _default_out("deploy-fit" if fit else "deploy"), overwrite) as out:
         with console.status("Loading and cleaning data…"):
-            dataset = load_dataset(
-                run_config.data, seed=run_config.seed, protocol=run_config.eval.protocol
-            )
-        if dataset.n_silos != silos:
+            dataset = _deploy_dataset(run_config)
+        if silos is not None and dataset.n_silos != silos:
             raise FedShopError(
                 f"{dataset.name} splits into {dataset.n_silos} silos here, not {silos}; "
                 "choose --silos accordingly"
             )
         console.print(
-            f"[bold]Local federation[/]: 1 SuperLink + {silos} SuperNodes on 127.0.0.1, TLS and "
+            f"[bold]Local federation[/]: 1 SuperLink + {dataset.n_silos} SuperNodes on 127.0.0.1, "
+            "TLS and "
             "SuperNode authentication on, the silos through the front door (nginx); silos: "
             f"{', '.join(dataset.silo_names)}"
         )
@@ -995,11 +1014,22 @@ def deploy_local(
         result = run_deployment(
             run_config, dataset, out, settings, on_line=lambda line: console.print(f"  {line}")
         )
-        write_run(out, result)
-    _print_tables(result)
+        if fit:
+            from fedshop.report.fit_run import write_fit_run
+
+            write_fit_run(out, result)
+        else:
+            write_run(out, result)
+    if fit:
+        _print_fit_table(run_config, result)
+    else:
+        _print_tables(result)
     console.print(f"\nRun folder: [bold]{out}[/]  ·  report: [bold]{out / 'report.html'}[/]")
-    _print_serve_command(result, out)
-    print_commands(console, commands(silos, "superlink.example.com"))
+    if fit:
+        _print_fit_serve_command(out)
+    else:
+        _print_serve_command(result, out)
+    print_commands(console, commands(dataset.n_silos, "superlink.example.com"))
 
 
 def print_commands(out: Console, text: str) -> None:
@@ -1211,15 +1241,16 @@ def deploy_silo_data(
         Path | None, typer.Option("--config", "-c", help="TOML run configuration.")
     ] = None,
 ) -> None:
-    """Write each silo's data file (silo-N.npz) from a dataset: hand each silo only its own."""
-    from fedshop.data.datasets import load_dataset
-    from fedshop.deploy.launch import write_silo_files
+    """Write each silo's data file (silo-N.npz) from a dataset: hand each silo only its own (a fit
+    run's: each shop its own records and customers' measurements)."""
+    from fedshop.deploy.launch import customer_counts, write_silo_files
 
     run_config = load_config(config)
-    dataset = load_dataset(run_config.data, seed=run_config.seed, protocol=run_config.eval.protocol)
+    dataset = _deploy_dataset(run_config)
     paths = write_silo_files(run_config, dataset, out)
-    for index, (name, path) in enumerate(zip(dataset.silo_names, paths, strict=True)):
-        console.print(f"{path}  ({name}, {dataset.silo(index).n_users:,} customers)")
+    counts = customer_counts(dataset)
+    for name, path, count in zip(dataset.silo_names, paths, counts, strict=True):
+        console.print(f"{path}  ({name}, {count:,} customers)")
     console.print(
         "Beside each file, its silo's policy (silo-<i>.policy.toml): the least protection the silo "
         "accepts and its own privacy budget. Each silo reviews its own before it joins.",

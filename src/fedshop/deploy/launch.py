@@ -2,7 +2,8 @@
 
 The data is split into one file per silo, each silo runs as its own SuperNode process with only its
 own file and state folder, the server runs as Flower's ServerApp, and the result is written as the
-same run folder (config.toml, metrics.json, report.html, models/) as the simulator's.
+same run folder (config.toml, metrics.json, report.html, models/) as the simulator's. A fit run
+(`task = "fit"`) deploys the same way: one SuperNode per shop, with that shop's records only.
 """
 
 from __future__ import annotations
@@ -12,22 +13,29 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from fedshop.config import RunConfig
+from fedshop.data.fit_feedback import FitDataset
 from fedshop.data.interactions import RecDataset, for_protocol
 from fedshop.deploy import check_deployable
 from fedshop.deploy.checkpoint import read_run_identity
 from fedshop.deploy.outcome import SHARED_FILE, Outcome
 from fedshop.deploy.processes import LocalFederation, Silo
-from fedshop.deploy.silo_files import write_silo_file
+from fedshop.deploy.silo_files import write_fit_silo_file, write_silo_file
 from fedshop.deploy.silo_policy import SiloPolicy, policy_path
+from fedshop.eval.fit_metrics import FitCounts
 from fedshop.eval.metrics import MetricSums
 from fedshop.experiment import ExperimentResult, method_result, slug
 from fedshop.privacy.dp import DpPlan, PrivacySummary
 from fedshop.storage.private_files import private_dir, write_private
+
+if TYPE_CHECKING:
+    from fedshop.fit_experiment import FitResult
 
 
 @dataclass(frozen=True)
@@ -38,20 +46,33 @@ class DeploySettings:
     run_timeout: float = 3600.0
 
 
-def write_silo_files(config: RunConfig, dataset: RecDataset, folder: Path) -> list[Path]:
+Dataset = RecDataset | FitDataset  # a recommender's purchases, or a fit run's shops
+
+
+def write_silo_files(config: RunConfig, dataset: Dataset, folder: Path) -> list[Path]:
     """Each silo's data file, silo-N.npz in `folder`, with what the config's evaluation needs, and
     beside it the policy the silo will hold the coordinator to (`silo_policy.py`): the protection
     this config asks for, as the least the silo accepts. A silo owner reviews and edits it."""
-    dataset = for_protocol(dataset, config.eval.protocol, config.eval.split, config.seed)
+    if isinstance(dataset, FitDataset):
+        write = write_fit_silo_file
+    else:
+        dataset = for_protocol(dataset, config.eval.protocol, config.eval.split, config.seed)
+        write = write_silo_file
     policy = policy_for(config, dataset).to_toml()
     paths = []
     for index in range(dataset.n_silos):
-        paths.append(write_silo_file(folder / f"silo-{index}.npz", dataset, index))
+        paths.append(write(folder / f"silo-{index}.npz", dataset, index))
         write_private(policy_path(paths[-1]), policy)
     return paths
 
 
-def policy_for(config: RunConfig, dataset: RecDataset) -> SiloPolicy:
+def customer_counts(dataset: Dataset) -> list[int]:
+    if isinstance(dataset, FitDataset):
+        return [silo.n_users for silo in dataset.silos]
+    return [dataset.silo(i).n_users for i in range(dataset.n_silos)]
+
+
+def policy_for(config: RunConfig, dataset: Dataset) -> SiloPolicy:
     """The policy that accepts exactly the protection `config` asks for on `dataset`."""
     secagg = config.protection.kind == "secagg"
     if not config.privacy.enabled:
@@ -65,7 +86,7 @@ def policy_for(config: RunConfig, dataset: RecDataset) -> SiloPolicy:
     )  # fmt: skip
 
 
-def with_delta(config: RunConfig, dataset: RecDataset) -> RunConfig:
+def with_delta(config: RunConfig, dataset: Dataset) -> RunConfig:
     """`config` with δ stated, under DP: the simulator's δ for `dataset` (sized to all silos'
     customers), which this trial can compute because it splits the data itself. A deployment's
     server never sees the customer counts, so it needs δ in the config."""
@@ -75,14 +96,14 @@ def with_delta(config: RunConfig, dataset: RecDataset) -> RunConfig:
     return replace(config, privacy=replace(config.privacy, delta=delta))
 
 
-def simulator_plan(config: RunConfig, dataset: RecDataset) -> DpPlan:
+def simulator_plan(config: RunConfig, dataset: Dataset) -> DpPlan:
     """The DP plan the simulator makes for `config` on `dataset`, from every silo's count."""
     from fedshop.experiment import record_level_plan
 
-    return record_level_plan(config, [dataset.silo(i).n_users for i in range(dataset.n_silos)])
+    return record_level_plan(config, customer_counts(dataset))
 
 
-def prepare(config: RunConfig, dataset: RecDataset, folder: Path) -> tuple[list[Silo], Path]:
+def prepare(config: RunConfig, dataset: Dataset, folder: Path) -> tuple[list[Silo], Path]:
     """One data file and state folder per silo, and the server's config file (δ stated under DP),
     all owner-only."""
     config = with_delta(config, dataset)
@@ -112,14 +133,14 @@ def run_config(
 
 def deploy_local(
     config: RunConfig,
-    dataset: RecDataset,
+    dataset: Dataset,
     out: Path,
     settings: DeploySettings = DeploySettings(),
     on_line: Callable[[str], None] | None = None,
-) -> ExperimentResult:
+) -> ExperimentResult | FitResult:
     """Run `config` on `dataset` as a local federation; returns the result the run folder shows."""
     check_deployable(config)
-    config = with_delta(replace(config, methods=("federated",)), dataset)
+    config = with_delta(only_federated(config), dataset)
     folder = (out / "deployment").resolve()  # the parties run in folders of their own
     silos, server_config = prepare(config, dataset, folder)
     started = time.perf_counter()
@@ -129,7 +150,17 @@ def deploy_local(
         run_id = fed.submit(run_config(folder, server_config, len(silos), settings, fed.nodes_file))
         fed.wait(run_id, settings.run_timeout, on_poll=follower)
     follower()
-    return collect(config, dataset, folder, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    if isinstance(dataset, FitDataset):
+        return collect_fit(config, dataset, folder, seconds)
+    return collect(config, dataset, folder, seconds)
+
+
+def only_federated(config: RunConfig) -> RunConfig:
+    """A deployment runs the federated method only (the baselines are the simulator's)."""
+    if config.task == "fit":
+        return replace(config, fit=replace(config.fit, methods=("federated",)))
+    return replace(config, methods=("federated",))
 
 
 def collect(config: RunConfig, dataset: RecDataset, folder: Path, seconds: float):
@@ -152,7 +183,31 @@ def collect(config: RunConfig, dataset: RecDataset, folder: Path, seconds: float
     )  # fmt: skip
 
 
-def kept_metrics(dataset: RecDataset, folder: Path, run: str) -> dict[str, MetricSums]:
+def collect_fit(config: RunConfig, dataset: FitDataset, folder: Path, seconds: float):
+    """A fit run's result, as `fedshop train --task fit` reports its federated method."""
+    from fedshop.fit_experiment import FitResult, fit_method_result, message_bytes
+
+    server = folder / "server"
+    outcome = Outcome.read(server)
+    run = read_run_identity(server)
+    per_silo = outcome.per_silo or kept_metrics(dataset, folder, run)
+    shared = load_file(str(server / SHARED_FILE))
+    weights = {"federated/shared": shared}
+    for silo in dataset.silos:
+        final = folder / "silos" / f"silo-{silo.index}-state" / "runs" / run / "final.pt"
+        if final.exists():
+            state = torch.load(final, weights_only=True)
+            weights[f"federated/silo-{slug(silo.name)}"] = {
+                **state, "users": torch.from_numpy(silo.users),
+            }  # fmt: skip
+    return FitResult(
+        config, dataset, {"federated": fit_method_result(per_silo, seconds)}, outcome.history,
+        weights, outcome.privacy or PrivacySummary(), outcome.protection,
+        message_bytes(shared, dataset),
+    )  # fmt: skip
+
+
+def kept_metrics(dataset: Dataset, folder: Path, run: str) -> dict[str, MetricSums]:
     """Under DP the silos keep their final metrics in their own state folders (nothing about their
     held-out baskets leaves them); this trial runs every party on one machine, so its report reads
     them there. On separate hosts each silo reads its own."""
@@ -160,9 +215,17 @@ def kept_metrics(dataset: RecDataset, folder: Path, run: str) -> dict[str, Metri
     for index, name in enumerate(dataset.silo_names):
         path = folder / "silos" / f"silo-{index}-state" / "runs" / run / "metrics-final.json"
         if path.exists():
-            kept = json.loads(path.read_text())
-            per_silo[name] = MetricSums(kept["sums"], int(kept["users"]))
+            per_silo[name] = read_kept_metrics(json.loads(path.read_text()))
     return per_silo
+
+
+def read_kept_metrics(kept: dict) -> MetricSums | FitCounts:
+    """What `silo_app.kept_metrics_data` wrote: a fit run's counts, or metric sums."""
+    if "confusion" in kept:
+        return FitCounts(
+            np.asarray(kept["confusion"], np.int64), np.asarray(kept["histograms"], np.int64)
+        )
+    return MetricSums(kept["sums"], int(kept["users"]))
 
 
 class LogFollower:

@@ -42,8 +42,10 @@ from fedshop.errors import FedShopError
 from fedshop.eval.metrics import MetricSums, summarise
 from fedshop.fl.aggregation import aggregation_pipeline
 from fedshop.fl.client import LocalTask
+from fedshop.fl.fit_silo import FitShapes, FitSummaries, fit_pipeline, make_fit_server
 from fedshop.fl.in_process import make_server
 from fedshop.fl.rounds import FinalEvaluation, IncompleteRoundError, RoundDriver, RoundReply
+from fedshop.fl.server import FederatedServer
 from fedshop.messages import AggregationPipeline
 from fedshop.models.spec import Params
 from fedshop.secure.protected_sum import make_protection, summarise_costs
@@ -58,7 +60,13 @@ class Federation:
     to silos, confirmed by each node's hello, refreshed as nodes come and go."""
 
     def __init__(
-        self, grid: Grid, n_silos: int, round_timeout: float, log, registered: SiloNodes
+        self,
+        grid: Grid,
+        n_silos: int,
+        round_timeout: float,
+        log,
+        registered: SiloNodes,
+        read_metrics=wire.record_metrics,
     ) -> None:
         self.grid = grid
         self.log = log
@@ -69,7 +77,9 @@ class Federation:
         self.names: dict[int, str] = {}
         self.catalogue: str | None = None
         self.n_items: int | None = None
+        self.shapes: dict[str, int] = {}  # a fit run's model shapes, from the hellos
         self.dataset = ""
+        self.read_metrics = read_metrics  # a reply's evaluation: metric sums, or fit counts
         self._ignored: set[int] = set()
         wrong = sorted(s for s in registered.node_of if not 0 <= s < n_silos)
         if wrong:
@@ -98,6 +108,7 @@ class Federation:
                 claimed, name = int(info["silo"]), str(info["name"])
                 catalogue, n_items = str(info["catalogue"]), int(info["n-items"])
                 dataset = str(info["dataset"])
+                shapes = {k: int(info[k]) for k in ("n-products", "n-features") if k in info}
             except (KeyError, TypeError, ValueError) as exc:
                 self.log(f"silo {silo}: a malformed hello ({type(exc).__name__}: {exc})")
                 continue
@@ -105,8 +116,8 @@ class Federation:
                 self.log(f"node {reply.metadata.src_node_id} serves silo {silo} but says it is "
                          f"silo {claimed}: refused")  # fmt: skip
                 continue
-            if self.catalogue is None:
-                self.catalogue, self.n_items = catalogue, n_items
+            if self.catalogue is None:  # the digest covers the shapes: the first hello's stand
+                self.catalogue, self.n_items, self.shapes = catalogue, n_items, shapes
             elif catalogue != self.catalogue:
                 raise FedShopError(
                     f"silo {silo} ({name}) indexes another item catalogue; every silo's "
@@ -117,13 +128,13 @@ class Federation:
             self.dataset = dataset
 
     def metrics(self, replies: list[Message], name: str = "metrics") -> dict[str, MetricSums]:
-        """The silos' metric sums in `replies`, by silo name in silo order; a malformed one is
-        logged and left out."""
+        """The silos' metric sums (a fit run's: counts) in `replies`, by silo name in silo order;
+        a malformed one is logged and left out."""
         per_silo = {}
         for reply in replies:
             silo = self.silo_of(reply)
             try:
-                per_silo[silo] = wire.record_metrics(reply.content, silo, name)
+                per_silo[silo] = self.read_metrics(reply.content, silo, name)
             except wire.BadReplyError as reason:
                 self.log(f"silo {silo}: {reason}")
         return {self.names[s]: per_silo[s] for s in sorted(per_silo)}
@@ -190,6 +201,9 @@ class GridTransport:
     unit: str = "silos"
     retries: bool = True  # a silo that failed may come back
     run: str = ""  # the run's id (`checkpoint.run_identity`), in every task
+    # What `RoundDriver` reads of the per-silo metrics (a fit run's: `FitGridTransport`).
+    headline = "hr@10"
+    summarise = staticmethod(summarise)
 
     def __post_init__(self) -> None:
         self.toml = self.config.to_toml()
@@ -307,6 +321,11 @@ class GridTransport:
         return ConfigRecord({**task, **({"dp-plan": dp} if dp is not None else {}), **extra})
 
 
+@dataclass
+class FitGridTransport(FitSummaries, GridTransport):
+    """`GridTransport` of a fit run: its silos' evaluations are `FitCounts`."""
+
+
 def serve(grid: Grid, context: Context) -> None:
     settings = context.run_config
     config = load_config(Path(str(settings["config-path"])))
@@ -314,12 +333,15 @@ def serve(grid: Grid, context: Context) -> None:
     n_silos = int(settings["silos"])
     log = ServerLog(out / "server.log")
     registered = SiloNodes.read(Path(str(settings["node-silos"])))
-    federation = Federation(grid, n_silos, float(settings["round-timeout"]), log, registered)
+    fit = config.task == "fit"
+    federation = Federation(
+        grid, n_silos, float(settings["round-timeout"]), log, registered,
+        wire.record_fit_counts if fit else wire.record_metrics,
+    )  # fmt: skip
     wait_timeout = float(settings["wait-timeout"])
     # Every silo at the start: the model's shape and the silos' names come from them.
     federation.wait_for(n_silos, wait_timeout)
-    pipeline = aggregation_pipeline(config.federated.aggregation)
-    server = make_server(config, federation.n_items, torch.arange(n_silos), pipeline)
+    pipeline, server = (_fit_server if fit else _recommender_server)(config, federation)
     digest = config_digest(config.to_toml())
     checkpoints = out / "checkpoints"
     resumed = load_checkpoint(checkpoints, server, digest)
@@ -328,7 +350,7 @@ def serve(grid: Grid, context: Context) -> None:
     if resumed:
         log(f"resumed from the checkpoint after round {resumed.round}")
     task = LocalTask.of_run(config, guard.plan if guard is not None else None)
-    transport = GridTransport(
+    transport = (FitGridTransport if fit else GridTransport)(
         federation, config, pipeline, make_protection(config.protection),
         expected_layout(pipeline, server.shared), int(settings["min-silos"]) or n_silos,
         wait_timeout,
@@ -354,11 +376,34 @@ def serve(grid: Grid, context: Context) -> None:
         silo_names=[federation.names[s] for s in sorted(federation.names)],
         privacy=guard.summary() if guard is not None else None,
         protection=summarise_costs(config.protection.kind, run.costs),
+        task=config.task,
     ).write(out, server.shared)
     if final:
-        log(f"finished: HR@10 {summarise(final)['hr@10']:.4f}")
+        headline = transport.headline
+        log(f"finished: {headline} {transport.summarise(final)[headline]:.4f}")
     else:
         log("finished (under DP each silo keeps its own metrics)")
+
+
+def _recommender_server(
+    config: RunConfig, federation: Federation
+) -> tuple[AggregationPipeline, FederatedServer]:
+    pipeline = aggregation_pipeline(config.federated.aggregation)
+    server = make_server(config, federation.n_items, torch.arange(federation.n_silos), pipeline)
+    return pipeline, server
+
+
+def _fit_server(
+    config: RunConfig, federation: Federation
+) -> tuple[AggregationPipeline, FederatedServer]:
+    """The simulator's fit server (`make_fit_server`), shaped by what the silos' hellos said."""
+    if set(federation.shapes) != {"n-products", "n-features"}:
+        raise FedShopError("the silos hold purchases, not fit records: a fit run needs fit files")
+    shapes = FitShapes(
+        federation.shapes["n-products"], int(federation.n_items), federation.shapes["n-features"]
+    )
+    pipeline = fit_pipeline(config, private=config.privacy.enabled)
+    return pipeline, make_fit_server(config, shapes, federation.n_silos, pipeline)
 
 
 def _privacy_guard(config, federation: Federation, resumed):

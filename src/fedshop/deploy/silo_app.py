@@ -31,7 +31,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedshop.config import RunConfig, config_from_toml
 from fedshop.deploy import wire
-from fedshop.deploy.silo_files import read_silo_file
+from fedshop.deploy.silo_files import FitSiloData, read_any_silo_file
 from fedshop.deploy.silo_policy import (
     LEDGER_FILE,
     PolicyError,
@@ -41,6 +41,7 @@ from fedshop.deploy.silo_policy import (
 )
 from fedshop.deploy.silo_secagg import SecAggSilo, run_folder
 from fedshop.errors import FedShopError
+from fedshop.eval.fit_metrics import FitCounts
 from fedshop.fl.aggregation import aggregation_pipeline
 from fedshop.fl.client import LocalTask, SiloClient, SiloDp
 from fedshop.models.spec import Params
@@ -51,6 +52,7 @@ from fedshop.storage.private_files import create_private_once, private_dir, priv
 
 if TYPE_CHECKING:  # DP and its accountant load only in DP runs: every message is a new process
     from fedshop.fl.dp_local import DpSgdState
+    from fedshop.fl.fit_silo import FitSiloClient
     from fedshop.privacy.dp import DpPlan
 
 _STATE = re.compile(r"round-(\d+)\.pt$")
@@ -120,7 +122,7 @@ class SiloNode:
         for key in ("silo-data", "state-dir"):
             if not str(node_config.get(key, "")):
                 raise FedShopError(f"the SuperNode's --node-config has no {key!r}")
-        self.data, self.meta = read_silo_file(str(node_config["silo-data"]))
+        self.data, self.meta = read_any_silo_file(str(node_config["silo-data"]))
         self.index = int(self.meta["index"])
         self.state_dir = private_dir(Path(str(node_config["state-dir"])))
         self.policy = SiloPolicy.read(policy_path(Path(str(node_config["silo-data"]))))
@@ -143,29 +145,55 @@ class SiloNode:
                         "dataset": str(self.meta["dataset"]),
                         # No customer count: the server sees the silo's size only as the noisy
                         # count it releases under DP (δ is the config's, not sized here).
+                        **self._fit_shapes(),
                     }
                 )
             }
         )
 
+    def _fit_shapes(self) -> dict[str, int]:
+        """A shop's hello also gives what the fit model's shape needs (public: the catalogue's
+        products and the measurement features); its digest covers both."""
+        if not isinstance(self.data, FitSiloData):
+            return {}
+        return {
+            "n-products": int(self.meta["n_products"]),
+            "n-features": int(self.meta["n_features"]),
+        }
+
     def client(
         self, config: RunConfig, run: SiloRun, before_round: int
-    ) -> tuple[SiloClient, dict | None]:
-        """The silo's `SiloClient` (the simulator's class) with its state in `run` after the latest
-        round it trained in before `before_round`, and that round's saved DP-SGD state (or None)."""
-        client = SiloClient(
-            self.index, self.data, config.model, config.train,
-            aggregation_pipeline(config.federated.aggregation), config.seed,
-            config.federated.client_learning_rate,
-        )  # fmt: skip
+    ) -> tuple[SiloClient | FitSiloClient, dict | None]:
+        """The silo's client (the simulator's class: `SiloClient`, or `FitSiloClient` for a fit
+        run) with its state in `run` after the latest round it trained in before `before_round`,
+        and that round's saved DP-SGD state (or None)."""
+        client = self._fit_client(config) if config.task == "fit" else self._client(config)
         state = run.latest_before(before_round)
         if state is None:
             return client, None
         client.load_state_dict(state["client"])
         return client, state.get("dp")
 
+    def _client(self, config: RunConfig) -> SiloClient:
+        if isinstance(self.data, FitSiloData):
+            raise FedShopError("this silo holds fit records; the task is a recommender's")
+        return SiloClient(
+            self.index, self.data, config.model, config.train,
+            aggregation_pipeline(config.federated.aggregation), config.seed,
+            config.federated.client_learning_rate,
+        )  # fmt: skip
+
+    def _fit_client(self, config: RunConfig) -> FitSiloClient:
+        from fedshop.fl.fit_silo import FitSiloClient, fit_pipeline
+
+        data = self.data
+        if not isinstance(data, FitSiloData):
+            raise FedShopError("this silo holds purchases; the task is a fit run's")
+        pipeline = fit_pipeline(config, private=config.privacy.enabled)
+        return FitSiloClient(data.silo, data.product_item, data.measurements, config, pipeline)
+
     @staticmethod
-    def state_of(client: SiloClient, dp: DpSgdState | None, inputs: str) -> dict:
+    def state_of(client: SiloClient | FitSiloClient, dp: DpSgdState | None, inputs: str) -> dict:
         """What the silo keeps after a round: its client, its DP-SGD state, and a digest of what
         the round was trained on."""
         state = {"client": client.state_dict(), "inputs": inputs}
@@ -179,14 +207,14 @@ class SiloNode:
     def dp_state(self, config: RunConfig, run: SiloRun, saved: dict | None) -> DpSgdState:
         """The DP-SGD state as `saved` after an earlier round, or a fresh one from the run's
         secret."""
-        from fedshop.fl.dp_local import DpSgdState
+        from fedshop.fl.dp_local import DpSgdState, dp_learning_rate
 
         if config.privacy.known_noise_seed is not None:
             # Asked for reproducible noise (the run is reported "not private"): the simulator's.
             state = DpSgdState.of_run(config, self.index)
         else:
             state = DpSgdState.start(
-                config.train.learning_rate,
+                dp_learning_rate(config),
                 {
                     "sampling": run.noise_stream("sampling"),
                     "negatives": torch_generator(
@@ -300,10 +328,24 @@ class SiloNode:
         eyes (`metrics-<label>.json`) and nothing about them leaves."""
         private = self.policy.require_dp or "dp-plan" in task or bool(task.get("private", False))
         if not private:
-            reply[name] = wire.metrics_config(self.index, sums)
+            reply[name] = metrics_reply(self.index, sums)
             return
         with private_writer(run.folder / f"metrics-{label}.json") as f:
-            f.write(json.dumps({"users": sums.users, "sums": sums.sums}).encode())
+            f.write(json.dumps(kept_metrics_data(sums)).encode())
+
+
+def metrics_reply(silo: int, result) -> ConfigRecord:
+    """What an evaluation sends: a fit run's counts, or a recommender's metric sums."""
+    if isinstance(result, FitCounts):
+        return wire.fit_counts_config(silo, result)
+    return wire.metrics_config(silo, result)
+
+
+def kept_metrics_data(result) -> dict:
+    """What a silo keeps of an evaluation under DP, for its own eyes (`launch.kept_metrics`)."""
+    if isinstance(result, FitCounts):
+        return {name: value.tolist() for name, value in result.to_arrays().items()}
+    return {"users": result.users, "sums": result.sums}
 
 
 def inputs_digest(task: ConfigRecord, shared: Params) -> str:

@@ -3,22 +3,30 @@
 The file holds the silo's customers' training, held-out and evaluation rows over the shared item
 catalogue (whose ids every party agrees on in advance) and nothing about other silos. A Flower client
 app reads exactly one such file, named in its node config.
+
+A fit run's file (`write_fit_silo_file`) holds one shop's fit records, its own customers (by their
+ids, not the trial's global indices) and their measurements, and the public product catalogue.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 
+from fedshop.data.fit_feedback import FitDataset, FitRecords, FitSilo
 from fedshop.data.interactions import RecDataset, SiloData
 from fedshop.errors import FedShopError
 from fedshop.storage.private_files import private_writer
 
 FORMAT = "fedshop-silo/1"
+FIT_FORMAT = "fedshop-fit-silo/1"
+FIT_SPLITS = ("train", "validation", "test")
+_RECORD_FIELDS = ("user", "product", "label")
 
 
 class SiloFileError(FedShopError):
@@ -40,14 +48,19 @@ def write_silo_file(path: Path, dataset: RecDataset, index: int) -> Path:
     if silo.eval_negatives is not None:
         arrays["eval_negatives"] = silo.eval_negatives
     meta = {"format": FORMAT, "name": silo.name, "index": index, "dataset": dataset.name}
+    return _write_arrays(path, arrays, meta)
+
+
+def _write_arrays(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> Path:
+    """Owner-only .npz with the metadata as a JSON string: no pickle, a reader loads numbers."""
     arrays["meta"] = np.array(json.dumps(meta))
     with private_writer(path) as f:
         np.savez_compressed(f, **arrays)
     return path
 
 
-def read_silo_file(path: str | Path) -> tuple[SiloData, dict]:
-    """The silo's data and the file's metadata (name, index, dataset, catalogue digest)."""
+def _read_arrays(path: str | Path, *expected: str) -> tuple[dict[str, np.ndarray], dict]:
+    """A silo file's arrays and metadata, checked to be of one of the formats `expected`."""
     path = Path(path)
     if not path.is_file():
         raise SiloFileError(f"silo data file {path} does not exist")
@@ -57,8 +70,26 @@ def read_silo_file(path: str | Path) -> tuple[SiloData, dict]:
         meta = json.loads(str(arrays["meta"]))
     except (OSError, ValueError, KeyError) as error:
         raise SiloFileError(f"{path} is not a FedShop silo data file ({error})") from None
-    if meta.get("format") != FORMAT:
-        raise SiloFileError(f"{path} has format {meta.get('format')!r}; expected {FORMAT!r}")
+    if meta.get("format") not in expected:
+        wanted = " or ".join(map(repr, expected))
+        raise SiloFileError(f"{path} has format {meta.get('format')!r}; expected {wanted}")
+    return arrays, meta
+
+
+def read_any_silo_file(path: str | Path) -> tuple[SiloData | FitSiloData, dict]:
+    """A node's silo file, a recommender's or a fit run's (its node config names one file)."""
+    arrays, meta = _read_arrays(path, FORMAT, FIT_FORMAT)
+    if meta["format"] == FIT_FORMAT:
+        return _fit_silo_data(arrays, meta, path)
+    return _silo_data(arrays, meta)
+
+
+def read_silo_file(path: str | Path) -> tuple[SiloData, dict]:
+    """The silo's data and the file's metadata (name, index, dataset, catalogue digest)."""
+    return _silo_data(*_read_arrays(path, FORMAT))
+
+
+def _silo_data(arrays: dict[str, np.ndarray], meta: dict) -> tuple[SiloData, dict]:
     meta["catalogue_digest"] = catalogue_digest(arrays["item_ids"])
     meta["n_items"] = len(arrays["item_ids"])
     silo = SiloData(
@@ -91,3 +122,83 @@ def _csr(arrays: dict[str, np.ndarray], name: str) -> sp.csr_matrix:
     return sp.csr_matrix(
         (arrays[f"{name}_data"], arrays[f"{name}_indices"], arrays[f"{name}_indptr"]), shape=shape
     )
+
+
+@dataclass(frozen=True)
+class FitSiloData:
+    """One shop's part of a fit run, as its own host holds it. The silo's `users` and its records'
+    `user` are the shop's own customer ids (sorted), so `FitSilo.local` finds their rows."""
+
+    silo: FitSilo
+    measurements: np.ndarray  # (customers, features), in the order of silo.users
+    measurement_names: tuple[str, ...]
+    item_ids: np.ndarray  # the public catalogue: item ids, each product's item and size
+    product_item: np.ndarray
+    product_size: np.ndarray
+
+    @property
+    def name(self) -> str:
+        return self.silo.name
+
+    @property
+    def n_users(self) -> int:
+        return self.silo.n_users
+
+
+def write_fit_silo_file(path: Path, dataset: FitDataset, index: int) -> Path:
+    """Write shop `index` of `dataset` to `path` (.npz), owner-only: its customers' records and
+    measurements, under their own ids, and the public catalogue; nothing of other shops."""
+    silo = dataset.silos[index]
+    customer_ids = np.asarray(dataset.user_ids, dtype=np.int64)
+    arrays: dict[str, np.ndarray] = {
+        "customer_ids": customer_ids[silo.users],  # sorted: user_ids are sorted, so are users
+        "measurements": dataset.measurements[silo.users],
+        "item_ids": np.asarray(dataset.item_ids, dtype=np.int64),
+        "product_item": dataset.product_item,
+        "product_size": dataset.product_size,
+    }
+    for split in FIT_SPLITS:
+        records: FitRecords = getattr(silo, split)
+        arrays[f"{split}_user"] = customer_ids[records.user]
+        arrays[f"{split}_product"] = records.product
+        arrays[f"{split}_label"] = records.label
+    meta = {
+        "format": FIT_FORMAT, "name": silo.name, "index": index, "dataset": dataset.name,
+        "measurement_names": list(dataset.measurement_names),
+    }  # fmt: skip
+    return _write_arrays(path, arrays, meta)
+
+
+def read_fit_silo_file(path: str | Path) -> tuple[FitSiloData, dict]:
+    """The shop's data and the file's metadata (name, index, dataset, catalogue digest, shapes)."""
+    arrays, meta = _read_arrays(path, FIT_FORMAT)
+    return _fit_silo_data(arrays, meta, path)
+
+
+def _fit_silo_data(
+    arrays: dict[str, np.ndarray], meta: dict, path: str | Path
+) -> tuple[FitSiloData, dict]:
+    try:
+        parts = [
+            FitRecords(*(arrays[f"{split}_{f}"].astype(np.int64) for f in _RECORD_FIELDS))
+            for split in FIT_SPLITS
+        ]  # fmt: skip
+        names = tuple(str(n) for n in meta["measurement_names"])
+        silo = FitSilo(int(meta["index"]), str(meta["name"]), *parts, users=arrays["customer_ids"])
+        data = FitSiloData(
+            silo, arrays["measurements"].astype(np.float32), names, arrays["item_ids"],
+            arrays["product_item"].astype(np.int64), arrays["product_size"],
+        )  # fmt: skip
+    except (KeyError, TypeError, ValueError) as error:
+        raise SiloFileError(f"{path} is not a complete fit silo file ({error})") from None
+    meta["catalogue_digest"] = fit_catalogue_digest(data)
+    meta["n_items"], meta["n_products"] = len(data.item_ids), len(data.product_item)
+    meta["n_features"] = len(names)
+    return data, meta
+
+
+def fit_catalogue_digest(data: FitSiloData) -> str:
+    """The products (item, size) and the measurement features: what the shared model indexes."""
+    products = [f"{i}:{s!r}" for i, s in zip(data.product_item, data.product_size, strict=True)]
+    lines = [*map(str, data.item_ids), "products", *products, "features", *data.measurement_names]
+    return catalogue_digest(np.asarray(lines))

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedshop.errors import FedShopError
+from fedshop.eval.fit_metrics import FitCounts
 from fedshop.eval.metrics import METRIC_NAMES, MetricSums
 from fedshop.messages import ClientMessage
 from fedshop.models.spec import Params
@@ -115,6 +117,39 @@ def record_metrics(content: RecordDict, silo: int, name: str = "metrics") -> Met
     if users < 0 or not all(math.isfinite(v) and v >= 0 for v in sums.values()):
         raise BadReplyError("metric sums must be finite and not negative")
     return MetricSums(sums, users)
+
+
+def fit_counts_config(silo: int, counts: FitCounts) -> ConfigRecord:
+    """Only counts leave a shop after evaluation (`eval/fit_metrics.py`), never a record's scores."""
+    arrays = {name: value.ravel().tolist() for name, value in counts.to_arrays().items()}
+    return ConfigRecord({"silo": silo, **arrays})
+
+
+def record_fit_counts(content: RecordDict, silo: int, name: str = "metrics") -> FitCounts:
+    """The fit counts in a reply from the node that serves `silo`: the shapes `FitCounts.empty`
+    has, whole numbers, none negative (`BadReplyError` otherwise, as `record_metrics`)."""
+    shapes = {k: v.shape for k, v in FitCounts.empty().to_arrays().items()}
+    try:
+        record = content[name]
+        claimed = int(record["silo"])
+        arrays = {k: _counts(record[k], shape) for k, shape in shapes.items()}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BadReplyError(f"malformed fit counts ({type(exc).__name__}: {exc})") from None
+    if claimed != silo:
+        raise BadReplyError(f"fit counts claimed for silo {claimed} by the node of silo {silo}")
+    return FitCounts(**arrays)
+
+
+def _counts(values, shape: tuple[int, ...]) -> np.ndarray:
+    """`values` as non-negative int64 counts of `shape`; a ValueError says why not."""
+    array = np.asarray(values)
+    if array.dtype.kind not in "iu":  # floats, booleans and strings are no counts
+        raise ValueError(f"counts of type {array.dtype}")
+    if array.size != math.prod(shape):
+        raise ValueError(f"{array.size} counts, not {math.prod(shape)} for shape {shape}")
+    if (array < 0).any():
+        raise ValueError("negative counts")
+    return array.astype(np.int64).reshape(shape)
 
 
 def arrays_record(arrays: dict) -> ArrayRecord:

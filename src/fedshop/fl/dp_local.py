@@ -74,13 +74,19 @@ class DpSgdState:
         [privacy] noise_seed when the user gave one), negatives from the run seed."""
         noise_seed = config.privacy.known_noise_seed
         return cls.start(
-            config.train.learning_rate,
+            dp_learning_rate(config),
             {
                 "sampling": NoiseStream.of(noise_seed, "silo", silo, "dp", "sampling"),
                 "negatives": torch_generator(config.seed, "silo", silo, "dp", "negatives"),
                 "noise": NoiseStream.of(noise_seed, "silo", silo, "dp", "noise"),
             },
         )
+
+
+def dp_learning_rate(config: RunConfig) -> float:
+    """The learning rate of DP-SGD's shared-model Adam: the task's own (a fit run trains at the fit
+    model's rate, set in [fit], not [train])."""
+    return config.fit.learning_rate if config.task == "fit" else config.train.learning_rate
 
 
 def dp_sgd_steps(

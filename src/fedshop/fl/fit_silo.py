@@ -69,24 +69,33 @@ class FitSiloClient:
     def __init__(
         self,
         silo: FitSilo,
-        dataset: FitDataset,
+        product_item: np.ndarray,
+        measurements: np.ndarray,
         config: RunConfig,
         pipeline: AggregationPipeline,
     ) -> None:
+        """`measurements`: this shop's customers' only, in the order of `silo.users` (it asked
+        them itself); `product_item`: the public catalogue's item of each product."""
         self.index = silo.index
         self.silo = silo
         self.model = get_fit_model(config.fit.model)
         self.dim = config.fit.dim
         self.training = fit_training(config)
         self.pipeline = pipeline
-        self._product_item = dataset.product_item
-        # Only this shop's customers' measurements (it asked them itself).
-        self._measurements = torch.from_numpy(dataset.measurements[silo.users])
+        self._product_item = product_item
+        self._measurements = torch.from_numpy(np.ascontiguousarray(measurements))
         self._private = self.model.init_private(
             silo.n_users, self.dim, torch_generator(config.seed, "fit-silo", silo.index, "users")
         )
         self._generator = torch_generator(config.seed, "fit-silo", silo.index, "train")
         self.dp: SiloDp | None = None
+
+    @classmethod
+    def of_dataset(
+        cls, silo: FitSilo, dataset: FitDataset, config: RunConfig, pipeline: AggregationPipeline
+    ) -> FitSiloClient:
+        """The simulator's shop: its rows of the dataset's measurements."""
+        return cls(silo, dataset.product_item, dataset.measurements[silo.users], config, pipeline)
 
     @property
     def name(self) -> str:
@@ -161,15 +170,17 @@ class FitSiloClient:
         return {k: v.clone() for k, v in self._private.items()}
 
 
+class FitSummaries:
+    """What `RoundDriver` reads of a transport whose per-silo metrics are `FitCounts` (the
+    simulator's `FitTransport` and a deployment's)."""
+
+    headline = "auc_macro"
+    summarise = staticmethod(summarise_fit)
+
+
 @dataclass
-class FitTransport(SiloTransport):
+class FitTransport(FitSummaries, SiloTransport):
     """`SiloTransport` whose per-silo metrics are `FitCounts`."""
-
-    headline: str = "auc_macro"
-
-    @staticmethod
-    def summarise(per_silo: dict[str, FitCounts]) -> dict:
-        return summarise_fit(per_silo)
 
 
 @dataclass
@@ -181,12 +192,51 @@ class FitFederatedRun:
     final: dict[str, FitCounts]
 
 
+@dataclass(frozen=True)
+class FitShapes:
+    """What the shared model's shape depends on: the public catalogue and the measurement features.
+    A deployment's server learns them from the silos' hellos, never from their data."""
+
+    n_products: int
+    n_items: int
+    n_features: int
+
+    @staticmethod
+    def of(dataset: FitDataset) -> FitShapes:
+        return FitShapes(dataset.n_products, len(dataset.item_ids), dataset.measurements.shape[1])
+
+
 def init_fit_shared(config: RunConfig, dataset: FitDataset, *stream: object) -> Params:
+    return init_fit_shared_of(config, FitShapes.of(dataset), *stream)
+
+
+def init_fit_shared_of(config: RunConfig, shapes: FitShapes, *stream: object) -> Params:
     model: FitModel = get_fit_model(config.fit.model)
     return model.init_shared(
-        dataset.n_products, len(dataset.item_ids), dataset.measurements.shape[1],
-        config.fit.dim, torch_generator(config.seed, *stream),
+        shapes.n_products, shapes.n_items, shapes.n_features, config.fit.dim,
+        torch_generator(config.seed, *stream),
     )  # fmt: skip
+
+
+def fit_pipeline(config: RunConfig, private: bool) -> AggregationPipeline:
+    """The aggregation stages of a fit run, the simulator's and a deployment's (server and silos)."""
+    pipeline = aggregation_pipeline(config.federated.aggregation)
+    if private:  # under DP every row carries noise, and so would the row weights
+        return pipeline
+    return with_row_means(pipeline, ROW_TABLES)
+
+
+def make_fit_server(
+    config: RunConfig, shapes: FitShapes, n_silos: int, pipeline: AggregationPipeline
+) -> FederatedServer:
+    """The fit server as every runtime starts it: the same initial model and sampling stream."""
+    fed = config.federated
+    sampler = Sampler(
+        torch.arange(n_silos), torch_generator(config.seed, "server", "sampling"),
+        fed.silos_per_round,
+    )  # fmt: skip
+    shared = init_fit_shared_of(config, shapes, "shared", "init")
+    return FederatedServer(shared, pipeline, make_server_optimizer(fed), sampler)
 
 
 def run_fit_federated(
@@ -196,25 +246,15 @@ def run_fit_federated(
     guard: PrivacyGuard | None = None,
 ) -> FitFederatedRun:
     """Federated training over the shops, through the recommenders' round driver and stages."""
-    pipeline = aggregation_pipeline(config.federated.aggregation)
-    if guard is None:  # under DP every row carries noise, and so would the row weights
-        pipeline = with_row_means(pipeline, ROW_TABLES)
+    pipeline = fit_pipeline(config, private=guard is not None)
     protection = make_protection(config.protection)
     protected = None
     if protection is not None:
         protected = ProtectedSum(protection, config.protection.bound)
         pipeline = replace(pipeline, summation=protected)
-    clients = [FitSiloClient(silo, dataset, config, pipeline) for silo in dataset.silos]
+    clients = [FitSiloClient.of_dataset(s, dataset, config, pipeline) for s in dataset.silos]
+    server = make_fit_server(config, FitShapes.of(dataset), len(clients), pipeline)
     fed = config.federated
-    sampler = Sampler(
-        torch.arange(len(clients)),
-        torch_generator(config.seed, "server", "sampling"),
-        fed.silos_per_round,
-    )
-    server = FederatedServer(
-        init_fit_shared(config, dataset, "shared", "init"), pipeline,
-        make_server_optimizer(fed), sampler,
-    )  # fmt: skip
     if guard is not None:
         start_private_fit_silos(clients, config, guard)
     transport = FitTransport(
@@ -236,7 +276,5 @@ def start_private_fit_silos(
     for i, client in enumerate(clients):
         stream = NoiseStream.of(config.privacy.known_noise_seed, "silo", i, "dp", "count")
         count = release_silo_counts([client.n_customers], guard.plan, stream)[0]
-        state = DpSgdState.of_run(config, i)
-        # The shared-model Adam of DP-SGD runs at the fit model's own learning rate.
-        state.optimizer.learning_rate = config.fit.learning_rate
-        client.dp = SiloDp(state, float(count))
+        # Its shared-model Adam runs at the fit model's own rate (`dp_learning_rate`).
+        client.dp = SiloDp(DpSgdState.of_run(config, i), float(count))
