@@ -4,10 +4,11 @@ paper's references, medians over seeds, next to Misra, Wan & McAuley (RecSys 201
 Per seed one `fedshop train --task fit` run (eight shops by "rented for", each shopper's latest
 feedback held out) with every method, plus the pooled K-LF-ML and 1-LV-LR on the paper's own random
 80:10:10 split of the records, so that the comparison with the published figures is made on both.
-Also per round: the federated round's seconds (all eight shops trained one after another in this
+The federated model also runs under secure aggregation and under record-level DP (ε = 8 in every
+shop) on the first seed. Also per round: the federated round's seconds (all eight shops trained one after another in this
 process, so a deployment with shops in parallel is faster) and each shop's update in bytes.
 
-    python benchmarks/fit_quality.py --out DIR [--seeds 1 2 3] [--rounds 10]   → DIR/fit_quality.json
+    python benchmarks/fit_quality.py --out DIR [--seeds 1 2 3] [--rounds 20]   → DIR/fit_quality.json
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,7 +57,9 @@ METHODS = [
 ]
 
 
-def run(data_dir: str, seed: int, rounds: int, split: str, methods: list[str]) -> dict:
+def run(
+    data_dir: str, seed: int, rounds: int, split: str, methods: list[str], **more: object
+) -> dict:
     config = load_config(
         overrides={
             "task": "fit",
@@ -65,6 +69,7 @@ def run(data_dir: str, seed: int, rounds: int, split: str, methods: list[str]) -
             "federated.rounds": rounds,
             "fit.split": split,
             "fit.methods": methods,
+            **more,
         }
     )
     dataset = load_fit_dataset(config.data, config.fit, config.seed)
@@ -82,7 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--data-dir", default=os.environ.get("FEDSHOP_DATA_DIR", "../shared/data"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -91,6 +96,32 @@ def main() -> None:
     paper_split = [
         run(args.data_dir, s, args.rounds, "random", ["centralized", "1-lv-lr"]) for s in args.seeds
     ]
+    # The federated model under protection, first seed: secure aggregation (the same sums), and
+    # record-level DP at ε = 8 in every shop (each customer protected; a throwaway ledger).
+    ledger = f"sqlite:///{tempfile.mkdtemp(prefix='fit-quality-ledger-')}/ledger.sqlite"
+    protected = {
+        "secagg": run(
+            args.data_dir,
+            args.seeds[0],
+            args.rounds,
+            "temporal",
+            ["federated"],
+            **{"protection.kind": "secagg"},
+        ),
+        "record_dp_epsilon_8": run(
+            args.data_dir,
+            args.seeds[0],
+            args.rounds,
+            "temporal",
+            ["federated"],
+            **{
+                "privacy.mode": "record",
+                "privacy.epsilon": 8.0,
+                "privacy.budget": 1000.0,
+                "privacy.ledger_url": ledger,
+            },
+        ),
+    }
     medians = {
         method: {
             key: median([doc[method][key] for doc in temporal])
@@ -134,6 +165,17 @@ def main() -> None:
             "centralized_vs_paper_k_lf_ml_random_split": random_split["centralized"]["auc_macro"]
             - k_lf_ml,
         },
+        "protected_seed": args.seeds[0],
+        "protected": {
+            name: {
+                "auc_macro": doc["federated"]["auc_macro"],
+                "silo_mean_auc_macro": doc["federated"]["silo_mean_auc_macro"],
+                "epsilon": doc["privacy"]["epsilon"],
+                "delta": doc["privacy"]["delta"],
+                "seconds_per_round": doc["federated"]["seconds_per_round"],
+            }
+            for name, doc in protected.items()
+        },
         "linkage_cost": medians["centralized"]["auc_macro"]
         - medians["centralized_unlinked"]["auc_macro"],
         "seconds_per_round": median([doc["federated"]["seconds_per_round"] for doc in temporal]),
@@ -154,6 +196,12 @@ def main() -> None:
         )
     for method, m in random_split.items():
         print(f"{method + ' (80:10:10)':<22}{m['auc_macro']:>10.4f}")
+    for name, m in result["protected"].items():
+        epsilon = f"  ε {m['epsilon']:.2f}" if m["epsilon"] is not None else ""
+        print(
+            f"{'federated ' + name:<22}{m['auc_macro']:>10.4f}{m['silo_mean_auc_macro']:>11.4f}"
+            f"{epsilon}"
+        )
     print(f"published K-LF-ML {k_lf_ml}, 1-LV-LR {PUBLISHED['renttherunway']['1-LV-LR']}")
     targets = result["targets"]
     print(
