@@ -179,6 +179,7 @@ def test_per_customer_updates_are_the_clipped_sums_of_each_customers_gradient(na
         torch.tensor([1, 1, 5, 7, 8, 19]),
         torch.tensor([0, 0, 2, 3, 3, 5]),
         torch.tensor([0, 1, 2, 1, 1, 0]),
+        torch.tensor([-0.5, -0.5, 0.0, 0.25, 1.0, 2.0]),
     )
     customer = torch.tensor([0, 0, 1, 2, 2, 2])
     clip = 0.05

@@ -24,6 +24,7 @@ import torch
 import uvicorn
 from safetensors.torch import load_file
 
+from fedshop.data.fit_feedback import size_feature
 from fedshop.errors import FedShopError
 from fedshop.experiment import slug
 from fedshop.models.fit import Batch, get_fit_model, probabilities
@@ -128,6 +129,7 @@ def expected(folder: Path, dataset, shop: str | None, customer: str | None, item
         torch.as_tensor(products, dtype=torch.int64),
         torch.full((n,), index, dtype=torch.int64),
         torch.zeros(n, dtype=torch.int64),
+        torch.from_numpy(size_feature(dataset.product_size[products])),
     )
     probs = probabilities(fit_model, shared, private, None, batch).numpy()
     return dataset.product_size[products], probs

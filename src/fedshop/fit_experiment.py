@@ -140,7 +140,7 @@ def train_pooled(
     )
     train = dataset.pooled("train")
     user_rows = np.concatenate([rows_of(s.index, s.train) for s in dataset.silos])
-    batch = records_batch(train, user_rows, dataset.product_item)
+    batch = records_batch(train, user_rows, dataset.product_item, dataset.product_size)
     shared = init_fit_shared(run_config, dataset, task, "init")
     private = model.init_private(
         n_rows, config.fit.dim, torch_generator(config.seed, task, "users")
@@ -153,7 +153,9 @@ def train_pooled(
         progress.advance(task)
 
     def predict(silo, records):
-        held = records_batch(records, rows_of(silo.index, records), dataset.product_item)
+        held = records_batch(
+            records, rows_of(silo.index, records), dataset.product_item, dataset.product_size
+        )
         return probabilities(model, shared, private, measurements, held).numpy()
 
     per_silo = _scored(dataset, config.eval.split, predict)
@@ -176,13 +178,17 @@ def train_local_only(
             silo.n_users, config.fit.dim, torch_generator(config.seed, "local", silo.index, "users")
         )
         measurements = torch.from_numpy(dataset.measurements[silo.users])
-        batch = records_batch(silo.train, silo.local(silo.train), dataset.product_item)
+        batch = records_batch(
+            silo.train, silo.local(silo.train), dataset.product_item, dataset.product_size
+        )
         trained = train_fit(
             model, shared, private, measurements, batch, epochs, training,
             torch_generator(config.seed, "local", silo.index, "train"),
         )  # fmt: skip
         records = silo.heldout(config.eval.split)
-        held = records_batch(records, silo.local(records), dataset.product_item)
+        held = records_batch(
+            records, silo.local(records), dataset.product_item, dataset.product_size
+        )
         predicted = probabilities(model, trained.shared, trained.private, measurements, held)
         per_silo[silo.name] = FitCounts.of(predicted.numpy(), records.label)
         weights[f"local_only/silo-{slug(silo.name)}"] = {**trained.shared, **trained.private}

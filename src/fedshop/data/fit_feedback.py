@@ -55,6 +55,16 @@ MEASUREMENT_SCALES = {
     "bust_size_num": (34.0, 2.0),
     "age": (35.0, 10.0),
 }
+# The catalogue size a product is labelled with (RentTheRunway: 0 to 58), on the same a priori scale.
+CATALOGUE_SIZE_SCALE = (12.0, 8.0)
+
+
+def size_feature(sizes: np.ndarray) -> np.ndarray:
+    """Catalogue sizes as the models read them (float32, centred and scaled by fixed constants)."""
+    centre, scale = CATALOGUE_SIZE_SCALE
+    return ((np.asarray(sizes, dtype=np.float64) - centre) / scale).astype(np.float32)
+
+
 BUST_LETTERS = ("aa", "a", "b", "c", "d", "d+", "dd", "ddd/e", "f", "g", "h")
 BODY_TYPES = (
     "hourglass", "athletic", "petite", "pear", "straight & narrow", "full bust", "apple",

@@ -190,7 +190,9 @@ class SiloNode:
         if not isinstance(data, FitSiloData):
             raise FedShopError("this silo holds purchases; the task is a fit run's")
         pipeline = fit_pipeline(config, private=config.privacy.enabled)
-        return FitSiloClient(data.silo, data.product_item, data.measurements, config, pipeline)
+        return FitSiloClient(
+            data.silo, data.product_item, data.product_size, data.measurements, config, pipeline
+        )
 
     @staticmethod
     def state_of(client: SiloClient | FitSiloClient, dp: DpSgdState | None, inputs: str) -> dict:

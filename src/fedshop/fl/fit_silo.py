@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fedshop.config import RunConfig
-from fedshop.data.fit_feedback import FitDataset, FitRecords, FitSilo
+from fedshop.data.fit_feedback import FitDataset, FitRecords, FitSilo, size_feature
 from fedshop.eval.fit_metrics import FitCounts, summarise_fit
 from fedshop.fl.aggregation import aggregation_pipeline, with_row_means
 from fedshop.fl.client import LocalTask, SiloDp
@@ -56,12 +56,16 @@ def fit_training(config: RunConfig) -> FitTraining:
     )
 
 
-def records_batch(records: FitRecords, user_row: np.ndarray, product_item: np.ndarray) -> Batch:
+def records_batch(
+    records: FitRecords, user_row: np.ndarray, product_item: np.ndarray, product_size: np.ndarray
+) -> Batch:
+    """`records` as a model's batch; `product_item` and `product_size` are the public catalogue."""
     return Batch(
         torch.from_numpy(np.asarray(user_row, dtype=np.int64)),
         torch.from_numpy(records.product),
         torch.from_numpy(product_item[records.product]),
         torch.from_numpy(records.label),
+        torch.from_numpy(size_feature(product_size[records.product])),
     )
 
 
@@ -70,19 +74,21 @@ class FitSiloClient:
         self,
         silo: FitSilo,
         product_item: np.ndarray,
+        product_size: np.ndarray,
         measurements: np.ndarray,
         config: RunConfig,
         pipeline: AggregationPipeline,
     ) -> None:
         """`measurements`: this shop's customers' only, in the order of `silo.users` (it asked
-        them itself); `product_item`: the public catalogue's item of each product."""
+        them itself); `product_item`, `product_size`: the public catalogue's item and size of each
+        product."""
         self.index = silo.index
         self.silo = silo
         self.model = get_fit_model(config.fit.model)
         self.dim = config.fit.dim
         self.training = fit_training(config)
         self.pipeline = pipeline
-        self._product_item = product_item
+        self._product_item, self._product_size = product_item, product_size
         self._measurements = torch.from_numpy(np.ascontiguousarray(measurements))
         self._private = self.model.init_private(
             silo.n_users, self.dim, torch_generator(config.seed, "fit-silo", silo.index, "users")
@@ -95,7 +101,10 @@ class FitSiloClient:
         cls, silo: FitSilo, dataset: FitDataset, config: RunConfig, pipeline: AggregationPipeline
     ) -> FitSiloClient:
         """The simulator's shop: its rows of the dataset's measurements."""
-        return cls(silo, dataset.product_item, dataset.measurements[silo.users], config, pipeline)
+        return cls(
+            silo, dataset.product_item, dataset.product_size, dataset.measurements[silo.users],
+            config, pipeline,
+        )  # fmt: skip
 
     @property
     def name(self) -> str:
@@ -106,7 +115,9 @@ class FitSiloClient:
         return self.silo.n_users
 
     def batch(self, records: FitRecords) -> Batch:
-        return records_batch(records, self.silo.local(records), self._product_item)
+        return records_batch(
+            records, self.silo.local(records), self._product_item, self._product_size
+        )
 
     def fit(self, global_shared: Params, task: LocalTask) -> ClientMessage:
         """Train from the global shared parameters; return the (staged) update of them."""

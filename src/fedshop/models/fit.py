@@ -1,7 +1,10 @@
 """Latent-size models of fit (Misra, Wan & McAuley, RecSys 2018): will this size fit this shopper?
 
 Every shopper c has a private "true size" vector u_c and bias b_c; every product p (an item in one
-size) has a shared vector v_p, and its parent item a shared bias b_i. The pair becomes a fit vector
+size) has a shared vector v_p = w_p + s_p·d, its own learned part plus its catalogue size s_p along a
+shared direction d, and its parent item a shared bias b_i. The catalogue size is what ties an item's
+sizes into an order (the paper constrains them to be monotone); learned alone, the vector of a size
+rented a few times says little, and every size of an item scored alike. The pair becomes a fit vector
 
     LF (latent factors):   φ = [b_c, b_i, u_c ⊙ v_p]       (K-LF-*, the paper's best family)
     LV (latent variables): φ = [b_c, b_i, u_c − v_p]       (K-LV-*)
@@ -66,6 +69,7 @@ class FitModel:
         shared = {
             "product_size": 0.1 * torch.randn(n_products, k, generator=generator),
             "item_bias": torch.zeros(n_items, 1),
+            "size_direction": 0.1 * torch.randn(k, generator=generator),
         }
         if self.latent == "measure":
             shared["measure_map"] = 0.1 * torch.randn(n_features, k + 1, generator=generator)
@@ -101,7 +105,7 @@ class FitModel:
             user_bias, user_size = own[:, :1], own[:, 1:]
         else:
             user_bias, user_size = rows["user_bias"], rows["user_size"]
-        product = rows["product_size"]
+        product = rows["product_size"] + rows["size"] * dense["size_direction"]
         pair = user_size - product if self.latent == "lv" else user_size * product
         phi = torch.cat([user_bias, rows["item_bias"], pair], dim=1) if self.biases else pair
         if self.head == "lr":
@@ -147,15 +151,19 @@ def get_fit_model(name: str) -> FitModel:
 @dataclass(frozen=True)
 class Batch:
     """Records as tensors: each one's shopper row (in the private tables or the measurement
-    matrix), product, parent item and label."""
+    matrix), product, parent item, label, and the product's catalogue size (`size_feature`)."""
 
     user_row: torch.Tensor
     product: torch.Tensor
     item: torch.Tensor
     label: torch.Tensor
+    size: torch.Tensor
 
     def take(self, index: torch.Tensor) -> Batch:
-        return Batch(self.user_row[index], self.product[index], self.item[index], self.label[index])
+        return Batch(
+            self.user_row[index], self.product[index], self.item[index], self.label[index],
+            self.size[index],
+        )  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.label)
@@ -171,6 +179,7 @@ def gather(
     rows = {
         "product_size": shared["product_size"][batch.product],
         "item_bias": shared["item_bias"][batch.item],
+        "size": batch.size.view(-1, 1),
     }
     if model.has_private:
         rows.update({name: private[name][batch.user_row] for name in USER_TABLES})

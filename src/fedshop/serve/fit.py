@@ -37,6 +37,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from fedshop.data.fit_feedback import size_feature
 from fedshop.errors import FedShopError
 from fedshop.experiment import slug
 from fedshop.models.fit import (
@@ -470,6 +471,7 @@ class FitServingModel:
             torch.as_tensor(products, dtype=torch.int64),
             torch.full((n,), item, dtype=torch.int64),
             torch.zeros(n, dtype=torch.int64),
+            torch.from_numpy(size_feature(self.products.sizes[products])),
         )
         result = probabilities(self.model, self.shared, private, None, batch)
         return result.reshape(n, CLASSES).double().numpy()
