@@ -50,7 +50,27 @@ class SiloDp:
     released_count: float
 
 
-class SiloClient:
+class SiloState:
+    """What a silo carries from one round to the next: its private parameters (`_private`) and its
+    random stream (`_generator`); both kinds of silo client (recommendation, fit) keep these."""
+
+    _private: Params
+    _generator: torch.Generator
+
+    def state_dict(self) -> dict:
+        """For a silo that runs as a fresh process each round or restarts."""
+        return {"private": self.private_state(), "generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._private = {k: v.clone() for k, v in state["private"].items()}
+        self._generator.set_state(state["generator"])
+
+    def private_state(self) -> dict[str, torch.Tensor]:
+        """For the silo's own storage (its run-folder entry), never for the server."""
+        return {k: v.clone() for k, v in self._private.items()}
+
+
+class SiloClient(SiloState):
     def __init__(
         self,
         index: int,
@@ -133,16 +153,3 @@ class SiloClient:
             self.data.heldout(split),
             negatives=self.data.eval_negatives,
         )
-
-    def state_dict(self) -> dict:
-        """Everything the silo carries from one round to the next (its private parameters and its
-        random stream), for a silo that runs as a fresh process each round or restarts."""
-        return {"private": self.private_state(), "generator": self._generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._private = {k: v.clone() for k, v in state["private"].items()}
-        self._generator.set_state(state["generator"])
-
-    def private_state(self) -> dict[str, torch.Tensor]:
-        """For the silo's own storage (its run-folder entry), never for the server."""
-        return {k: v.clone() for k, v in self._private.items()}

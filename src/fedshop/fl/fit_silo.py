@@ -19,7 +19,7 @@ from fedshop.config import RunConfig
 from fedshop.data.fit_feedback import FitDataset, FitRecords, FitSilo, size_feature
 from fedshop.eval.fit_metrics import FitCounts, summarise_fit
 from fedshop.fl.aggregation import aggregation_pipeline, with_row_means
-from fedshop.fl.client import LocalTask, SiloDp
+from fedshop.fl.client import LocalTask, SiloDp, SiloState
 from fedshop.fl.fit_local import FitTraining, dp_sgd_fit, train_fit
 from fedshop.fl.in_process import SiloTransport
 from fedshop.fl.rounds import RoundCallback, RoundDriver, RoundRecord
@@ -69,7 +69,7 @@ def records_batch(
     )
 
 
-class FitSiloClient:
+class FitSiloClient(SiloState):
     def __init__(
         self,
         silo: FitSilo,
@@ -169,16 +169,6 @@ class FitSiloClient:
         """Counts over this shop's held-out records; only these leave the shop."""
         records = self.silo.heldout(split)
         return FitCounts.of(self.predict(global_shared, records).numpy(), records.label)
-
-    def state_dict(self) -> dict:
-        return {"private": self.private_state(), "generator": self._generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._private = {k: v.clone() for k, v in state["private"].items()}
-        self._generator.set_state(state["generator"])
-
-    def private_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.clone() for k, v in self._private.items()}
 
 
 class FitSummaries:

@@ -67,16 +67,8 @@ def validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-def create_app(model: ServingModel, runs_root: Path | None = None) -> FastAPI:
-    """The API over `model`; `runs_root` is the folder of runs the operator view lists."""
-    app = FastAPI(
-        title="FedShop shopping guide",
-        summary=f"Recommendations from run {model.run_dir.name}",
-        docs_url="/docs",
-        redoc_url=None,
-    )
-    app.state.model = model
-    app.state.runs_root = runs_root
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error as `{"error": {status, message}}`, never a traceback (both services use it)."""
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError) -> JSONResponse:
@@ -101,6 +93,14 @@ def create_app(model: ServingModel, runs_root: Path | None = None) -> FastAPI:
         log.exception("internal error answering %s %s", request.method, request.url.path)
         return error_body(500, "internal error (logged by the server)")
 
+
+def service_app(model: Any, title: str, summary: str) -> FastAPI:
+    """An app over a served run (`ServingModel` or the fit service's model): the error shape,
+    `GET /health` and `GET /silos`; each service adds its own routes."""
+    app = FastAPI(title=title, summary=summary, docs_url="/docs", redoc_url=None)
+    app.state.model = model
+    install_error_handlers(app)
+
     # Plain `def` routes: scoring is CPU work, which FastAPI runs in its thread pool, so one slow
     # request does not hold up the event loop.
     @app.get("/health")
@@ -110,6 +110,16 @@ def create_app(model: ServingModel, runs_root: Path | None = None) -> FastAPI:
     @app.get("/silos")
     def silos() -> dict[str, Any]:
         return model.silos()
+
+    return app
+
+
+def create_app(model: ServingModel, runs_root: Path | None = None) -> FastAPI:
+    """The API over `model`; `runs_root` is the folder of runs the operator view lists."""
+    app = service_app(
+        model, "FedShop shopping guide", f"Recommendations from run {model.run_dir.name}"
+    )
+    app.state.runs_root = runs_root
 
     @app.get("/customers")
     def customers(silo: str | None = None, limit: int = 50) -> dict[str, Any]:

@@ -32,14 +32,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI
 
 from fedshop.data.fit_feedback import size_feature
+from fedshop.data.partition import slug
+from fedshop.data.renttherunway import FIT_CLASSES
 from fedshop.errors import FedShopError
-from fedshop.experiment import slug
 from fedshop.models.fit import (
     CLASSES,
     FIT_MODELS,
@@ -51,22 +49,21 @@ from fedshop.models.fit import (
     get_fit_model,
     probabilities,
 )
-from fedshop.report.run_folder import INCOMPLETE, MARKER, SERVING, SERVING_FORMAT
+from fedshop.report.fit_run import PRODUCTS
+from fedshop.report.run_folder import SERVING
 from fedshop.serve.model import (
     ForbiddenError,
     InvalidRequestError,
     NotFoundError,
     RequestError,
-    _first_line,
     _names,
     _one_line,
-    _read_json,
     _read_npz,
     _read_tensors,
+    read_serving_file,
 )
 
-PRODUCTS = "products.csv"
-LABELS = ("small", "fit", "large")  # the order of `probabilities`' columns
+LABELS = FIT_CLASSES  # the order of `probabilities`' columns
 MAX_ID = 200  # the longest customer, item or shop text a request may carry
 
 
@@ -87,27 +84,7 @@ def serving_task(run_dir: Path) -> str | None:
 
 def read_fit_serving(run_dir: Path) -> dict[str, Any]:
     """A fit run's serving.json, after the checks that say why a folder cannot be served."""
-    if not run_dir.exists():
-        raise FedShopError(f"run folder {run_dir} does not exist")
-    if not run_dir.is_dir():
-        raise FedShopError(f"{run_dir} is not a folder (give the run folder that training wrote)")
-    incomplete = run_dir / INCOMPLETE
-    if incomplete.exists():
-        reason = _first_line(incomplete) or "it has no reason recorded"
-        raise FedShopError(
-            f"{run_dir} is a half-written run, not served ({INCOMPLETE}: {reason}); train again"
-        )
-    if not (run_dir / MARKER).is_file():
-        raise FedShopError(f"{run_dir} is not a run folder (it has no {MARKER})")
-    metrics = _read_json(run_dir / MARKER)
-    serving = _read_json(run_dir / SERVING)
-    written = serving.get("format")
-    if written != SERVING_FORMAT:
-        raise FedShopError(
-            f"{run_dir / SERVING} is serving format {written}, written by fedshop "
-            f"{metrics.get('fedshop_version', '(unknown)')}; this fedshop serves format "
-            f"{SERVING_FORMAT}: re-run training with it"
-        )
+    metrics, serving = read_serving_file(run_dir)
     if serving.get("task") != "fit":
         raise FedShopError(f"{run_dir / SERVING} is not a fit run's (task {serving.get('task')!r})")
     try:
@@ -482,45 +459,11 @@ class FitServingModel:
 
 def create_fit_app(model: FitServingModel) -> FastAPI:
     """The fit API over `model`: every answer JSON, every error `{"error": {status, message}}`."""
-    from fedshop.serve.app import error_body, log, validation_message
+    from fedshop.serve.app import service_app
 
-    app = FastAPI(
-        title="FedShop size and fit advice",
-        summary=f"Will this size fit, from run {model.run_dir.name}",
-        docs_url="/docs",
-        redoc_url=None,
+    app = service_app(
+        model, "FedShop size and fit advice", f"Will this size fit, from run {model.run_dir.name}"
     )
-    app.state.model = model
-
-    @app.exception_handler(RequestError)
-    async def request_error(request: Request, exc: RequestError) -> JSONResponse:
-        return error_body(exc.status, str(exc))
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_body(422, validation_message(exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        message = exc.detail if isinstance(exc.detail, str) else "request refused"
-        if exc.status_code == 404 and message == "Not Found":
-            message = f"no such endpoint: {request.method} {request.url.path}"
-        elif exc.status_code == 405:
-            message = f"{request.method} is not allowed on {request.url.path}"
-        return error_body(exc.status_code, message)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error answering %s %s", request.method, request.url.path)
-        return error_body(500, "internal error (logged by the server)")
-
-    @app.get("/health")
-    def health() -> dict[str, Any]:
-        return model.health()
-
-    @app.get("/silos")
-    def silos() -> dict[str, Any]:
-        return model.silos()
 
     @app.get("/fit")
     def fit(

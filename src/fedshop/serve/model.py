@@ -439,8 +439,9 @@ def _named(item: dict[str, Any]) -> dict[str, Any]:
 # ---- reading the run folder --------------------------------------------------------------------------
 
 
-def read_serving(run_dir: Path) -> dict[str, Any]:
-    """serving.json, after the checks that say why a folder cannot be served."""
+def read_serving_file(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metrics.json, serving.json) of a finished run folder, after the checks that say why a
+    folder cannot be served (either task's)."""
     if not run_dir.exists():
         raise FedShopError(f"run folder {run_dir} does not exist")
     if not run_dir.is_dir():
@@ -467,6 +468,12 @@ def read_serving(run_dir: Path) -> dict[str, Any]:
             f"{metrics.get('fedshop_version', '(unknown)')}; this fedshop ({__version__}) serves "
             f"format {SERVING_FORMAT}: re-run training with it"
         )
+    return metrics, serving
+
+
+def read_serving(run_dir: Path) -> dict[str, Any]:
+    """serving.json of a recommendation run, after the checks that say why it cannot be served."""
+    metrics, serving = read_serving_file(run_dir)
     if serving.get("task") == "fit":
         raise FedShopError(
             f"{run_dir} is a fit run: load it with fedshop.serve.fit.FitServingModel "
