@@ -19,7 +19,7 @@ from fedshop.choices import (
     help_text,
 )
 from fedshop.config import DataConfig, FederatedConfig, ProtectionConfig, load_config
-from fedshop.data import amazon, movielens
+from fedshop.data import amazon, movielens, renttherunway
 from fedshop.data.datasets import load_dataset
 from fedshop.deploy import check_deployable
 from fedshop.errors import ConfigError, FedShopError
@@ -39,7 +39,10 @@ def test_every_target_loads():
 
 
 def test_datasets_are_the_ones_the_readers_know():
-    known = {"online-retail", *movielens.RELEASES, *amazon.CATEGORIES, amazon.SEQUENTIAL_DATASET}
+    known = {
+        "online-retail", *movielens.RELEASES, *amazon.CATEGORIES, amazon.SEQUENTIAL_DATASET,
+        renttherunway.DATASET,  # fit feedback, read by data/fit_feedback.py for --task fit
+    }  # fmt: skip
     assert set(DATASETS.names()) == known
 
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from fedshop.data.renttherunway import FIT_CLASSES, RentTheRunway
+from fedshop.config import DataConfig, Environment, FitConfig
+from fedshop.data.renttherunway import DATASET, FIT_CLASSES, RentTheRunway, load_renttherunway
 from fedshop.errors import DataError
 from fedshop.seeding import derive_seed
 
@@ -272,7 +273,7 @@ def build_fit_dataset(
         users = np.unique(records.user[mine])
         built.append(FitSilo(index, str(name), *parts, users=users))
     dataset = FitDataset(
-        name="renttherunway",
+        name=DATASET,
         source=data.source,
         user_ids=np.asarray(user_ids),
         item_ids=np.asarray(item_ids),
@@ -283,7 +284,7 @@ def build_fit_dataset(
         silos=tuple(built),
     )
     report = {
-        "dataset": "renttherunway",
+        "dataset": DATASET,
         "task": "fit",
         "source": data.source,
         "cleaning": counts,
@@ -341,12 +342,11 @@ def _shared_shoppers(dataset: FitDataset) -> dict[str, int]:
     return {"in_two_or_more": int((per_user >= 2).sum()), "max_silos": int(per_user.max())}
 
 
-def load_fit_dataset(config, fit, seed: int, env=None) -> FitDataset:
+def load_fit_dataset(
+    config: DataConfig, fit: FitConfig, seed: int, env: Environment | None = None
+) -> FitDataset:
     """The fit dataset a run's [data] and [fit] sections name: data.path, else the data directory
     ([data] data_dir, else $FEDSHOP_DATA_DIR), else (source auto or download) the official release."""
-    from fedshop.config import Environment
-    from fedshop.data.renttherunway import load_renttherunway
-
     env = env or Environment.from_os()
     if config.source == "embedded":
         raise DataError("RentTheRunway is not embedded (research use): give a data directory")

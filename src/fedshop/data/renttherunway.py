@@ -28,6 +28,7 @@ OFFICIAL_PAGE = "https://cseweb.ucsd.edu/~jmcauley/datasets.html#clothing_fit"
 # The release linked from that page (no published checksum: the first download's digest is pinned).
 OFFICIAL_URL = "https://mcauleylab.ucsd.edu/public_datasets/data/renttherunway/renttherunway_final_data.json.gz"
 FOLDER = "renttherunway"
+DATASET = "renttherunway"  # its name in [data] dataset (fit feedback: --task fit)
 CANDIDATES = ("renttherunway_clean.parquet", "renttherunway_final_data.json.gz")
 FIT_CLASSES = ("small", "fit", "large")  # label order: class index = position here
 

@@ -1,4 +1,4 @@
-"""Training a fit model on one party's records: plain minibatch Adam, and record-level DP-SGD.
+"""Training a fit model on one party's records: plain minibatch AdamW, and record-level DP-SGD.
 
 Plain: `epochs` passes over the records in a seeded order, minibatches of `batch_size`, AdamW on
 every parameter that is trained (a fresh optimiser per call, so a round starts from the global model
@@ -24,6 +24,7 @@ import torch
 
 from fedshop.messages import Aggregate, AggregationPipeline, mean_of
 from fedshop.models.fit import (
+    INPUTS,
     USER_TABLES,
     Batch,
     FitModel,
@@ -47,8 +48,8 @@ class FitTraining:
     # (held-out AUC 0.711 → 0.673 in five epochs). The shared weights decay per step; each
     # shopper's own vector by e^(−private_decay) per pass over her party's data, whatever the
     # party's size: per step, a shop's customers would decay far less each round than the pooled
-    # model's each epoch, and federated AUC then fell after round 2 (validation, seed 42: 0.684 →
-    # 0.652 by round 12; with this decay it rises to 0.706, pooled 0.719).
+    # model's each epoch, and federated AUC then fell after round 2 (validation, seed 42, before the
+    # catalogue-size term: 0.684 → 0.652 by round 12; with this decay it rose to 0.706, pooled 0.719).
     weight_decay: float = 1.0
     private_decay: float = 3.0
     batch_size: int = 1024
@@ -72,16 +73,12 @@ def train_fit(
     training: FitTraining,
     generator: torch.Generator,
     update_shared: bool = True,
-    frozen_dense: bool = False,
 ) -> Trained:
     """`epochs` passes of minibatch AdamW over `batch`; returns new tables (inputs untouched).
-    `update_shared=False` refits the private vectors alone; `frozen_dense` keeps the head."""
+    `update_shared=False` refits the private vectors alone."""
     shared = {k: v.detach().clone().requires_grad_(update_shared) for k, v in shared.items()}
     private = {k: v.detach().clone().requires_grad_(True) for k, v in private.items()}
     dense_names = model.dense_names(shared)
-    if frozen_dense:
-        for name in dense_names:
-            shared[name].requires_grad_(False)
     params = {**shared, **private}
     steps, steps_per_epoch = 0, -(-len(batch) // training.batch_size)
     if not any(v.requires_grad for v in params.values()) or len(batch) == 0 or epochs <= 0:
@@ -133,7 +130,7 @@ def per_customer_updates(
     record r's position among the `customers` sampled customers."""
     dense_names = model.dense_names(shared)
     rows = {
-        k: v.detach().requires_grad_(True)
+        k: v.detach().requires_grad_(k not in INPUTS)
         for k, v in gather(model, shared, private, measurements, batch).items()
     }
     dense = {
@@ -143,8 +140,8 @@ def per_customer_updates(
     for value in dense.values():
         value.requires_grad_(True)
     losses = record_losses(model, rows, dense, batch.label, l2)
-    trained = [rows[n] for n in rows if n != "measurements"] + list(dense.values())
-    names = [n for n in rows if n != "measurements"] + list(dense_names)
+    names = [n for n in rows if n not in INPUTS] + list(dense_names)
+    trained = [rows[n] for n in rows if n not in INPUTS] + list(dense.values())
     # Unused is allowed: 1-LV reads no item bias.
     found = torch.autograd.grad(losses.sum(), trained, allow_unused=True)
     grads = {

@@ -124,30 +124,38 @@ class FitSiloClient(SiloState):
         self.personalise(global_shared, task.reconstruction_epochs)
         train = self.batch(self.silo.train)
         if task.dp is None:
-            result = train_fit(
-                self.model, global_shared, self._private, self._measurements, train,
-                task.epochs, self.training, self._generator,
-            )  # fmt: skip
-            self._private = result.private
-            local, steps, examples, event = result.shared, result.steps, len(train), None
+            delta, steps, examples, event = self._plain_update(global_shared, train, task.epochs)
         else:
-            if self.dp is None:
-                raise RuntimeError(f"silo {self.name} has no DP state for a DP round")
-            local, event = dp_sgd_fit(
-                self.model, global_shared, self._private, self._measurements, train, task.dp,
-                self.training, self.dp.state,
-            )  # fmt: skip
-            steps, examples = task.dp.steps, self.dp.released_count
-        delta = {k: local[k] - global_shared[k] for k in global_shared}
-        if task.dp is None:
-            # A shop changes only the rows of the products (and items) it rented out; the decay
-            # of the others is left to the shops that train them.
-            for name, rows in ((PRODUCT_TABLES[0], train.product), (ITEM_TABLES[0], train.item)):
-                touched = torch.zeros(len(delta[name]), 1, dtype=torch.bool)
-                touched[rows] = True
-                delta[name] = delta[name] * touched
+            delta, steps, examples, event = self._private_update(global_shared, train, task.dp)
         message = ClientMessage(delta, 1.0, examples, local_steps=max(steps, 1), dp_event=event)
         return self.pipeline.on_client(message)
+
+    def _plain_update(self, global_shared: Params, train: Batch, epochs: int):
+        result = train_fit(
+            self.model, global_shared, self._private, self._measurements, train, epochs,
+            self.training, self._generator,
+        )  # fmt: skip
+        self._private = result.private
+        delta = {k: result.shared[k] - global_shared[k] for k in global_shared}
+        # A shop changes only the rows of the products (and items) it rented out; the decay of the
+        # others is left to the shops that train them.
+        for name, rows in ((PRODUCT_TABLES[0], train.product), (ITEM_TABLES[0], train.item)):
+            touched = torch.zeros(len(delta[name]), 1, dtype=torch.bool)
+            touched[rows] = True
+            delta[name] = delta[name] * touched
+        return delta, result.steps, len(train), None
+
+    def _private_update(self, global_shared: Params, train: Batch, dp):
+        """Record-level DP: DP-SGD over the shop's customers; every row carries noise, and the
+        message's weight is the shop's released (noisy) customer count."""
+        if self.dp is None:
+            raise RuntimeError(f"silo {self.name} has no DP state for a DP round")
+        local, event = dp_sgd_fit(
+            self.model, global_shared, self._private, self._measurements, train, dp,
+            self.training, self.dp.state,
+        )  # fmt: skip
+        delta = {k: local[k] - global_shared[k] for k in global_shared}
+        return delta, dp.steps, self.dp.released_count, event
 
     def personalise(self, global_shared: Params, epochs: int) -> None:
         """Refit the customers' own vectors against the fixed shared model; nothing is sent."""

@@ -42,6 +42,7 @@ Params = dict[str, torch.Tensor]
 PRODUCT_TABLES = ("product_size",)  # rows indexed by product
 ITEM_TABLES = ("item_bias",)  # rows indexed by the product's parent item
 USER_TABLES = ("user_size", "user_bias")  # private rows indexed by the silo's own shoppers
+INPUTS = ("measurements", "size")  # what `gather` adds that is data, not a parameter
 CLASSES = 3
 
 

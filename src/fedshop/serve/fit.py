@@ -299,7 +299,7 @@ class FitServingModel:
         model = get_fit_model(serving["model"])
         shared_path = models / "shared.safetensors"
         shared = {k: v.float() for k, v in _read_tensors(shared_path).items()}
-        needed = [*PRODUCT_TABLES, *ITEM_TABLES]
+        needed = [*PRODUCT_TABLES, *ITEM_TABLES, "size_direction"]
         needed += ["weights", "thresholds"] if model.head == "lr" else ["projection", "prototypes"]
         missing = [name for name in needed if name not in shared]
         if missing:
