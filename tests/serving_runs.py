@@ -1,14 +1,20 @@
 """Small real runs for the tests that serve them: trained once per test session (through the
 experiment API and the run folder writer, as `fedshop train` does) and shared by every module that
-asks, so the serving tests pay for each training once."""
+asks, so the serving tests pay for each training once; and `LiveServer`, a real server for them."""
 
 from __future__ import annotations
 
 import atexit
 import shutil
+import socket
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
+import uvicorn
 
 from fedshop.config import load_config
 from fedshop.data.datasets import load_dataset
@@ -70,3 +76,29 @@ def trained_run(kind: str) -> TrainedRun:
 def copy_run(kind: str, destination: Path) -> Path:
     """A copy of a trained run folder to change (the original is shared)."""
     return Path(shutil.copytree(trained_run(kind).folder, destination))
+
+
+class LiveServer:
+    """uvicorn serving `app` on a free port of 127.0.0.1, in a thread of this process."""
+
+    def __init__(self, app) -> None:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, log_level="warning", access_log=False, ws="none")
+        )
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [listener]}, daemon=True
+        )
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        self.client = httpx.Client(base_url=self.url, timeout=30)
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

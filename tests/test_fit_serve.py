@@ -10,18 +10,14 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from safetensors.torch import load_file
 
 from fedshop.data.fit_feedback import size_feature
@@ -30,34 +26,9 @@ from fedshop.experiment import slug
 from fedshop.models.fit import Batch, get_fit_model, probabilities
 from fedshop.serve.fit import FitServingModel, create_fit_app
 from fedshop.serve.model import ServingModel
+from serving_runs import LiveServer
 
 LABELS = ("small", "fit", "large")
-
-
-class LiveServer:
-    """uvicorn serving `app` on a free port of 127.0.0.1, in a thread of this process."""
-
-    def __init__(self, app) -> None:
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, log_level="warning", access_log=False, ws="none")
-        )
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [listener]}, daemon=True
-        )
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        self.client = httpx.Client(base_url=self.url, timeout=30)
-
-    def close(self) -> None:
-        self.client.close()
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,12 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from safetensors.torch import load_file
 
 from fedshop.cli import _listen, exposure_warning
@@ -31,7 +29,7 @@ from fedshop.models.fold_in import fold_in
 from fedshop.models.spec import get_model, score_all
 from fedshop.serve.app import create_app
 from fedshop.serve.model import ServingModel
-from serving_runs import copy_run, trained_run
+from serving_runs import LiveServer, copy_run, trained_run
 
 RETAIL = "retail-mf-cross-silo"
 DEVICE = "retail-gmf-cross-device"
@@ -39,32 +37,6 @@ NEUMF = "ml100k-neumf-cross-device"
 
 
 # ---- a real server in a thread ----------------------------------------------------------------------
-
-
-class LiveServer:
-    """uvicorn serving `app` on a free port of 127.0.0.1, in a thread of this process."""
-
-    def __init__(self, app) -> None:
-        listener = socket.socket()
-        listener.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, log_level="warning", access_log=False, ws="none")
-        )
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [listener]}, daemon=True
-        )
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        self.client = httpx.Client(base_url=self.url, timeout=30)
-
-    def close(self) -> None:
-        self.client.close()
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
