@@ -45,11 +45,12 @@ class FitTraining:
     learning_rate: float = 0.01
     l2: float = 1e-3
     # Decoupled (AdamW) decay. Most shoppers rent once: without decay the model memorises them
-    # (held-out AUC 0.711 → 0.673 in five epochs). The shared weights decay per step; each
-    # shopper's own vector by e^(−private_decay) per pass over her party's data, whatever the
-    # party's size: per step, a shop's customers would decay far less each round than the pooled
-    # model's each epoch, and federated AUC then fell after round 2 (validation, seed 42, before the
-    # catalogue-size term: 0.684 → 0.652 by round 12; with this decay it rose to 0.706, pooled 0.719).
+    # (held-out AUC 0.727 → 0.641 in six epochs, random split). The shared weights decay per
+    # step; each shopper's own vector by e^(−private_decay) per pass over her party's data,
+    # whatever the party's size: per step, a shop's customers would decay far less each round
+    # than the pooled model's each epoch, and federated AUC then fell after round 2 (validation,
+    # seed 42, before the catalogue-size term: 0.684 → 0.652 by round 12; with this decay it rose
+    # to 0.706, pooled 0.719).
     weight_decay: float = 1.0
     private_decay: float = 3.0
     batch_size: int = 1024
