@@ -11,9 +11,10 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from fedshop.deploy.server_secagg import SecureRound, expected_layout
+from fedshop.deploy.server_secagg import SecureRound
 from fedshop.deploy.silo_secagg import SecAggSilo
 from fedshop.fl.aggregation import aggregation_pipeline
+from fedshop.fl.robust import expected_layout
 from fedshop.messages import AggregationPipeline, ClientMessage
 from fedshop.secure.protected_sum import flatten
 from fedshop.secure.protocol import ProtectionError

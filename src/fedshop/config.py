@@ -146,9 +146,26 @@ class FederatedConfig:
     # After the last round each silo refits its private parameters against the final shared model;
     # nothing leaves the silo, so this costs no privacy and no communication.
     personalise_epochs: int = 5
+    # A server that does not trust every silo (fl/robust.py). robust: the aggregation rule that
+    # replaces the plain sum (none, norm-bound, median, trimmed-mean, krum); each needs every
+    # silo's own update, so none works under secure aggregation or encryption.
+    robust: str = "none"
+    robust_trim: float = 0.2  # trimmed-mean: the share dropped at each end, per coordinate
+    robust_bound: float = 1.0  # norm-bound: the largest L2 norm an update keeps
+    byzantine: int = 1  # krum: how many attackers it tolerates
+    # Refuse (and log) any silo's update longer than this L2 norm; 0: only malformed ones.
+    max_update_norm: float = 0.0
 
     def validate(self) -> None:
         FEDERATED_MODES.check(self.mode, "[federated] mode")
+        _choice("federated", "robust", self.robust, ROBUST_RULES)
+        if not 0.0 <= self.robust_trim < 0.5:
+            raise ConfigError(
+                f"[federated] robust_trim must be in [0, 0.5), got {self.robust_trim}"
+            )
+        _positive("federated", "robust_bound", self.robust_bound)
+        _at_least("federated", "byzantine", self.byzantine, 0)
+        _at_least("federated", "max_update_norm", self.max_update_norm, 0.0)
         _at_least("federated", "rounds", self.rounds, 1)
         _at_least("federated", "local_epochs", self.local_epochs, 1)
         _at_least("federated", "silos_per_round", self.silos_per_round, 0)
@@ -216,6 +233,7 @@ FIT_METHODS = (
     "measurements",
 )  # fmt: skip
 TASKS = ("recommend", "fit")
+ROBUST_RULES = ("none", "norm-bound", "median", "trimmed-mean", "krum")  # fl/robust.py
 
 
 @dataclass(frozen=True)
@@ -446,6 +464,7 @@ class RunConfig:
         ):
             section.validate()
         self._validate_privacy()
+        self._validate_robust()
         cross_device = PROTECTIONS.names(tag="cross-device")
         if self.federated.mode == "cross-device" and self.protection.kind not in cross_device:
             raise ConfigError(
@@ -498,6 +517,11 @@ class RunConfig:
             raise ConfigError(
                 'task = "fit" protects each shop\'s customers: use [privacy] mode = "record"'
             )
+        if self.federated.robust != "none":
+            raise ConfigError(
+                '[federated] robust is not available for task = "fit" yet: its product rows are '
+                "averaged over the shops that rent them, which the robust rules do not know"
+            )
         if self.protection.kind != "none" and self.federated.silos_per_round == 1:
             raise ConfigError(
                 "[protection] needs at least two clients per round: a sum of one update hides "
@@ -510,6 +534,23 @@ class RunConfig:
                 '[eval] cold_start, cold_items and protocol are for recommendation, not task = "fit"'
             )
         return self
+
+    def _validate_robust(self) -> None:
+        """Robust rules read every silo's own update: cross-silo, in plaintext, nothing else."""
+        rule = self.federated.robust
+        if rule == "none":
+            return
+        if self.federated.mode != "cross-silo":
+            raise ConfigError(
+                f'[federated] robust = "{rule}" is for cross-silo runs; cross-device shoppers are '
+                "summed as one vectorised batch"
+            )
+        if self.protection.kind != "none":
+            raise ConfigError(
+                f'[federated] robust = "{rule}" needs each silo\'s own update, which '
+                f'[protection] kind = "{self.protection.kind}" hides from the server (it sees only '
+                "the total): choose one of the two"
+            )
 
     def _validate_item_features(self) -> None:
         """Models that read item features, and [eval] cold_items, which needs one."""

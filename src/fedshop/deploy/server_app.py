@@ -37,13 +37,13 @@ from fedshop.deploy.checkpoint import (
 )
 from fedshop.deploy.identities import IdentityError, SiloNodes
 from fedshop.deploy.outcome import Outcome
-from fedshop.deploy.server_secagg import SECAGG_MESSAGE, SecureRound, expected_layout
+from fedshop.deploy.server_secagg import SECAGG_MESSAGE, SecureRound
 from fedshop.errors import FedShopError
 from fedshop.eval.metrics import MetricSums, summarise
-from fedshop.fl.aggregation import aggregation_pipeline
 from fedshop.fl.client import LocalTask
 from fedshop.fl.fit_silo import FitShapes, FitSummaries, fit_pipeline, make_fit_server
-from fedshop.fl.in_process import make_server
+from fedshop.fl.in_process import make_server, server_pipeline
+from fedshop.fl.robust import expected_layout
 from fedshop.fl.rounds import FinalEvaluation, IncompleteRoundError, RoundDriver, RoundReply
 from fedshop.fl.server import FederatedServer
 from fedshop.messages import AggregationPipeline
@@ -246,7 +246,9 @@ class GridTransport:
                 if silo not in chosen:
                     continue  # an evaluation-only reply
                 try:
-                    updates[silo] = wire.record_update(reply.content, silo, self.layout)
+                    updates[silo] = wire.record_update(
+                        reply.content, silo, self.layout, self.config.federated.max_update_norm
+                    )
                 except wire.BadReplyError as reason:
                     federation.log(f"silo {silo}'s reply refused: {reason}")
             if len(updates) < needed:
@@ -388,7 +390,7 @@ def serve(grid: Grid, context: Context) -> None:
 def _recommender_server(
     config: RunConfig, federation: Federation
 ) -> tuple[AggregationPipeline, FederatedServer]:
-    pipeline = aggregation_pipeline(config.federated.aggregation)
+    pipeline = server_pipeline(config)
     server = make_server(config, federation.n_items, torch.arange(federation.n_silos), pipeline)
     return pipeline, server
 

@@ -16,14 +16,11 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
 from flwr.app import ConfigRecord, MessageType, RecordDict
 
-from fedshop.messages import Aggregate, AggregationPipeline, ClientMessage
-from fedshop.models.spec import Params
+from fedshop.messages import Aggregate
 from fedshop.secure.protected_sum import (
     Layout,
-    layout_of,
     round_normaliser,
     unflatten,
     vector_length,
@@ -43,13 +40,6 @@ SECAGG_MESSAGE = f"{MessageType.TRAIN}.secagg"  # the ClientApp's @app.train("se
 
 # (step name, content by index in the round) → the replies that arrived, by index
 Exchange = Callable[[str, dict[int, RecordDict]], dict[int, RecordDict]]
-
-
-def expected_layout(pipeline: AggregationPipeline, shared: Params) -> Layout:
-    """The layout of every silo's staged message: the client stages applied to an update of the
-    shared model's shape (what they add, such as FedNova's step count, is part of it)."""
-    zero = {k: torch.zeros_like(v) for k, v in shared.items()}
-    return layout_of(pipeline.on_client(ClientMessage(zero, 1.0, 1.0, 1)))
 
 
 @dataclass

@@ -6,15 +6,15 @@ import json
 import math
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedshop.errors import FedShopError
 from fedshop.eval.fit_metrics import FitCounts
 from fedshop.eval.metrics import METRIC_NAMES, MetricSums
+from fedshop.fl.robust import BadMessageError, check_message
 from fedshop.messages import ClientMessage
 from fedshop.models.spec import Params
-from fedshop.secure.protected_sum import Layout, layout_of
+from fedshop.secure.protected_sum import Layout
 
 
 class BadReplyError(FedShopError):
@@ -61,7 +61,9 @@ def update_record(silo: int, message: ClientMessage, extra: dict | None = None) 
     return RecordDict({"update": params_record(message.tensors), "meta": meta, **(extra or {})})
 
 
-def record_update(content: RecordDict, silo: int, layout: Layout) -> ClientMessage:
+def record_update(
+    content: RecordDict, silo: int, layout: Layout, max_norm: float = 0.0
+) -> ClientMessage:
     """The update in a reply from the node that serves `silo`, checked against the round's `layout`
     (names, shapes, dtypes) and for finite numbers; `BadReplyError` says what is wrong with it."""
     try:
@@ -78,23 +80,11 @@ def record_update(content: RecordDict, silo: int, layout: Layout) -> ClientMessa
         raise BadReplyError(f"a malformed update ({type(exc).__name__}: {exc})") from None
     if claimed != silo:
         raise BadReplyError(f"the reply claims silo {claimed}, but its node serves silo {silo}")
-    _check_update(message, layout)
+    try:
+        check_message(message, layout, max_norm)
+    except BadMessageError as reason:
+        raise BadReplyError(str(reason)) from None
     return message
-
-
-def _check_update(message: ClientMessage, layout: Layout) -> None:
-    got = layout_of(message)
-    if got != layout:
-        raise BadReplyError(f"an update of layout {got}, not the round's {layout}")
-    numbers = (message.weight, message.num_examples)
-    if not all(math.isfinite(x) and x >= 0 for x in numbers) or message.local_steps < 0:
-        raise BadReplyError(
-            f"weight {message.weight}, examples {message.num_examples} and steps "
-            f"{message.local_steps} must be finite and not negative"
-        )
-    for name, tensor in message.tensors.items():
-        if not bool(torch.isfinite(tensor).all()):
-            raise BadReplyError(f"'{name}' holds NaN or infinite values")
 
 
 def metrics_config(silo: int, sums: MetricSums) -> ConfigRecord:

@@ -6,7 +6,8 @@ that a deployment drives over Flower, with the same `SiloClient`, pipeline and s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -18,8 +19,10 @@ from fedshop.data.interactions import RecDataset
 from fedshop.eval.metrics import MetricSums
 from fedshop.fl.aggregation import aggregation_pipeline
 from fedshop.fl.client import LocalTask, SiloClient, SiloDp
+from fedshop.fl.robust import expected_layout, robust_summation, screen
 from fedshop.fl.rounds import (
     FinalEvaluation,
+    IncompleteRoundError,
     RoundCallback,
     RoundDriver,
     RoundRecord,
@@ -31,6 +34,8 @@ from fedshop.messages import AggregationPipeline
 from fedshop.models.spec import Params, get_model
 from fedshop.secure.protected_sum import ProtectedSum, make_protection
 from fedshop.seeding import NoiseStream, torch_generator
+
+_log = logging.getLogger("fedshop.rounds")  # refused updates: stderr unless the caller routes it
 
 if TYPE_CHECKING:
     from fedshop.privacy.dp import DpPlan, PrivacyGuard
@@ -77,6 +82,8 @@ class SiloTransport:
     protection: ProtectedSum | None = None
     unit: str = "silos"
     retries: bool = False  # a simulated silo does not come back: a failure stops the run
+    max_update_norm: float = 0.0  # refuse longer updates ([federated] max_update_norm; 0: off)
+    log: Callable[[str], None] = lambda line: None
 
     @property
     def client_dp_event(self):
@@ -85,14 +92,22 @@ class SiloTransport:
     def train(
         self, round_number: int, clients: Sequence[int], shared: Params, evaluate: int | None
     ) -> RoundReply:
-        messages = [self.clients[i].fit(shared, self.task) for i in clients]
-        summation = self.clients[0].pipeline.summation
-        events = {i: m.dp_event for i, m in zip(clients, messages, strict=True) if m.dp_event}
+        pipeline = self.clients[0].pipeline
+        sent = {i: self.clients[i].fit(shared, self.task) for i in clients}
+        # A silo's malformed or oversized message is refused, as a deployment refuses it on arrival.
+        messages, refused = screen(sent, expected_layout(pipeline, shared), self.max_update_norm)
+        for i, reason in refused.items():
+            self.log(
+                f"round {round_number}: silo {self.clients[i].name}'s update refused: {reason}"
+            )
+        if not messages:
+            raise IncompleteRoundError(f"every update of round {round_number} was refused")
+        events = {i: m.dp_event for i, m in messages.items() if m.dp_event}
         cost = None
-        aggregate = summation(messages)
+        aggregate = pipeline.summation(list(messages.values()))
         if self.protection is not None:
             cost = self.protection.costs[-1]
-        return RoundReply(aggregate, list(clients), cost, events)
+        return RoundReply(aggregate, list(messages), cost, events)
 
     def evaluate(self, round_number: int, shared: Params) -> dict[str, MetricSums]:
         return {c.name: c.evaluate(shared, self.split) for c in self.clients}
@@ -116,10 +131,21 @@ class FederatedRun:
     final: dict[str, MetricSums] | None = None
 
 
+def server_pipeline(config: RunConfig) -> AggregationPipeline:
+    """The aggregation rule's pipeline with `[federated] robust`'s summation: the simulator's
+    server and a deployment's build the same."""
+    fed = config.federated
+    pipeline = aggregation_pipeline(fed.aggregation)
+    if fed.robust == "none":
+        return pipeline
+    summation = robust_summation(fed.robust, fed.robust_trim, fed.byzantine, fed.robust_bound)
+    return replace(pipeline, summation=summation)
+
+
 def build_federation(
     dataset: RecDataset, config: RunConfig, pipeline: AggregationPipeline | None = None
 ) -> FederatedRun:
-    pipeline = pipeline or aggregation_pipeline(config.federated.aggregation)
+    pipeline = pipeline or server_pipeline(config)
     protection = make_protection(config.protection)
     protected = None
     if protection is not None:
@@ -154,6 +180,7 @@ def run_cross_silo(
     transport = SiloTransport(
         run.clients, LocalTask.of_run(config, guard.plan if guard is not None else None),
         config.eval.split, config.federated.personalise_epochs, run.protection,
+        max_update_norm=config.federated.max_update_norm, log=_log.warning,
     )  # fmt: skip
     driver = RoundDriver(config, run.server, transport, guard, on_round=on_round)
     finished = driver.run_all()
