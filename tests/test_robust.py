@@ -155,3 +155,41 @@ def test_config_names_what_robust_rules_cannot_do():
         load_config(overrides={"federated.robust_trim": 0.5})
     with pytest.raises(ConfigError, match="robust must be one of"):
         load_config(overrides={"federated.robust": "bulyan"})
+
+
+def test_a_poisoning_storefront_rewrites_only_its_own_messages(retail):
+    from fedshop.fl.aggregation import STEPS_KEY
+    from fedshop.fl.poisoning import PoisonedSilo, attacker_silos, poison
+
+    config = small_config(**{"attack.kind": "sign-flip", "attack.scale": 10.0})
+    run = build_federation(retail, config)
+    clients = poison(config.attack, config.seed)(run.clients)
+    bad = attacker_silos(config.attack, len(clients), config.seed)
+    assert bad == attacker_silos(config.attack, len(clients), config.seed) and len(bad) == 1
+    assert [isinstance(c, PoisonedSilo) for c in clients] == [i in bad for i in range(len(clients))]
+    attacker = clients[bad[0]]
+    honest_twin = build_federation(retail, config).clients[bad[0]]
+    task = LocalTask.of_run(config)
+    sent, honest = attacker.fit(run.server.shared, task), honest_twin.fit(run.server.shared, task)
+    for name, tensor in sent.tensors.items():
+        expected = honest.tensors[name] * (1 if name == STEPS_KEY else -10.0)
+        assert torch.allclose(tensor, expected), name
+    assert attacker.name == honest_twin.name  # otherwise the same silo
+
+
+def test_attacks_are_experiments_of_the_simulator():
+    from fedshop.deploy import check_deployable
+    from fedshop.errors import FedShopError
+
+    with pytest.raises(FedShopError, match="simulator"):
+        check_deployable(load_config(overrides={"attack.kind": "scale"}))
+    with pytest.raises(ConfigError, match="cross-silo"):
+        load_config(
+            overrides={
+                "attack.kind": "scale",
+                "federated.mode": "cross-device",
+                "model.silo_item_bias": False,
+            }
+        )
+    with pytest.raises(ConfigError, match=r"\[attack\] kind"):
+        load_config(overrides={"attack.kind": "backdoor"})

@@ -237,6 +237,20 @@ ROBUST_RULES = ("none", "norm-bound", "median", "trimmed-mean", "krum")  # fl/ro
 
 
 @dataclass(frozen=True)
+class AttackConfig:
+    """A malicious storefront's model poisoning (fl/poisoning.py); off by default."""
+
+    kind: str = "none"  # none | sign-flip | scale
+    attackers: int = 1  # how many silos attack (drawn by the run seed)
+    scale: float = 10.0  # how much the attacker multiplies its update by
+
+    def validate(self) -> None:
+        _choice("attack", "kind", self.kind, ("none", "sign-flip", "scale"))
+        _at_least("attack", "attackers", self.attackers, 1)
+        _positive("attack", "scale", self.scale)
+
+
+@dataclass(frozen=True)
 class BaselineConfig:
     # 0 means: the same number of passes over the data as federated training (rounds × local_epochs).
     epochs: int = 0
@@ -436,6 +450,7 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     protection: ProtectionConfig = field(default_factory=ProtectionConfig)
     fit: FitConfig = field(default_factory=FitConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
 
     def validate(self) -> RunConfig:
         _at_least("", "seed", self.seed, 0)
@@ -465,6 +480,11 @@ class RunConfig:
             section.validate()
         self._validate_privacy()
         self._validate_robust()
+        self.attack.validate()
+        if self.attack.kind != "none" and self.federated.mode != "cross-silo":
+            raise ConfigError(
+                '[attack] poisons a storefront\'s updates: it needs [federated] mode = "cross-silo"'
+            )
         cross_device = PROTECTIONS.names(tag="cross-device")
         if self.federated.mode == "cross-device" and self.protection.kind not in cross_device:
             raise ConfigError(

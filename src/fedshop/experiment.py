@@ -142,7 +142,10 @@ def run_federated(
         }
         history, protected = device_run.history, device_run.protection
     else:
-        run = run_cross_silo(dataset, config, on_round=on_round, guard=guard)
+        from fedshop.fl.poisoning import poison
+
+        hook = poison(config.attack, config.seed)
+        run = run_cross_silo(dataset, config, on_round=on_round, guard=guard, clients_hook=hook)
         # The per-round curve lives in the round history (metrics.json "history"), not in `curve`.
         result = method_result(run.final, time.perf_counter() - started)
         weights = {"federated/shared": dict(run.server.shared)}

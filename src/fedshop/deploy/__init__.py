@@ -25,6 +25,11 @@ def check_deployable(config: RunConfig) -> None:
             "fedshop deploy runs cross-silo federations (each party a process); "
             'set [federated] mode = "cross-silo"'
         )
+    if config.attack.kind != "none":
+        raise FedShopError(
+            "[attack] is an experiment of the simulator (fedshop train); in a deployment an "
+            "attacker runs its own silo code"
+        )
     # No party holds a decryption key in a deployment: the protections tagged "deploy" need none.
     if config.protection.kind not in PROTECTIONS.names(tag="deploy"):
         raise FedShopError(

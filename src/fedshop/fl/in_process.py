@@ -171,10 +171,13 @@ def run_cross_silo(
     on_round: RoundCallback | None = None,
     pipeline: AggregationPipeline | None = None,
     guard: PrivacyGuard | None = None,
+    clients_hook: Callable[[list], list] | None = None,
 ) -> FederatedRun:
     """Train; with a `guard` (record-level DP) every silo trains by DP-SGD over its customers and
     each round is written to the ledger before any silo's message leaves."""
     run = build_federation(dataset, config, pipeline)
+    if clients_hook is not None:  # an experiment's attackers ([attack], fl/poisoning.py)
+        run.clients = clients_hook(run.clients)
     if guard is not None:
         start_private_silos(run.clients, config, guard.plan)
     transport = SiloTransport(
