@@ -20,7 +20,7 @@ from fedshop.eval.auc import macro_auc
 from fedshop.eval.fit_metrics import FitCounts, summarise_fit
 from fedshop.fit_experiment import run_fit_experiment
 from fedshop.fl.aggregation import fedavg_pipeline, fednova_pipeline, with_row_means
-from fedshop.fl.fit_local import FitTraining, per_customer_updates
+from fedshop.fl.fit_local import per_customer_updates
 from fedshop.messages import ClientMessage
 from fedshop.models.fit import FIT_MODELS, Batch, batched, gather, record_losses
 
@@ -289,4 +289,3 @@ def test_fedshop_train_task_fit_writes_a_run_folder(data_dir, tmp_path):
 
 def test_fit_records_concat_of_nothing_is_empty():
     assert len(FitRecords.concat([])) == 0
-    assert FitTraining().private_decay > 0
