@@ -163,7 +163,7 @@ def test_a_poisoning_storefront_rewrites_only_its_own_messages(retail):
 
     config = small_config(**{"attack.kind": "sign-flip", "attack.scale": 10.0})
     run = build_federation(retail, config)
-    clients = poison(config.attack, config.seed)(run.clients)
+    clients = poison(config)(run.clients)
     bad = attacker_silos(config.attack, len(clients), config.seed)
     assert bad == attacker_silos(config.attack, len(clients), config.seed) and len(bad) == 1
     assert [isinstance(c, PoisonedSilo) for c in clients] == [i in bad for i in range(len(clients))]
@@ -193,3 +193,52 @@ def test_attacks_are_experiments_of_the_simulator():
         )
     with pytest.raises(ConfigError, match=r"\[attack\] kind"):
         load_config(overrides={"attack.kind": "backdoor"})
+
+
+def test_exposure_counts_shoppers_with_a_target_in_their_top_k():
+    import numpy as np
+    import scipy.sparse as sp
+
+    from fedshop.eval.exposure import exposure
+
+    scores = torch.tensor(
+        [
+            [5.0, 4.0, 3.0, 2.0, 1.0],  # top 2: items 0, 1 → target 1 shown
+            [5.0, 4.0, 3.0, 2.0, 1.0],  # bought item 1: top 2 without it are 0, 2 → not shown
+            [1.0, 2.0, 3.0, 4.0, 5.0],  # top 2: items 4, 3 → target 3 shown
+            [1.0, 5.0, 1.0, 5.0, 1.0],  # bought both targets: cannot be shown one, not counted
+        ]
+    )
+    train = sp.csr_matrix(
+        np.array([[0, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 0, 0, 0], [0, 1, 0, 1, 0]])
+    )
+    result = exposure(lambda rows: scores[rows], train, np.array([1, 3]), k=2, batch_size=2)
+    assert (result.exposed, result.shoppers) == (2, 3)
+    assert result.rate == pytest.approx(2 / 3)
+
+
+def test_a_storefront_with_fake_customers_trains_on_them_and_keeps_them_out_of_its_files(retail):
+    import numpy as np
+
+    from fedshop.fl.poisoning import FakePurchasesSilo, attacker_silos, poison
+
+    config = small_config(**{"attack.kind": "fake-purchases", "attack.fake_fraction": 0.5})
+    run = build_federation(retail, config)
+    clients = poison(config)(run.clients)
+    (bad,) = attacker_silos(config.attack, len(clients), config.seed)
+    attacker = clients[bad]
+    assert isinstance(attacker, FakePurchasesSilo)
+    genuine = retail.silo(bad)
+    fakes = attacker.honest.data.n_users - genuine.n_users
+    assert fakes == max(1, round(0.5 * genuine.n_users))
+    # Every fake customer bought every target; the targets are items the storefront itself sold.
+    fake_rows = attacker.honest.data.train[genuine.n_users :]
+    assert (fake_rows[:, attacker.targets].toarray() == 1).all()
+    assert (np.asarray(genuine.train[:, attacker.targets].sum(axis=0)).ravel() > 0).all()
+    # Its files and evaluation are the genuine storefront's: no fake row, no fake customer scored.
+    attacker.fit(run.server.shared, LocalTask.of_run(config))
+    state = attacker.private_state()
+    assert state["user_embedding"].shape[0] == genuine.n_users
+    assert attacker.name == genuine.name and attacker.data.n_users == genuine.n_users
+    evaluated = attacker.evaluate(run.server.shared).users
+    assert evaluated == int((genuine.test.getnnz(axis=1) > 0).sum())

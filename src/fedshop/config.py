@@ -240,14 +240,22 @@ ROBUST_RULES = ("none", "norm-bound", "median", "trimmed-mean", "krum")  # fl/ro
 class AttackConfig:
     """A malicious storefront's model poisoning (fl/poisoning.py); off by default."""
 
-    kind: str = "none"  # none | sign-flip | scale
+    kind: str = "none"  # none | sign-flip | scale | fake-purchases
     attackers: int = 1  # how many silos attack (drawn by the run seed)
     scale: float = 10.0  # how much the attacker multiplies its update by
+    # fake-purchases: the attacker adds this share of its own customer count as fake customers,
+    # each buying every target item and the attacker's `fillers` best-selling items.
+    fake_fraction: float = 0.5
+    targets: int = 5  # items the attack promotes (drawn by the seed among unpopular ones)
+    fillers: int = 10
 
     def validate(self) -> None:
-        _choice("attack", "kind", self.kind, ("none", "sign-flip", "scale"))
+        _choice("attack", "kind", self.kind, ("none", "sign-flip", "scale", "fake-purchases"))
         _at_least("attack", "attackers", self.attackers, 1)
         _positive("attack", "scale", self.scale)
+        _positive("attack", "fake_fraction", self.fake_fraction)
+        _at_least("attack", "targets", self.targets, 1)
+        _at_least("attack", "fillers", self.fillers, 0)
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,7 @@ class MethodRun:
     weights: dict[str, dict[str, torch.Tensor]]
     history: list[RoundRecord] = field(default_factory=list)
     protection: ProtectionSummary = field(default_factory=ProtectionSummary)
+    attack: dict | None = None  # metrics.json "attack": an [attack] experiment's outcome
 
 
 @dataclass
@@ -92,6 +93,8 @@ class ExperimentResult:
     cold_start: ColdStartResult | None = None
     # metrics.json "cold_items": new products held out of training ([eval] cold_items), or None
     cold_items: dict | None = None
+    # metrics.json "attack": who attacked and what it achieved ([attack]), or None
+    attack: dict | None = None
 
 
 def method_result(per_silo: dict[str, MetricSums], seconds: float, curve=None) -> MethodResult:
@@ -140,11 +143,11 @@ def run_federated(
             # and writes them per storefront, in the same layout as a cross-silo run's silo files.
             **device_tables_by_silo(dataset, device_run.user_tables),
         }
-        history, protected = device_run.history, device_run.protection
+        history, protected, attack = device_run.history, device_run.protection, None
     else:
-        from fedshop.fl.poisoning import poison
+        from fedshop.fl.poisoning import attack_outcome, poison
 
-        hook = poison(config.attack, config.seed)
+        hook = poison(config)
         run = run_cross_silo(dataset, config, on_round=on_round, guard=guard, clients_hook=hook)
         # The per-round curve lives in the round history (metrics.json "history"), not in `curve`.
         result = method_result(run.final, time.perf_counter() - started)
@@ -155,8 +158,10 @@ def run_federated(
             state["users"] = torch.tensor(client.data.users)
             weights[f"federated/silo-{slug(client.name)}"] = state
         history, protected = run.history, run.protection
+        attack = attack_outcome(run.clients, run.server.shared)
     costs = protected.costs if protected is not None else []
-    return MethodRun(result, weights, history, summarise_costs(config.protection.kind, costs))
+    protection = summarise_costs(config.protection.kind, costs)
+    return MethodRun(result, weights, history, protection, attack)
 
 
 def device_tables_by_silo(
@@ -312,6 +317,7 @@ def run_experiment(
         federated.protection if federated else ProtectionSummary(),
         cold,
         cold_items,
+        federated.attack if federated else None,
     )  # fmt: skip
 
 
