@@ -29,6 +29,7 @@ from fedshop.data.interactions import RecDataset, SiloData, for_protocol
 from fedshop.data.partition import slug
 from fedshop.eval.cold_start import ColdStartResult, evaluate_cohort
 from fedshop.eval.metrics import MetricSums, evaluate, summarise
+from fedshop.fl.audit import AuditTrail
 from fedshop.fl.cross_device import eligible_clients, run_cross_device
 from fedshop.fl.in_process import run_cross_silo
 from fedshop.fl.rounds import RoundRecord
@@ -74,6 +75,7 @@ class MethodRun:
     weights: dict[str, dict[str, torch.Tensor]]
     history: list[RoundRecord] = field(default_factory=list)
     protection: ProtectionSummary = field(default_factory=ProtectionSummary)
+    audit: AuditTrail | None = None  # the federated run's audit log (fl/audit.py)
 
 
 @dataclass
@@ -92,6 +94,8 @@ class ExperimentResult:
     cold_start: ColdStartResult | None = None
     # metrics.json "cold_items": new products held out of training ([eval] cold_items), or None
     cold_items: dict | None = None
+    # The federated run's audit log, closed and written as audit.jsonl by the run folder's writer.
+    audit: AuditTrail | None = None
 
 
 def method_result(per_silo: dict[str, MetricSums], seconds: float, curve=None) -> MethodResult:
@@ -140,7 +144,7 @@ def run_federated(
             # and writes them per storefront, in the same layout as a cross-silo run's silo files.
             **device_tables_by_silo(dataset, device_run.user_tables),
         }
-        history, protected = device_run.history, device_run.protection
+        history, protected, audit = device_run.history, device_run.protection, device_run.audit
     else:
         from fedshop.fl.poisoning import poison
 
@@ -154,9 +158,10 @@ def run_federated(
             state = client.private_state()
             state["users"] = torch.tensor(client.data.users)
             weights[f"federated/silo-{slug(client.name)}"] = state
-        history, protected = run.history, run.protection
+        history, protected, audit = run.history, run.protection, run.audit
     costs = protected.costs if protected is not None else []
-    return MethodRun(result, weights, history, summarise_costs(config.protection.kind, costs))
+    protection = summarise_costs(config.protection.kind, costs)
+    return MethodRun(result, weights, history, protection, audit)
 
 
 def device_tables_by_silo(
@@ -312,6 +317,7 @@ def run_experiment(
         federated.protection if federated else ProtectionSummary(),
         cold,
         cold_items,
+        federated.audit if federated else None,
     )  # fmt: skip
 
 
