@@ -369,3 +369,70 @@ def test_a_folder_without_a_log_is_a_one_line_error(tmp_path):
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1, result.stderr
     assert "audit log" in lines[0] or "no such folder" in lines[0]
+
+
+# -- a deployed silo (its `SiloNode` in this process, as Flower runs it) -----------------------------
+
+
+def test_a_deployed_silo_signs_the_model_it_receives_and_its_own_weights_file(retail, tmp_path):
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedshop.deploy import wire
+    from fedshop.deploy.pki import make_audit_keys
+    from fedshop.deploy.silo_app import SiloNode
+    from fedshop.deploy.silo_files import write_silo_file
+    from fedshop.deploy.silo_policy import SiloPolicy, policy_path
+    from fedshop.fl.aggregation import aggregation_pipeline
+    from fedshop.fl.audit import silo_weights_file
+    from fedshop.fl.in_process import make_server
+    from fedshop.storage.audit import (
+        ack_message,
+        files_message,
+        final_ack_message,
+        safetensors_bytes,
+        sha256_hex,
+        signature_valid,
+    )
+
+    index = min(range(retail.n_silos), key=lambda i: retail.silo(i).n_users)
+    data = write_silo_file(tmp_path / "silo.npz", retail, index)
+    policy_path(data).write_text(SiloPolicy().to_toml())
+    key, public = make_audit_keys(tmp_path / "keys", "silo-0")
+    assert key.name == "audit-silo-0.key" and public.name == "audit-silo-0.pub"
+    public = public.read_text().strip()
+    config = load_config(overrides={"methods": ["federated"], "model.dim": 8})
+    pool = torch.arange(retail.n_silos)
+    shared = make_server(config, retail.n_items, pool, aggregation_pipeline("fedavg")).shared
+    node_config = {
+        "silo-data": str(data),
+        "state-dir": str(tmp_path / "state"),
+        "audit-key": str(key),
+    }
+    run = "d" * 32
+    assert str(SiloNode(node_config).hello()["silo"]["audit-key"]) == public
+
+    def task(round_number: int, final: bool = False) -> RecordDict:
+        values = {"round": round_number, "config": config.to_toml(), "evaluate": False}
+        values.update(final=final, run=run)
+        return RecordDict({"task": ConfigRecord(values), "shared": wire.params_record(shared)})
+
+    reply = SiloNode(node_config).train(task(1))
+    ack = wire.record_audit(reply, "ack")
+    model = tensors_digest(shared)
+    assert signature_valid(public, ack_message(run, 1, model), ack)
+    assert not signature_valid(public, ack_message(run, 2, model), ack)  # bound to its round
+    final = SiloNode(node_config).evaluate(task(1, final=True))
+    assert signature_valid(
+        public, final_ack_message(run, model), wire.record_audit(final, "final-ack")
+    )
+    body = json.loads(wire.record_audit(final, "files"))
+    name = retail.silo_names[index]
+    assert signature_valid(public, files_message(run, name, body["files"]), body["signature"])
+    # The hash the silo signed is that of the file the run folder's writer makes of its vectors
+    # (`deploy.launch.collect`: final.pt and the silo's users).
+    saved = torch.load(tmp_path / "state" / "runs" / run / "final.pt", weights_only=True)
+    saved["users"] = torch.tensor(retail.silo(index).users)
+    assert body["files"] == {silo_weights_file(name): sha256_hex(safetensors_bytes(saved))}
+    # Without a key a silo signs nothing (its acknowledgements are then missing from the log).
+    del node_config["audit-key"]
+    assert wire.record_audit(SiloNode(node_config).train(task(1)), "ack") is None

@@ -1175,7 +1175,7 @@ def deploy_certs(
 ) -> None:
     """Make the CA, the SuperLink's certificate, the operator's client certificate, and one
     SuperNode key pair per silo."""
-    from fedshop.deploy.pki import make_node_keys, make_tls
+    from fedshop.deploy.pki import make_audit_keys, make_node_keys, make_tls
 
     if silos < 1:
         raise FedShopError("--silos must be at least 1")
@@ -1184,12 +1184,14 @@ def deploy_certs(
     files = make_tls(out / "certs", [*host, *loopback])
     for index in range(silos):
         make_node_keys(out / "keys", f"silo-{index}")
+        make_audit_keys(out / "keys", f"silo-{index}")
     console.print(
         f"CA [bold]{files.ca}[/] (to every silo), SuperLink certificate {files.certificate} and "
         f"key {files.key} (stay on the SuperLink host), operator certificate "
         f"{files.operator_certificate} and key {files.operator_key} (the operator's only: they "
-        f"open the Control API), {silos} SuperNode key pairs in {out / 'keys'} (each private key "
-        "to its silo only; register the .pub files)"
+        f"open the Control API), {silos} SuperNode key pairs and {silos} audit key pairs "
+        f"(audit-silo-i.key: give silo i --node-config audit-key=…) in {out / 'keys'} (each private key to its "
+        "silo only; register the SuperNode .pub files)"
     )
 
 

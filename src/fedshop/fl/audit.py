@@ -112,16 +112,22 @@ class AuditTrail:
     """A run's audit log from its first round to its run folder (`report/run_folder.py` closes it
     with the weights files): the server's log and, in the simulator, each simulated silo's key by
     silo name (the silo's own, used only for what that silo signs: its acknowledgements and its
-    files). A deployment's trail holds no silo key; its silos' signed records of their files
-    (`claims`, by silo name) came with their final replies."""
+    files). A deployment's trail holds no silo key: its silos' signed records of their files came
+    with their final replies and are in the log already (`silo-files` entries)."""
 
     rounds: RoundAudit
     silos: dict[str, tuple[int, Signer]]
-    claims: dict[str, dict] | None = None
 
     @property
     def log(self) -> AuditLog:
         return self.rounds.log
+
+
+def silo_weights_file(name: str) -> str:
+    """A silo's private weights file in the run folder (`report.run_folder.federated_silo_stem`)."""
+    from fedshop.data.partition import slug
+
+    return f"models/federated/silo-{slug(name)}.safetensors"
 
 
 def new_run_id() -> str:

@@ -50,7 +50,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from fedshop.errors import FedShopError
-from fedshop.storage.private_files import create_private_once, write_private
+from fedshop.storage.private_files import create_private_once, open_private_append, write_private
 
 SCHEMA = "fedshop-audit/1"
 LOG_FILE = "audit.jsonl"
@@ -192,10 +192,10 @@ def public_hex(key: Ed25519PublicKey) -> str:
 
 
 def write_key_pair(folder: Path, name: str) -> tuple[Path, Path]:
-    """An Ed25519 audit key pair, owner-only: `name.audit` (private, PEM) and `name.audit.pub`
-    (hex of the raw public key)."""
+    """An Ed25519 audit key pair, owner-only: `name.key` (private, PEM) and `name.pub` (hex of the
+    raw public key)."""
     signer = Signer.generate()
-    private, public = folder / f"{name}.audit", folder / f"{name}.audit.pub"
+    private, public = folder / f"{name}.key", folder / f"{name}.pub"
     write_private(private, signer.private_pem())
     write_private(public, signer.public + "\n")
     return private, public
@@ -244,8 +244,8 @@ class AuditLog:
         entry["hash"] = entry_hash(entry)
         canonical(entry)  # refuse NaN and anything JSON cannot say before it is written
         self.entries.append(entry)
-        if self.path is not None:
-            with open(self.path, "ab") as f:
+        if self.path is not None:  # owner-only when it is created (a deployment's server folder)
+            with open_private_append(self.path, "ab") as f:
                 f.write(canonical(entry) + b"\n")
                 f.flush()
                 os.fsync(f.fileno())
