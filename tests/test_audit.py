@@ -216,6 +216,7 @@ def test_the_message_hash_covers_every_field_of_a_message():
         hash_message(ClientMessage({"w": torch.tensor([1.0, 2.0])}, 2.0, 3.0, 5)),
     }
     assert len(digests) == 8
+    assert tensors_digest({"s": torch.tensor(1.0)}) != tensors_digest({"s": torch.tensor([1.0])})
     two = {"a": torch.ones(2), "b": torch.zeros(3)}
     assert tensors_digest(two) == tensors_digest(dict(reversed(two.items())))
     assert hash_message(base) == message_digest(base.tensors, 2, 3, 4)
@@ -436,3 +437,38 @@ def test_a_deployed_silo_signs_the_model_it_receives_and_its_own_weights_file(re
     # Without a key a silo signs nothing (its acknowledgements are then missing from the log).
     del node_config["audit-key"]
     assert wire.record_audit(SiloNode(node_config).train(task(1)), "ack") is None
+
+
+def test_verify_with_the_parties_own_keys_refuses_a_header_naming_others(audited_run, tmp_path):
+    parties = verify_run(audited_run).parties
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    for party, info in parties.items():
+        (keys / f"audit-silo-{party}.pub").write_text(info["key"] + "\n")
+    result = CliRunner().invoke(app, ["audit", "verify", str(audited_run), "--keys", str(keys)])
+    assert result.exit_code == 0, result.output
+    (keys / "audit-silo-3.pub").write_text(Signer.generate().public + "\n")
+    result = CliRunner().invoke(app, ["audit", "verify", str(audited_run), "--keys", str(keys)])
+    assert result.exit_code == 1 and "entry 0:" in result.output
+    assert f"{parties[3]['name']}'s key in the header is not the one" in result.output
+
+
+def test_a_cross_device_run_is_logged_by_the_server_alone_and_verifies(retail, tmp_path):
+    config = load_config(
+        overrides={
+            "federated.mode": "cross-device", "federated.rounds": 2,
+            "federated.clients_per_round": 200, "eval.protocol": "sampled-100",
+            "eval.eval_every": 2, "methods": ["federated"], "model.dim": 8,
+        }
+    )  # fmt: skip
+    write_run(tmp_path, run_experiment(config, retail))
+    verified = verify_run(tmp_path)
+    assert isinstance(verified, Verified), verified
+    assert verified.parties == {} and verified.acks == 0 and verified.rounds == 2
+    rounds = [e["body"] for e in read_entries(tmp_path / LOG_FILE) if e["kind"] == "round"]
+    # A count, not a list of shoppers; no per-shopper messages in the vectorised simulator.
+    assert [r["participants"] for r in rounds] == [200, 200]
+    assert all(r["messages_digest"] is None and "acks" not in r for r in rounds)
+    assert set(verified.signed_by.values()) == {"server"}
+    _flip(tmp_path / "models" / "federated" / "shared.safetensors", 200)
+    assert verify_run(tmp_path).file == "models/federated/shared.safetensors"

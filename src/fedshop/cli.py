@@ -1450,17 +1450,29 @@ app.add_typer(audit_app, name="audit")
 @audit_app.command("verify")
 def audit_verify(
     run_dir: Annotated[Path, typer.Argument(help="A run folder (it holds audit.jsonl).")],
+    keys: Annotated[
+        Path | None,
+        typer.Option(
+            "--keys",
+            help="A folder of the parties' own public audit keys (audit-silo-<i>.pub, a "
+            "deployment's keys/): the header's keys must be these.",
+        ),
+    ] = None,
 ) -> None:
     """Check the run's audit log: the chain, every signature (the server's on every entry, each
     party's on the models it received and on its own weights files) and that every weights file of
     the run is the one the log names. Exits non-zero naming the first bad entry or file."""
     from rich.table import Table
 
-    from fedshop.storage.audit import Problem, verify_run
+    from fedshop.storage.audit import Problem, check_party_keys, verify_run
 
     if not run_dir.is_dir():
         raise FedShopError(f"{run_dir}: no such folder")
+    if keys is not None and not keys.is_dir():
+        raise FedShopError(f"--keys {keys}: no such folder")
     result = verify_run(run_dir)
+    if keys is not None and not isinstance(result, Problem):
+        result = check_party_keys(result, keys) or result
     if isinstance(result, Problem):
         errors.print(
             f"[red]audit verification failed:[/] {escape(str(result))}",
@@ -1472,6 +1484,7 @@ def audit_verify(
     table.add_row("run", result.run)
     table.add_row("rounds", str(result.rounds))
     table.add_row("parties", parties)
+    table.add_row("party keys", f"the ones in {keys}" if keys else "the header's (not checked)")
     table.add_row("party signatures checked", str(result.acks))
     table.add_row("weights files checked", str(len(result.files)))
     signers = sorted(set(result.signed_by.values()), key=lambda who: (who != "server", who))

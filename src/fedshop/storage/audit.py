@@ -84,7 +84,8 @@ def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
         tensor = tensors[name].detach().cpu().contiguous()
         header = canonical({"name": name, "dtype": str(tensor.dtype), "shape": list(tensor.shape)})
         digest.update(len(header).to_bytes(8, "big") + header)
-        data = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        flat = tensor.reshape(-1)  # a 0-d tensor too; bytes as stored (little-endian here)
+        data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
         digest.update(len(data).to_bytes(8, "big") + data)
     return digest.hexdigest()
 
@@ -553,6 +554,19 @@ def silo_files_body(signer: Signer, run: str, party: int, name: str, files: Mapp
         "files": files,
         "signature": signer.sign(files_message(run, name, files)),
     }
+
+
+def check_party_keys(verified: Verified, folder: Path) -> Problem | None:
+    """The header's public keys against the parties' own: `audit-silo-<id>.pub` in `folder` (a
+    deployment's `keys/`, or keys the silos published). Without this the header is trusted on
+    first use: a log rewritten whole with keys of the forger's own verifies."""
+    for party, info in sorted(verified.parties.items()):
+        path = Path(folder) / f"audit-silo-{party}.pub"
+        if not path.is_file():
+            return Problem(0, f"no public key for {info['name']} in {folder} ({path.name})")
+        if path.read_text().strip() != info.get("key"):
+            return Problem(0, f"{info['name']}'s key in the header is not the one in {path}")
+    return None
 
 
 def safetensors_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
