@@ -472,3 +472,13 @@ def test_a_cross_device_run_is_logged_by_the_server_alone_and_verifies(retail, t
     assert set(verified.signed_by.values()) == {"server"}
     _flip(tmp_path / "models" / "federated" / "shared.safetensors", 200)
     assert verify_run(tmp_path).file == "models/federated/shared.safetensors"
+
+
+def test_a_result_written_twice_gives_a_log_that_verifies_both_times(retail, tmp_path):
+    config = load_config(overrides={**SMALL, "federated.rounds": 1, "methods": ["federated"]})
+    result = run_experiment(config, retail)
+    for folder in (tmp_path / "a", tmp_path / "b"):
+        folder.mkdir()
+        write_run(folder, result)
+        assert isinstance(verify_run(folder), Verified)
+    assert (tmp_path / "a" / LOG_FILE).read_bytes() == (tmp_path / "b" / LOG_FILE).read_bytes()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fedshop.experiment import ExperimentResult
 from fedshop.report.run_folder import federated_silo_stem
-from fedshop.storage.audit import LOG_FILE, sha256_hex, silo_files_body
+from fedshop.storage.audit import LOG_FILE, AuditLog, sha256_hex, silo_files_body
 
 SHARED_MODEL = "models/federated/shared.safetensors"
 
@@ -28,7 +28,8 @@ def silo_paths(name: str) -> tuple[str, str]:
 
 def write_audit(out: Path, result: ExperimentResult, written: dict[str, bytes]) -> Path:
     trail = result.audit
-    log = trail.log
+    # Closed on a copy: the result's log stays open, so a folder written again gets the same log.
+    log = AuditLog(trail.log.server, entries=list(trail.log.entries))
     hashes = {path: sha256_hex(data) for path, data in written.items()}
     # A deployed silo's record of its weights file, signed there, came with its final reply.
     claimed = {
