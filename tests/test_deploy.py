@@ -28,7 +28,14 @@ from fedshop.deploy.silo_files import SiloFileError, read_silo_file
 from fedshop.errors import FedShopError
 from fedshop.fl.in_process import run_cross_silo
 from fedshop.report.run_folder import write_run
-from fedshop.storage.audit import read_entries, verify_run
+from fedshop.storage.audit import (
+    AuditLog,
+    Signer,
+    Verified,
+    read_entries,
+    verify_entries,
+    verify_run,
+)
 
 # The coordinator's front door runs nginx: without it these tests are skipped (conftest `nginx`).
 pytestmark = pytest.mark.usefixtures("nginx")
@@ -242,6 +249,17 @@ def test_a_restarted_server_resumes_from_its_checkpoint(three_silos, tmp_path):
     shared = load_file(str(folder / "server" / "shared.safetensors"))
     for name, value in simulated.server.shared.items():
         torch.testing.assert_close(shared[name], value, rtol=0, atol=1e-6)
+    # The resumed server's audit log holds each round once, chained across the restart, every
+    # silo's signatures verify (closed here as the run folder's writer would close it).
+    server = folder / "server"
+    log = AuditLog(
+        Signer.from_pem((server / "audit-server.key").read_bytes()),
+        entries=read_entries(server / "audit.jsonl"),
+    )
+    log.close()
+    audit = verify_entries(log.entries)
+    assert isinstance(audit, Verified), audit
+    assert audit.rounds == 4 and audit.acks == 4 * 3 + 3
 
 
 def test_deploy_run_submits_to_a_running_superlink(three_silos, tmp_path):

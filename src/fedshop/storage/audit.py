@@ -17,8 +17,9 @@ Kinds, in order:
     round     round number, participants, sha256 of each received message (`message_digest`; null
               under a protection: the server receives masked values), the hash of the global model
               the participants were sent (`model_in`) and after aggregation (`model_out`), ε spent
-              so far (or null), each participant's signature on `model_in`; cross-device: the
-              number of participants and the sorted-hash digest of their messages
+              so far (or null), the hash of the sum, each participant's signature on `model_in`;
+              cross-device: the number of participants and the sorted-hash digest of their
+              messages (null where the runtime forms no per-shopper message), no signatures
     final     the hash of the final global model and the acknowledgements of the parties it was
               sent to (they refit their private vectors to it)
     silo-files one per silo: its private weights files (run-folder path → sha256), signed by it
@@ -26,9 +27,12 @@ Kinds, in order:
     end       the number of entries before it and the head of the chain: a log cut short lacks it
 
 Pure functions for the canonical bytes and the hashes; `AuditLog`, a thin writer; `verify_entries`,
-which returns the first bad entry. Whoever can write the run folder can delete or replace the log
-(a forged one fails verification unless its author holds the server's key, and fails on the
-parties' signatures unless they hold theirs); the folder's permission bits are the boundary.
+which returns the first bad entry; `verify_run`, which also checks the run folder's files.
+
+Who may write the log: whoever may write the run folder (its permission bits are the boundary) can
+delete or replace it. Changing it without the keys breaks a hash or a signature; but the header's
+public keys are trusted on first use, so a log rewritten whole under keys of the forger's own
+verifies unless the keys are checked against the parties' own (`check_party_keys`).
 """
 
 from __future__ import annotations
@@ -109,13 +113,13 @@ def message_digest(
 
 def digest_of_hashes(hashes: Iterable[str]) -> str:
     """The sorted-hash digest of many messages (cross-device rounds): sha256 of the sorted hex
-    hashes, one per line. Whoever holds their own message's hash and the list can check it is in."""
+    hashes, one per line; given the list, anyone can recompute it and find their own hash in it."""
     return sha256_hex("\n".join(sorted(hashes)).encode())
 
 
 def ack_message(run: str, round_number: int, model: str) -> bytes:
-    """What a party signs when it receives a global model: the run, the round it was sent for
-    (the final model: round 0 of kind final is not used; see `final_ack_message`) and its hash."""
+    """What a party signs when it receives a global model for a round: the run, the round and the
+    model's hash (`tensors_digest`). The final model's: `final_ack_message`."""
     return f"{SCHEMA} ack\n".encode() + canonical(
         {"run": run, "round": int(round_number), "model": model}
     )
