@@ -27,6 +27,15 @@ from fedshop.deploy.processes import LocalFederation, Silo
 from fedshop.deploy.silo_files import SiloFileError, read_silo_file
 from fedshop.errors import FedShopError
 from fedshop.fl.in_process import run_cross_silo
+from fedshop.report.run_folder import write_run
+from fedshop.storage.audit import (
+    AuditLog,
+    Signer,
+    Verified,
+    read_entries,
+    verify_entries,
+    verify_run,
+)
 
 # The coordinator's front door runs nginx: without it these tests are skipped (conftest `nginx`).
 pytestmark = pytest.mark.usefixtures("nginx")
@@ -62,10 +71,18 @@ def _no_flower_processes_left() -> bool:
     ]
 
 
-def test_deployment_builds_the_same_model_as_the_simulator_under_secagg(three_silos, deployed):
+def test_deployment_builds_the_same_model_as_the_simulator_under_secagg(
+    three_silos, deployed, tmp_path
+):
     """SecAgg's four steps as messages between the processes: the server sees only masked
     updates, and the model is the simulator's (whose SecAgg sums in one process)."""
     config, out, result = deployed
+    # Its run folder's audit log verifies; the server held no single message to hash.
+    (tmp_path / "run").mkdir()
+    audit = verify_run(write_run(tmp_path / "run", result))
+    assert audit.rounds == 2 and audit.acks == 3 * 2 + 3
+    rounds = [e["body"] for e in read_entries(tmp_path / "run" / "audit.jsonl")]
+    assert all(r["messages"] is None for r in rounds if "messages" in r)
     simulated = run_cross_silo(three_silos, config)
     shared = load_file(str(out / "deployment" / "server" / "shared.safetensors"))
     assert set(shared) == set(simulated.server.shared)
@@ -138,6 +155,21 @@ def test_cli_writes_the_same_run_folder_as_the_simulator(tmp_path):
     }  # fmt: skip
     assert (out / "report.html").exists()
     assert (out / "models" / "federated" / "shared.safetensors").exists()
+    # The audit log of the deployed run verifies: chain, the server's and every silo's signatures
+    # (made in the silos' processes with their own keys), every weights file.
+    verified = subprocess.run(
+        [sys.executable, "-m", "fedshop", "audit", "verify", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert verified.returncode == 0, verified.stderr
+    audit = verify_run(out)
+    assert audit.rounds == 1 and audit.acks == 3 + 3  # round 1 and the final model, each silo
+    keys = out / "deployment" / "keys"
+    assert {p["key"] for p in audit.parties.values()} == {
+        (keys / f"audit-silo-{i}.pub").read_text().strip() for i in range(3)
+    }
+    silo_files = [p for p in audit.files if "/federated/silo-" in p and p.endswith(".safetensors")]
+    assert len(silo_files) == 3 and all(audit.signed_by[p] != "server" for p in silo_files)
     assert "flower-supernode" in done.stdout  # the commands for separate hosts
     assert "fedshop deploy front-door" in done.stdout and "--host 0.0.0.0" not in done.stdout
     assert _no_flower_processes_left()
@@ -217,6 +249,17 @@ def test_a_restarted_server_resumes_from_its_checkpoint(three_silos, tmp_path):
     shared = load_file(str(folder / "server" / "shared.safetensors"))
     for name, value in simulated.server.shared.items():
         torch.testing.assert_close(shared[name], value, rtol=0, atol=1e-6)
+    # The resumed server's audit log holds each round once, chained across the restart, every
+    # silo's signatures verify (closed here as the run folder's writer would close it).
+    server = folder / "server"
+    log = AuditLog(
+        Signer.from_pem((server / "audit-server.key").read_bytes()),
+        entries=read_entries(server / "audit.jsonl"),
+    )
+    log.close()
+    audit = verify_entries(log.entries)
+    assert isinstance(audit, Verified), audit
+    assert audit.rounds == 4 and audit.acks == 4 * 3 + 3
 
 
 def test_deploy_run_submits_to_a_running_superlink(three_silos, tmp_path):

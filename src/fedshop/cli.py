@@ -1175,7 +1175,7 @@ def deploy_certs(
 ) -> None:
     """Make the CA, the SuperLink's certificate, the operator's client certificate, and one
     SuperNode key pair per silo."""
-    from fedshop.deploy.pki import make_node_keys, make_tls
+    from fedshop.deploy.pki import make_audit_keys, make_node_keys, make_tls
 
     if silos < 1:
         raise FedShopError("--silos must be at least 1")
@@ -1184,12 +1184,14 @@ def deploy_certs(
     files = make_tls(out / "certs", [*host, *loopback])
     for index in range(silos):
         make_node_keys(out / "keys", f"silo-{index}")
+        make_audit_keys(out / "keys", f"silo-{index}")
     console.print(
         f"CA [bold]{files.ca}[/] (to every silo), SuperLink certificate {files.certificate} and "
         f"key {files.key} (stay on the SuperLink host), operator certificate "
         f"{files.operator_certificate} and key {files.operator_key} (the operator's only: they "
-        f"open the Control API), {silos} SuperNode key pairs in {out / 'keys'} (each private key "
-        "to its silo only; register the .pub files)"
+        f"open the Control API), {silos} SuperNode key pairs and {silos} audit key pairs "
+        f"(audit-silo-i.key: give silo i --node-config audit-key=…) in {out / 'keys'} (each private key to its "
+        "silo only; register the SuperNode .pub files)"
     )
 
 
@@ -1436,6 +1438,61 @@ def _parse_epsilons(text: str) -> tuple[float, ...]:
     if not values or any(not v > 0 for v in values):
         raise FedShopError(f"--epsilons must be positive numbers, got '{text}'")
     return tuple(sorted(values))
+
+
+audit_app = typer.Typer(
+    help="The run's audit log: a hash-chained, signed record of every round and weights file.",
+    no_args_is_help=True,
+)
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (it holds audit.jsonl).")],
+    keys: Annotated[
+        Path | None,
+        typer.Option(
+            "--keys",
+            help="A folder of the parties' own public audit keys (audit-silo-<i>.pub, a "
+            "deployment's keys/): the header's keys must be these.",
+        ),
+    ] = None,
+) -> None:
+    """Check the run's audit log: the chain, every signature (the server's on every entry, each
+    party's on the models it received and on its own weights files) and that every weights file of
+    the run is the one the log names. Exits non-zero naming the first bad entry or file."""
+    from rich.table import Table
+
+    from fedshop.storage.audit import Problem, check_party_keys, verify_run
+
+    if not run_dir.is_dir():
+        raise FedShopError(f"{run_dir}: no such folder")
+    if keys is not None and not keys.is_dir():
+        raise FedShopError(f"--keys {keys}: no such folder")
+    result = verify_run(run_dir)
+    if keys is not None and not isinstance(result, Problem):
+        result = check_party_keys(result, keys) or result
+    if isinstance(result, Problem):
+        errors.print(
+            f"[red]audit verification failed:[/] {escape(str(result))}",
+            soft_wrap=True, highlight=False,
+        )  # fmt: skip
+        raise typer.Exit(1)
+    parties = ", ".join(p["name"] for p in result.parties.values()) or "none (server only)"
+    table = Table(title=f"Audit log of {run_dir}", show_header=False)
+    table.add_row("run", result.run)
+    table.add_row("rounds", str(result.rounds))
+    table.add_row("parties", parties)
+    table.add_row("party keys", f"the ones in {keys}" if keys else "the header's (not checked)")
+    table.add_row("party signatures checked", str(result.acks))
+    table.add_row("weights files checked", str(len(result.files)))
+    signers = sorted(set(result.signed_by.values()), key=lambda who: (who != "server", who))
+    for who in signers:
+        count = sum(1 for signer in result.signed_by.values() if signer == who)
+        table.add_row(f"  signed by {who}", f"{count} files")
+    console.print(table)
+    console.print("[green]verified[/]: the chain, every signature and every weights file.")
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ from fedshop.data.interactions import RecDataset, SiloData, for_protocol
 from fedshop.data.partition import slug
 from fedshop.eval.cold_start import ColdStartResult, evaluate_cohort
 from fedshop.eval.metrics import MetricSums, evaluate, summarise
+from fedshop.fl.audit import AuditTrail
 from fedshop.fl.cross_device import eligible_clients, run_cross_device
 from fedshop.fl.in_process import run_cross_silo
 from fedshop.fl.rounds import RoundRecord
@@ -75,6 +76,7 @@ class MethodRun:
     history: list[RoundRecord] = field(default_factory=list)
     protection: ProtectionSummary = field(default_factory=ProtectionSummary)
     attack: dict | None = None  # metrics.json "attack": an [attack] experiment's outcome
+    audit: AuditTrail | None = None  # the federated run's audit log (fl/audit.py)
 
 
 @dataclass
@@ -95,6 +97,8 @@ class ExperimentResult:
     cold_items: dict | None = None
     # metrics.json "attack": who attacked and what it achieved ([attack]), or None
     attack: dict | None = None
+    # The federated run's audit log, closed and written as audit.jsonl by the run folder's writer.
+    audit: AuditTrail | None = None
 
 
 def method_result(per_silo: dict[str, MetricSums], seconds: float, curve=None) -> MethodResult:
@@ -143,7 +147,8 @@ def run_federated(
             # and writes them per storefront, in the same layout as a cross-silo run's silo files.
             **device_tables_by_silo(dataset, device_run.user_tables),
         }
-        history, protected, attack = device_run.history, device_run.protection, None
+        history, protected, audit = device_run.history, device_run.protection, device_run.audit
+        attack = None
     else:
         from fedshop.fl.poisoning import attack_outcome, poison
 
@@ -157,11 +162,11 @@ def run_federated(
             state = client.private_state()
             state["users"] = torch.tensor(client.data.users)
             weights[f"federated/silo-{slug(client.name)}"] = state
-        history, protected = run.history, run.protection
+        history, protected, audit = run.history, run.protection, run.audit
         attack = attack_outcome(run.clients, run.server.shared)
     costs = protected.costs if protected is not None else []
     protection = summarise_costs(config.protection.kind, costs)
-    return MethodRun(result, weights, history, protection, attack)
+    return MethodRun(result, weights, history, protection, attack=attack, audit=audit)
 
 
 def device_tables_by_silo(
@@ -317,7 +322,8 @@ def run_experiment(
         federated.protection if federated else ProtectionSummary(),
         cold,
         cold_items,
-        federated.attack if federated else None,
+        attack=federated.attack if federated else None,
+        audit=federated.audit if federated else None,
     )  # fmt: skip
 
 

@@ -28,6 +28,7 @@ from fedshop.deploy.outcome import SHARED_FILE, Outcome
 from fedshop.deploy.processes import LocalFederation, Silo
 from fedshop.deploy.silo_files import write_fit_silo_file, write_silo_file
 from fedshop.deploy.silo_policy import SiloPolicy, policy_path
+from fedshop.errors import FedShopError
 from fedshop.eval.fit_metrics import FitCounts
 from fedshop.eval.metrics import MetricSums
 from fedshop.experiment import ExperimentResult, method_result, slug
@@ -179,8 +180,23 @@ def collect(config: RunConfig, dataset: RecDataset, folder: Path, seconds: float
             weights[f"federated/silo-{slug(name)}"] = state
     return ExperimentResult(
         config, dataset, {"federated": federated}, outcome.history, weights,
-        outcome.privacy or PrivacySummary(), outcome.protection,
+        outcome.privacy or PrivacySummary(), outcome.protection, audit=server_audit(server),
     )  # fmt: skip
+
+
+def server_audit(server: Path):
+    """The server's audit log, for the run folder's writer to close with the weights files (with
+    the server's key: on one machine the coordinator writes the run folder); None without one."""
+    from fedshop.fl.audit import AuditTrail, RoundAudit
+    from fedshop.storage.audit import LOG_FILE, AuditLog, Problem, Signer, read_entries
+
+    path, key = server / LOG_FILE, server / "audit-server.key"
+    if not path.exists() or not key.exists():
+        return None
+    entries = read_entries(path)
+    if isinstance(entries, Problem):
+        raise FedShopError(f"the server's audit log {path} is damaged: {entries}")
+    return AuditTrail(RoundAudit(AuditLog(Signer.from_pem(key.read_bytes()), entries=entries)), {})
 
 
 def collect_fit(config: RunConfig, dataset: FitDataset, folder: Path, seconds: float):

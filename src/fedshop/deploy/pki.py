@@ -6,6 +6,9 @@
   only nodes whose public key was registered with `flwr supernode register`.
 - The operator's client certificate: the coordinator's front door (front_door.py) opens its operator
   listener, which forwards Flower's Control API, only to a TLS client that presents it.
+- One Ed25519 audit key pair per silo (`make_audit_keys`): the silo signs with it the hash of every
+  global model it receives and the hash of its own weights file, for the run's audit log
+  (storage/audit.py); the server's audit key is made in its own out-dir when it first runs.
 
 Every file and folder is owner-only from the start (`storage/private_files.py`), the public ones too:
 they are copied to whoever needs them, and one rule leaves no private key behind by mistake. The
@@ -24,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedshop.storage.audit import write_key_pair
 from fedshop.storage.private_files import private_dir, write_private
 
 _PEM = serialization.Encoding.PEM
@@ -137,6 +141,15 @@ def make_node_keys(folder: Path, name: str) -> tuple[Path, Path]:
         ),
     )
     return private, public
+
+
+def make_audit_keys(folder: Path, name: str) -> tuple[Path, Path]:
+    """A silo's (private, public) Ed25519 audit key files, `audit-<name>.key` (PEM) and
+    `audit-<name>.pub` (hex; not matched by `silo-*.pub`, the SuperNode keys to register); only the
+    public one leaves the silo (the server learns it from the silo's hello and puts it in the log's
+    header; anyone may compare the header with the .pub files)."""
+    private_dir(folder)
+    return write_key_pair(folder, f"audit-{name}")
 
 
 def _make_operator(folder: Path, ca_key, ca_name: x509.Name, now, days: int) -> tuple[Path, Path]:

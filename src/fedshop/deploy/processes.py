@@ -30,7 +30,7 @@ from fedshop.deploy.front_door import (
     write_operator_bridge,
 )
 from fedshop.deploy.identities import NODES_FILE, SiloNodes
-from fedshop.deploy.pki import TlsFiles, make_node_keys, make_tls
+from fedshop.deploy.pki import TlsFiles, make_audit_keys, make_node_keys, make_tls
 from fedshop.errors import FedShopError
 from fedshop.storage.private_files import open_private_append, private_dir, write_private
 
@@ -90,6 +90,10 @@ class LocalFederation:
                 silo.private_key, silo.public_key = make_node_keys(
                     self.folder / "keys", f"silo-{silo.index}"
                 )
+        for silo in self.silos:  # each silo's audit key: it signs the models it receives
+            if "audit-key" not in silo.extra_config:
+                audit_key, _ = make_audit_keys(self.folder / "keys", f"silo-{silo.index}")
+                silo.extra_config["audit-key"] = str(audit_key)
         self.control = Control(
             self.folder / "home" / "cli",
             f"127.0.0.1:{self.port}",

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,6 +40,7 @@ from fedshop.deploy.outcome import Outcome
 from fedshop.deploy.server_secagg import SECAGG_MESSAGE, SecureRound
 from fedshop.errors import FedShopError
 from fedshop.eval.metrics import MetricSums, summarise
+from fedshop.fl.audit import hash_message
 from fedshop.fl.client import LocalTask
 from fedshop.fl.fit_silo import FitShapes, FitSummaries, fit_pipeline, make_fit_server
 from fedshop.fl.in_process import make_server, server_pipeline
@@ -50,7 +51,7 @@ from fedshop.messages import AggregationPipeline
 from fedshop.models.spec import Params
 from fedshop.secure.protected_sum import make_protection, summarise_costs
 from fedshop.secure.protocol import SecureSum
-from fedshop.storage.private_files import open_private_append, private_dir
+from fedshop.storage.private_files import open_private_append, private_dir, write_private
 
 _POLL_SECONDS = 0.2  # Grid.send_and_receive sleeps 3 s between polls; rounds are shorter here
 
@@ -78,6 +79,7 @@ class Federation:
         self.catalogue: str | None = None
         self.n_items: int | None = None
         self.shapes: dict[str, int] = {}  # a fit run's model shapes, from the hellos
+        self.audit_keys: dict[int, str] = {}  # each silo's public audit key, from its hello
         self.dataset = ""
         self.read_metrics = read_metrics  # a reply's evaluation: metric sums, or fit counts
         self._ignored: set[int] = set()
@@ -125,6 +127,8 @@ class Federation:
                 )
             self.node_of[silo] = reply.metadata.src_node_id
             self.names[silo] = name
+            if "audit-key" in info:  # from the authenticated node of this silo
+                self.audit_keys[silo] = str(info["audit-key"])
             self.dataset = dataset
 
     def metrics(self, replies: list[Message], name: str = "metrics") -> dict[str, MetricSums]:
@@ -201,6 +205,8 @@ class GridTransport:
     unit: str = "silos"
     retries: bool = True  # a silo that failed may come back
     run: str = ""  # the run's id (`checkpoint.run_identity`), in every task
+    # The silos' signed records of their weights files, from their final replies (audit log).
+    claims: dict[int, dict] = field(default_factory=dict)
     # What `RoundDriver` reads of the per-silo metrics (a fit run's: `FitGridTransport`).
     headline = "hr@10"
     summarise = staticmethod(summarise)
@@ -257,9 +263,46 @@ class GridTransport:
             silos = sorted(updates)
             aggregate = self.pipeline.summation([updates[s] for s in silos])
             events = {s: updates[s].dp_event for s in silos if updates[s].dp_event is not None}
-            return RoundReply(aggregate, silos, None, events, previous)
+            hashes = {s: hash_message(updates[s]) for s in silos}
+            acks = self._acks(replies, chosen, "ack")
+            return RoundReply(aggregate, silos, None, events, previous, hashes, acks)
         aggregate, silos, cost, events = self._secure_sum(secure, replies, needed)
-        return RoundReply(aggregate, silos, cost, events, previous)
+        # Under SecAgg the server never holds a silo's message: no message hashes, only the sum's.
+        acks = self._acks(replies, chosen, "ack")
+        return RoundReply(aggregate, silos, cost, events, previous, None, acks)
+
+    def _acks(self, replies: list[Message], silos: Sequence[int], key: str) -> dict[int, str]:
+        """Each silo's signature in its reply (by the silo its node serves), for the audit log."""
+        acks = {}
+        for reply in replies:
+            silo = self.federation.silo_of(reply)
+            value = wire.record_audit(reply.content, key)
+            if silo in silos and value is not None:
+                acks[silo] = value
+        return acks
+
+    def _claims(self, replies: list[Message]) -> None:
+        """Each silo's signed record of its weights file, kept when its signature verifies with
+        the key its node gave in its hello (a bad one is logged and left out of the log)."""
+        from fedshop.storage.audit import files_message, signature_valid
+
+        for reply in replies:
+            silo = self.federation.silo_of(reply)
+            try:
+                body = json.loads(wire.record_audit(reply.content, "files") or "null")
+                files = {str(k): str(v) for k, v in body["files"].items()}
+                name = self.federation.names[silo]
+                valid = int(body["party"]) == silo and signature_valid(
+                    self.federation.audit_keys.get(silo),
+                    files_message(self.run, name, files),
+                    str(body["signature"]),
+                )
+            except (KeyError, TypeError, ValueError, AttributeError):
+                valid = False
+            if valid:
+                self.claims[silo] = {"party": silo, "files": files, "signature": body["signature"]}
+            else:
+                self.federation.log(f"silo {silo}: no valid signed record of its weights file")
 
     def _secure_sum(self, secure: SecureRound, replies: list[Message], needed: int):
         """Steps 2–4 of SecAgg with the silos whose training replies advertised keys."""
@@ -302,10 +345,13 @@ class GridTransport:
             for node in federation.node_of.values()
         }
         replies = federation.exchange(contents, "final")
+        acks = self._acks(replies, list(federation.node_of), "final-ack")
+        if self.config.task != "fit":
+            self._claims(replies)
         if self.dp_plan is not None:
-            return FinalEvaluation({})  # each silo kept its own metrics
+            return FinalEvaluation({}, acks=acks)  # each silo kept its own metrics
         last = federation.metrics(replies) if evaluate is not None else None
-        return FinalEvaluation(federation.metrics(replies, "final"), last)
+        return FinalEvaluation(federation.metrics(replies, "final"), last, acks)
 
     def recover(self) -> None:
         needed = max(self.min_silos, 2 if self.protection is not None else 1)
@@ -366,11 +412,16 @@ def serve(grid: Grid, context: Context) -> None:
     def checkpoint(server, history) -> None:
         save_checkpoint(checkpoints, server, history, digest, run_id)
 
+    # The audit log (storage/audit.py), in this folder; a fit run keeps none yet.
+    audit = None if fit else open_audit(out, identity, config, federation, resumed)
     driver = RoundDriver(
         config, server, transport, guard, resumed.history if resumed else None,
-        checkpoint=checkpoint, log=log,
+        checkpoint=checkpoint, log=log, audit=audit,
     )  # fmt: skip
     run = driver.run_all()
+    if audit is not None:
+        for silo in sorted(transport.claims):
+            audit.log.append("silo-files", transport.claims[silo])
     final = run.final.per_silo
     Outcome(
         history=run.history,
@@ -385,6 +436,36 @@ def serve(grid: Grid, context: Context) -> None:
         log(f"finished: {headline} {transport.summarise(final)[headline]:.4f}")
     else:
         log("finished (under DP each silo keeps its own metrics)")
+
+
+def open_audit(out: Path, identity: str, config: RunConfig, federation: Federation, resumed):
+    """The server's audit log, `audit.jsonl` in its folder, signed with its key (`audit-server.key`
+    there, made on the first start). A new run starts a log (header: the run id, the config's
+    hash, every silo's public audit key from its hello); a restarted server keeps the header and
+    the rounds its checkpoint holds and writes the rest again. The run folder's writer closes it
+    (`report/audit.py`); `fedshop deploy run` leaves it open (no files, no end)."""
+    from fedshop.fl.audit import RoundAudit
+    from fedshop.storage.audit import LOG_FILE, AuditLog, Problem, Signer, canonical, read_entries
+
+    signer = Signer.of_file(out / "audit-server.key")
+    path = out / LOG_FILE
+    if resumed is not None and path.exists():
+        entries = read_entries(path)
+        if isinstance(entries, Problem):
+            raise FedShopError(f"the server's audit log {path} is damaged: {entries}")
+        keep = [
+            e
+            for e in entries
+            if e["kind"] == "header"
+            or (e["kind"] == "round" and e["body"]["round"] <= resumed.round)
+        ]
+        write_private(path, b"".join(canonical(e) + b"\n" for e in keep))
+        return RoundAudit(AuditLog(signer, path, keep))
+    path.unlink(missing_ok=True)
+    log = AuditLog(signer, path)
+    parties = {s: (federation.names[s], federation.audit_keys.get(s)) for s in federation.names}
+    log.header(identity, config.to_toml(), parties, config.federated.mode)
+    return RoundAudit(log)
 
 
 def _recommender_server(

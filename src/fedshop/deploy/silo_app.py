@@ -12,7 +12,10 @@ another run's vectors, and its DP noise comes from a secret made for that run al
 never draw the same noise. A restarted server or silo continues the run, its state and its streams.
 
 Node config (`flower-supernode --node-config`): `silo-data` (the silo's data file, written by
-`fedshop deploy silo-data`) and `state-dir` (a folder of its own).
+`fedshop deploy silo-data`), `state-dir` (a folder of its own) and `audit-key` (the silo's Ed25519
+audit key, `fedshop deploy certs`: with it the silo signs the hash of every global model it receives
+and the hash of its own final weights file, for the run's audit log; without it, it signs nothing
+and the log does not verify).
 """
 
 from __future__ import annotations
@@ -43,11 +46,13 @@ from fedshop.deploy.silo_secagg import SecAggSilo, run_folder
 from fedshop.errors import FedShopError
 from fedshop.eval.fit_metrics import FitCounts
 from fedshop.fl.aggregation import aggregation_pipeline
+from fedshop.fl.audit import acknowledge, silo_weights_file
 from fedshop.fl.client import LocalTask, SiloClient, SiloDp
 from fedshop.models.spec import Params
 from fedshop.secure.protected_sum import flatten
 from fedshop.secure.secagg import RoundSetup
 from fedshop.seeding import NoiseStream, torch_generator
+from fedshop.storage.audit import Signer, safetensors_bytes, sha256_hex, silo_files_body
 from fedshop.storage.private_files import create_private_once, private_dir, private_writer
 
 if TYPE_CHECKING:  # DP and its accountant load only in DP runs: every message is a new process
@@ -126,6 +131,14 @@ class SiloNode:
         self.index = int(self.meta["index"])
         self.state_dir = private_dir(Path(str(node_config["state-dir"])))
         self.policy = SiloPolicy.read(policy_path(Path(str(node_config["silo-data"]))))
+        self.audit_key = str(node_config.get("audit-key", ""))
+
+    @functools.cached_property
+    def signer(self) -> Signer | None:
+        """The silo's audit key (node config `audit-key`), or None."""
+        if not self.audit_key:
+            return None
+        return Signer.from_pem(Path(self.audit_key).read_bytes())
 
     @functools.cached_property
     def ledger(self) -> SiloLedger:
@@ -146,6 +159,8 @@ class SiloNode:
                         # No customer count: the server sees the silo's size only as the noisy
                         # count it releases under DP (δ is the config's, not sized here).
                         **self._fit_shapes(),
+                        # The public half of the silo's audit key, for the log's header.
+                        **({"audit-key": self.signer.public} if self.signer else {}),
                     }
                 )
             }
@@ -284,6 +299,9 @@ class SiloNode:
         inputs = inputs_digest(task, shared)
         run.check_inputs(round_number, inputs)
         reply = {}
+        if self.signer is not None:  # the silo's word that it received this model for this round
+            ack = acknowledge(self.signer, str(task.get("run", "")), round_number, shared)
+            reply["audit"] = ConfigRecord({"ack": ack})
         if bool(task["evaluate"]):
             sums = client.evaluate(shared, config.eval.split)
             self._report(reply, "metrics", run, sums, task, f"round-{round_number - 1}")
@@ -322,7 +340,21 @@ class SiloNode:
                 torch.save(client.private_state(), f)
             sums = client.evaluate(shared, config.eval.split)
             self._report(reply, "final", run, sums, task, "final")
+            if self.signer is not None and config.task != "fit":
+                reply["audit"] = self._final_audit(client, str(task.get("run", "")), shared)
         return RecordDict(reply)
+
+    def _final_audit(self, client: SiloClient, run: str, shared: Params) -> ConfigRecord:
+        """The silo's signature on the final model, and its signed record of its own weights file
+        (the run folder's `models/federated/silo-<slug>.safetensors`: its private vectors and its
+        users, the bytes the run folder's writer makes of them)."""
+        weights = {**client.private_state(), "users": torch.tensor(self.data.users)}
+        digest = sha256_hex(safetensors_bytes(weights))
+        files = {silo_weights_file(self.data.name): digest}
+        body = silo_files_body(self.signer, run, self.index, self.data.name, files)
+        return ConfigRecord(
+            {"final-ack": acknowledge(self.signer, run, 0, shared), "files": json.dumps(body)}
+        )
 
     def _report(self, reply: dict, name: str, run: SiloRun, sums, task, label: str) -> None:
         """Metric sums go into the reply, except under DP: exact sums over the silo's held-out

@@ -87,6 +87,16 @@ def record_update(
     return message
 
 
+def record_audit(content: RecordDict, key: str) -> str | None:
+    """A value of a reply's `audit` record (a silo's signature, its signed files record), or None
+    when there is none: an audit record never makes a reply fail, its absence fails verification."""
+    try:
+        value = content["audit"][key]
+    except (KeyError, TypeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
 def metrics_config(silo: int, sums: MetricSums) -> ConfigRecord:
     """Only metric sums leave a silo after evaluation, never per-customer scores."""
     values = {f"sum/{k}": float(sums.sums[k]) for k in METRIC_NAMES}

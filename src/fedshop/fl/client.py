@@ -19,6 +19,7 @@ from fedshop.seeding import torch_generator
 if TYPE_CHECKING:  # the DP modules (and their accountant) load only for DP runs
     from fedshop.fl.dp_local import DpSgd, DpSgdState
     from fedshop.privacy.dp import DpPlan
+    from fedshop.storage.audit import Signer
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class SiloClient(SiloState):
         self._generator = torch_generator(seed, "silo", index, "train")
         self.client_learning_rate = client_learning_rate
         self.dp: SiloDp | None = None  # set for record-level DP runs
+        self.signer: Signer | None = None  # the silo's own audit key (fl/audit.py), if it has one
 
     @property
     def name(self) -> str:
@@ -133,6 +135,13 @@ class SiloClient(SiloState):
             tensors=delta, weight=1.0, num_examples=examples, local_steps=steps, dp_event=event
         )
         return self.pipeline.on_client(message)
+
+    def acknowledge(self, run: str, round_number: int, shared: Params) -> str | None:
+        """This silo's signature on the hash of the global model it received for `round_number`
+        (0: the final model), for the run's audit log; None without a key."""
+        from fedshop.fl.audit import acknowledge
+
+        return acknowledge(self.signer, run, round_number, shared)
 
     def personalise(self, global_shared: Params, epochs: int) -> None:
         """Refit the private parameters against fixed shared parameters; nothing is sent."""

@@ -43,6 +43,7 @@ class CrossDeviceRun:
     history: list[RoundRecord] = field(default_factory=list)
     protection: ProtectedSum | None = None  # the secure sum, when updates are protected
     final: dict[str, MetricSums] | None = None  # after every shopper refitted their vectors
+    audit: object = None  # the audit trail (fl/audit.py): server-signed, shoppers hold no keys
     # Sliced once: the run is evaluated after many rounds.
     silos: list[SiloData] = field(init=False)
 
@@ -189,7 +190,12 @@ def run_cross_device(
     transport = ShopperTransport(
         run, training, config.seed, config.eval.split, fed.personalise_epochs, pipeline
     )
-    finished = RoundDriver(config, server, transport, guard, on_round=on_round).run_all()
+    from fedshop.fl.audit import start_device_audit
+
+    run.audit = start_device_audit(config)
+    finished = RoundDriver(
+        config, server, transport, guard, on_round=on_round, audit=run.audit.rounds
+    ).run_all()
     run.shared, run.history = server.shared, finished.history
     run.final = finished.final.per_silo
     return run

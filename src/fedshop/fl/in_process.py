@@ -38,6 +38,7 @@ from fedshop.seeding import NoiseStream, torch_generator
 _log = logging.getLogger("fedshop.rounds")  # refused updates: stderr unless the caller routes it
 
 if TYPE_CHECKING:
+    from fedshop.fl.audit import AuditTrail
     from fedshop.privacy.dp import DpPlan, PrivacyGuard
 
 
@@ -84,6 +85,7 @@ class SiloTransport:
     retries: bool = False  # a simulated silo does not come back: a failure stops the run
     max_update_norm: float = 0.0  # refuse longer updates ([federated] max_update_norm; 0: off)
     log: Callable[[str], None] = lambda line: None
+    audit_run: str | None = None  # the run's id in its audit log: the silos acknowledge models
 
     @property
     def client_dp_event(self):
@@ -94,6 +96,7 @@ class SiloTransport:
     ) -> RoundReply:
         pipeline = self.clients[0].pipeline
         sent = {i: self.clients[i].fit(shared, self.task) for i in clients}
+        acks, hashes = self._audit(round_number, clients, shared, sent)
         # A silo's malformed or oversized message is refused, as a deployment refuses it on arrival.
         messages, refused = screen(sent, expected_layout(pipeline, shared), self.max_update_norm)
         for i, reason in refused.items():
@@ -107,7 +110,20 @@ class SiloTransport:
         aggregate = pipeline.summation(list(messages.values()))
         if self.protection is not None:
             cost = self.protection.costs[-1]
-        return RoundReply(aggregate, list(messages), cost, events)
+        return RoundReply(aggregate, list(messages), cost, events, message_hashes=hashes, acks=acks)
+
+    def _audit(self, round_number: int, clients: Sequence[int], shared: Params, sent: dict):
+        """Each silo's signature on the model it was sent; each message's hash (none under a
+        protection: a deployment's server receives only masked values)."""
+        if self.audit_run is None:
+            return {}, None
+        from fedshop.fl.audit import hash_message
+
+        run = self.audit_run
+        acks = {i: self.clients[i].acknowledge(run, round_number, shared) for i in clients}
+        if self.protection is not None:
+            return acks, None
+        return acks, {i: hash_message(m) for i, m in sent.items()}
 
     def evaluate(self, round_number: int, shared: Params) -> dict[str, MetricSums]:
         return {c.name: c.evaluate(shared, self.split) for c in self.clients}
@@ -115,7 +131,12 @@ class SiloTransport:
     def finish(self, shared: Params, evaluate: int | None) -> FinalEvaluation:
         for client in self.clients:
             client.personalise(shared, self.personalise_epochs)
-        return FinalEvaluation(self.evaluate(0, shared))
+        final = FinalEvaluation(self.evaluate(0, shared))
+        if self.audit_run is not None:
+            final.acks = {
+                i: c.acknowledge(self.audit_run, 0, shared) for i, c in enumerate(self.clients)
+            }
+        return final
 
     def recover(self) -> None:
         pass
@@ -129,6 +150,7 @@ class FederatedRun:
     protection: ProtectedSum | None = None  # the secure sum, when updates are protected
     # Per silo, the final model's metrics after every silo refitted its private parameters.
     final: dict[str, MetricSums] | None = None
+    audit: AuditTrail | None = None  # the run's audit log and the silos' keys (fl/audit.py)
 
 
 def server_pipeline(config: RunConfig) -> AggregationPipeline:
@@ -176,6 +198,9 @@ def run_cross_silo(
     """Train; with a `guard` (record-level DP) every silo trains by DP-SGD over its customers and
     each round is written to the ledger before any silo's message leaves."""
     run = build_federation(dataset, config, pipeline)
+    from fedshop.fl.audit import start_silo_audit
+
+    run.audit = start_silo_audit(config, run.clients)  # each silo's key, before any wrapper
     if clients_hook is not None:  # an experiment's attackers ([attack], fl/poisoning.py)
         run.clients = clients_hook(run.clients)
     if guard is not None:
@@ -185,7 +210,10 @@ def run_cross_silo(
         config.eval.split, config.federated.personalise_epochs, run.protection,
         max_update_norm=config.federated.max_update_norm, log=_log.warning,
     )  # fmt: skip
-    driver = RoundDriver(config, run.server, transport, guard, on_round=on_round)
+    transport.audit_run = run.audit.log.run
+    driver = RoundDriver(
+        config, run.server, transport, guard, on_round=on_round, audit=run.audit.rounds
+    )
     finished = driver.run_all()
     run.history, run.final = finished.history, finished.final.per_silo
     return run

@@ -133,6 +133,7 @@ def fake_purchases(client: SiloClient, config: RunConfig) -> FakePurchasesSilo:
         client.index, with_fake_customers(data, items, count), config.model, config.train,
         client.pipeline, config.seed, client.client_learning_rate,
     )  # fmt: skip
+    poisoned.signer = client.signer  # the storefront's own audit key: it still signs what it gets
     return FakePurchasesSilo(poisoned, data, targets)
 
 

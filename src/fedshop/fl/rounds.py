@@ -32,6 +32,7 @@ from fedshop.secure.protected_sum import round_cost
 from fedshop.secure.protocol import ProtectionCost, ProtectionError
 
 if TYPE_CHECKING:  # the accountant loads only for DP runs
+    from fedshop.fl.audit import RoundAudit
     from fedshop.privacy.dp import PrivacyGuard
 
 MAX_ATTEMPTS = 5  # a round that fails this often in a row stops the run
@@ -77,6 +78,10 @@ class RoundReply:
     # The previous round's model as the clients evaluated it, for transports that send the
     # evaluation with the next round's training (`Transport.evaluate` returned None).
     previous_metrics: dict[str, MetricSums] | None = None
+    # For the audit log (fl/audit.py): each contributor's message hash (None: the server saw no
+    # single message, e.g. under a protection) and each participant's signature on the model sent.
+    message_hashes: dict[int, str] | None = None
+    acks: dict[int, str | None] = field(default_factory=dict)
 
 
 class Transport(Protocol):
@@ -111,6 +116,7 @@ class Transport(Protocol):
 class FinalEvaluation:
     per_silo: dict[str, MetricSums]  # after every client refitted its private parameters
     last_round: dict[str, MetricSums] | None = None  # the last round's model, where it was deferred
+    acks: dict[int, str | None] = field(default_factory=dict)  # the parties' on the final model
 
 
 @dataclass
@@ -136,8 +142,10 @@ class RoundDriver:
         on_round: RoundCallback | None = None,
         checkpoint: Callable[[FederatedServer, list[RoundRecord]], None] | None = None,
         log: Callable[[str], None] = lambda line: None,
+        audit: RoundAudit | None = None,
     ) -> None:
         self.config = config
+        self.audit = audit  # the run's audit log: one entry per round, one for the final model
         self.run = RoundsResult(server, list(history or []))
         self.transport = transport
         self.guard = guard
@@ -181,6 +189,8 @@ class RoundDriver:
                 self.transport.recover()
         pending = self._pending_evaluation()
         self.run.final = self.transport.finish(self.server.shared, pending)
+        if self.audit is not None:
+            self.audit.final(self.server.shared, self.run.final.acks)
         if pending is not None and self.run.final.last_round is not None:
             self._settle(self.run.final.last_round)
         if self.checkpoint is not None:
@@ -194,6 +204,7 @@ class RoundDriver:
         before = server.sampling_state()
         chosen = server.sample_clients()
         epsilon = self._release(round_number)
+        model_in = self.audit and self.audit.model_hash(server.shared)
         try:
             reply = self.transport.train(
                 round_number, chosen, server.shared, self._pending_evaluation()
@@ -207,6 +218,8 @@ class RoundDriver:
         aggregate = server.pipeline.server_side(reply.aggregate)
         self._check_noise(reply, aggregate)
         server.step(mean_of(aggregate) if aggregate.weight > 0 else None)
+        if self.audit is not None:
+            self.audit.round(round_number, reply, model_in, server.shared, epsilon)
         seconds = time.perf_counter() - started
         metrics = None
         if evaluated_after(self.config, round_number):

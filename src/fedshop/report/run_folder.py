@@ -7,6 +7,8 @@ catalogue.csv      item index → item id, name and typical unit price (the item
 models/…           weights as safetensors (each silo's private user embeddings in its own file),
                    and per silo of the federated model its customers.npz: which customer each row
                    of its user tables is, and their training purchases (owner-only, as the weights)
+audit.jsonl        the hash-chained, signed audit log of the federated run's rounds and weights
+                   files (`fedshop audit verify`; report/audit.py)
 serving.json       what `fedshop serve` needs to know before it opens anything else (format 1)
 report.html        the human-readable report with plots
 INCOMPLETE         only in a folder whose run stopped before it finished: why it stopped
@@ -152,17 +154,22 @@ def write_run(out: Path, result: ExperimentResult) -> Path:
     metrics = metrics_document(result)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_catalogue(out / "catalogue.csv", result.dataset)
+    written: dict[str, bytes] = {}  # run-folder path → the bytes of each weights file
     for stem, tensors in result.weights.items():
         # Owner-only: a silo's file holds its customers' private vectors (a trial's run folder
         # gathers every silo's on one machine).
         path = out / "models" / f"{stem}.safetensors"
-        write_private(path, save({k: v.contiguous() for k, v in tensors.items()}))
+        data = save({k: v.contiguous() for k, v in tensors.items()})
+        write_private(path, data)
+        written[path.relative_to(out).as_posix()] = data
     served = []
     for name in result.dataset.silo_names:
         stem = federated_silo_stem(name)
         if stem in result.weights:  # a deployment's silo that never finished has no file
             users = result.weights[stem]["users"].numpy()
-            write_private(out / "models" / f"{stem}.customers.npz", customers_npz(result, users))
+            data = customers_npz(result, users)
+            write_private(out / "models" / f"{stem}.customers.npz", data)
+            written[f"models/{stem}.customers.npz"] = data
             served.append({"name": name, "slug": slug(name)})
     serving = {
         "format": SERVING_FORMAT,
@@ -175,6 +182,10 @@ def write_run(out: Path, result: ExperimentResult) -> Path:
     (out / "report.html").write_text(
         render_report(metrics, data_report, result.config.to_toml()), encoding="utf-8"
     )
+    if result.audit is not None:  # audit.jsonl: the rounds, closed with the weights files
+        from fedshop.report.audit import write_audit
+
+        write_audit(out, result, written)
     return out
 
 
