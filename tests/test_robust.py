@@ -242,3 +242,20 @@ def test_a_storefront_with_fake_customers_trains_on_them_and_keeps_them_out_of_i
     assert attacker.name == genuine.name and attacker.data.n_users == genuine.n_users
     evaluated = attacker.evaluate(run.server.shared).users
     assert evaluated == int((genuine.test.getnnz(axis=1) > 0).sum())
+
+
+def test_a_promotion_run_reports_its_exposure_and_its_audit_log_verifies(retail, tmp_path):
+    """The attacker's fake customers stay out of its files, so the run folder is consistent: the
+    attacking storefront signs its own files like every other, and the log verifies."""
+    from fedshop.experiment import run_experiment
+    from fedshop.report.run_folder import write_run
+    from fedshop.storage.audit import Verified, verify_run
+
+    config = small_config(**{"attack.kind": "fake-purchases", "attack.targets": 3})
+    result = run_experiment(config, retail)
+    attack = result.attack
+    assert attack["attackers"] and len(attack["targets"]) == 3
+    assert 0.0 <= attack["er@10"] <= 1.0 and attack["shoppers"] > 0
+    assert set(attack["per_silo"]) == set(retail.silo_names) - set(attack["attackers"])
+    write_run(tmp_path, result)
+    assert isinstance(verify_run(tmp_path), Verified)
