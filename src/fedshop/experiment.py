@@ -29,6 +29,7 @@ from fedshop.data.interactions import RecDataset, SiloData, for_protocol
 from fedshop.data.partition import slug
 from fedshop.eval.cold_start import ColdStartResult, evaluate_cohort
 from fedshop.eval.metrics import MetricSums, evaluate, summarise
+from fedshop.fl.contribution import unavailable
 from fedshop.fl.cross_device import eligible_clients, run_cross_device
 from fedshop.fl.in_process import run_cross_silo
 from fedshop.fl.rounds import RoundRecord
@@ -74,6 +75,7 @@ class MethodRun:
     weights: dict[str, dict[str, torch.Tensor]]
     history: list[RoundRecord] = field(default_factory=list)
     protection: ProtectionSummary = field(default_factory=ProtectionSummary)
+    contribution: dict | None = None  # metrics.json "contribution" (the federated method's)
 
 
 @dataclass
@@ -92,6 +94,9 @@ class ExperimentResult:
     cold_start: ColdStartResult | None = None
     # metrics.json "cold_items": new products held out of training ([eval] cold_items), or None
     cold_items: dict | None = None
+    # metrics.json "contribution": each silo's value (fl/contribution.py) or why there is none;
+    # None: the run has no federated method
+    contribution: dict | None = None
 
 
 def method_result(per_silo: dict[str, MetricSums], seconds: float, curve=None) -> MethodResult:
@@ -141,6 +146,10 @@ def run_federated(
             **device_tables_by_silo(dataset, device_run.user_tables),
         }
         history, protected = device_run.history, device_run.protection
+        contribution = unavailable(
+            "cross-device mode: each shopper is a client; valuing subsets of a round's shoppers "
+            "is not implemented"
+        )
     else:
         from fedshop.fl.poisoning import poison
 
@@ -154,9 +163,10 @@ def run_federated(
             state = client.private_state()
             state["users"] = torch.tensor(client.data.users)
             weights[f"federated/silo-{slug(client.name)}"] = state
-        history, protected = run.history, run.protection
+        history, protected, contribution = run.history, run.protection, run.contribution
     costs = protected.costs if protected is not None else []
-    return MethodRun(result, weights, history, summarise_costs(config.protection.kind, costs))
+    protection = summarise_costs(config.protection.kind, costs)
+    return MethodRun(result, weights, history, protection, contribution)
 
 
 def device_tables_by_silo(
@@ -280,6 +290,7 @@ def run_experiment(
             {name: method_result(r.per_silo, r.seconds, r.curve) for name, r in runs.items()},
             runs["federated"].history if "federated" in runs else [],
             {k: v for r in runs.values() for k, v in r.weights.items()},
+            contribution=unavailable(SEQUENTIAL_CONTRIBUTION) if "federated" in runs else None,
         )  # fmt: skip
     # Item features for models that read them; [eval] cold_items: new products leave the dataset.
     dataset, new_products = prepare_items(config, dataset)
@@ -312,9 +323,13 @@ def run_experiment(
         federated.protection if federated else ProtectionSummary(),
         cold,
         cold_items,
+        federated.contribution if federated else None,
     )  # fmt: skip
 
 
+SEQUENTIAL_CONTRIBUTION = (
+    "sequential models (SASRec) train in fl/sequences.py, which values no silo"
+)
 COLD_ITEMS_TASK = "new products (cold items)"
 COLD_START_TASK = "new shoppers (cold start)"
 

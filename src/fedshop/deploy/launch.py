@@ -31,6 +31,7 @@ from fedshop.deploy.silo_policy import SiloPolicy, policy_path
 from fedshop.eval.fit_metrics import FitCounts
 from fedshop.eval.metrics import MetricSums
 from fedshop.experiment import ExperimentResult, method_result, slug
+from fedshop.fl.contribution import unavailable
 from fedshop.privacy.dp import DpPlan, PrivacySummary
 from fedshop.storage.private_files import private_dir, write_private
 
@@ -180,7 +181,14 @@ def collect(config: RunConfig, dataset: RecDataset, folder: Path, seconds: float
     return ExperimentResult(
         config, dataset, {"federated": federated}, outcome.history, weights,
         outcome.privacy or PrivacySummary(), outcome.protection,
+        contribution=unavailable(DEPLOYED_CONTRIBUTION),
     )  # fmt: skip
+
+
+DEPLOYED_CONTRIBUTION = (
+    "fedshop deploy: the server would have to send each silo every candidate model of a round "
+    "for evaluation, which the deployment's protocol does not do yet (the simulator does)"
+)
 
 
 def collect_fit(config: RunConfig, dataset: FitDataset, folder: Path, seconds: float):

@@ -128,6 +128,8 @@ def metrics_document(result: ExperimentResult) -> dict[str, Any]:
         doc["cold_start"] = result.cold_start.block()
     if result.cold_items is not None:
         doc["cold_items"] = result.cold_items
+    if result.contribution is not None:
+        doc["contribution"] = result.contribution
     return _finite(doc)
 
 
