@@ -152,9 +152,11 @@ def test_a_sign_flipping_silo_has_the_lowest_value_and_a_negative_one(germany_at
 
 
 def test_a_free_riding_silo_loses_its_value(germany_attacks):
-    """Free-riding, Germany is worth less than when it took part honestly, and less than nothing.
-    It is not always the lowest: on this data the honest "Rest of world" silo's updates are worth
-    about as little (below zero) to a utility that is mostly the United Kingdom's customers."""
+    """In this four-silo case, free-riding, Germany is worth less than when it took part honestly,
+    and less than nothing. It is not the lowest: the honest "Rest of world" silo's updates are
+    worth about as little (below zero) to a utility that is mostly the United Kingdom's customers.
+    Nor does this hold everywhere: in benchmarks/contribution.py (11 silos, GTG, 10 rounds) honest
+    France is worth less than free-riding France."""
     honest, riding = germany_attacks["none"], germany_attacks["free-ride"]
     assert riding["Germany"] < 0 and riding["Germany"] < honest["Germany"], (honest, riding)
     assert riding["Germany"] < riding["United Kingdom"]
