@@ -8,13 +8,13 @@
 2. GTG-Shapley against exact Shapley from the same rounds, where exact enumeration is cheap: the
    smallest countries merged into five silos (`[data] max_silos = 5`), every subset of every round
    evaluated once; GTG (the default settings, and more permutations) run on those evaluations.
-3. The time contribution adds to a default round (30-round configuration, all rounds valued as in a
-   default run): two federations driven side by side, round for round, one with `[contribution]
-   method = "none"`; the median wall time of a round (training, server step, the round's
-   evaluation) of each.
+3. The time contribution adds to a round of the default configuration: two federations driven
+   side by side, round for round (its first `--timing-rounds` rounds, whose gains are the largest,
+   so few are skipped), one with `[contribution] method = "none"`; the median wall time of a round
+   (training, contribution, server step, the round's evaluation) of each.
 
     python benchmarks/contribution.py --out DIR [--seed 1] [--rounds 10] [--scale 10]
-        [--timing-rounds 6] → DIR/contribution.json
+        [--timing-rounds 6] [--gtg-trials 20] [--skip attacks exact timing] → DIR/contribution.json
 """
 
 from __future__ import annotations
