@@ -257,3 +257,13 @@ def test_free_ride_sends_noise_of_an_honest_norm_with_its_real_weight(retail4):
                 tensor.flatten(), honest.tensors[name].flatten(), dim=0
             )
             assert abs(float(cosine)) < 0.2, name  # noise: no direction of the honest update
+
+
+def test_cross_device_runs_say_why_they_have_no_contribution(retail4):
+    from fedshop.experiment import run_experiment
+
+    config = small_config(
+        **{"federated.mode": "cross-device", "federated.rounds": 1, "model.silo_item_bias": False}
+    )
+    block = run_experiment(config, retail4).contribution
+    assert block["available"] is False and "cross-device" in block["reason"]
