@@ -285,7 +285,8 @@ def contribution_section(block: dict[str, Any] | None) -> str:
         f"{_fmt(block.get('evaluations'))} evaluations, {_fmt(block.get('permutations'))} "
         f"permutations, {_fmt(block.get('seconds'), 1)} s. A share is a value over the sum of all "
         "silos' absolute values; a negative value means the model was better without that silo's "
-        "updates.</p>"
+        "updates. GTG-Shapley is a Monte-Carlo estimate: with few permutations a round, silos whose "
+        "values are close are not reliably in order.</p>"
     )
 
 
