@@ -30,6 +30,7 @@ from fedshop.data.partition import slug
 from fedshop.eval.cold_start import ColdStartResult, evaluate_cohort
 from fedshop.eval.metrics import MetricSums, evaluate, summarise
 from fedshop.fl.audit import AuditTrail
+from fedshop.fl.contribution import unavailable
 from fedshop.fl.cross_device import eligible_clients, run_cross_device
 from fedshop.fl.in_process import run_cross_silo
 from fedshop.fl.rounds import RoundRecord
@@ -77,6 +78,7 @@ class MethodRun:
     protection: ProtectionSummary = field(default_factory=ProtectionSummary)
     attack: dict | None = None  # metrics.json "attack": an [attack] experiment's outcome
     audit: AuditTrail | None = None  # the federated run's audit log (fl/audit.py)
+    contribution: dict | None = None  # metrics.json "contribution" (the federated method's)
 
 
 @dataclass
@@ -99,6 +101,9 @@ class ExperimentResult:
     attack: dict | None = None
     # The federated run's audit log, closed and written as audit.jsonl by the run folder's writer.
     audit: AuditTrail | None = None
+    # metrics.json "contribution": each silo's value (fl/contribution.py) or why there is none;
+    # None: the run has no federated method
+    contribution: dict | None = None
 
 
 def method_result(per_silo: dict[str, MetricSums], seconds: float, curve=None) -> MethodResult:
@@ -149,6 +154,10 @@ def run_federated(
         }
         history, protected, audit = device_run.history, device_run.protection, device_run.audit
         attack = None
+        contribution = unavailable(
+            "cross-device mode: each shopper is a client; valuing subsets of a round's shoppers "
+            "is not implemented"
+        )
     else:
         from fedshop.fl.poisoning import attack_outcome, poison
 
@@ -164,9 +173,10 @@ def run_federated(
             weights[f"federated/silo-{slug(client.name)}"] = state
         history, protected, audit = run.history, run.protection, run.audit
         attack = attack_outcome(run.clients, run.server.shared)
+        contribution = run.contribution
     costs = protected.costs if protected is not None else []
     protection = summarise_costs(config.protection.kind, costs)
-    return MethodRun(result, weights, history, protection, attack=attack, audit=audit)
+    return MethodRun(result, weights, history, protection, contribution, attack=attack, audit=audit)
 
 
 def device_tables_by_silo(
@@ -290,6 +300,7 @@ def run_experiment(
             {name: method_result(r.per_silo, r.seconds, r.curve) for name, r in runs.items()},
             runs["federated"].history if "federated" in runs else [],
             {k: v for r in runs.values() for k, v in r.weights.items()},
+            contribution=unavailable(SEQUENTIAL_CONTRIBUTION) if "federated" in runs else None,
         )  # fmt: skip
     # Item features for models that read them; [eval] cold_items: new products leave the dataset.
     dataset, new_products = prepare_items(config, dataset)
@@ -322,11 +333,15 @@ def run_experiment(
         federated.protection if federated else ProtectionSummary(),
         cold,
         cold_items,
+        federated.contribution if federated else None,
         attack=federated.attack if federated else None,
         audit=federated.audit if federated else None,
     )  # fmt: skip
 
 
+SEQUENTIAL_CONTRIBUTION = (
+    "sequential models (SASRec) train in fl/sequences.py, which values no silo"
+)
 COLD_ITEMS_TASK = "new products (cold items)"
 COLD_START_TASK = "new shoppers (cold start)"
 

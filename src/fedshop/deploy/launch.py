@@ -32,6 +32,7 @@ from fedshop.errors import FedShopError
 from fedshop.eval.fit_metrics import FitCounts
 from fedshop.eval.metrics import MetricSums
 from fedshop.experiment import ExperimentResult, method_result, slug
+from fedshop.fl.contribution import unavailable
 from fedshop.privacy.dp import DpPlan, PrivacySummary
 from fedshop.storage.private_files import private_dir, write_private
 
@@ -181,7 +182,14 @@ def collect(config: RunConfig, dataset: RecDataset, folder: Path, seconds: float
     return ExperimentResult(
         config, dataset, {"federated": federated}, outcome.history, weights,
         outcome.privacy or PrivacySummary(), outcome.protection, audit=server_audit(server),
+        contribution=unavailable(DEPLOYED_CONTRIBUTION),
     )  # fmt: skip
+
+
+DEPLOYED_CONTRIBUTION = (
+    "fedshop deploy: the server would have to send each silo every candidate model of a round "
+    "for evaluation, which the deployment's protocol does not do yet (the simulator does)"
+)
 
 
 def server_audit(server: Path):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+import scipy.sparse as sp
 import torch
 
 from fedshop.config import ModelConfig, RunConfig, TrainConfig
@@ -153,12 +155,21 @@ class SiloClient(SiloState):
         )  # fmt: skip
         self._private = result.private
 
-    def evaluate(self, global_shared: Params, split: str = "test") -> MetricSums:
-        """Evaluate this silo's customers locally; only metric sums would leave the silo."""
+    def evaluate(
+        self, global_shared: Params, split: str = "test", customers: np.ndarray | None = None
+    ) -> MetricSums:
+        """Evaluate this silo's customers locally; only metric sums would leave the silo. With
+        `customers` (local rows), only those of them that have held-out items."""
         private = self._private
+        heldout = self.data.heldout(split)
+        if customers is not None:
+            keep = np.zeros(heldout.shape[0], dtype=np.float32)
+            keep[customers] = 1.0
+            heldout = (sp.diags(keep) @ heldout).tocsr()
+            heldout.eliminate_zeros()
         return evaluate(
             lambda rows: score_all(self.spec, global_shared, private, torch.from_numpy(rows)),
             self.data.train,
-            self.data.heldout(split),
+            heldout,
             negatives=self.data.eval_negatives,
         )

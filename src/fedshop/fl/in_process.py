@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
+import numpy as np
 import scipy.sparse as sp
 import torch
 
@@ -19,6 +20,13 @@ from fedshop.data.interactions import RecDataset
 from fedshop.eval.metrics import MetricSums
 from fedshop.fl.aggregation import aggregation_pipeline
 from fedshop.fl.client import LocalTask, SiloClient, SiloDp
+from fedshop.fl.contribution import (
+    ContributionMeter,
+    RoundContribution,
+    customer_sample,
+    scaled,
+    unavailable,
+)
 from fedshop.fl.robust import expected_layout, robust_summation, screen
 from fedshop.fl.rounds import (
     FinalEvaluation,
@@ -86,6 +94,8 @@ class SiloTransport:
     max_update_norm: float = 0.0  # refuse longer updates ([federated] max_update_norm; 0: off)
     log: Callable[[str], None] = lambda line: None
     audit_run: str | None = None  # the run's id in its audit log: the silos acknowledge models
+    # Values every round's silos from their accepted messages ([contribution]; None: off).
+    contribution: ContributionMeter | None = None
 
     @property
     def client_dp_event(self):
@@ -110,6 +120,8 @@ class SiloTransport:
         aggregate = pipeline.summation(list(messages.values()))
         if self.protection is not None:
             cost = self.protection.costs[-1]
+        if self.contribution is not None:  # before the server's step: its optimiser is as it was
+            self.contribution.measure(round_number, shared, messages)
         return RoundReply(aggregate, list(messages), cost, events, message_hashes=hashes, acks=acks)
 
     def _audit(self, round_number: int, clients: Sequence[int], shared: Params, sent: dict):
@@ -151,6 +163,9 @@ class FederatedRun:
     # Per silo, the final model's metrics after every silo refitted its private parameters.
     final: dict[str, MetricSums] | None = None
     audit: AuditTrail | None = None  # the run's audit log and the silos' keys (fl/audit.py)
+    # metrics.json "contribution": each silo's value (fl/contribution.py), or why there is none.
+    contribution: dict | None = None
+    contribution_rounds: list[RoundContribution] = field(default_factory=list)  # with utilities
 
 
 def server_pipeline(config: RunConfig) -> AggregationPipeline:
@@ -205,10 +220,12 @@ def run_cross_silo(
         run.clients = clients_hook(run.clients)
     if guard is not None:
         start_private_silos(run.clients, config, guard.plan)
+    reason = contribution_unavailable(config, run.server.pipeline)
+    meter = contribution_meter(config, run) if reason is None else None
     transport = SiloTransport(
         run.clients, LocalTask.of_run(config, guard.plan if guard is not None else None),
         config.eval.split, config.federated.personalise_epochs, run.protection,
-        max_update_norm=config.federated.max_update_norm, log=_log.warning,
+        max_update_norm=config.federated.max_update_norm, log=_log.warning, contribution=meter,
     )  # fmt: skip
     transport.audit_run = run.audit.log.run
     driver = RoundDriver(
@@ -216,7 +233,59 @@ def run_cross_silo(
     )
     finished = driver.run_all()
     run.history, run.final = finished.history, finished.final.per_silo
+    run.contribution = meter.block() if meter is not None else unavailable(reason)
+    run.contribution_rounds = meter.rounds if meter is not None else []
     return run
+
+
+def contribution_unavailable(config: RunConfig, pipeline: AggregationPipeline) -> str | None:
+    """Why this cross-silo run cannot value its silos, or None when it can."""
+    method = config.contribution.method
+    if method == "none":
+        return '[contribution] method = "none": no silo was valued'
+    kind = config.protection.kind
+    if kind != "none":
+        return (
+            f'under [protection] kind = "{kind}" the server sees only the sum of the silos\' '
+            "updates, never one silo's, so it cannot form the model a subset of silos would give"
+        )
+    if pipeline.server_dp_events():
+        return "the server adds DP noise to the sum: valuing subsets would draw and release more"
+    return None
+
+
+def contribution_split(config: RunConfig) -> str:
+    """The split the utility reads: validation where the run has one, else the evaluation split."""
+    return "validation" if config.data.validation else config.eval.split
+
+
+def contribution_meter(config: RunConfig, run: FederatedRun) -> ContributionMeter:
+    """The meter of a run's silos: each evaluates a candidate model on (a sample of) its own
+    held-out customers, scaled to its size, and only the metric sums go to the server."""
+    split, cap = contribution_split(config), config.contribution.customers
+    samples, counts = [], []
+    for client in run.clients:
+        evaluated = np.flatnonzero(np.diff(client.data.heldout(split).indptr) > 0)
+        samples.append(customer_sample(evaluated, cap, config.seed, client.index))
+        counts.append(len(evaluated))
+    clients, server = run.clients, run.server
+
+    def evaluate(shared: Params) -> dict[str, MetricSums]:
+        return {
+            c.name: scaled(c.evaluate(shared, split, samples[i]), counts[i])
+            for i, c in enumerate(clients)
+        }
+
+    customers = (
+        "all evaluated customers"
+        if all(s is None for s in samples)
+        else f"at most {cap} evaluated customers per silo, drawn by the seed, sums scaled to the "
+        "silo's count"
+    )
+    return ContributionMeter(
+        config.contribution, [c.name for c in clients], server.pipeline,
+        lambda: server.optimizer, evaluate, split, config.seed, customers,
+    )  # fmt: skip
 
 
 def start_private_silos(clients: list[SiloClient], config: RunConfig, plan: DpPlan) -> None:

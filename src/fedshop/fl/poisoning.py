@@ -5,6 +5,11 @@
   (pushing the model away from what its data says, as hard as it dares);
 - scale: the attacker sends its honest update times `scale` (a model-replacement boost: its own
   data counts `scale` times);
+- free-ride: the attacker gets the federated model without contributing to it. It sends pure
+  Gaussian noise, each tensor of the norm its honest update would have had, while claiming its real
+  weight and step count (a disguised free-rider, Lin et al. 2019): a zero update would be caught by
+  any look at its norm. It still refits its own customers' vectors, as an honest silo does (it wants
+  the model for them); the simulator computes its honest update only to size the noise.
 - fake-purchases (data poisoning): the attacker adds fake customers to its own data, `fake_fraction`
   of its customer count, each buying every one of `targets` items it wants to promote and its
   `fillers` best sellers, then follows the protocol exactly. Its targets are its own slow sellers:
@@ -30,7 +35,7 @@ from fedshop.eval.exposure import Exposure, exposure
 from fedshop.fl.client import SiloClient
 from fedshop.messages import ClientMessage
 from fedshop.models.spec import score_all
-from fedshop.seeding import derive_seed
+from fedshop.seeding import derive_seed, torch_generator
 
 
 class _Wrapped:
@@ -52,18 +57,33 @@ class _Wrapped:
 class PoisonedSilo(_Wrapped):
     """A silo client whose every message is rewritten by the attack; otherwise the honest silo."""
 
-    _own = ("honest", "kind", "scale")
+    _own = ("honest", "kind", "scale", "_noise")
 
-    def __init__(self, honest, kind: str, scale: float) -> None:
+    def __init__(self, honest, kind: str, scale: float, seed: int = 0) -> None:
         self.honest, self.kind, self.scale = honest, kind, scale
+        if kind == "free-ride":
+            self._noise = torch_generator(seed, "attack", "free-ride", honest.index)
 
     def fit(self, shared, task) -> ClientMessage:
         sent = self.honest.fit(shared, task)
+        if self.kind == "free-ride":
+            return replace(sent, tensors=self._noise_like(sent.tensors))
         factor = -self.scale if self.kind == "sign-flip" else self.scale
         # FedNova's step count travels as a tensor too: the attacker leaves it honest, so the
         # server's rescaling does not give the attack away.
         tensors = {k: v if k.startswith("__") else v * factor for k, v in sent.tensors.items()}
         return replace(sent, tensors=tensors)
+
+    def _noise_like(self, tensors: dict) -> dict:
+        """Gaussian noise with each tensor's own norm (what a norm check sees stays honest)."""
+        out = {}
+        for k, v in tensors.items():
+            if k.startswith("__"):
+                out[k] = v
+                continue
+            noise = torch.randn(v.shape, generator=self._noise, dtype=v.dtype)
+            out[k] = noise * (v.norm() / noise.norm().clamp_min(1e-12))
+        return out
 
 
 class FakePurchasesSilo(_Wrapped):
@@ -150,7 +170,7 @@ def poison(config: RunConfig):
     def turned(client: SiloClient):
         if attack.kind == "fake-purchases":
             return fake_purchases(client, config)
-        return PoisonedSilo(client, attack.kind, attack.scale)
+        return PoisonedSilo(client, attack.kind, attack.scale, config.seed)
 
     def hook(clients: list) -> list:
         if attack.kind == "none":

@@ -246,6 +246,50 @@ def cold_start_section(block: dict[str, Any] | None) -> str:
     )
 
 
+def contribution_section(block: dict[str, Any] | None) -> str:
+    """Each silo's value of taking part (fl/contribution.py), or why the run has none. Empty when
+    the run wrote no block (no federated method)."""
+    if not block:
+        return ""
+    if not block.get("available"):
+        return (
+            "<h2>Contribution of each silo</h2><p>Not available in this run: "
+            f"{html.escape(str(block.get('reason', '')))}.</p>"
+        )
+    rows = [
+        [
+            html.escape(silo),
+            _fmt(v.get("shapley"), 5),
+            f"{100 * v.get('shapley_share', 0.0):.1f} %",
+            _fmt(v.get("leave_one_out"), 5),
+            f"{100 * v.get('leave_one_out_share', 0.0):.1f} %",
+            _fmt(v.get("rounds")),
+        ]
+        for silo, v in sorted(
+            block.get("per_silo", {}).items(), key=lambda item: -item[1].get("shapley", 0.0)
+        )
+    ]
+    utility = html.escape(str(block.get("utility", "")).upper())
+    table = _table(
+        ["silo", f"Shapley (Δ {utility})", "share", "leave-one-out", "share", "rounds"], rows
+    )
+    return (
+        "<h2>Contribution of each silo</h2>"
+        f"<p>{_fmt(block.get('method'))} of each silo, summed over the rounds: how much its update "
+        f"added to the {utility} of the round's model on the {_fmt(block.get('split'))} split "
+        f"({_fmt(block.get('customers'))}), each silo evaluating every candidate model on its own "
+        "customers. Leave-one-out: the round's model against the one from everyone else.</p>"
+        f"{table}"
+        f'<p class="muted">{_fmt(block.get("rounds_valued"))} rounds valued, '
+        f"{_fmt(block.get('rounds_skipped'))} skipped (gain below the round tolerance); "
+        f"{_fmt(block.get('evaluations'))} evaluations, {_fmt(block.get('permutations'))} "
+        f"permutations, {_fmt(block.get('seconds'), 1)} s. A share is a value over the sum of all "
+        "silos' absolute values; a negative value means the model was better without that silo's "
+        "updates. GTG-Shapley is a Monte-Carlo estimate: with few permutations a round, silos whose "
+        "values are close are not reliably in order.</p>"
+    )
+
+
 def render_report(metrics: dict[str, Any], data_report: dict[str, Any], config_toml: str) -> str:
     methods = _methods(metrics)
     summary_rows = []
@@ -333,6 +377,7 @@ small storefront counts as much as the large one.</p>
 {curve_svg(metrics)}
 <h2>Per silo</h2>
 {per_silo}
+{contribution_section(metrics.get("contribution"))}
 <h2>Data</h2>
 <p>Source: {_fmt(data_report.get("source"))}{period}; catalogue {_fmt(data_report.get("catalogue_items"))} items.</p>
 <h3>Cleaning</h3>{_table(["rule / count", "rows", "meaning"], cleaning_rows, text_columns=(2,))}

@@ -132,6 +132,8 @@ def metrics_document(result: ExperimentResult) -> dict[str, Any]:
         doc["cold_items"] = result.cold_items
     if result.attack is not None:
         doc["attack"] = {"kind": config.attack.kind, **result.attack}
+    if result.contribution is not None:
+        doc["contribution"] = result.contribution
     return _finite(doc)
 
 
