@@ -2,8 +2,8 @@
 
 1. The default configuration (seed 1, 10 rounds, federated only, `[contribution]` at its defaults:
    GTG-Shapley and leave-one-out from the rounds, NDCG@10 on the test split): clean, with one
-   free-riding storefront (`[attack] kind = "free-ride"`: a zero update, its real weight) and with
-   one sign-flipping storefront (`sign-flip`, ×`--scale`). The attacker is drawn by the seed. Per
+   free-riding storefront (`[attack] kind = "free-ride"`: noise of an honest update's norm, its
+   real weight) and with one sign-flipping storefront (`sign-flip`, ×`--scale`). The attacker is drawn by the seed. Per
    silo: Shapley, leave-one-out, evaluated customers.
 2. GTG-Shapley against exact Shapley from the same rounds, where exact enumeration is cheap: the
    smallest countries merged into five silos (`[data] max_silos = 5`), every subset of every round

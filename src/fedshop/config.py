@@ -262,7 +262,7 @@ class AttackConfig:
 
 
 CONTRIBUTION_METHODS = ("gtg", "exact", "none")  # fl/contribution.py
-CONTRIBUTION_UTILITIES = ("ndcg@10", "hr@10")
+CONTRIBUTION_UTILITIES = ("ndcg@10", "hr@10", "silo_mean_ndcg@10", "silo_mean_hr@10")
 
 
 @dataclass(frozen=True)
@@ -279,7 +279,9 @@ class ContributionConfig:
     # silos (at most 12 silos; a check); none: off, no evaluation added. Leave-one-out comes with
     # both.
     method: str = "gtg"
-    utility: str = "ndcg@10"  # the summarised metric a candidate model is valued by
+    # the summarised metric a candidate model is valued by; silo_mean_…: every storefront counts
+    # alike, not every customer
+    utility: str = "ndcg@10"
     permutations: int = 1  # gtg: permutations per round
     # gtg: a permutation stops once the utility of its prefix is within this share of the round's
     # gain of the round's model (within-round truncation; 0: never)

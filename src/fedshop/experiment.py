@@ -176,7 +176,9 @@ def run_federated(
         contribution = run.contribution
     costs = protected.costs if protected is not None else []
     protection = summarise_costs(config.protection.kind, costs)
-    return MethodRun(result, weights, history, protection, contribution, attack=attack, audit=audit)
+    return MethodRun(
+        result, weights, history, protection, attack=attack, audit=audit, contribution=contribution
+    )
 
 
 def device_tables_by_silo(
@@ -333,7 +335,7 @@ def run_experiment(
         federated.protection if federated else ProtectionSummary(),
         cold,
         cold_items,
-        federated.contribution if federated else None,
+        contribution=federated.contribution if federated else None,
         attack=federated.attack if federated else None,
         audit=federated.audit if federated else None,
     )  # fmt: skip
