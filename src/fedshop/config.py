@@ -283,9 +283,7 @@ class AttackConfig:
     rows: int = 60
 
     def validate(self) -> None:
-        _choice(
-            "attack", "kind", self.kind, ("none", *STOREFRONT_ATTACKS, *FAKE_SHOPPER_ATTACKS)
-        )
+        _choice("attack", "kind", self.kind, ("none", *STOREFRONT_ATTACKS, *FAKE_SHOPPER_ATTACKS))
         _at_least("attack", "attackers", self.attackers, 1)
         _positive("attack", "scale", self.scale)
         if not 0.0 < self.fake_fraction <= 1.0:

@@ -28,8 +28,9 @@ from fedshop.config import ConfigError, RunConfig
 from fedshop.data.interactions import RecDataset, SiloData, for_protocol
 from fedshop.data.partition import slug
 from fedshop.eval.cold_start import ColdStartResult, evaluate_cohort
+from fedshop.eval.exposure import exposure
 from fedshop.eval.metrics import MetricSums, evaluate, summarise
-from fedshop.fl.cross_device import eligible_clients, run_cross_device
+from fedshop.fl.cross_device import CrossDeviceRun, eligible_clients, run_cross_device
 from fedshop.fl.in_process import run_cross_silo
 from fedshop.fl.rounds import RoundRecord
 from fedshop.models.fold_in import fold_in, settings_for
@@ -74,6 +75,7 @@ class MethodRun:
     weights: dict[str, dict[str, torch.Tensor]]
     history: list[RoundRecord] = field(default_factory=list)
     protection: ProtectionSummary = field(default_factory=ProtectionSummary)
+    attack: dict | None = None  # metrics.json "attack": fake shoppers' targets and their ER@10
 
 
 @dataclass
@@ -92,6 +94,8 @@ class ExperimentResult:
     cold_start: ColdStartResult | None = None
     # metrics.json "cold_items": new products held out of training ([eval] cold_items), or None
     cold_items: dict | None = None
+    # metrics.json "attack": fake shoppers ([attack] fedrecattack | a-hum): targets, ER@10, fakes
+    attack: dict | None = None
 
 
 def method_result(per_silo: dict[str, MetricSums], seconds: float, curve=None) -> MethodResult:
@@ -141,6 +145,7 @@ def run_federated(
             **device_tables_by_silo(dataset, device_run.user_tables),
         }
         history, protected = device_run.history, device_run.protection
+        attack = fake_shopper_block(config, device_run)
     else:
         from fedshop.fl.poisoning import poison
 
@@ -155,8 +160,30 @@ def run_federated(
             state["users"] = torch.tensor(client.data.users)
             weights[f"federated/silo-{slug(client.name)}"] = state
         history, protected = run.history, run.protection
+        attack = None
     costs = protected.costs if protected is not None else []
-    return MethodRun(result, weights, history, summarise_costs(config.protection.kind, costs))
+    protection = summarise_costs(config.protection.kind, costs)
+    return MethodRun(result, weights, history, protection, attack)
+
+
+def fake_shopper_block(config: RunConfig, run: CrossDeviceRun) -> dict | None:
+    """metrics.json "attack" of a fake-shopper run: ER@10 of the federated model (after the
+    genuine shoppers' refit, over the genuine shoppers only), the targets, the fakes."""
+    fakes = run.fakes
+    if fakes is None:
+        return None
+    targets = fakes.targets.tolist()
+    er = exposure(lambda rows: run.scores(torch.from_numpy(rows)), run.dataset.train, targets)
+    return {
+        "kind": config.attack.kind,
+        "targets": targets,
+        "fake_shoppers": fakes.count,
+        "fake_fraction": config.attack.fake_fraction,
+        "defence": config.federated.robust,
+        "er@10": er.ratio,
+        "exposed_shoppers": er.exposed,
+        "shoppers": er.shoppers,
+    }
 
 
 def device_tables_by_silo(
@@ -312,6 +339,7 @@ def run_experiment(
         federated.protection if federated else ProtectionSummary(),
         cold,
         cold_items,
+        federated.attack if federated else None,
     )  # fmt: skip
 
 

@@ -46,6 +46,7 @@ class CrossDeviceRun:
     protection: ProtectedSum | None = None  # the secure sum, when updates are protected
     final: dict[str, MetricSums] | None = None  # after every shopper refitted their vectors
     fakes: FakeShoppers | None = None  # [attack]: the fake shoppers (never evaluated)
+    screened: ScreenedRound | None = None  # the round with defences and fakes, when there is one
     # Sliced once: the run is evaluated after many rounds.
     silos: list[SiloData] = field(init=False)
 
@@ -211,7 +212,7 @@ def run_cross_device(
         run, training, config.seed, config.eval.split, fed.personalise_epochs, pipeline
     )
     if fakes is not None or defences:
-        transport.screened = ScreenedRound(defences, dataset.n_users, fakes)
+        transport.screened = run.screened = ScreenedRound(defences, dataset.n_users, fakes)
     finished = RoundDriver(config, server, transport, guard, on_round=on_round).run_all()
     run.shared, run.history = server.shared, finished.history
     run.final = finished.final.per_silo

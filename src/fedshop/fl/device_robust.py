@@ -97,19 +97,26 @@ class ClientUpdates:
 
     def keep_rows(self, keep: torch.Tensor) -> ClientUpdates:
         return ClientUpdates(
-            self.rows[keep], self.owner[keep], {k: v[keep] for k, v in self.items.items()},
-            self.dense, self.weights, self.clients,
-        )  # fmt: skip
+            self.rows[keep],
+            self.owner[keep],
+            {k: v[keep] for k, v in self.items.items()},
+            self.dense,
+            self.weights,
+            self.clients,
+        )
 
     def keep_clients(self, keep: torch.Tensor) -> ClientUpdates:
         """Only the clients marked in `keep` (a boolean per client), renumbered."""
         position = torch.cumsum(keep.long(), 0) - 1
         rows = keep[self.owner]
         return ClientUpdates(
-            self.rows[rows], position[self.owner[rows]],
+            self.rows[rows],
+            position[self.owner[rows]],
             {k: v[rows] for k, v in self.items.items()},
-            {k: v[keep] for k, v in self.dense.items()}, self.weights[keep], self.clients[keep],
-        )  # fmt: skip
+            {k: v[keep] for k, v in self.dense.items()},
+            self.weights[keep],
+            self.clients[keep],
+        )
 
     def total(self, shared: Params) -> Aggregate:
         """The weighted sum the server steps on (sparse: only moved rows are added)."""
@@ -287,9 +294,7 @@ def device_defences(config: RunConfig, n_items: int) -> tuple[DeviceStage, ...]:
         "none": lambda: (),
         "norm-bound": lambda: (DeviceNormBound(fed.robust_bound),),
         "row-bound": lambda: (RowBound(fed.row_bound, fed.max_rows),),
-        "similarity": lambda: (
-            SimilarityFilter(fed.similarity_threshold, n_items, config.seed),
-        ),
+        "similarity": lambda: (SimilarityFilter(fed.similarity_threshold, n_items, config.seed),),
     }
     return rules[fed.robust]()
 
@@ -308,6 +313,8 @@ class ScreenedRound:
     n_genuine: int  # client ids at or above this are fake shoppers
     craft: Crafter | None = None
     last_kept: list[int] = field(default_factory=list)
+    # Per round: the median norm of the genuine updates (the fakes' norm budget is a multiple of it).
+    median_norms: list[float] = field(default_factory=list)
 
     def run(
         self,
@@ -321,9 +328,10 @@ class ScreenedRound:
     ) -> tuple[Aggregate, Params, list[int]]:
         """(the round's sum, the genuine clients' new user rows, the clients in the sum)."""
         updates, new_users = collect_updates(spec, shared, user_tables, batch, training)
+        norms = updates.norms()
+        typical = float(norms.median()) if len(norms) else 1.0
+        self.median_norms.append(typical)
         if self.craft is not None and len(fakes):
-            norms = updates.norms()
-            typical = float(norms.median()) if len(norms) else 1.0
             updates = updates.then(self.craft(round_number, fakes, shared, typical))
         for stage in self.stages:
             updates = stage(updates)
@@ -333,6 +341,10 @@ class ScreenedRound:
             fake = int((updates.clients >= self.n_genuine).sum())
             log.info(
                 "round %d: %d of %d clients kept by the defence (%d of %d fakes)",
-                round_number, updates.count, len(batch.clients) + len(fakes), fake, len(fakes),
-            )  # fmt: skip
+                round_number,
+                updates.count,
+                len(batch.clients) + len(fakes),
+                fake,
+                len(fakes),
+            )
         return updates.total(shared), new_users, self.last_kept

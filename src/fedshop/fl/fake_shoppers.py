@@ -51,7 +51,9 @@ from fedshop.seeding import derive_seed, torch_generator
 TOP_K = 10  # the items a target has to overtake: each user's current top 10
 _APPROX_STEPS = 20  # fedrecattack: Adam steps per round on the approximated user vectors
 _APPROX_LR = 0.05
-_MINING_LR = 0.02  # a-hum: ascent step, relative to each vector's norm (small: the mined users stay near the prior, or they end opposite the targets and pull them to nothing)
+# a-hum: ascent step, relative to each vector's norm. Small: mined users stay near the prior;
+# mined to the end they sit opposite the targets and pull the targets' vectors to nothing.
+_MINING_LR = 0.02
 
 
 def fake_count(attack: AttackConfig, genuine: int) -> int:
@@ -188,12 +190,14 @@ class FakeShoppers:
         return ClientUpdates(
             rows=rows,
             owner=owner,
-            items={"item_embedding": emb * scale[owner].unsqueeze(1),
-                   "item_bias": bias * scale[owner]},
+            items={
+                "item_embedding": emb * scale[owner].unsqueeze(1),
+                "item_bias": bias * scale[owner],
+            },
             dense={},
             weights=torch.full((n,), self.claimed_examples, device=V.device),
             clients=fakes.to(V.device),
-        )  # fmt: skip
+        )
 
     def _constrain(self, rows, emb, bias, owner, n, targets):
         """At most `rows` rows per fake: every target's, then its largest other changes."""
@@ -214,8 +218,11 @@ class FakeShoppers:
         known = self.known
         if self.approx is None:
             self.approx = torch.randn(known.shape[0], V.shape[1], generator=g).to(V.device) * 0.01
-            self._adam = {"m": torch.zeros_like(self.approx), "v": torch.zeros_like(self.approx),
-                          "t": 0}  # fmt: skip
+            self._adam = {
+                "m": torch.zeros_like(self.approx),
+                "v": torch.zeros_like(self.approx),
+                "t": 0,
+            }
         coo = known.tocoo()
         user = torch.from_numpy(coo.row.astype(np.int64)).to(V.device)
         pos = torch.from_numpy(coo.col.astype(np.int64)).to(V.device)

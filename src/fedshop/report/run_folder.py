@@ -128,6 +128,8 @@ def metrics_document(result: ExperimentResult) -> dict[str, Any]:
         doc["cold_start"] = result.cold_start.block()
     if result.cold_items is not None:
         doc["cold_items"] = result.cold_items
+    if result.attack is not None:
+        doc["attack"] = result.attack
     return _finite(doc)
 
 
