@@ -161,6 +161,8 @@ def shoppers_part(args: argparse.Namespace) -> dict:
             row = {"attack": attack, "fraction": fraction, "defence": defence}
             row |= shopper_run(dataset, overrides)
             rows.append(row)
+            with (args.out / f"robustness-{args.shoppers_dataset}.rows.jsonl").open("a") as log:
+                log.write(json.dumps(row) + "\n")  # each row as it comes, for long grids
             print(
                 f"{attack:<13}{fraction:>5.0%} {defence:<11} ER@10 {row['er10']:.4f}  "
                 f"HR@10 {row['hr10']:.4f}  fakes {row['fakes']}  {row['seconds']:.0f} s",

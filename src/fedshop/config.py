@@ -161,7 +161,7 @@ class FederatedConfig:
     max_rows: int = 1000
     # similarity (cross-device, FoolsGold-style): a shopper whose update has cosine similarity above
     # this with another shopper's update of the same round is left out of the sum.
-    similarity_threshold: float = 0.9
+    similarity_threshold: float = 0.5
     # Refuse (and log) any silo's update longer than this L2 norm; 0: only malformed ones.
     max_update_norm: float = 0.0
 
