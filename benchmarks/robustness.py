@@ -15,7 +15,8 @@ lowest ER@10 at 5 % fake shoppers, worst case over the attacks.
 
     python benchmarks/robustness.py --out DIR [--part all|storefront|shoppers]
         [--seed 1] [--rounds 10] [--scale 100]                               (part 1)
-        [--shoppers-dataset movielens-1m] [--shoppers-rounds 30] [--fractions 0.01 0.05 0.1]
+        [--shoppers-dataset movielens-1m] [--shoppers-rounds 30] [--shoppers-per-round 0]
+        [--fractions 0.01 0.05 0.1]
         [--attacks fedrecattack a-hum] [--defences none norm-bound row-bound similarity]
         [--device-bound B]                                                    (part 2)
         → DIR/robustness.json (a part run alone keeps the other part's results already there)
@@ -137,6 +138,7 @@ def shoppers_part(args: argparse.Namespace) -> dict:
         "federated.rounds": args.shoppers_rounds,
         "eval.protocol": "full",
         "eval.eval_every": args.shoppers_rounds,
+        "federated.clients_per_round": args.shoppers_per_round,
     }
     config = load_config(DEVICE_CONFIG, base)
     dataset = for_protocol(load_dataset(config.data, seed=args.seed), "full", "test", args.seed)
@@ -173,6 +175,7 @@ def shoppers_part(args: argparse.Namespace) -> dict:
         "config": DEVICE_CONFIG,
         "seed": args.seed,
         "rounds": args.shoppers_rounds,
+        "clients_per_round": args.shoppers_per_round or "all",
         "genuine_shoppers": genuine,
         "targets": targets,
         "norm_bound": bound,
@@ -233,6 +236,9 @@ def main() -> None:
     parser.add_argument("--bound", type=float, default=1.0, help="norm-bound's L2 bound")
     parser.add_argument("--shoppers-dataset", default="movielens-1m")
     parser.add_argument("--shoppers-rounds", type=int, default=30)
+    parser.add_argument(
+        "--shoppers-per-round", type=int, default=0, help="clients sampled per round (0: all)"
+    )
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.05, 0.1])
     parser.add_argument("--attacks", nargs="+", default=list(SHOPPER_ATTACKS))
     parser.add_argument("--defences", nargs="+", default=list(SHOPPER_DEFENCES))
