@@ -280,3 +280,19 @@ def test_metrics_get_an_attack_block(runs):
     assert block["fake_shoppers"] == run.fakes.count
     assert block["kind"] == "fedrecattack" and block["defence"] == "none"
     assert fake_shopper_block(config, runs["clean"][0]) is None
+
+
+def test_camouflage_spends_its_share_of_the_budget_on_other_rows(ml100k):
+    config = load_config(
+        ML_DEVICE,
+        {"data.dataset": "movielens-100k", "attack.kind": "a-hum", "attack.camouflage": 0.5},
+    )
+    spec = get_model("mf-bpr")
+    shared = spec.init_model(ml100k.n_items, config.model, torch.Generator().manual_seed(0))
+    attacker = FakeShoppers.register(config.attack, ml100k.train, config.seed)
+    sent = attacker(1, attacker.ids[:4], shared, typical_norm=0.5)
+    torch.testing.assert_close(sent.norms().float(), torch.full((4,), 0.5))
+    assert torch.bincount(sent.owner).max() <= config.attack.rows
+    # The crafted part (targets and the rows the loss moves) keeps half the squared norm.
+    crafted = sent.row_norms().pow(2)[: len(sent.rows) - 4 * (config.attack.rows // 2)]
+    assert float(crafted.sum()) == pytest.approx(4 * 0.5 * 0.25, rel=1e-3)

@@ -281,6 +281,9 @@ class AttackConfig:
     # (what a shopper's update plausibly measures) and moves at most `rows` item rows.
     norm: float = 1.0
     rows: int = 60
+    # The share of a fake's squared norm spent on random other rows (to evade the similarity
+    # defence; 0: none).
+    camouflage: float = 0.0
 
     def validate(self) -> None:
         _choice("attack", "kind", self.kind, ("none", *STOREFRONT_ATTACKS, *FAKE_SHOPPER_ATTACKS))
@@ -301,6 +304,8 @@ class AttackConfig:
         _at_least("attack", "mining_steps", self.mining_steps, 0)
         _positive("attack", "norm", self.norm)
         _at_least("attack", "rows", self.rows, 1)
+        if not 0.0 <= self.camouflage < 1.0:
+            raise ConfigError(f"[attack] camouflage must be in [0, 1), got {self.camouflage}")
         if self.kind in FAKE_SHOPPER_ATTACKS and self.rows < self.targets:
             raise ConfigError(
                 f"[attack] rows ({self.rows}) must be at least targets ({self.targets}): a fake "

@@ -9,6 +9,8 @@ constraints, so that one fake update looks like a shopper's):
   attacker that median (an attacker estimates it by training honest profiles of its own; the exact
   value is the assumption in the attacker's favour);
 - it claims the median genuine shopper's example count as its weight in the FedAvg mean;
+- with `camouflage` c > 0, a share c of its squared norm goes to random other rows in random
+  directions (on half of its `rows`): fakes that know of the similarity defence look unalike;
 - it sends nothing for the dense weights and never touches a genuine shopper's user vector.
 
 Targets: `targets` items drawn by the run seed among the items that fewer training shoppers bought
@@ -142,6 +144,7 @@ class FakeShoppers:
     seed: int
     known: sp.csr_matrix | None = None  # fedrecattack: the known interactions (known users × items)
     approx: torch.Tensor | None = None  # fedrecattack: the approximated user vectors
+    shared_shape: tuple[int, int] = (0, 0)
     _adam: dict = field(default_factory=dict)
 
     @property
@@ -172,6 +175,7 @@ class FakeShoppers:
     ) -> ClientUpdates:
         """The sampled fakes' updates (`fakes`: their client ids) for this round's shared model."""
         V, b = shared["item_embedding"].detach(), shared["item_bias"].detach()
+        self.shared_shape = tuple(V.shape)
         targets = self.targets.to(V.device)
         n = len(fakes)
         g = torch_generator(self.seed, "attack", "round", round_number)
@@ -183,20 +187,44 @@ class FakeShoppers:
             group = torch.arange(n, device=V.device).repeat_interleave(self.attack.hard_users)
         rows, grad_emb, grad_bias, owner = promotion_gradients(users, group, n, V, b, targets)
         rows, emb, bias, owner = self._constrain(rows, -grad_emb, -grad_bias, owner, n, targets)
-        # Each fake's change scaled to exactly its norm budget.
+        budget = self.attack.norm * typical_norm
+        share = 1.0 - self.attack.camouflage
+        # Each fake's change scaled to exactly its norm budget (its share of it, with camouflage).
         squared = torch.zeros(n, device=V.device, dtype=torch.float64)
         squared.index_add_(0, owner, emb.double().pow(2).sum(1) + bias.double().pow(2))
-        scale = (self.attack.norm * typical_norm / squared.sqrt().clamp_min(1e-30)).float()
+        scale = (math.sqrt(share) * budget / squared.sqrt().clamp_min(1e-30)).float()
+        emb, bias = emb * scale[owner].unsqueeze(1), bias * scale[owner]
+        if self.attack.camouflage > 0:
+            rows, emb, bias, owner = self._camouflage(rows, emb, bias, owner, n, budget, g)
         return ClientUpdates(
             rows=rows,
             owner=owner,
-            items={
-                "item_embedding": emb * scale[owner].unsqueeze(1),
-                "item_bias": bias * scale[owner],
-            },
+            items={"item_embedding": emb, "item_bias": bias},
             dense={},
             weights=torch.full((n,), self.claimed_examples, device=V.device),
             clients=fakes.to(V.device),
+        )
+
+    def _camouflage(self, rows, emb, bias, owner, n, budget, g):
+        """Each fake also moves random other rows in random directions, with `camouflage` of its
+        squared norm budget: an attacker who knows of the similarity defence makes its fakes look
+        unlike each other (on the rows the crafted part left free, within `rows`)."""
+        used = torch.bincount(owner, minlength=n)
+        free = (self.attack.rows - used).clamp_min(0).cpu()
+        n_items, dim = self.shared_shape
+        extra_owner = torch.repeat_interleave(torch.arange(n), free)
+        extra_rows = torch.randint(n_items, (len(extra_owner),), generator=g)
+        noise = torch.randn(len(extra_owner), dim + 1, generator=g)
+        squared = torch.zeros(n, dtype=torch.float64).index_add_(
+            0, extra_owner, noise.double().pow(2).sum(1)
+        )
+        scale = math.sqrt(self.attack.camouflage) * budget / squared.sqrt().clamp_min(1e-30)
+        noise = (noise * scale[extra_owner].unsqueeze(1).float()).to(emb.device)
+        return (
+            torch.cat([rows, extra_rows.to(rows.device)]),
+            torch.cat([emb, noise[:, :dim]]),
+            torch.cat([bias, noise[:, dim]]),
+            torch.cat([owner, extra_owner.to(owner.device)]),
         )
 
     def _constrain(self, rows, emb, bias, owner, n, targets):
@@ -210,7 +238,9 @@ class FakeShoppers:
         starts = torch.cumsum(counts, 0) - counts
         rank = torch.empty_like(order)
         rank[order] = torch.arange(len(order), device=order.device) - starts[owner[order]]
-        keep = rank < self.attack.rows
+        # With camouflage, half of the rows are left for it.
+        limit = self.attack.rows if self.attack.camouflage == 0 else self.attack.rows // 2
+        keep = rank < max(limit, len(targets))
         return rows[keep], emb[keep], bias[keep], owner[keep]
 
     def _approximate_users(self, V, b, g) -> torch.Tensor:
