@@ -195,28 +195,6 @@ def test_attacks_are_experiments_of_the_simulator():
         load_config(overrides={"attack.kind": "backdoor"})
 
 
-def test_exposure_counts_shoppers_with_a_target_in_their_top_k():
-    import numpy as np
-    import scipy.sparse as sp
-
-    from fedshop.eval.exposure import exposure
-
-    scores = torch.tensor(
-        [
-            [5.0, 4.0, 3.0, 2.0, 1.0],  # top 2: items 0, 1 → target 1 shown
-            [5.0, 4.0, 3.0, 2.0, 1.0],  # bought item 1: top 2 without it are 0, 2 → not shown
-            [1.0, 2.0, 3.0, 4.0, 5.0],  # top 2: items 4, 3 → target 3 shown
-            [1.0, 5.0, 1.0, 5.0, 1.0],  # bought both targets: cannot be shown one, not counted
-        ]
-    )
-    train = sp.csr_matrix(
-        np.array([[0, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 0, 0, 0], [0, 1, 0, 1, 0]])
-    )
-    result = exposure(lambda rows: scores[rows], train, np.array([1, 3]), k=2, batch_size=2)
-    assert (result.exposed, result.shoppers) == (2, 3)
-    assert result.rate == pytest.approx(2 / 3)
-
-
 def test_a_storefront_with_fake_customers_trains_on_them_and_keeps_them_out_of_its_files(retail):
     import numpy as np
 

@@ -149,21 +149,37 @@ class FederatedConfig:
     # A server that does not trust every silo (fl/robust.py). robust: the aggregation rule that
     # replaces the plain sum (none, norm-bound, median, trimmed-mean, krum); each needs every
     # silo's own update, so none works under secure aggregation or encryption.
+    # Cross-device (fl/device_robust.py): none, norm-bound, row-bound, similarity (server stages on
+    # every shopper's own update, so again not under secure aggregation).
     robust: str = "none"
     robust_trim: float = 0.2  # trimmed-mean: the share dropped at each end, per coordinate
     robust_bound: float = 1.0  # norm-bound: the largest L2 norm an update keeps
     byzantine: int = 1  # krum: how many attackers it tolerates
+    # row-bound (cross-device): every item row a shopper moves is clipped to this multiple of the
+    # median row-change norm of the round, and only its `max_rows` largest row changes are kept.
+    row_bound: float = 3.0
+    max_rows: int = 1000
+    # similarity (cross-device, FoolsGold-style): a shopper whose update has cosine similarity above
+    # this with another shopper's update of the same round is left out of the sum.
+    similarity_threshold: float = 0.5
     # Refuse (and log) any silo's update longer than this L2 norm; 0: only malformed ones.
     max_update_norm: float = 0.0
 
     def validate(self) -> None:
         FEDERATED_MODES.check(self.mode, "[federated] mode")
-        _choice("federated", "robust", self.robust, ROBUST_RULES)
+        _choice("federated", "robust", self.robust, ALL_ROBUST_RULES)
         if not 0.0 <= self.robust_trim < 0.5:
             raise ConfigError(
                 f"[federated] robust_trim must be in [0, 0.5), got {self.robust_trim}"
             )
         _positive("federated", "robust_bound", self.robust_bound)
+        _positive("federated", "row_bound", self.row_bound)
+        _at_least("federated", "max_rows", self.max_rows, 1)
+        if not 0.0 < self.similarity_threshold <= 1.0:
+            raise ConfigError(
+                "[federated] similarity_threshold must be in (0, 1] (a cosine similarity), got "
+                f"{self.similarity_threshold}"
+            )
         _at_least("federated", "byzantine", self.byzantine, 0)
         _at_least("federated", "max_update_norm", self.max_update_norm, 0.0)
         _at_least("federated", "rounds", self.rounds, 1)
@@ -234,31 +250,79 @@ FIT_METHODS = (
 )  # fmt: skip
 TASKS = ("recommend", "fit")
 ROBUST_RULES = ("none", "norm-bound", "median", "trimmed-mean", "krum")  # fl/robust.py
+DEVICE_ROBUST_RULES = ("none", "norm-bound", "row-bound", "similarity")  # fl/device_robust.py
+ALL_ROBUST_RULES = (*ROBUST_RULES, "row-bound", "similarity")
+STOREFRONT_ATTACKS = ("sign-flip", "scale", "free-ride", "fake-purchases")  # fl/poisoning.py
+FAKE_SHOPPER_ATTACKS = ("fedrecattack", "a-hum")  # fl/fake_shoppers.py
 
 
 @dataclass(frozen=True)
 class AttackConfig:
-    """A malicious storefront's model poisoning (fl/poisoning.py); off by default."""
+    """Attacks as experiments of the simulator; off by default.
 
-    # none | sign-flip | scale | free-ride (noise of an honest update's norm, its real weight) |
-    # fake-purchases (a storefront's fake customers buying its targets)
+    A malicious storefront (cross-silo, fl/poisoning.py): sign-flip | scale | free-ride |
+    fake-purchases, `attackers`, `scale`; fake-purchases also `fake_fraction`, `targets`, `fillers`.
+    Fake shoppers promoting target items (cross-device, fl/fake_shoppers.py): fedrecattack | a-hum,
+    `fake_fraction`, `targets`, `known_fraction` (fedrecattack), `hard_users` (a-hum), `norm`."""
+
+    # none | sign-flip | scale | free-ride | fake-purchases (storefronts) | fedrecattack | a-hum
     kind: str = "none"
     attackers: int = 1  # how many silos attack (drawn by the run seed)
     scale: float = 10.0  # how much the attacker multiplies its update by
-    # fake-purchases: the attacker adds this share of its own customer count as fake customers,
-    # each buying every target item and the attacker's `fillers` best-selling items.
-    fake_fraction: float = 0.5
-    targets: int = 5  # items the attack promotes (drawn by the seed among unpopular ones)
+    # Fake shoppers: round(fake_fraction × genuine shoppers) extra clients in the pool (at most 1).
+    # fake-purchases: round(fake_fraction × the storefront's customers) fake customers (any > 0).
+    fake_fraction: float = 0.05
+    # How many target items, drawn by the run seed among the items bought by fewer training shoppers
+    # than the median item (and by at least one).
+    targets: int = 1
+    # fedrecattack: the share of genuine training interactions the attacker knows (public ones).
+    known_fraction: float = 0.05
+    # a-hum: synthesised hard users per fake shopper, and gradient-ascent steps to mine them.
+    hard_users: int = 32
+    mining_steps: int = 10
+    # Each fake shopper's update has L2 norm `norm` × the median norm of the round's genuine updates
+    # (what a shopper's update plausibly measures) and moves at most `rows` item rows.
+    norm: float = 1.0
+    rows: int = 60
+    # The share of a fake's squared norm spent on random other rows (to evade the similarity
+    # defence; 0: none).
+    camouflage: float = 0.0
+    # fake-purchases: each fake customer buys every target and the storefront's `fillers` best
+    # sellers.
     fillers: int = 10
 
     def validate(self) -> None:
-        kinds = ("none", "sign-flip", "scale", "free-ride", "fake-purchases")
-        _choice("attack", "kind", self.kind, kinds)
+        _choice("attack", "kind", self.kind, ("none", *STOREFRONT_ATTACKS, *FAKE_SHOPPER_ATTACKS))
         _at_least("attack", "attackers", self.attackers, 1)
         _positive("attack", "scale", self.scale)
         _positive("attack", "fake_fraction", self.fake_fraction)
+        if self.fake_shoppers and self.fake_fraction > 1.0:
+            raise ConfigError(
+                "[attack] fake_fraction must be in (0, 1] (fake shoppers per genuine shopper), "
+                f"got {self.fake_fraction}"
+            )
         _at_least("attack", "targets", self.targets, 1)
         _at_least("attack", "fillers", self.fillers, 0)
+        if not 0.0 < self.known_fraction <= 1.0:
+            raise ConfigError(
+                "[attack] known_fraction must be in (0, 1] (the share of genuine interactions "
+                f"the attacker knows), got {self.known_fraction}"
+            )
+        _at_least("attack", "hard_users", self.hard_users, 1)
+        _at_least("attack", "mining_steps", self.mining_steps, 0)
+        _positive("attack", "norm", self.norm)
+        _at_least("attack", "rows", self.rows, 1)
+        if not 0.0 <= self.camouflage < 1.0:
+            raise ConfigError(f"[attack] camouflage must be in [0, 1), got {self.camouflage}")
+        if self.kind in FAKE_SHOPPER_ATTACKS and self.rows < self.targets:
+            raise ConfigError(
+                f"[attack] rows ({self.rows}) must be at least targets ({self.targets}): a fake "
+                "shopper has to move every target item's row"
+            )
+
+    @property
+    def fake_shoppers(self) -> bool:
+        return self.kind in FAKE_SHOPPER_ATTACKS
 
 
 CONTRIBUTION_METHODS = ("gtg", "exact", "none")  # fl/contribution.py
@@ -539,10 +603,7 @@ class RunConfig:
         self._validate_robust()
         self.attack.validate()
         self.contribution.validate()
-        if self.attack.kind != "none" and self.federated.mode != "cross-silo":
-            raise ConfigError(
-                '[attack] poisons a storefront\'s updates: it needs [federated] mode = "cross-silo"'
-            )
+        self._validate_attack()
         cross_device = PROTECTIONS.names(tag="cross-device")
         if self.federated.mode == "cross-device" and self.protection.kind not in cross_device:
             raise ConfigError(
@@ -614,20 +675,63 @@ class RunConfig:
         return self
 
     def _validate_robust(self) -> None:
-        """Robust rules read every silo's own update: cross-silo, in plaintext, nothing else."""
+        """Robust rules read every client's own update: in plaintext, each rule in its mode."""
         rule = self.federated.robust
         if rule == "none":
             return
-        if self.federated.mode != "cross-silo":
+        if self.federated.mode == "cross-device" and rule not in DEVICE_ROBUST_RULES:
             raise ConfigError(
-                f'[federated] robust = "{rule}" is for cross-silo runs; cross-device shoppers are '
-                "summed as one vectorised batch"
+                f'[federated] robust = "{rule}" is for cross-silo runs; for cross-device shoppers '
+                f"choose one of {', '.join(DEVICE_ROBUST_RULES)}"
+            )
+        if self.federated.mode == "cross-silo" and rule not in ROBUST_RULES:
+            raise ConfigError(
+                f'[federated] robust = "{rule}" is for cross-device runs (it reads each shopper\'s '
+                f"item rows); for storefronts choose one of {', '.join(ROBUST_RULES)}"
+            )
+        if self.federated.mode == "cross-device" and self.privacy.enabled:
+            raise ConfigError(
+                f'[federated] robust = "{rule}" would change the updates DP-FedAvg has clipped and '
+                "accounted; it is not available with [privacy] for cross-device runs"
+            )
+        unit = "shopper" if self.federated.mode == "cross-device" else "silo"
+        if self.protection.kind != "none":
+            raise ConfigError(
+                f'[federated] robust = "{rule}" needs each {unit}\'s own update, which '
+                f'[protection] kind = "{self.protection.kind}" hides from the server (it sees only '
+                "the total): choose one of the two"
+            )
+
+    def _validate_attack(self) -> None:
+        """Storefront attacks are cross-silo; fake shoppers are cross-device, MF, in plaintext."""
+        attack = self.attack
+        if attack.kind in STOREFRONT_ATTACKS and self.federated.mode != "cross-silo":
+            raise ConfigError(
+                f'[attack] kind = "{attack.kind}" poisons a storefront\'s updates: it needs '
+                '[federated] mode = "cross-silo" (fake shoppers are kind = "fedrecattack" or "a-hum")'
+            )
+        if not attack.fake_shoppers:
+            return
+        if self.federated.mode != "cross-device":
+            raise ConfigError(
+                f'[attack] kind = "{attack.kind}" adds fake shoppers: it needs [federated] mode = '
+                '"cross-device" (a malicious storefront is kind = "sign-flip" or "scale")'
+            )
+        if self.model.name != "mf-bpr":
+            raise ConfigError(
+                f'[attack] kind = "{attack.kind}" is implemented for [model] name = "mf-bpr" only, '
+                f"not {self.model.name}"
+            )
+        if self.privacy.enabled:
+            raise ConfigError(
+                f'[attack] kind = "{attack.kind}" is not simulated under [privacy] (a fake shopper '
+                "ignores the client-side clipping DP-FedAvg relies on); turn one of them off"
             )
         if self.protection.kind != "none":
             raise ConfigError(
-                f'[federated] robust = "{rule}" needs each silo\'s own update, which '
-                f'[protection] kind = "{self.protection.kind}" hides from the server (it sees only '
-                "the total): choose one of the two"
+                f'[attack] kind = "{attack.kind}" is not simulated under [protection] kind = '
+                f'"{self.protection.kind}" yet (fake updates would pass the secure sum unseen, '
+                "and no defence can inspect them there)"
             )
 
     def _validate_item_features(self) -> None:

@@ -28,10 +28,11 @@ from fedshop.config import ConfigError, RunConfig
 from fedshop.data.interactions import RecDataset, SiloData, for_protocol
 from fedshop.data.partition import slug
 from fedshop.eval.cold_start import ColdStartResult, evaluate_cohort
+from fedshop.eval.exposure import exposure
 from fedshop.eval.metrics import MetricSums, evaluate, summarise
 from fedshop.fl.audit import AuditTrail
 from fedshop.fl.contribution import unavailable
-from fedshop.fl.cross_device import eligible_clients, run_cross_device
+from fedshop.fl.cross_device import CrossDeviceRun, eligible_clients, run_cross_device
 from fedshop.fl.in_process import run_cross_silo
 from fedshop.fl.rounds import RoundRecord
 from fedshop.models.fold_in import fold_in, settings_for
@@ -153,7 +154,7 @@ def run_federated(
             **device_tables_by_silo(dataset, device_run.user_tables),
         }
         history, protected, audit = device_run.history, device_run.protection, device_run.audit
-        attack = None
+        attack = fake_shopper_block(config, device_run)
         contribution = unavailable(
             "cross-device mode: each shopper is a client; valuing subsets of a round's shoppers "
             "is not implemented"
@@ -179,6 +180,26 @@ def run_federated(
     return MethodRun(
         result, weights, history, protection, attack=attack, audit=audit, contribution=contribution
     )
+
+
+def fake_shopper_block(config: RunConfig, run: CrossDeviceRun) -> dict | None:
+    """metrics.json "attack" of a fake-shopper run: ER@10 of the federated model (after the
+    genuine shoppers' refit, over the genuine shoppers only), the targets, the fakes."""
+    fakes = run.fakes
+    if fakes is None:
+        return None
+    targets = fakes.targets.tolist()
+    er = exposure(lambda rows: run.scores(torch.from_numpy(rows)), run.dataset.train, targets)
+    return {
+        "kind": config.attack.kind,
+        "targets": targets,
+        "fake_shoppers": fakes.count,
+        "fake_fraction": config.attack.fake_fraction,
+        "defence": config.federated.robust,
+        "er@10": er.ratio,
+        "exposed_shoppers": er.exposed,
+        "shoppers": er.shoppers,
+    }
 
 
 def device_tables_by_silo(

@@ -1,13 +1,19 @@
-"""Exposure of promoted items: how far an attack pushed its targets into genuine shoppers' lists.
+"""Exposure of promoted items: how far an item-promotion attack got (issue 21).
 
-ER@K (FedRecAttack, Rong et al. 2022; A-hum): the share of genuine shoppers who have at least one
-target item among their top K of the full catalogue, their own training items excluded. A shopper
-who already bought every target cannot be shown one and is not counted.
+ER@K (exposure ratio) of a set of target items T: among the genuine shoppers who have at least one
+target they did not already buy (a training item), the share whose full-catalogue top K (training
+items excluded from the ranking, as for HR@10) holds at least one target they did not buy:
+
+    ER@K = |{u : (top_K(u) ∩ T) \\ train(u) ≠ ∅}| / |{u : T \\ train(u) ≠ ∅}|
+
+A target already bought is never ranked (it is excluded with the training items), so "not already
+bought" only matters for the denominator: a shopper who bought every target cannot be exposed.
+Fake shoppers are never among the rows scored here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,32 +25,36 @@ from fedshop.eval.metrics import topk_excluding
 
 @dataclass(frozen=True)
 class Exposure:
+    k: int
     exposed: int  # shoppers with a target in their top K
-    shoppers: int  # shoppers who could be shown one
-
-    def __add__(self, other: Exposure) -> Exposure:
-        return Exposure(self.exposed + other.exposed, self.shoppers + other.shoppers)
+    shoppers: int  # shoppers with at least one target they did not buy
 
     @property
-    def rate(self) -> float:
+    def ratio(self) -> float:
         return self.exposed / self.shoppers if self.shoppers else float("nan")
 
 
 def exposure(
     score_rows: Callable[[np.ndarray], torch.Tensor],
     train: sp.csr_matrix,
-    targets: np.ndarray,
+    targets: Sequence[int],
     k: int = 10,
     batch_size: int = 2048,
 ) -> Exposure:
-    """ER@k over the rows of `train` (one shopper each) for the items `targets`."""
-    targets = np.asarray(targets, dtype=np.int64)
-    bought = np.asarray(train[:, targets].sum(axis=1)).ravel() if len(targets) else None
-    rows = np.arange(train.shape[0]) if bought is None else np.flatnonzero(bought < len(targets))
+    """ER@k over the rows of `train` (genuine shoppers) with at least one training item;
+    `score_rows(rows)` returns their (len(rows) × items) full-catalogue scores."""
+    targets = np.asarray(sorted(set(int(t) for t in targets)), dtype=np.int64)
+    if len(targets) == 0:
+        raise ValueError("exposure needs at least one target item")
+    bought_targets = np.asarray((train[:, targets] > 0).sum(axis=1)).ravel()
+    active = np.diff(train.indptr) > 0
+    rows = np.flatnonzero(active & (bought_targets < len(targets)))
+    is_target = np.zeros(train.shape[1], dtype=bool)
+    is_target[targets] = True
     exposed = 0
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         with torch.no_grad():
             top = topk_excluding(score_rows(batch), train[batch], k)
-        exposed += int(np.isin(top, targets).any(axis=1).sum())
-    return Exposure(exposed, len(rows))
+        exposed += int(is_target[top].any(axis=1).sum())
+    return Exposure(k, exposed, len(rows))

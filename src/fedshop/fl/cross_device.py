@@ -19,6 +19,8 @@ from fedshop.config import RunConfig
 from fedshop.data.interactions import RecDataset, SiloData
 from fedshop.errors import FedShopError
 from fedshop.eval.metrics import MetricSums, evaluate
+from fedshop.fl.device_robust import ScreenedRound, device_defences
+from fedshop.fl.fake_shoppers import FakeShoppers
 from fedshop.fl.in_process import make_server
 from fedshop.fl.local_round import LocalTraining, draw_round
 from fedshop.fl.rounds import FinalEvaluation, RoundCallback, RoundDriver, RoundRecord, RoundReply
@@ -44,6 +46,8 @@ class CrossDeviceRun:
     protection: ProtectedSum | None = None  # the secure sum, when updates are protected
     final: dict[str, MetricSums] | None = None  # after every shopper refitted their vectors
     audit: object = None  # the audit trail (fl/audit.py): server-signed, shoppers hold no keys
+    fakes: FakeShoppers | None = None  # [attack]: the fake shoppers (never evaluated)
+    screened: ScreenedRound | None = None  # the round with defences and fakes, when there is one
     # Sliced once: the run is evaluated after many rounds.
     silos: list[SiloData] = field(init=False)
 
@@ -95,12 +99,16 @@ class ShopperTransport:
     unit: str = "shoppers"
     retries: bool = False
     client_dp_event: None = None  # shoppers add no noise of their own; the server does (user DP)
+    # [attack] fake shoppers or [federated] robust: the round summed from every client's own update.
+    screened: ScreenedRound | None = None
 
     def train(
         self, round_number: int, clients: Sequence[int], shared: Params, evaluate: int | None
     ) -> RoundReply:
         run = self.run
         clients = torch.as_tensor(clients, dtype=torch.int64)
+        fakes = clients[clients >= run.dataset.n_users]  # fake shoppers craft, they do not train
+        clients = clients[clients < run.dataset.n_users]
         batch = draw_round(
             run.dataset.train, clients, self.training.epochs, self.training.negatives,
             torch_generator(self.seed, "devices", "round", round_number),
@@ -110,6 +118,13 @@ class ShopperTransport:
                 f"round {round_number} sampled a single shopper: secure aggregation cannot hide "
                 "a lone update; raise [federated] clients_per_round or the sampling rate"
             )
+        if self.screened is not None:
+            total, new_users, kept = self.screened.run(
+                round_number, run.spec, shared, run.user_tables, batch, fakes, self.training
+            )
+            for k, v in new_users.items():
+                run.user_tables[k][clients] = v
+            return RoundReply(total, kept)
         clip = self.pipeline.stage_of(ClipUpdate)
         summation = run.protection if len(clients) > 0 else None
         total, new_users = vectorised_sum(
@@ -176,6 +191,11 @@ def run_cross_device(
     )
     user_tables = {k: v.to(device) for k, v in user_tables.items()}
     pool = eligible_clients(dataset.train)
+    fakes = None
+    if config.attack.fake_shoppers:  # extra clients in the pool, sampled like the others
+        fakes = FakeShoppers.register(config.attack, dataset.train, config.seed)
+        pool = torch.cat([pool, fakes.ids])
+    defences = device_defences(config, dataset.n_items)
     protection = make_protection(config.protection)
     protected = ProtectedSum(protection, config.protection.bound) if protection else None
     pipeline = shopper_pipeline(config, guard, len(pool), protected)
@@ -183,13 +203,17 @@ def run_cross_device(
     server = make_server(
         config, dataset.n_items, pool, pipeline, rate, device, dataset.item_features
     )
-    run = CrossDeviceRun(spec, server.shared, user_tables, dataset, protection=protected)
+    run = CrossDeviceRun(
+        spec, server.shared, user_tables, dataset, protection=protected, fakes=fakes
+    )
     training = LocalTraining(
         fed.local_epochs, fed.client_learning_rate, config.train.l2, config.train.negatives
     )
     transport = ShopperTransport(
         run, training, config.seed, config.eval.split, fed.personalise_epochs, pipeline
     )
+    if fakes is not None or defences:
+        transport.screened = run.screened = ScreenedRound(defences, dataset.n_users, fakes)
     from fedshop.fl.audit import start_device_audit
 
     run.audit = start_device_audit(config)

@@ -31,7 +31,7 @@ import torch
 
 from fedshop.config import AttackConfig, RunConfig
 from fedshop.data.interactions import SiloData
-from fedshop.eval.exposure import Exposure, exposure
+from fedshop.eval.exposure import exposure
 from fedshop.fl.client import SiloClient
 from fedshop.messages import ClientMessage
 from fedshop.models.spec import score_all
@@ -203,13 +203,15 @@ def attack_outcome(clients: list, shared, k: int = 10) -> dict | None:
             targets,
             k,
         )
-    total = sum(per_silo.values(), Exposure(0, 0))
+    exposed = sum(e.exposed for e in per_silo.values())
+    shoppers = sum(e.shoppers for e in per_silo.values())
     return {
         **outcome,
         "targets": targets.tolist(),
-        f"er@{k}": total.rate,
-        "shoppers": total.shoppers,
+        f"er@{k}": exposed / shoppers if shoppers else float("nan"),
+        "exposed_shoppers": exposed,
+        "shoppers": shoppers,
         "per_silo": {
-            name: {f"er@{k}": e.rate, "shoppers": e.shoppers} for name, e in per_silo.items()
+            name: {f"er@{k}": e.ratio, "shoppers": e.shoppers} for name, e in per_silo.items()
         },
     }
