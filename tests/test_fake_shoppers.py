@@ -87,6 +87,7 @@ def test_targets_are_unpopular_and_drawn_by_the_seed():
         ({"attack.kind": "a-hum", "model.name": "neumf"}, "mf-bpr"),
         ({"attack.kind": "a-hum", "attack.targets": 5, "attack.rows": 3}, "at least targets"),
         ({"attack.fake_fraction": 0.0}, "fake_fraction"),
+        ({"attack.kind": "a-hum", "attack.fake_fraction": 2.0}, "fake shoppers per genuine"),
         ({"attack.known_fraction": 1.5}, "known_fraction"),
         ({"federated.similarity_threshold": 1.5}, "similarity_threshold"),
         ({"federated.max_rows": 0}, "max_rows"),

@@ -175,11 +175,9 @@ class FederatedConfig:
         _positive("federated", "robust_bound", self.robust_bound)
         _positive("federated", "row_bound", self.row_bound)
         _at_least("federated", "max_rows", self.max_rows, 1)
-        if not 0.0 < self.similarity_threshold <= 1.0:
-            raise ConfigError(
-                "[federated] similarity_threshold must be in (0, 1] (a cosine similarity), got "
-                f"{self.similarity_threshold}"
-            )
+        _share(
+            "federated", "similarity_threshold", self.similarity_threshold, "a cosine similarity"
+        )
         _at_least("federated", "byzantine", self.byzantine, 0)
         _at_least("federated", "max_update_norm", self.max_update_norm, 0.0)
         _at_least("federated", "rounds", self.rounds, 1)
@@ -296,18 +294,11 @@ class AttackConfig:
         _at_least("attack", "attackers", self.attackers, 1)
         _positive("attack", "scale", self.scale)
         _positive("attack", "fake_fraction", self.fake_fraction)
-        if self.fake_shoppers and self.fake_fraction > 1.0:
-            raise ConfigError(
-                "[attack] fake_fraction must be in (0, 1] (fake shoppers per genuine shopper), "
-                f"got {self.fake_fraction}"
-            )
+        if self.fake_shoppers:
+            _share("attack", "fake_fraction", self.fake_fraction, "fake shoppers per genuine one")
         _at_least("attack", "targets", self.targets, 1)
         _at_least("attack", "fillers", self.fillers, 0)
-        if not 0.0 < self.known_fraction <= 1.0:
-            raise ConfigError(
-                "[attack] known_fraction must be in (0, 1] (the share of genuine interactions "
-                f"the attacker knows), got {self.known_fraction}"
-            )
+        _share("attack", "known_fraction", self.known_fraction, "of the genuine interactions")
         _at_least("attack", "hard_users", self.hard_users, 1)
         _at_least("attack", "mining_steps", self.mining_steps, 0)
         _positive("attack", "norm", self.norm)
@@ -1014,6 +1005,12 @@ def _choice(section: str, key: str, value: str, allowed: tuple[str, ...]) -> Non
 def _at_least(section: str, key: str, value: float, minimum: float) -> None:
     if value < minimum:
         raise ConfigError(f"{_label(section, key)} must be at least {minimum}, got {value}")
+
+
+def _share(section: str, key: str, value: float, meaning: str) -> None:
+    """A share in (0, 1]; `meaning` says of what."""
+    if not 0.0 < value <= 1.0:
+        raise ConfigError(f"{_label(section, key)} must be in (0, 1] ({meaning}), got {value}")
 
 
 def _positive(section: str, key: str, value: float) -> None:
