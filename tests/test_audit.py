@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from fedshop.cli import app
 from fedshop.config import load_config
+from fedshop.data.partition import slug
 from fedshop.experiment import run_experiment
 from fedshop.fl.audit import acknowledge, hash_message
 from fedshop.messages import ClientMessage
@@ -276,13 +277,18 @@ def _flip(path: Path, position: int) -> None:
 
 
 def test_a_flipped_byte_anywhere_in_the_log_fails_naming_its_entry(run_copy):
+    check_log_flips(run_copy)
+
+
+def check_log_flips(run_copy: Path, step: int = 97) -> None:
+    """Flip bytes of the folder's log one at a time: each flip fails, naming the entry it hit."""
     log = run_copy / LOG_FILE
     original = log.read_bytes()
     line_of = [original[:i].count(b"\n") for i in range(len(original))]
-    # Every 97th byte (a prime: it lands on every kind of field across the lines) and each line's
-    # first and last byte.
+    # Every 97th byte (`step`, a prime: it lands on every kind of field across the lines) and each
+    # line's first and last byte.
     starts = [0, *[i + 1 for i, b in enumerate(original[:-1]) if b == ord("\n")]]
-    positions = sorted({*range(0, len(original), 97), *starts, *[s - 1 for s in starts[1:]]})
+    positions = sorted({*range(0, len(original), step), *starts, *[s - 1 for s in starts[1:]]})
     assert len(positions) > 200
     for position in positions:
         _flip(log, position)
@@ -315,7 +321,18 @@ def test_the_cli_names_the_entry_of_any_flipped_bit_in_the_log(run_copy, fractio
 
 
 def test_a_flipped_byte_in_any_weights_file_fails_naming_the_file(run_copy):
+    check_weights_flips(run_copy)
+    # The CLI names the file, and exits non-zero.
+    shared = "models/federated/shared.safetensors"
+    _flip(run_copy / shared, 100)
+    result = CliRunner().invoke(app, ["audit", "verify", str(run_copy)])
+    assert result.exit_code == 1 and shared in result.output
+
+
+def check_weights_flips(run_copy: Path) -> None:
+    """Flip bytes of every weights file one at a time: each flip fails, naming the file."""
     files = weight_files(run_copy)
+    assert files
     for path in files:
         target = run_copy / path
         original = target.read_bytes()
@@ -326,11 +343,7 @@ def test_a_flipped_byte_in_any_weights_file_fails_naming_the_file(run_copy):
             problem = verify_run(run_copy)
             assert isinstance(problem, Problem) and problem.file == path, (path, position, problem)
             target.write_bytes(original)
-    # The CLI names the file, and exits non-zero.
-    shared = "models/federated/shared.safetensors"
-    _flip(run_copy / shared, 100)
-    result = CliRunner().invoke(app, ["audit", "verify", str(run_copy)])
-    assert result.exit_code == 1 and shared in result.output
+    assert isinstance(verify_run(run_copy), Verified)
 
 
 def test_a_missing_or_extra_weights_file_or_an_edited_config_fails(run_copy):
@@ -482,3 +495,63 @@ def test_a_result_written_twice_gives_a_log_that_verifies_both_times(retail, tmp
         write_run(folder, result)
         assert isinstance(verify_run(folder), Verified)
     assert (tmp_path / "a" / LOG_FILE).read_bytes() == (tmp_path / "b" / LOG_FILE).read_bytes()
+
+
+# -- a fit run (`--task fit`): the same log, the shops' keys ----------------------------------------
+
+FIT = {
+    "task": "fit", "data.dataset": "renttherunway", "fit.max_shoppers": 2000,
+    "federated.rounds": 2, "fit.methods": ["federated", "majority", "local_only"],
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def audited_fit_run(data_dir, tmp_path_factory) -> Path:
+    """A small fit run (2 rounds, RentTheRunway's 8 shops) with two baselines, written."""
+    from fedshop.data.fit_feedback import load_fit_dataset
+    from fedshop.fit_experiment import run_fit_experiment
+    from fedshop.report.fit_run import write_fit_run
+
+    config = load_config(overrides={**FIT, "data.data_dir": str(data_dir)})
+    dataset = load_fit_dataset(config.data, config.fit, config.seed)
+    folder = tmp_path_factory.mktemp("audited-fit") / "run"
+    folder.mkdir()
+    write_fit_run(folder, run_fit_experiment(config, dataset))
+    return folder
+
+
+def test_an_untouched_fit_run_verifies_and_each_shop_signs_its_own_files(audited_fit_run):
+    result = fedshop("audit", "verify", audited_fit_run)
+    assert result.returncode == 0, result.stderr
+    assert "verified" in result.stdout
+    verified = verify_run(audited_fit_run)
+    assert isinstance(verified, Verified), verified
+    assert verified.rounds == 2 and len(verified.parties) == 8
+    entries = read_entries(audited_fit_run / LOG_FILE)
+    assert [e["kind"] for e in entries] == [
+        "header", "round", "round", "final", *["silo-files"] * 8, "files", "end",
+    ]  # fmt: skip
+    rounds = [e["body"] for e in entries if e["kind"] == "round"]
+    assert verified.acks == sum(len(r["participants"]) for r in rounds) + 8
+    assert all(r["messages"] is not None and r["epsilon"] is None for r in rounds)
+    files = weight_files(audited_fit_run)
+    # The shared model, each shop's file and customer map, each shop's local model, the majority.
+    assert set(files) == set(verified.files) and len(files) == 1 + 8 * 2 + 8 + 1
+    names = {info["name"] for info in verified.parties.values()}
+    for path in files:
+        who = verified.signed_by[path]
+        if path.startswith("models/federated/silo-"):
+            assert who in names and slug(who) in path
+        else:  # the shared model and the baselines: the server's word
+            assert who == "server"
+    assert verified.model_file == "models/federated/shared.safetensors"
+
+
+def test_a_flipped_byte_in_a_fit_runs_log_or_weights_fails_naming_it(audited_fit_run, tmp_path):
+    run_copy = Path(shutil.copytree(audited_fit_run, tmp_path / "run"))
+    check_log_flips(run_copy, step=53)  # a shorter log than a recommendation run's: more often
+    check_weights_flips(run_copy)
+    silo = next(p for p in weight_files(run_copy) if p.startswith("models/federated/silo-"))
+    _flip(run_copy / silo, 50)
+    result = CliRunner().invoke(app, ["audit", "verify", str(run_copy)])
+    assert result.exit_code == 1 and silo in result.output

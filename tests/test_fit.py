@@ -23,6 +23,8 @@ from fedshop.fl.aggregation import fedavg_pipeline, fednova_pipeline, with_row_m
 from fedshop.fl.fit_local import per_customer_updates
 from fedshop.messages import ClientMessage
 from fedshop.models.fit import FIT_MODELS, Batch, batched, gather, record_losses
+from fedshop.report.fit_run import write_fit_run
+from fedshop.storage.audit import LOG_FILE, Verified, read_entries, verify_run
 
 SMALL = {"fit.max_shoppers": 3000, "federated.rounds": 2}
 
@@ -221,7 +223,7 @@ def test_federated_fit_trains_and_keeps_each_shops_sizes_at_home(small):
         assert torch.equal(own["users"], torch.from_numpy(silo.users))
 
 
-def test_fit_under_record_dp_and_secure_aggregation_states_epsilon(small):
+def test_fit_under_record_dp_and_secure_aggregation_states_epsilon(small, tmp_path):
     config, data = small
     config = fit_config(
         config.data.data_dir,
@@ -238,6 +240,12 @@ def test_fit_under_record_dp_and_secure_aggregation_states_epsilon(small):
     assert 0 < result.privacy.epsilon <= 8.0 + 1e-6
     assert result.protection.kind == "secagg"
     assert np.isfinite(result.methods["federated"].summary["auc_macro"])
+    # Its audit log verifies; under SecAgg the server holds no shop's message (no message hashes),
+    # each round states the ε spent so far.
+    write_fit_run(tmp_path, result)
+    assert isinstance(verify_run(tmp_path), Verified)
+    rounds = [e["body"] for e in read_entries(tmp_path / LOG_FILE) if e["kind"] == "round"]
+    assert len(rounds) == 2 and all(r["messages"] is None and r["epsilon"] > 0 for r in rounds)
 
 
 def test_config_names_what_a_fit_run_cannot_do(data_dir):
@@ -285,6 +293,7 @@ def test_fedshop_train_task_fit_writes_a_run_folder(data_dir, tmp_path):
     serving = json.loads((out / "serving.json").read_text())
     assert serving["task"] == "fit" and serving["silos"]
     assert (out / "products.csv").exists()
+    assert isinstance(verify_run(out), Verified)  # its audit log (test_audit.py flips its bytes)
 
 
 def test_fit_records_concat_of_nothing_is_empty():

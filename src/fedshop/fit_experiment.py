@@ -26,6 +26,7 @@ from fedshop.data.fit_feedback import FitDataset, FitRecords
 from fedshop.data.partition import slug
 from fedshop.eval.fit_metrics import FitCounts, summarise_fit
 from fedshop.experiment import MethodResult, Progress, _Silent, record_level_plan
+from fedshop.fl.audit import AuditTrail
 from fedshop.fl.fit_local import train_fit
 from fedshop.fl.fit_silo import fit_training, init_fit_shared, records_batch, run_fit_federated
 from fedshop.fl.rounds import RoundRecord
@@ -48,6 +49,8 @@ class FitResult:
     protection: ProtectionSummary = field(default_factory=ProtectionSummary)
     # Bytes of one shop's message per round: the dense tensors, and only the rows it touched.
     message_bytes: dict[str, dict[str, int]] = field(default_factory=dict)
+    # The federated run's audit log, closed and written as audit.jsonl by the run folder's writer.
+    audit: AuditTrail | None = None
 
 
 def fit_method_result(per_silo: dict[str, FitCounts], seconds: float, curve=None) -> MethodResult:
@@ -70,7 +73,7 @@ def _scored(dataset: FitDataset, split: str, predict: Callable) -> dict[str, Fit
 
 def run_federated(
     config: RunConfig, dataset: FitDataset, progress: Progress, guard: PrivacyGuard | None
-) -> tuple[MethodResult, Weights, list[RoundRecord], ProtectionSummary, dict]:
+) -> tuple[MethodResult, Weights, list[RoundRecord], ProtectionSummary, dict, AuditTrail | None]:
     progress.start("federated", config.federated.rounds)
     started = time.perf_counter()
 
@@ -91,7 +94,8 @@ def run_federated(
         }
     costs = run.protection.costs if run.protection is not None else []
     protection = summarise_costs(config.protection.kind, costs)
-    return result, weights, run.history, protection, message_bytes(run.server.shared, dataset)
+    sizes = message_bytes(run.server.shared, dataset)
+    return result, weights, run.history, protection, sizes, run.audit
 
 
 def message_bytes(shared: dict[str, torch.Tensor], dataset: FitDataset) -> dict[str, dict]:
@@ -231,7 +235,7 @@ def run_fit_experiment(
     results: dict[str, MethodResult] = {}
     weights: Weights = {}
     history: list[RoundRecord] = []
-    protection, sizes = ProtectionSummary(), {}
+    protection, sizes, audit = ProtectionSummary(), {}, None
     trainers = {
         "centralized": lambda: train_pooled(config, dataset, progress, "centralized"),
         "centralized_unlinked": lambda: train_pooled(
@@ -246,7 +250,7 @@ def run_fit_experiment(
     }
     for method in methods:
         if method == "federated":
-            results[method], more, history, protection, sizes = run_federated(
+            results[method], more, history, protection, sizes, audit = run_federated(
                 config, dataset, progress, guard
             )
         else:
@@ -254,5 +258,5 @@ def run_fit_experiment(
         weights.update(more)
     return FitResult(
         config, dataset, results, history, weights,
-        guard.summary() if guard is not None else PrivacySummary(), protection, sizes,
+        guard.summary() if guard is not None else PrivacySummary(), protection, sizes, audit,
     )  # fmt: skip

@@ -55,10 +55,13 @@ class SiloDp:
 
 class SiloState:
     """What a silo carries from one round to the next: its private parameters (`_private`) and its
-    random stream (`_generator`); both kinds of silo client (recommendation, fit) keep these."""
+    random stream (`_generator`); both kinds of silo client (recommendation, fit) keep these, and
+    both sign what they receive with the silo's own audit key (`signer`, fl/audit.py), if it has
+    one."""
 
     _private: Params
     _generator: torch.Generator
+    signer: Signer | None = None  # the silo's own audit key (fl/audit.py), if it has one
 
     def state_dict(self) -> dict:
         """For a silo that runs as a fresh process each round or restarts."""
@@ -71,6 +74,13 @@ class SiloState:
     def private_state(self) -> dict[str, torch.Tensor]:
         """For the silo's own storage (its run-folder entry), never for the server."""
         return {k: v.clone() for k, v in self._private.items()}
+
+    def acknowledge(self, run: str, round_number: int, shared: Params) -> str | None:
+        """This silo's signature on the hash of the global model it received for `round_number`
+        (0: the final model), for the run's audit log; None without a key."""
+        from fedshop.fl.audit import acknowledge
+
+        return acknowledge(self.signer, run, round_number, shared)
 
 
 class SiloClient(SiloState):
@@ -96,7 +106,6 @@ class SiloClient(SiloState):
         self._generator = torch_generator(seed, "silo", index, "train")
         self.client_learning_rate = client_learning_rate
         self.dp: SiloDp | None = None  # set for record-level DP runs
-        self.signer: Signer | None = None  # the silo's own audit key (fl/audit.py), if it has one
 
     @property
     def name(self) -> str:
@@ -137,13 +146,6 @@ class SiloClient(SiloState):
             tensors=delta, weight=1.0, num_examples=examples, local_steps=steps, dp_event=event
         )
         return self.pipeline.on_client(message)
-
-    def acknowledge(self, run: str, round_number: int, shared: Params) -> str | None:
-        """This silo's signature on the hash of the global model it received for `round_number`
-        (0: the final model), for the run's audit log; None without a key."""
-        from fedshop.fl.audit import acknowledge
-
-        return acknowledge(self.signer, run, round_number, shared)
 
     def personalise(self, global_shared: Params, epochs: int) -> None:
         """Refit the private parameters against fixed shared parameters; nothing is sent."""

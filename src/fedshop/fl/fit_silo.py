@@ -1,7 +1,7 @@
 """Fit prediction across shops: a shop as a federated client, and the federated run.
 
 A `FitSiloClient` has the interface of the recommenders' `SiloClient` (fit, personalise, evaluate,
-private_state), so the same `SiloTransport`, `RoundDriver`, aggregation pipeline, server optimisers,
+private_state, acknowledge), so the same `SiloTransport`, `RoundDriver`, aggregation pipeline, server optimisers,
 record-level DP and secure sums carry its rounds. It holds its own records, its customers'
 measurements and their private true-size vectors; only the update of the shared product vectors,
 item biases and head leaves it, and only counts leave its evaluation (`eval/fit_metrics.py`).
@@ -39,6 +39,7 @@ from fedshop.secure.protected_sum import ProtectedSum, make_protection
 from fedshop.seeding import NoiseStream, torch_generator
 
 if TYPE_CHECKING:
+    from fedshop.fl.audit import AuditTrail
     from fedshop.privacy.dp import PrivacyGuard
 
 ROW_TABLES = PRODUCT_TABLES + ITEM_TABLES  # averaged over the shops that changed each row
@@ -199,6 +200,7 @@ class FitFederatedRun:
     history: list[RoundRecord]
     protection: ProtectedSum | None
     final: dict[str, FitCounts]
+    audit: AuditTrail | None = None  # the run's audit log and the shops' keys (fl/audit.py)
 
 
 @dataclass(frozen=True)
@@ -254,7 +256,11 @@ def run_fit_federated(
     on_round: RoundCallback | None = None,
     guard: PrivacyGuard | None = None,
 ) -> FitFederatedRun:
-    """Federated training over the shops, through the recommenders' round driver and stages."""
+    """Federated training over the shops, through the recommenders' round driver and stages, and
+    its audit log as a recommender's cross-silo run keeps it (`fl/audit.py`: every shop signs the
+    models it receives with a key of its own for the run)."""
+    from fedshop.fl.audit import start_silo_audit
+
     pipeline = fit_pipeline(config, private=guard is not None)
     protection = make_protection(config.protection)
     protected = None
@@ -263,15 +269,19 @@ def run_fit_federated(
         pipeline = replace(pipeline, summation=protected)
     clients = [FitSiloClient.of_dataset(s, dataset, config, pipeline) for s in dataset.silos]
     server = make_fit_server(config, FitShapes.of(dataset), len(clients), pipeline)
+    audit = start_silo_audit(config, clients)
     fed = config.federated
     if guard is not None:
         start_private_fit_silos(clients, config, guard)
     transport = FitTransport(
         clients, LocalTask.of_run(config, guard.plan if guard is not None else None),
-        config.eval.split, fed.personalise_epochs, protected,
+        config.eval.split, fed.personalise_epochs, protected, audit_run=audit.log.run,
     )  # fmt: skip
-    finished = RoundDriver(config, server, transport, guard, on_round=on_round).run_all()
-    return FitFederatedRun(server, clients, finished.history, protected, finished.final.per_silo)
+    driver = RoundDriver(config, server, transport, guard, on_round=on_round, audit=audit.rounds)
+    finished = driver.run_all()
+    return FitFederatedRun(
+        server, clients, finished.history, protected, finished.final.per_silo, audit
+    )
 
 
 def start_private_fit_silos(

@@ -1,6 +1,7 @@
 """The run folder's audit log: the federated run's rounds, closed with the weights files.
 
-`write_run` calls `write_audit` with the bytes of every weights file it wrote. Each silo's private
+Both run folders' writers (a recommendation run's `write_run`, a fit run's `write_fit_run`) call
+`write_audit` with the bytes of every weights file they wrote. Each silo's private
 files (its `models/federated/silo-<slug>.safetensors` and `.customers.npz`) are recorded in a
 `silo-files` entry signed by that silo: in the simulator with the silo's key for the run, in a
 deployment by the silo itself (its signed record came with its final reply and the server put it
@@ -11,11 +12,15 @@ in the server's `files` entry; then the log is closed (`end`) and written as `au
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fedshop.experiment import ExperimentResult
 from fedshop.report.run_folder import federated_silo_stem
 from fedshop.storage.audit import LOG_FILE, AuditLog, sha256_hex, silo_files_body
+
+if TYPE_CHECKING:
+    from fedshop.fl.audit import AuditTrail
 
 SHARED_MODEL = "models/federated/shared.safetensors"
 
@@ -26,8 +31,11 @@ def silo_paths(name: str) -> tuple[str, str]:
     return f"models/{stem}.safetensors", f"models/{stem}.customers.npz"
 
 
-def write_audit(out: Path, result: ExperimentResult, written: dict[str, bytes]) -> Path:
-    trail = result.audit
+def write_audit(
+    out: Path, trail: AuditTrail, silo_names: Iterable[str], written: dict[str, bytes]
+) -> Path:
+    """Close `trail`'s log with the run's weights files (`written`: run-folder path → bytes) and
+    write it as `out/audit.jsonl`; `silo_names`: the run's silos, whose files they sign."""
     # Closed on a copy: the result's log stays open, so a folder written again gets the same log.
     log = AuditLog(trail.log.server, entries=list(trail.log.entries))
     hashes = {path: sha256_hex(data) for path, data in written.items()}
@@ -35,7 +43,7 @@ def write_audit(out: Path, result: ExperimentResult, written: dict[str, bytes]) 
     claimed = {
         path for e in log.entries if e["kind"] == "silo-files" for path in e["body"]["files"]
     }
-    for name in result.dataset.silo_names:
+    for name in silo_names:
         if name in trail.silos:  # a simulated silo signs its own files with its own key
             index, signer = trail.silos[name]
             mine = {p: hashes[p] for p in silo_paths(name) if p in hashes}

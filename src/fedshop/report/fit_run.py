@@ -6,6 +6,8 @@ models/…           safetensors: federated/shared; per shop federated/silo-<sho
                    private sizes and `users`; each baseline's weights. Owner-only files.
 models/federated/silo-<shop>.customers.npz   row r of that shop's tables is customer_ids[r]
 serving.json       {"format", "task": "fit", "model", "dim", "silos"} for `fedshop serve`
+audit.jsonl        the hash-chained, signed audit log of the federated run's rounds and weights
+                   files, as a recommendation run's (`fedshop audit verify`; report/audit.py)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from fedshop.data.partition import slug
 from fedshop.data.renttherunway import FIT_CLASSES
 from fedshop.fit_experiment import FitResult
 from fedshop.report.html import CSS, _fmt, _table, privacy_section, protection_section
-from fedshop.report.run_folder import SERVING, SERVING_FORMAT, _finite
+from fedshop.report.run_folder import SERVING, SERVING_FORMAT, _finite, federated_silo_stem
 from fedshop.storage.private_files import write_private
 
 PRODUCTS = "products.csv"
@@ -94,16 +96,20 @@ def write_fit_run(out: Path, result: FitResult) -> Path:
     pd.DataFrame(
         {"item_id": dataset.item_ids[dataset.product_item], "size": dataset.product_size}
     ).rename_axis("product").to_csv(out / PRODUCTS)
+    written: dict[str, bytes] = {}  # run-folder path → the bytes of each weights file
     for stem, tensors in result.weights.items():
         path = out / "models" / f"{stem}.safetensors"
-        write_private(path, save({k: v.contiguous() for k, v in tensors.items()}))
+        data = save({k: v.contiguous() for k, v in tensors.items()})
+        write_private(path, data)
+        written[path.relative_to(out).as_posix()] = data
     served = []
     for silo in dataset.silos:
-        stem = f"federated/silo-{slug(silo.name)}"
+        stem = federated_silo_stem(silo.name)
         if stem in result.weights:
             buffer = io.BytesIO()
             np.savez(buffer, customer_ids=np.asarray(dataset.user_ids[silo.users]).astype(str))
             write_private(out / "models" / f"{stem}.customers.npz", buffer.getvalue())
+            written[f"models/{stem}.customers.npz"] = buffer.getvalue()
             served.append({"name": silo.name, "slug": slug(silo.name)})
     serving = {
         "format": SERVING_FORMAT,
@@ -116,6 +122,10 @@ def write_fit_run(out: Path, result: FitResult) -> Path:
     (out / "report.html").write_text(
         render_fit_report(metrics, data_report, result.config.to_toml()), encoding="utf-8"
     )
+    if result.audit is not None:  # audit.jsonl: the rounds, closed with the weights files
+        from fedshop.report.audit import write_audit
+
+        write_audit(out, result.audit, dataset.silo_names, written)
     return out
 
 

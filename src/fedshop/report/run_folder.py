@@ -187,7 +187,7 @@ def write_run(out: Path, result: ExperimentResult) -> Path:
     if result.audit is not None:  # audit.jsonl: the rounds, closed with the weights files
         from fedshop.report.audit import write_audit
 
-        write_audit(out, result, written)
+        write_audit(out, result.audit, result.dataset.silo_names, written)
     return out
 
 

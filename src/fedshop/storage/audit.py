@@ -323,7 +323,7 @@ def verify_run(folder: Path) -> Verified | Problem:
     log = folder / LOG_FILE
     if not log.is_file():
         raise AuditError(f"{folder} has no audit log ({LOG_FILE}): not a run folder, or a run "
-                         "written before FedShop kept one, or a fit run (which keeps none yet)")  # fmt: skip
+                         "written before FedShop kept one, or a SASRec run (which keeps none yet)")  # fmt: skip
     entries = read_entries(log)
     if isinstance(entries, Problem):
         return entries
