@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -555,3 +556,65 @@ def test_a_flipped_byte_in_a_fit_runs_log_or_weights_fails_naming_it(audited_fit
     _flip(run_copy / silo, 50)
     result = CliRunner().invoke(app, ["audit", "verify", str(run_copy)])
     assert result.exit_code == 1 and silo in result.output
+
+
+def test_a_deployed_shop_signs_the_model_it_receives_and_its_own_weights_file(data_dir, tmp_path):
+    """A fit run's deployed shop (its `SiloNode` in this process, as Flower runs it): the same
+    acknowledgements, and its signed record of the file `deploy.launch.collect_fit` writes."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    from fedshop.data.fit_feedback import load_fit_dataset
+    from fedshop.deploy import wire
+    from fedshop.deploy.pki import make_audit_keys
+    from fedshop.deploy.silo_app import SiloNode
+    from fedshop.deploy.silo_files import write_fit_silo_file
+    from fedshop.deploy.silo_policy import SiloPolicy, policy_path
+    from fedshop.fl.audit import silo_weights_file
+    from fedshop.fl.fit_silo import FitShapes, fit_pipeline, make_fit_server
+    from fedshop.storage.audit import (
+        ack_message,
+        files_message,
+        final_ack_message,
+        safetensors_bytes,
+        sha256_hex,
+        signature_valid,
+    )
+
+    config = load_config(
+        overrides={**FIT, "data.data_dir": str(data_dir), "fit.methods": ["federated"]}
+    )
+    dataset = load_fit_dataset(config.data, config.fit, config.seed)
+    index = min(range(dataset.n_silos), key=lambda i: dataset.silos[i].n_users)
+    data = write_fit_silo_file(tmp_path / "silo.npz", dataset, index)
+    policy_path(data).write_text(SiloPolicy().to_toml())
+    key, public = make_audit_keys(tmp_path / "keys", f"silo-{index}")
+    public = public.read_text().strip()
+    pipeline = fit_pipeline(config, private=False)
+    shared = make_fit_server(config, FitShapes.of(dataset), dataset.n_silos, pipeline).shared
+    node_config = {"silo-data": str(data), "state-dir": str(tmp_path / "state"),
+                   "audit-key": str(key)}  # fmt: skip
+    run = "f" * 32
+    assert str(SiloNode(node_config).hello()["silo"]["audit-key"]) == public
+
+    def task(round_number: int, final: bool = False) -> RecordDict:
+        values = {"round": round_number, "config": config.to_toml(), "evaluate": False}
+        values.update(final=final, run=run)
+        return RecordDict({"task": ConfigRecord(values), "shared": wire.params_record(shared)})
+
+    model = tensors_digest(shared)
+    ack = wire.record_audit(SiloNode(node_config).train(task(1)), "ack")
+    assert signature_valid(public, ack_message(run, 1, model), ack)
+    final = SiloNode(node_config).evaluate(task(1, final=True))
+    assert signature_valid(
+        public, final_ack_message(run, model), wire.record_audit(final, "final-ack")
+    )
+    body = json.loads(wire.record_audit(final, "files"))
+    name = dataset.silos[index].name
+    assert body["party"] == index
+    assert signature_valid(public, files_message(run, name, body["files"]), body["signature"])
+    # The hash the shop signed is that of the file the coordinator writes (`collect_fit`: final.pt
+    # and the shop's customers by their own ids).
+    saved = torch.load(tmp_path / "state" / "runs" / run / "final.pt", weights_only=True)
+    ids = np.asarray(dataset.user_ids, dtype=np.int64)[dataset.silos[index].users]
+    saved["users"] = torch.tensor(ids)
+    assert body["files"] == {silo_weights_file(name): sha256_hex(safetensors_bytes(saved))}

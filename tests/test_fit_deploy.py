@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from fedshop.config import load_config
 from fedshop.data.fit_feedback import load_fit_dataset
+from fedshop.data.partition import slug
 from fedshop.deploy import wire
 from fedshop.deploy.silo_files import read_fit_silo_file
 from fedshop.eval.fit_metrics import BINS, FitCounts
@@ -83,6 +84,30 @@ def test_each_shop_file_holds_only_its_own_records(deployed):
             assert (kept.product == mine.product).all() and (kept.label == mine.label).all()
             assert np.isin(kept.user, data.silo.users).all()
         assert (data.product_item == dataset.product_item).all()  # the public catalogue
+
+
+@pytest.mark.slow
+def test_a_deployed_fit_run_keeps_an_audit_log_that_verifies(deployed):
+    """The server's log closed in the run folder: every shop's key from its hello, its
+    acknowledgements, its signed record of its own weights file; verified with the shops' keys."""
+    from fedshop.storage.audit import LOG_FILE, Verified, read_entries, verify_run
+
+    _, dataset, out, _ = deployed
+    keys = out / "deployment" / "keys"
+    done = subprocess.run(
+        [sys.executable, "-m", "fedshop", "audit", "verify", str(out), "--keys", str(keys)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    verified = verify_run(out)
+    assert isinstance(verified, Verified), verified
+    assert verified.rounds == 2 and len(verified.parties) == dataset.n_silos
+    kinds = [e["kind"] for e in read_entries(out / LOG_FILE)]
+    assert kinds.count("silo-files") == dataset.n_silos and kinds[-2:] == ["files", "end"]
+    for silo in dataset.silos:  # each shop vouches for its own weights file
+        path = f"models/federated/silo-{slug(silo.name)}.safetensors"
+        assert verified.signed_by[path] == silo.name
+    assert verified.signed_by["models/federated/shared.safetensors"] == "server"
 
 
 def _reply(counts: dict, silo: int = 1) -> RecordDict:

@@ -208,7 +208,11 @@ def server_audit(server: Path):
 
 
 def collect_fit(config: RunConfig, dataset: FitDataset, folder: Path, seconds: float):
-    """A fit run's result, as `fedshop train --task fit` reports its federated method."""
+    """A fit run's result, as `fedshop train --task fit` reports its federated method. A shop's
+    weights file holds its private tables and, as `users`, its customers by their own ids (what
+    its silo file holds, `silo_files.write_fit_silo_file`; it never knows the trial's row
+    indices, which the simulator's file holds there): the bytes the shop signed for the audit log
+    (`silo_app.SiloNode._final_audit`)."""
     from fedshop.fit_experiment import FitResult, fit_method_result, message_bytes
 
     server = folder / "server"
@@ -217,17 +221,18 @@ def collect_fit(config: RunConfig, dataset: FitDataset, folder: Path, seconds: f
     per_silo = outcome.per_silo or kept_metrics(dataset, folder, run)
     shared = load_file(str(server / SHARED_FILE))
     weights = {"federated/shared": shared}
+    customer_ids = np.asarray(dataset.user_ids, dtype=np.int64)
     for silo in dataset.silos:
         final = folder / "silos" / f"silo-{silo.index}-state" / "runs" / run / "final.pt"
         if final.exists():
             state = torch.load(final, weights_only=True)
             weights[f"federated/silo-{slug(silo.name)}"] = {
-                **state, "users": torch.from_numpy(silo.users),
+                **state, "users": torch.tensor(customer_ids[silo.users]),
             }  # fmt: skip
     return FitResult(
         config, dataset, {"federated": fit_method_result(per_silo, seconds)}, outcome.history,
         weights, outcome.privacy or PrivacySummary(), outcome.protection,
-        message_bytes(shared, dataset),
+        message_bytes(shared, dataset), audit=server_audit(server),
     )  # fmt: skip
 
 

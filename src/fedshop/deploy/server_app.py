@@ -346,8 +346,7 @@ class GridTransport:
         }
         replies = federation.exchange(contents, "final")
         acks = self._acks(replies, list(federation.node_of), "final-ack")
-        if self.config.task != "fit":
-            self._claims(replies)
+        self._claims(replies)
         if self.dp_plan is not None:
             return FinalEvaluation({}, acks=acks)  # each silo kept its own metrics
         last = federation.metrics(replies) if evaluate is not None else None
@@ -412,16 +411,15 @@ def serve(grid: Grid, context: Context) -> None:
     def checkpoint(server, history) -> None:
         save_checkpoint(checkpoints, server, history, digest, run_id)
 
-    # The audit log (storage/audit.py), in this folder; a fit run keeps none yet.
-    audit = None if fit else open_audit(out, identity, config, federation, resumed)
+    # The audit log (storage/audit.py), in this folder: a recommender's run and a fit run alike.
+    audit = open_audit(out, identity, config, federation, resumed)
     driver = RoundDriver(
         config, server, transport, guard, resumed.history if resumed else None,
         checkpoint=checkpoint, log=log, audit=audit,
     )  # fmt: skip
     run = driver.run_all()
-    if audit is not None:
-        for silo in sorted(transport.claims):
-            audit.log.append("silo-files", transport.claims[silo])
+    for silo in sorted(transport.claims):
+        audit.log.append("silo-files", transport.claims[silo])
     final = run.final.per_silo
     Outcome(
         history=run.history,

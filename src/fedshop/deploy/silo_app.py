@@ -340,14 +340,17 @@ class SiloNode:
                 torch.save(client.private_state(), f)
             sums = client.evaluate(shared, config.eval.split)
             self._report(reply, "final", run, sums, task, "final")
-            if self.signer is not None and config.task != "fit":
+            if self.signer is not None:
                 reply["audit"] = self._final_audit(client, str(task.get("run", "")), shared)
         return RecordDict(reply)
 
-    def _final_audit(self, client: SiloClient, run: str, shared: Params) -> ConfigRecord:
+    def _final_audit(
+        self, client: SiloClient | FitSiloClient, run: str, shared: Params
+    ) -> ConfigRecord:
         """The silo's signature on the final model, and its signed record of its own weights file
         (the run folder's `models/federated/silo-<slug>.safetensors`: its private vectors and its
-        users, the bytes the run folder's writer makes of them)."""
+        users, the bytes the run folder's writer makes of them; a shop's users are its own
+        customer ids, `deploy.launch.collect_fit`)."""
         weights = {**client.private_state(), "users": torch.tensor(self.data.users)}
         digest = sha256_hex(safetensors_bytes(weights))
         files = {silo_weights_file(self.data.name): digest}

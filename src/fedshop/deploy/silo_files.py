@@ -144,6 +144,11 @@ class FitSiloData:
     def n_users(self) -> int:
         return self.silo.n_users
 
+    @property
+    def users(self) -> np.ndarray:
+        """The shop's customers by their own ids (int64, sorted): the rows of its private tables."""
+        return self.silo.users
+
 
 def write_fit_silo_file(path: Path, dataset: FitDataset, index: int) -> Path:
     """Write shop `index` of `dataset` to `path` (.npz), owner-only: its customers' records and
