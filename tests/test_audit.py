@@ -53,8 +53,12 @@ def _model(value: float) -> dict[str, torch.Tensor]:
     return {"items": torch.full((3, 2), value), "bias": torch.arange(3, dtype=torch.float32)}
 
 
-def a_log(wrong_ack: bool = False) -> tuple[list[dict], dict[str, Signer]]:
-    """A two-silo, two-round log made by hand, as a run makes it."""
+def a_log(
+    wrong_ack: bool = False, final_names_bob: bool = True
+) -> tuple[list[dict], dict[str, Signer]]:
+    """A two-silo, two-round log made by hand, as a run makes it. Bob's acknowledgement of the
+    final model is missing: named with no signature (invalid), or not named (`final_names_bob`
+    false: Bob was not sent the final model, and the log is valid)."""
     server, alice, bob = Signer.generate(), Signer.generate(), Signer.generate()
     log = AuditLog(server)
     log.header("run-1", "seed = 1\n", {0: ("Alice", alice.public), 1: ("Bob", bob.public)}, "x")
@@ -83,7 +87,10 @@ def a_log(wrong_ack: bool = False) -> tuple[list[dict], dict[str, Signer]]:
         "final",
         {
             "model": tensors_digest(final),
-            "acks": {"0": acknowledge(alice, "run-1", 0, final), "1": None},
+            "acks": {
+                "0": acknowledge(alice, "run-1", 0, final),
+                **({"1": None} if final_names_bob else {}),
+            },
         },
     )
     log.append(
@@ -99,45 +106,12 @@ def test_a_log_made_by_the_parties_verifies_and_says_what_it_holds():
     # The final model's acknowledgement list names Bob with no signature: a missing ack fails.
     problem = verify_entries(entries)
     assert isinstance(problem, Problem) and problem.entry == 3 and "Bob" in problem.reason
-    entries = _without_missing_final_ack()
+    entries = a_log(final_names_bob=False)[0]
     result = verify_entries(entries)
     assert isinstance(result, Verified), result
     assert result.rounds == 2 and result.acks == 5
     assert result.files == {"models/a.bin": "d" * 64, "models/s.bin": "e" * 64}
     assert result.signed_by == {"models/a.bin": "Alice", "models/s.bin": "server"}
-
-
-def _without_missing_final_ack() -> list[dict]:
-    """`a_log` whose final entry lists only Alice's acknowledgement."""
-    server, alice, bob = Signer.generate(), Signer.generate(), Signer.generate()
-    log = AuditLog(server)
-    log.header("run-1", "seed = 1\n", {0: ("Alice", alice.public), 1: ("Bob", bob.public)}, "x")
-    models = [_model(float(v)) for v in range(3)]
-    for r in (1, 2):
-        sent = models[r - 1]
-        log.append(
-            "round",
-            {
-                "round": r, "participants": [0, 1], "messages": {"0": "a" * 64, "1": "b" * 64},
-                "model_in": tensors_digest(sent), "model_out": tensors_digest(models[r]),
-                "epsilon": 0.5 * r, "sum": None,
-                "acks": {
-                    "0": acknowledge(alice, "run-1", r, sent),
-                    "1": acknowledge(bob, "run-1", r, sent),
-                },
-            },
-        )  # fmt: skip
-    final = models[2]
-    log.append(
-        "final",
-        {"model": tensors_digest(final), "acks": {"0": acknowledge(alice, "run-1", 0, final)}},
-    )
-    log.append(
-        "silo-files", silo_files_body(alice, "run-1", 0, "Alice", {"models/a.bin": "d" * 64})
-    )
-    log.append("files", {"files": {"models/s.bin": "e" * 64}, "model_file": None})
-    log.close()
-    return log.entries
 
 
 def test_a_wrong_signature_fails_naming_the_entry_and_the_party():
@@ -161,7 +135,7 @@ def test_a_silo_signature_on_other_files_fails():
 
 
 def test_a_reordered_removed_edited_or_cut_log_fails_at_the_first_bad_entry():
-    entries = _without_missing_final_ack()
+    entries = a_log(final_names_bob=False)[0]
     assert isinstance(verify_entries(entries), Verified)
     swapped = [entries[0], entries[2], entries[1], *entries[3:]]
     assert verify_entries(swapped).entry == 1
@@ -184,7 +158,7 @@ def test_a_chain_rewritten_with_another_server_key_fails_on_the_parties_signatur
     """Whoever rewrites the log with a key of their own (and a header naming it) cannot make the
     silos' acknowledgements: a forged header with the forger's keys for the silos is the limit
     (the public keys must be checked against the parties' own, `--keys` below)."""
-    entries = _without_missing_final_ack()
+    entries = a_log(final_names_bob=False)[0]
     forger = AuditLog(Signer.generate())
     header = entries[0]["body"]
     forger.header(header["run"], "seed = 2\n", {
