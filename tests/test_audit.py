@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flwr.app import ConfigRecord, RecordDict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -363,9 +364,16 @@ def test_a_folder_without_a_log_is_a_one_line_error(tmp_path):
 # -- a deployed silo (its `SiloNode` in this process, as Flower runs it) -----------------------------
 
 
-def test_a_deployed_silo_signs_the_model_it_receives_and_its_own_weights_file(retail, tmp_path):
-    from flwr.app import ConfigRecord, RecordDict
+def silo_task(config, shared, run: str, round_number: int, final: bool = False) -> RecordDict:
+    """The server's training message of `round_number` (or the final one) to a deployed silo."""
+    from fedshop.deploy import wire
 
+    values = {"round": round_number, "config": config.to_toml(), "evaluate": False}
+    values.update(final=final, run=run)
+    return RecordDict({"task": ConfigRecord(values), "shared": wire.params_record(shared)})
+
+
+def test_a_deployed_silo_signs_the_model_it_receives_and_its_own_weights_file(retail, tmp_path):
     from fedshop.deploy import wire
     from fedshop.deploy.pki import make_audit_keys
     from fedshop.deploy.silo_app import SiloNode
@@ -401,9 +409,7 @@ def test_a_deployed_silo_signs_the_model_it_receives_and_its_own_weights_file(re
     assert str(SiloNode(node_config).hello()["silo"]["audit-key"]) == public
 
     def task(round_number: int, final: bool = False) -> RecordDict:
-        values = {"round": round_number, "config": config.to_toml(), "evaluate": False}
-        values.update(final=final, run=run)
-        return RecordDict({"task": ConfigRecord(values), "shared": wire.params_record(shared)})
+        return silo_task(config, shared, run, round_number, final)
 
     reply = SiloNode(node_config).train(task(1))
     ack = wire.record_audit(reply, "ack")
@@ -535,8 +541,6 @@ def test_a_flipped_byte_in_a_fit_runs_log_or_weights_fails_naming_it(audited_fit
 def test_a_deployed_shop_signs_the_model_it_receives_and_its_own_weights_file(data_dir, tmp_path):
     """A fit run's deployed shop (its `SiloNode` in this process, as Flower runs it): the same
     acknowledgements, and its signed record of the file `deploy.launch.collect_fit` writes."""
-    from flwr.app import ConfigRecord, RecordDict
-
     from fedshop.data.fit_feedback import load_fit_dataset
     from fedshop.deploy import wire
     from fedshop.deploy.pki import make_audit_keys
@@ -571,9 +575,7 @@ def test_a_deployed_shop_signs_the_model_it_receives_and_its_own_weights_file(da
     assert str(SiloNode(node_config).hello()["silo"]["audit-key"]) == public
 
     def task(round_number: int, final: bool = False) -> RecordDict:
-        values = {"round": round_number, "config": config.to_toml(), "evaluate": False}
-        values.update(final=final, run=run)
-        return RecordDict({"task": ConfigRecord(values), "shared": wire.params_record(shared)})
+        return silo_task(config, shared, run, round_number, final)
 
     model = tensors_digest(shared)
     ack = wire.record_audit(SiloNode(node_config).train(task(1)), "ack")
