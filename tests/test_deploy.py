@@ -140,6 +140,7 @@ def test_everything_the_deployment_wrote_is_owner_only(deployed):
     assert list(state.glob("unmasked/round-*.json"))  # the SecAgg rosters answered for
 
 
+@pytest.mark.slow
 def test_cli_writes_the_same_run_folder_as_the_simulator(tmp_path):
     out = tmp_path / "run"
     command = [
@@ -262,6 +263,7 @@ def test_a_restarted_server_resumes_from_its_checkpoint(three_silos, tmp_path):
     assert audit.rounds == 4 and audit.acks == 4 * 3 + 3
 
 
+@pytest.mark.slow
 def test_deploy_run_submits_to_a_running_superlink(three_silos, tmp_path):
     """The coordinator's command for separate hosts, against parties started as they would be, from
     elsewhere: through the front door's operator listener, with the operator's credential."""
