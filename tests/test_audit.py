@@ -30,8 +30,14 @@ from fedshop.storage.audit import (
     Problem,
     Signer,
     Verified,
+    ack_message,
+    files_message,
+    final_ack_message,
     message_digest,
     read_entries,
+    safetensors_bytes,
+    sha256_hex,
+    signature_valid,
     silo_files_body,
     tensors_digest,
     verify_entries,
@@ -382,14 +388,6 @@ def test_a_deployed_silo_signs_the_model_it_receives_and_its_own_weights_file(re
     from fedshop.fl.aggregation import aggregation_pipeline
     from fedshop.fl.audit import silo_weights_file
     from fedshop.fl.in_process import make_server
-    from fedshop.storage.audit import (
-        ack_message,
-        files_message,
-        final_ack_message,
-        safetensors_bytes,
-        sha256_hex,
-        signature_valid,
-    )
 
     index = min(range(retail.n_silos), key=lambda i: retail.silo(i).n_users)
     data = write_silo_file(tmp_path / "silo.npz", retail, index)
@@ -549,14 +547,6 @@ def test_a_deployed_shop_signs_the_model_it_receives_and_its_own_weights_file(da
     from fedshop.deploy.silo_policy import SiloPolicy, policy_path
     from fedshop.fl.audit import silo_weights_file
     from fedshop.fl.fit_silo import FitShapes, fit_pipeline, make_fit_server
-    from fedshop.storage.audit import (
-        ack_message,
-        files_message,
-        final_ack_message,
-        safetensors_bytes,
-        sha256_hex,
-        signature_valid,
-    )
 
     config = load_config(
         overrides={**FIT, "data.data_dir": str(data_dir), "fit.methods": ["federated"]}
