@@ -36,11 +36,14 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # All four train through fl/ or on their own; none uses another (sequential: the SASRec
     # benchmark entry; vertical: feature-split learning between parties aligned by PSI).
     ("attacks", "experiment", "sequential", "vertical"),
-    # Size and fit prediction's methods (issue 20): experiment's result types and record-level plan.
-    ("fit_experiment",),
+    # Size and fit prediction's methods (issue 20) and the retail tasks' (issue 22): experiment's
+    # result types, progress and record-level plan.
+    ("fit_experiment", "retail_experiment"),
     ("deploy", "report"),  # deploy runs an experiment across processes; report renders a result
     # The sweep runs experiments and the membership attack, then writes its HTML through report/.
     ("sweep",),
+    # The retail tasks' tables and scoring: their plots are drawn with report/'s helpers.
+    ("retail_tasks",),
     # The shopping guide serves a finished run folder (report/ wrote it) to shoppers and operators.
     ("serve",),
     ("cli",),

@@ -29,7 +29,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from fedshop.choices import help_text
-from fedshop.config import RunConfig, load_config
+from fedshop.config import RETAIL_TASKS, RunConfig, load_config
 from fedshop.deploy import check_deployable
 from fedshop.errors import FedShopError
 
@@ -416,8 +416,9 @@ def train(
         str | None,
         typer.Option(
             "--task",
-            help="recommend (top-K products, the default) or fit (will this size fit; "
-            "--dataset renttherunway).",
+            help="recommend (top-K products, the default), fit (will this size fit; "
+            "--dataset renttherunway), demand (weekly demand and an inventory policy), returns "
+            "(return risk) or fraud (fraudulent orders).",
         ),
     ] = None,
     overwrite: OverwriteOption = False,
@@ -447,6 +448,9 @@ def train(
     name = config.stem if config else "train"
     if run_config.task == "fit":
         _execute_fit(run_config, out or _default_out(f"{name}-fit"), overwrite)
+        return
+    if run_config.task in RETAIL_TASKS:
+        _execute_retail(run_config, out or _default_out(f"{name}-{run_config.task}"), overwrite)
         return
     _execute(run_config, out or _default_out(name), overwrite)
 
@@ -488,6 +492,42 @@ def _execute_fit(config: RunConfig, out: Path, overwrite: bool) -> None:
     console.print(f"\nRun folder: [bold]{folder}[/]  ·  report: [bold]{folder / 'report.html'}[/]")
     if "federated" in result.methods:
         _print_fit_serve_command(folder)
+
+
+def _execute_retail(config: RunConfig, out: Path, overwrite: bool) -> None:
+    """Train and score a demand, returns or fraud run, write its folder, print its table."""
+    from fedshop.report.retail_run import METHOD_LABELS, write_retail_run
+    from fedshop.report.run_folder import run_folder
+    from fedshop.retail_experiment import run_retail_experiment
+    from fedshop.retail_tasks import load_retail_dataset, score_run
+
+    with run_folder(out, overwrite) as folder:
+        with console.status("Building the table…"):
+            dataset = load_retail_dataset(config)
+        rows = sum(len(s.train) + len(s.test) for s in dataset.silos)
+        console.print(
+            f"[bold]{dataset.name}[/]: {rows:,} rows, {dataset.n_silos} storefronts, "
+            f"{len(dataset.pooled('test')):,} held out  [dim]({dataset.report.get('source', '')})[/]"
+        )
+        with _progress_bars(transient=False) as bars:
+            progress = RichProgress(bars)
+            progress.labels = {**progress.labels, **METHOD_LABELS}
+            result = run_retail_experiment(config, dataset, progress)
+        with console.status("Scoring…"):
+            scores = score_run(result)
+            write_retail_run(folder, result, scores)
+    table = Table(title=f"{config.task}: held-out rows of every storefront")
+    for column in ("method", *scores.headline):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for method, scored in scores.methods.items():
+        summary = scored["summary"]
+        table.add_row(method, *(_cell(summary.get(k)) for k in scores.headline))
+    console.print(table)
+    console.print(f"\nRun folder: [bold]{folder}[/]  ·  report: [bold]{folder / 'report.html'}[/]")
+
+
+def _cell(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value if value is not None else "–")
 
 
 def _print_fit_serve_command(folder: Path) -> None:

@@ -246,7 +246,49 @@ FIT_METHODS = (
     "federated", "centralized", "centralized_unlinked", "local_only", "majority", "1-lv-lr",
     "measurements",
 )  # fmt: skip
-TASKS = ("recommend", "fit")
+RETAIL_TASKS = ("demand", "returns", "fraud")
+TASKS = ("recommend", "fit", *RETAIL_TASKS)
+RETAIL_METHODS = ("federated", "centralized", "local_only")
+
+
+@dataclass(frozen=True)
+class RetailConfig:
+    """The retail tasks beyond recommendation (`task = "demand" | "returns" | "fraud"`, issue 22):
+    the table network every method trains (models/tabular.py) and which methods run. Each task's
+    table is built by its own module (data/demand.py, data/returns.py, data/fraud.py)."""
+
+    embedding_dim: int = 8  # at most this many numbers per code (smaller for small vocabularies)
+    hidden: int = 64  # width of the two hidden layers
+    learning_rate: float = 3e-3  # local AdamW
+    weight_decay: float = 1e-4
+    batch_size: int = 256
+    quantiles: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9)  # demand: the levels forecast
+    methods: tuple[str, ...] = RETAIL_METHODS
+
+    def validate(self) -> None:
+        _at_least("retail", "embedding_dim", self.embedding_dim, 1)
+        _at_least("retail", "hidden", self.hidden, 1)
+        _positive("retail", "learning_rate", self.learning_rate)
+        _at_least("retail", "weight_decay", self.weight_decay, 0.0)
+        _at_least("retail", "batch_size", self.batch_size, 1)
+        levels = list(self.quantiles)
+        if not levels or levels != sorted(set(levels)) or not 0 < levels[0] <= levels[-1] < 1:
+            raise ConfigError(
+                "[retail] quantiles must be increasing levels in (0, 1), e.g. [0.1, 0.5, 0.9]; "
+                f"got {levels}"
+            )
+        if 0.5 not in levels:
+            raise ConfigError(
+                "[retail] quantiles must include 0.5: the point forecast is the median"
+            )
+        if not self.methods:
+            raise ConfigError(
+                "[retail] methods must name at least one of " + ", ".join(RETAIL_METHODS)
+            )
+        for method in self.methods:
+            _choice("retail", "methods", method, RETAIL_METHODS)
+
+
 ROBUST_RULES = ("none", "norm-bound", "median", "trimmed-mean", "krum")  # fl/robust.py
 DEVICE_ROBUST_RULES = ("none", "norm-bound", "row-bound", "similarity")  # fl/device_robust.py
 ALL_ROBUST_RULES = (*ROBUST_RULES, "row-bound", "similarity")
@@ -561,6 +603,7 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     protection: ProtectionConfig = field(default_factory=ProtectionConfig)
     fit: FitConfig = field(default_factory=FitConfig)
+    retail: RetailConfig = field(default_factory=RetailConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     contribution: ContributionConfig = field(default_factory=ContributionConfig)
 
@@ -570,6 +613,8 @@ class RunConfig:
         fit_datasets = DATASETS.names(tag="fit")
         if self.task == "fit":
             return self._validate_fit(fit_datasets)
+        if self.task in RETAIL_TASKS:
+            return self._validate_retail()
         if self.data.dataset in fit_datasets:
             raise ConfigError(
                 f"{self.data.dataset} is fit feedback, not purchases: train it with --task fit "
@@ -662,6 +707,32 @@ class RunConfig:
         if self.eval.cold_start or self.eval.cold_items or self.eval.protocol != "full":
             raise ConfigError(
                 '[eval] cold_start, cold_items and protocol are for recommendation, not task = "fit"'
+            )
+        return self
+
+    def _validate_retail(self) -> RunConfig:
+        """A demand, returns or fraud run reads [retail], [federated], [data] (where its table
+        comes from) and [protection]; each task builds its own table, whatever [data] dataset says."""
+        for section in (self.data, self.retail, self.federated, self.protection):
+            section.validate()
+        task = f'task = "{self.task}"'
+        if self.federated.mode != "cross-silo":
+            raise ConfigError(
+                f'{task} is cross-silo (storefronts train together): set [federated] mode = "cross-silo"'
+            )
+        if self.privacy.enabled:
+            raise ConfigError(
+                f"{task} has no differentially private training yet: remove [privacy] (its "
+                "secure aggregation, [protection], is available)"
+            )
+        if self.federated.robust != "none":
+            raise ConfigError(f"[federated] robust is not available for {task} yet")
+        if self.attack.kind != "none":
+            raise ConfigError(f"[attack] is not available for {task}")
+        if self.protection.kind != "none" and self.federated.silos_per_round == 1:
+            raise ConfigError(
+                "[protection] needs at least two clients per round: a sum of one update hides "
+                "nothing; raise [federated] silos_per_round"
             )
         return self
 
@@ -974,9 +1045,11 @@ def _coerce(hint: Any, value: Any, section: str, name: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, name)
     if typing.get_origin(hint) is tuple:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{_label(section, name)} must be a list of strings, got {value!r}")
-        return tuple(value)
+        accepts, kind, convert = _SCALARS[typing.get_args(hint)[0]]
+        if not isinstance(value, list) or not all(accepts(v) for v in value):
+            plural = {"a string": "strings", "a number": "numbers"}.get(kind, kind)
+            raise ConfigError(f"{_label(section, name)} must be a list of {plural}, got {value!r}")
+        return tuple(convert(v) for v in value)
     accepts, kind, convert = _SCALARS[hint]
     if not accepts(value):
         raise ConfigError(f"{_label(section, name)} must be {kind}, got {value!r}")
