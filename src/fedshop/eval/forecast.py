@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedshop.eval.inventory import InventorySettings, inventory_report
+
 ADI_THRESHOLD = 1.32
 
 
@@ -128,4 +130,22 @@ def forecast_metrics(
             "intermittent": f"ADI > {ADI_THRESHOLD} over the training weeks (Syntetos-Boylan)",
             "mase": "series with a constant training history are left out (mase_undefined)",
         },
+    }
+
+
+def evaluate_demand(
+    point: np.ndarray,
+    quantiles: np.ndarray,
+    levels: np.ndarray,
+    actual: np.ndarray,
+    train: np.ndarray,
+    country: np.ndarray,
+    inventory: InventorySettings | None = None,
+) -> dict:
+    """Accuracy (`forecast_metrics`) and the inventory policy's costs (`inventory_report`) of one
+    method's forecasts: point (n, H) and quantiles (n, H, Q) at `levels`, in units."""
+    return {
+        "accuracy": forecast_metrics(point, actual, train, country, quantiles, levels),
+        "pinball": pinball(quantiles, actual, levels),
+        "inventory": inventory_report(quantiles, levels, actual, country, inventory),
     }
