@@ -251,3 +251,13 @@ def test_best_statistical_against_seasonal_naive_on_a_few_series(weekly):
     # seasonal naive by more than a modest factor on the test weeks of these big series.
     naive = seasonal_naive(train, H)
     assert wape(f.point, test) < 1.5 * wape(naive.point, test)
+
+
+def test_predictions_in_units(table, weekly):
+    from fedshop.data.demand import predictions_in_units
+
+    # Predicting the (scaled) targets gives back the test weeks in units, in the weekly order.
+    quantiles = [np.repeat(s.test.target[..., None], 3, axis=-1) for s in table.silos]
+    units = predictions_in_units(table, quantiles)
+    assert units.shape == (len(weekly.units), SETTINGS.horizon, 3)
+    np.testing.assert_allclose(units[..., 1], weekly.test, rtol=1e-5, atol=1e-3)

@@ -301,3 +301,21 @@ def load_demand(
     weekly.report["source"] = cleaned.source
     table = build_table(weekly, settings)
     return table, weekly
+
+
+def predictions_in_units(table: TabularDataset, predictions: list[np.ndarray]) -> np.ndarray:
+    """Per-silo predictions for the test rows (each (n_rows, H) or (n_rows, H, Q), scaled like the
+    target) as units in the rows of `WeeklyDemand.units`: (n_series, H[, Q])."""
+    if len(predictions) != table.n_silos:
+        raise DataError(f"{len(predictions)} prediction arrays for {table.n_silos} silos")
+    n_series = sum(len(s.test) for s in table.silos)
+    out = None
+    for silo, pred in zip(table.silos, predictions, strict=True):
+        pred = np.asarray(pred, dtype=np.float64)
+        if len(pred) != len(silo.test):
+            raise DataError(f"{silo.name}: {len(pred)} predictions for {len(silo.test)} rows")
+        if out is None:
+            out = np.full((n_series, *pred.shape[1:]), np.nan)
+        scale = silo.test.extra["scale"].reshape(-1, *([1] * (pred.ndim - 1)))
+        out[silo.test.extra["series"]] = pred * scale
+    return out
