@@ -243,6 +243,8 @@ def test_best_statistical_against_seasonal_naive_on_a_few_series(weekly):
     assert f.point.shape == (6, H) and f.quantiles.shape == (6, H, len(LEVELS))
     assert np.isfinite(f.quantiles).all() and (np.diff(f.quantiles, axis=-1) >= 0).all()
     assert set(f.chosen) <= {"AutoETS", "AutoARIMA", "CrostonOptimized"}
+    parallel = best_statistical(train, H, workers=2)  # the worker processes give the same
+    np.testing.assert_allclose(parallel.quantiles, f.quantiles)
     # On a flat series, the statistical models' forecast is close to its level.
     flat = np.full((1, 40), 10.0) + np.tile([0.5, -0.5], 20)
     g = best_statistical(flat, 4, workers=1)

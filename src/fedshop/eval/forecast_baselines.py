@@ -142,7 +142,10 @@ def best_statistical(
         chunks = [jobs[i : i + size] for i in range(0, len(jobs), size)]
         import multiprocessing
 
-        context = multiprocessing.get_context("spawn")  # safe beside torch's threads
+        # Fork where there is one: no re-import of the caller's main module (which spawn needs
+        # guarded); the workers run only numpy and statsforecast, never torch.
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
         with ProcessPoolExecutor(workers, mp_context=context) as pool:
             results = [r for part in pool.map(_fit_chunk, chunks) for r in part]
     else:
