@@ -127,7 +127,13 @@ def best_statistical(
 ) -> BaselineForecast:
     """Per series the statsforecast model with the lowest validation MAE, refit on all training
     weeks. Needs statsforecast (see the README for its install line)."""
-    import statsforecast.models  # noqa: F401  (fail here, not in a worker)
+    try:  # fail here, not in a worker
+        import statsforecast.models  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(
+            f"best_statistical needs statsforecast ({exc}); install it without its declared "
+            "dependencies, which pin pandas < 3 (see the README)"
+        ) from exc
 
     start = time.perf_counter()
     train = np.asarray(train, dtype=np.float64)
