@@ -3,8 +3,8 @@ and quantile forecasts (n, H, Q) at `LEVELS`, in units.
 
 - `seasonal_naive` repeats the last `season` training weeks (default 4: week t + k gets the units
   of the week 4 weeks before it, cycling). The yearly season (52 weeks) is not available: after
-  holding out 8 test weeks the history has 45 weeks. Four weeks is the shortest cycle that averages
-  over nothing yet still carries a month's order rhythm; `season=1` is the last-value naive.
+  holding out 8 test weeks the history has 45 weeks. Four weeks (a month of a shop's reorders)
+  is a stated choice, not tuned on any data; `season=1` is the last-value naive.
 - `best_statistical` chooses per series, by MAE on a validation window of the last `validation`
   training weeks (fit on the weeks before it; never a test week), among statsforecast's
   AutoETS (additive or multiplicative error, no season), AutoARIMA (no season) and
