@@ -499,11 +499,12 @@ def _execute_retail(config: RunConfig, out: Path, overwrite: bool) -> None:
     from fedshop.report.retail_run import METHOD_LABELS, write_retail_run
     from fedshop.report.run_folder import run_folder
     from fedshop.retail_experiment import run_retail_experiment
-    from fedshop.retail_tasks import load_retail_dataset, score_run
+    from fedshop.retail_tasks import load_retail, score_run
 
     with run_folder(out, overwrite) as folder:
         with console.status("Building the table…"):
-            dataset = load_retail_dataset(config)
+            table = load_retail(config)
+        dataset = table.dataset
         rows = sum(len(s.train) + len(s.test) for s in dataset.silos)
         console.print(
             f"[bold]{dataset.name}[/]: {rows:,} rows, {dataset.n_silos} storefronts, "
@@ -514,7 +515,7 @@ def _execute_retail(config: RunConfig, out: Path, overwrite: bool) -> None:
             progress.labels = {**progress.labels, **METHOD_LABELS}
             result = run_retail_experiment(config, dataset, progress)
         with console.status("Scoring…"):
-            scores = score_run(result)
+            scores = score_run(result, table)
             write_retail_run(folder, result, scores)
     table = Table(title=f"{config.task}: held-out rows of every storefront")
     for column in ("method", *scores.headline):

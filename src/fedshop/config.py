@@ -264,6 +264,15 @@ class RetailConfig:
     batch_size: int = 256
     quantiles: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9)  # demand: the levels forecast
     methods: tuple[str, ...] = RETAIL_METHODS
+    # demand: weeks held out and forecast, and weeks of history a row sees (data/demand.py)
+    horizon: int = 8
+    lags: int = 8
+    # demand: the inventory policy's stated costs per unit (eval/inventory.py) and lead time
+    holding_cost: float = 1.0  # per unit left on the shelf at a week's end
+    stockout_cost: float = 4.0  # per unit of demand lost
+    lead_time: int = 0  # weeks
+    # demand: also the best of statsforecast's models per series (about a minute on 2 cores)
+    statistical_baseline: bool = True
 
     def validate(self) -> None:
         _at_least("retail", "embedding_dim", self.embedding_dim, 1)
@@ -277,6 +286,11 @@ class RetailConfig:
                 "[retail] quantiles must be increasing levels in (0, 1), e.g. [0.1, 0.5, 0.9]; "
                 f"got {levels}"
             )
+        _at_least("retail", "horizon", self.horizon, 1)
+        _at_least("retail", "lags", self.lags, 1)
+        _at_least("retail", "holding_cost", self.holding_cost, 0.0)
+        _positive("retail", "stockout_cost", self.stockout_cost)
+        _at_least("retail", "lead_time", self.lead_time, 0)
         if 0.5 not in levels:
             raise ConfigError(
                 "[retail] quantiles must include 0.5: the point forecast is the median"

@@ -206,6 +206,28 @@ def build_weekly(cleaned: online_retail.CleanedRetail, settings: DemandSettings)
     )
 
 
+def validation_view(weekly: WeeklyDemand, settings: DemandSettings) -> WeeklyDemand:
+    """The training weeks alone, their last `horizon` weeks held out in place of the test weeks:
+    where settings are chosen without looking at the test weeks. Series without a sale before the
+    validation weeks are left out (their scale would be 0)."""
+    T = weekly.n_train - settings.horizon
+    keep = weekly.units[:, :T].sum(axis=1) > 0
+    report = {
+        "validation_of": weekly.report.get("first_test_week"),
+        "series_left_out": int((~keep).sum()),
+    }
+    return WeeklyDemand(
+        units=weekly.train[keep],
+        stock_codes=weekly.stock_codes[keep],
+        countries=weekly.countries[keep],
+        silo=weekly.silo[keep],
+        silo_names=weekly.silo_names,
+        week_starts=weekly.week_starts[: weekly.n_train],
+        n_train=T,
+        report=report,
+    )
+
+
 def _rows(
     weekly: WeeklyDemand, series: np.ndarray, origins: np.ndarray, settings: DemandSettings
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
