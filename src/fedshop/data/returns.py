@@ -382,7 +382,7 @@ def build_returns_dataset(
             [
                 _codes(own["StockCode"], codes),
                 _codes(own["Country"], countries),
-                when.dt.weekday.to_numpy(np.int64) + 1,
+                when.dt.day_of_week.to_numpy(np.int64) + 1,
                 when.dt.hour.to_numpy(np.int64) + 1,
             ],
             axis=1,
