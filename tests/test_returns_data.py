@@ -14,6 +14,7 @@ from fedshop.data.returns import (
     label_lines,
     load_cleaned,
     match_returns,
+    silo_features,
 )
 
 DAY0 = pd.Timestamp("2011-01-03 10:00")
@@ -160,3 +161,38 @@ def test_real_data_sanity(dataset):
     # Test rows may hold stock codes unseen in training: code 0.
     assert (dataset.pooled("test").categorical[:, 0] == 0).any()
     assert (pooled.categorical[:, 0] > 0).all()
+
+
+def test_features_use_only_what_was_known_at_purchase_time():
+    """A past line's return counts in the customer's and item's rates only from when it was known:
+    its return time, or purchase time + horizon when it was not returned in time."""
+    purchases = frame(
+        [
+            ("1", "A", 1, 0, 1.0, 7),  # returned on day 10
+            ("2", "B", 1, 5, 1.0, 7),  # never returned: known on day 35
+            ("3", "C", 1, 12, 1.0, 7),
+            ("4", "C", 1, 40, 1.0, 7),
+            ("5", "A", 1, 11, 1.0, 8),  # another customer, same item as line 0
+        ]
+    )
+    returns = frame([("C1", "A", -1, 10, 1.0, 7)])
+    lines = label_lines(
+        purchases, match_returns(purchases, returns), ReturnsSettings("2011-06-01", 30)
+    )
+    features = silo_features(lines, returns)
+    rate = features["customer_prior_return_rate"].tolist()
+    known = np.expm1(features["log_customer_known_lines"]).round().tolist()
+    prior = np.expm1(features["log_customer_prior_lines"]).round().tolist()
+    assert prior[:4] == [0, 1, 2, 3]
+    assert known[:4] == [0, 0, 1, 2]  # day 5: nothing known; day 12: line 0; day 40: lines 0, 1
+    assert rate[:4] == [0.0, 0.0, 1.0, 0.5]
+    assert np.expm1(features["log_customer_prior_cancellations"]).round().tolist()[:4] == [
+        0,
+        0,
+        1,
+        1,
+    ]
+    # The item's rate in the silo: customer 8's line of A on day 11 sees line 0's return (day 10).
+    assert features["item_prior_return_rate"].iloc[4] == 1.0
+    assert features["new_customer"].tolist() == [1.0, 0.0, 0.0, 0.0, 1.0]
+    assert np.expm1(features["log_customer_item_prior_lines"]).round().tolist() == [0, 0, 0, 1, 0]
