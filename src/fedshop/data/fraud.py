@@ -460,7 +460,7 @@ def silo_features(rows: pd.DataFrame, is_test: np.ndarray) -> tuple[np.ndarray, 
     signup, purchase = rows["signup_time"], rows["purchase_time"]
     seconds = (purchase - signup).dt.total_seconds().clip(lower=0).to_numpy(np.float64)
     hour = (purchase.dt.hour + purchase.dt.minute / 60.0).to_numpy(np.float64)
-    weekday = purchase.dt.weekday.to_numpy(np.float64)
+    weekday = purchase.dt.day_of_week.to_numpy(np.float64)
     signup_hour = (signup.dt.hour + signup.dt.minute / 60.0).to_numpy(np.float64)
     device = _earlier_count(rows, "device_id", is_test)
     ip = _earlier_count(rows, "ip_address", is_test)
