@@ -138,13 +138,13 @@ def test_silo_layout(data_root):
     assert names(countries=1) == ["Atlantis", fraud.OTHER, fraud.UNKNOWN]
     assert names(countries=1, rest="drop", unknown="drop") == ["Atlantis"]
     assert names(countries=1, unknown="other") == ["Atlantis", fraud.OTHER]
-    dataset = build_fraud_dataset(settings(countries=1), data_root)
+    dataset = build_fraud_dataset(settings(countries=1, split="time"), data_root)
     other = next(s for s in dataset.report["silos"] if s["silo"] == fraud.OTHER)
     assert other["countries"] == 2 and other["train_rows"] + other["test_rows"] == 5
 
 
 def test_time_split_and_contract(data_root):
-    dataset = build_fraud_dataset(settings(test_from="2015-05-01"), data_root)
+    dataset = build_fraud_dataset(settings(split="time", test_from="2015-05-01"), data_root)
     assert dataset.kind == "binary" and dataset.report["test_from"] == "2015-05-01"
     assert dataset.numeric_names == fraud.NUMERIC_NAMES and dataset.cardinalities == [4, 6, 3]
     cut = pd.Timestamp("2015-05-01").timestamp()
@@ -153,12 +153,14 @@ def test_time_split_and_contract(data_root):
         assert (silo.test.extra["purchase_time"] >= cut).all()
     sizes = {s["silo"]: (s["train_rows"], s["test_rows"]) for s in dataset.report["silos"]}
     assert sizes == {"Atlantis": (5, 2), "Borduria": (2, 1), "Carpathia": (1, 1), "Unknown": (1, 1)}
-    default = build_fraud_dataset(settings(), data_root)  # the day by which 80 % had purchased
+    default = build_fraud_dataset(
+        settings(split="time"), data_root
+    )  # the day by which 80 % had purchased
     assert default.report["test_from"] == "2015-06-02"
 
 
 def test_device_and_ip_counts_look_only_at_earlier_rows(data_root):
-    dataset = build_fraud_dataset(settings(test_from="2015-05-01"), data_root)
+    dataset = build_fraud_dataset(settings(split="time", test_from="2015-05-01"), data_root)
     atlantis = dataset.silos[0]
     device = fraud.NUMERIC_NAMES.index("log_device_seen")
     seen = lambda part: np.rint(np.expm1(part.numeric[:, device] * 3)).astype(int)  # noqa: E731
@@ -173,7 +175,7 @@ def test_device_and_ip_counts_look_only_at_earlier_rows(data_root):
 
 def test_no_test_row_reaches_training_features(data_root, tmp_path):
     """Changing or removing every test-period purchase leaves each silo's training rows as they were."""
-    base = build_fraud_dataset(settings(test_from="2015-05-01"), data_root)
+    base = build_fraud_dataset(settings(split="time", test_from="2015-05-01"), data_root)
     late = [row[2] >= "2015-05-01" for row in PURCHASES]
     rewired = [
         (*row[:4], "DEVA", *row[5:9], 1500.5, 1 - row[10]) if is_late else row
@@ -182,12 +184,22 @@ def test_no_test_row_reaches_training_features(data_root, tmp_path):
     kept = [row for row, is_late in zip(PURCHASES, late, strict=True) if not is_late]
     for variant, rows in (("rewired", rewired), ("kept", kept)):
         other = write_table(tmp_path / variant / fraud.FOLDER, purchases=rows)
-        changed = build_fraud_dataset(settings(test_from="2015-05-01"), other.parent)
+        changed = build_fraud_dataset(settings(split="time", test_from="2015-05-01"), other.parent)
         for silo in changed.silos:
             before = next(s for s in base.silos if s.name == silo.name)
             np.testing.assert_array_equal(silo.train.numeric, before.train.numeric)
             np.testing.assert_array_equal(silo.train.categorical, before.train.categorical)
             np.testing.assert_array_equal(silo.train.target, before.train.target)
+
+
+def test_day_split_keeps_days_whole_and_the_same_for_every_silo(data_root):
+    dataset = build_fraud_dataset(settings(split="days", test_fraction=0.5, seed=1), data_root)
+    first = pd.Timestamp("2015-01-01").timestamp()
+    for silo in dataset.silos:
+        for part, odd in ((silo.train, 0), (silo.test, 1)):
+            days = (part.extra["purchase_time"] - first) // 86_400
+            assert (days % 2 == odd).all(), silo.name
+    assert dataset.report["test_days"] == 7  # days 41, 43, 59, 63, 151, 153, 155 after Jan 1
 
 
 def test_random_split_is_stratified_per_silo_and_seeded(data_root):

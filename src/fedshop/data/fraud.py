@@ -94,15 +94,20 @@ NUMERIC_NAMES = [
 ]
 
 
+SPLITS = ("time", "days", "random")
+
+
 @dataclass(frozen=True)
 class FraudSettings:
     countries: int = 20  # the countries with the most purchases, each its own silo
     rest: str = "other"  # the other countries: "other" (one silo named OTHER) or "drop"
     unknown: str = "silo"  # purchases from unmapped IPs: "silo" (named UNKNOWN), "other" or "drop"
-    split: str = "time"  # "time": one calendar cut; "random": stratified per silo (seeded)
+    # "time": one calendar cut, the test period last; "days": every 1/test_fraction-th calendar day
+    # (the same days for all silos; a day's purchases stay together); "random": stratified per silo.
+    split: str = "days"
     test_fraction: float = 0.2  # time: the cut is the day by which 1 - this of purchases were made
     test_from: str | None = None  # time: an explicit first test day (YYYY-MM-DD) instead
-    seed: int = 0  # random split only
+    seed: int = 0  # days and random splits
     verify: bool = True  # check the files' published checksums
     require_complete: bool = True  # the published row and fraud counts, else a DataError
 
@@ -113,8 +118,8 @@ class FraudSettings:
             raise DataError(f"rest = {self.rest!r}: expected 'other' or 'drop'")
         if self.unknown not in ("silo", "other", "drop"):
             raise DataError(f"unknown = {self.unknown!r}: expected 'silo', 'other' or 'drop'")
-        if self.split not in ("time", "random"):
-            raise DataError(f"split = {self.split!r}: expected 'time' or 'random'")
+        if self.split not in SPLITS:
+            raise DataError(f"split = {self.split!r}: expected one of {SPLITS}")
         if not 0.0 < self.test_fraction < 1.0:
             raise DataError(f"test_fraction = {self.test_fraction}: expected between 0 and 1")
 
@@ -375,6 +380,17 @@ def test_cut(purchase_time: pd.Series, settings: FraudSettings) -> pd.Timestamp:
     return purchase_time.quantile(1.0 - settings.test_fraction).floor("D")
 
 
+def test_days(purchase_time: pd.Series, settings: FraudSettings) -> tuple[np.ndarray, int]:
+    """Which purchases fall on a test day: every round(1 / test_fraction)-th calendar day counted
+    from the first purchase's, starting at day `seed` (the same days for every silo; spread evenly,
+    so each month, the first fortnight's bursts included, gives its share of test days)."""
+    day = purchase_time.dt.floor("D")
+    index = ((day - day.min()) // pd.Timedelta(days=1)).to_numpy()
+    period = max(2, round(1.0 / settings.test_fraction))
+    is_test = index % period == settings.seed % period
+    return is_test, len(np.unique(index[is_test]))
+
+
 def build_fraud_dataset(
     settings: FraudSettings | None = None,
     data_dir: str | Path | None = None,
@@ -398,10 +414,12 @@ def build_fraud_dataset(
         cut = test_cut(purchases["purchase_time"], settings)
         report["test_from"] = str(cut.date())
         is_test_all = (purchases["purchase_time"] >= cut).to_numpy()
+    elif settings.split == "days":
+        is_test_all, report["test_days"] = test_days(purchases["purchase_time"], settings)
     silos, summary = [], []
     for index, name in enumerate(order):
         rows = purchases.loc[(silo_of == name).to_numpy()]
-        if settings.split == "time":
+        if settings.split in ("time", "days"):
             is_test = is_test_all[rows.index.to_numpy()]
         else:
             is_test = _random_test(rows["class"].to_numpy(), settings, index)
