@@ -17,9 +17,9 @@ added; it is read from a data directory (`$FEDSHOP_DATA_DIR` or data.data_dir), 
 (the largest `countries` each a silo, the rest one "Other" silo, unmapped IPs one "Unknown" silo). The
 split (FraudSettings.split) is by calendar day by default: every fifth day is a test day, the same days
 for every silo, so a burst of purchases on one day stays on one side. A strict time split ("time":
-the last fifth of purchases) is offered but leaves nothing to learn: the table's easiest frauds
-(purchases one second after signup, shared devices) all fall in the first fortnight of 2015, and
-a model tested on the later months scores at the base rate. "random" stratifies per silo. The
+the last fifth of purchases) is offered but leaves little to learn: the table's easiest frauds
+(purchases seconds after signup, most from shared devices) all fall in the first fortnight of 2015,
+and a model tested on the later months scores near the base rate. "random" stratifies per silo. The
 features are fixed transforms of one silo's own rows; the two counts (earlier purchases from the same
 device, from the same IP address) look only at the silo's own earlier rows, training rows only for a
 training row, so nothing of another silo or of a test row reaches a training row's inputs.
