@@ -115,6 +115,10 @@ def test_checksum_and_completeness_are_checked(data_root):
 def test_clear_errors_for_missing_or_malformed_files(tmp_path, offline):
     with pytest.raises(DataError, match="FEDSHOP_DATA_DIR"):
         load_fraud(offline)
+    with pytest.raises(
+        DataError, match=r"could not download.*could not download.*kaggle\.com/datasets"
+    ):
+        load_fraud(offline, download=True)  # Kaggle, then the pinned mirror, both refused
     bad = write_table(tmp_path / "a" / fraud.FOLDER, header=HEADER.replace("device_id", "device"))
     with pytest.raises(DataError, match=r"missing columns \['device_id'\]"):
         load_fraud(bad.parent, **PARTIAL)

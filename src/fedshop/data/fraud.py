@@ -49,9 +49,15 @@ JOINED = "ecommerce_fraud.parquet"
 OFFICIAL_PAGE = "https://www.kaggle.com/datasets/vbinh002/fraud-ecommerce"
 # Kaggle's download of that page (a zip of the two csv files); it may ask for a Kaggle login.
 OFFICIAL_URL = "https://www.kaggle.com/api/v1/datasets/download/vbinh002/fraud-ecommerce"
-# The published files' git blob ids (sha1 of b"blob <size>\0" + the bytes): the same two ids in eight
+# Where the two files are fetched from when Kaggle refuses: a public repository holding the published
+# bytes, pinned to a commit (the git blob ids below are checked either way).
+MIRROR_URL = (
+    "https://raw.githubusercontent.com/bruno-raffa/Fraud-Detection/"
+    "41a1881bab20efb773fe1928548dc82c61f7e476/{name}"
+)
+# The published files' git blob ids (sha1 of b"blob <size>\0" + the bytes): the same two ids in six
 # public repositories that hold the files (e.g. bruno-raffa/Fraud-Detection @ 41a1881b, Hweihang00/
-# DSA4263-Ecommerce-Fraud-Detection : data/raw/), so any copy can be checked byte for byte.
+# DSA4263-Ecommerce-Fraud-Detection @ 595a0a0c : data/raw/), so any copy can be checked byte for byte.
 GIT_BLOBS = {
     FRAUD_CSV: "1583f7592875c9b1355c7f7e9b851d63bb486b83",
     IP_CSV: "b1c709cd98f20e120004a994692959a65e529d9c",
@@ -173,8 +179,12 @@ def locate(data_dir: str | Path | None, download: bool = False) -> Path:
 
     try:
         return fetch(OFFICIAL_URL, f"{FOLDER}/{KAGGLE_ZIP}")
-    except DataError as failed:
-        raise DataError(f"{looked}; and {failed}; {where}") from None
+    except DataError as kaggle:
+        try:
+            fetch(MIRROR_URL.format(name=IP_CSV), f"{FOLDER}/{IP_CSV}")  # read beside the other
+            return fetch(MIRROR_URL.format(name=FRAUD_CSV), f"{FOLDER}/{FRAUD_CSV}")
+        except DataError as mirror:
+            raise DataError(f"{looked}; and {kaggle}; and {mirror}; {where}") from None
 
 
 def load_fraud(
