@@ -31,8 +31,8 @@ class TabularPart:
 
     def __post_init__(self) -> None:
         n = len(self.target)
-        self.categorical = np.ascontiguousarray(self.categorical, dtype=np.int64).reshape(n, -1)
-        self.numeric = np.ascontiguousarray(self.numeric, dtype=np.float32).reshape(n, -1)
+        self.categorical = _rows(self.categorical, np.int64, n)
+        self.numeric = _rows(self.numeric, np.float32, n)
         self.target = np.ascontiguousarray(self.target, dtype=np.float32)
         for name, values in self.extra.items():
             if len(values) != n:
@@ -58,6 +58,13 @@ class TabularPart:
             np.concatenate([p.target for p in parts]),
             {k: np.concatenate([p.extra[k] for p in parts]) for k in extra_names},
         )
+
+
+def _rows(values: np.ndarray, dtype, n: int) -> np.ndarray:
+    """`values` as n rows; an empty part keeps its column count (reshape(0, -1) cannot infer it)."""
+    array = np.ascontiguousarray(values, dtype=dtype)
+    width = array.shape[1] if array.ndim == 2 else (array.size // n if n else 0)
+    return array.reshape(n, width)
 
 
 @dataclass
