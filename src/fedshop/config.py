@@ -273,6 +273,9 @@ class RetailConfig:
     lead_time: int = 0  # weeks
     # demand: also the best of statsforecast's models per series (about a minute on 2 cores)
     statistical_baseline: bool = True
+    # returns: ε each storefront spends on the DP quality view (items returned abnormally often),
+    # paid from its ledger budget on online-retail; 0: no quality view
+    quality_epsilon: float = 1.0
 
     def validate(self) -> None:
         _at_least("retail", "embedding_dim", self.embedding_dim, 1)
@@ -291,6 +294,7 @@ class RetailConfig:
         _at_least("retail", "holding_cost", self.holding_cost, 0.0)
         _positive("retail", "stockout_cost", self.stockout_cost)
         _at_least("retail", "lead_time", self.lead_time, 0)
+        _at_least("retail", "quality_epsilon", self.quality_epsilon, 0.0)
         if 0.5 not in levels:
             raise ConfigError(
                 "[retail] quantiles must include 0.5: the point forecast is the median"

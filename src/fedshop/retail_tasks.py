@@ -21,7 +21,7 @@ from fedshop.data.demand import DemandSettings, WeeklyDemand, load_demand, predi
 from fedshop.data.tabular import TabularDataset
 from fedshop.eval.forecast import evaluate_demand
 from fedshop.eval.inventory import InventorySettings, inventory_report
-from fedshop.report.retail_run import Figure, Scores, svg_of
+from fedshop.report.retail_run import Figure, Scores, quality_table, svg_of
 from fedshop.retail_experiment import RetailResult, score_binary
 
 COLOURS = {
@@ -32,10 +32,13 @@ COLOURS = {
 
 @dataclass
 class RetailTable:
-    """A task's table, and what its scoring needs beside it (demand: the weekly series)."""
+    """A task's table, and what its scoring needs beside it (demand: the weekly series; returns:
+    the labelled purchase lines the DP quality view releases counts of, and its ledger)."""
 
     dataset: TabularDataset
     weekly: WeeklyDemand | None = None
+    lines: Any = None
+    ledger: Any = None
 
 
 def demand_settings(config: RunConfig) -> DemandSettings:
@@ -47,13 +50,85 @@ def load_retail(config: RunConfig) -> RetailTable:
     if config.task == "demand":
         dataset, weekly = load_demand(demand_settings(config), data.path, data.data_dir)
         return RetailTable(dataset, weekly)
+    if config.task == "returns":
+        from fedshop.data.returns import ReturnsSettings, build_returns_dataset, labelled_lines
+        from fedshop.data.returns import load_cleaned as load_retail_lines
+
+        cleaned = load_retail_lines(data)
+        table = RetailTable(build_returns_dataset(cleaned))
+        if config.retail.quality_epsilon > 0:
+            table.lines, _ = labelled_lines(cleaned, ReturnsSettings())
+            table.ledger = quality_ledger(config, table.lines)
+        return table
     raise NotImplementedError(config.task)
 
 
+QUALITY_DATASET = "online-retail"  # the ledger's dataset: the storefronts' one budget on it
+
+
+def quality_ledger(config: RunConfig, lines):
+    """The ledger the quality view pays from, checked before any training: every storefront must
+    afford ε = [retail] quality_epsilon. A storefront without a budget gets [privacy] budget (ε,
+    and δ = 1/n) when one is configured; else the run stops here, saying how to set one."""
+    from fedshop.privacy.return_quality import QualitySettings
+    from fedshop.storage.ledger import BudgetExceededError, Ledger
+
+    ledger = Ledger(config.privacy.ledger_url or None)
+    epsilon = config.retail.quality_epsilon
+    periods = lines[lines["period"].isin(QualitySettings().periods)]
+    population = int(periods["CustomerID"].nunique())
+    for storefront in sorted(periods["silo"].unique()):
+        if ledger.balance(storefront, QUALITY_DATASET).budget_epsilon is None:
+            if config.privacy.budget <= 0:
+                raise BudgetExceededError(
+                    f"no privacy budget is set for storefront '{storefront}' on "
+                    f"'{QUALITY_DATASET}' for the quality view: set [privacy] budget, or "
+                    "`fedshop privacy budget`, or [retail] quality_epsilon = 0 for no quality view"
+                )
+            ledger.set_budget(storefront, QUALITY_DATASET, config.privacy.budget, 1.0 / population)
+        try:
+            ledger.check(storefront, QUALITY_DATASET, epsilon, 1.0 / (10 * population))
+        except BudgetExceededError as exc:
+            raise BudgetExceededError(
+                f"{exc}; the quality view would overspend it: nothing was trained or released"
+            ) from None
+    return ledger
+
+
 def score_run(result: RetailResult, table: RetailTable) -> Scores:
-    if result.dataset.kind == "binary":
-        return score_classifier(result)
-    return score_demand(result, table.weekly)
+    if result.dataset.kind != "binary":
+        return score_demand(result, table.weekly)
+    scores = score_classifier(result)
+    if table.lines is not None:
+        scores.blocks["quality"] = quality_block(result.config, table)
+        scores.figures.append(quality_table(scores.blocks["quality"]))
+    return scores
+
+
+def quality_block(config: RunConfig, table: RetailTable) -> dict[str, Any]:
+    """The merchandiser's view: items returned abnormally often, from every storefront's counts
+    released under DP and paid from its ledger (privacy/return_quality.py)."""
+    from fedshop.privacy.return_quality import quality_view
+
+    view = quality_view(
+        table.lines, epsilon=config.retail.quality_epsilon, ledger=table.ledger,
+        noise_seed=config.privacy.known_noise_seed, accountant=config.privacy.accountant,
+        dataset=QUALITY_DATASET, seed=config.seed,
+    )  # fmt: skip
+    columns = ["item_id", "name", "rate", "low", "high", "flagged", "confirmed"]
+    tested = view.items.sort_values("low", ascending=False)
+    return {
+        "epsilon": view.epsilon,
+        "delta": view.delta,
+        "noise_multiplier": view.noise_multiplier,
+        "noise_seed_known": config.privacy.known_noise_seed is not None,
+        "overall_rate": view.overall_rate,
+        "threshold": view.threshold,
+        "storefronts": view.storefronts,
+        "flagged": view.flagged[columns].to_dict("records"),
+        "top_items": tested[columns].head(20).to_dict("records"),
+        "report": view.report,
+    }
 
 
 def inventory_settings(config: RunConfig, stockout_cost: float | None = None) -> InventorySettings:
