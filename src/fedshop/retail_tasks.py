@@ -55,12 +55,16 @@ def load_retail(config: RunConfig) -> RetailTable:
         from fedshop.data.returns import load_cleaned as load_retail_lines
 
         cleaned = load_retail_lines(data)
-        table = RetailTable(build_returns_dataset(cleaned))
-        if config.retail.quality_epsilon > 0:
-            table.lines, _ = labelled_lines(cleaned, ReturnsSettings())
-            table.ledger = quality_ledger(config, table.lines)
-        return table
-    raise NotImplementedError(config.task)
+        labelled = labelled_lines(cleaned, ReturnsSettings())
+        lines = labelled[0]
+        # The quality view's budget is checked before the table is built or anything trained.
+        ledger = quality_ledger(config, lines) if config.retail.quality_epsilon > 0 else None
+        dataset = build_returns_dataset(cleaned, ReturnsSettings(), labelled)
+        return RetailTable(dataset, lines=lines if ledger is not None else None, ledger=ledger)
+    from fedshop.data.fraud import FraudSettings, build_fraud_dataset
+
+    settings = FraudSettings(seed=config.seed % 5)  # the day-blocked split's fold (5 folds)
+    return RetailTable(build_fraud_dataset(settings, data.data_dir, data.path))
 
 
 QUALITY_DATASET = "online-retail"  # the ledger's dataset: the storefronts' one budget on it
@@ -95,9 +99,10 @@ def quality_ledger(config: RunConfig, lines):
     return ledger
 
 
-def score_run(result: RetailResult, table: RetailTable) -> Scores:
+def score_run(result: RetailResult, table: RetailTable, baselines: dict | None = None) -> Scores:
+    """`baselines`: demand's per-series baselines when already computed (`demand_baselines`)."""
     if result.dataset.kind != "binary":
-        return score_demand(result, table.weekly)
+        return score_demand(result, table.weekly, baselines)
     scores = score_classifier(result)
     if table.lines is not None:
         scores.blocks["quality"] = quality_block(result.config, table)
@@ -138,11 +143,21 @@ def inventory_settings(config: RunConfig, stockout_cost: float | None = None) ->
     )
 
 
-def demand_forecasts(result: RetailResult, weekly: WeeklyDemand) -> dict[str, tuple]:
-    """Per method, its (point, quantiles) forecasts of every series' test weeks, in units: the
-    networks' median and quantiles, and the per-series baselines' own point forecasts."""
+def demand_baselines(config: RunConfig, weekly: WeeklyDemand) -> dict:
+    """The per-series baselines (they depend on the weekly series alone, not on the seed)."""
     from fedshop.eval.forecast_baselines import run_baselines
 
+    levels = np.asarray(config.retail.quantiles)
+    return run_baselines(
+        weekly.train, config.retail.horizon, levels, statistical=config.retail.statistical_baseline
+    )
+
+
+def demand_forecasts(
+    result: RetailResult, weekly: WeeklyDemand, baselines: dict | None = None
+) -> dict[str, tuple]:
+    """Per method, its (point, quantiles, seconds) forecasts of every series' test weeks, in
+    units: the networks' median and quantiles, and the per-series baselines' own point forecasts."""
     config, dataset = result.config, result.dataset
     levels = np.asarray(config.retail.quantiles)
     median = list(levels).index(0.5)
@@ -152,18 +167,19 @@ def demand_forecasts(result: RetailResult, weekly: WeeklyDemand) -> dict[str, tu
             dataset, [trained.predictions[s.name] for s in dataset.silos]
         )
         out[method] = (quantiles[..., median], quantiles, trained.seconds)
-    baselines = run_baselines(
-        weekly.train, config.retail.horizon, levels, statistical=config.retail.statistical_baseline
-    )
+    if baselines is None:
+        baselines = demand_baselines(config, weekly)
     for name, baseline in baselines.items():
         out[name] = (baseline.point, baseline.quantiles, baseline.seconds)
     return out
 
 
-def score_demand(result: RetailResult, weekly: WeeklyDemand) -> Scores:
+def score_demand(
+    result: RetailResult, weekly: WeeklyDemand, baselines: dict | None = None
+) -> Scores:
     config = result.config
     levels = np.asarray(config.retail.quantiles)
-    forecasts = demand_forecasts(result, weekly)
+    forecasts = demand_forecasts(result, weekly, baselines)
     country = weekly.series_country
     methods, inventory_blocks = {}, {}
     for method, (point, quantiles, seconds) in forecasts.items():

@@ -354,12 +354,14 @@ def labelled_lines(
 
 
 def build_returns_dataset(
-    cleaned: online_retail.CleanedRetail, settings: ReturnsSettings | None = None
+    cleaned: online_retail.CleanedRetail,
+    settings: ReturnsSettings | None = None,
+    labelled: tuple[pd.DataFrame, Matching] | None = None,
 ) -> TabularDataset:
-    """The returns table: one row per labelled purchase line, silos by country (module docstring)."""
+    """The returns table: one row per labelled purchase line, silos by country (module docstring).
+    `labelled`: what `labelled_lines(cleaned, settings)` returned, when the caller already has it."""
     settings = settings or ReturnsSettings()
-    matching = match_returns(cleaned.purchases, cleaned.returns)
-    lines = label_lines(cleaned.purchases, matching, settings)
+    lines, matching = labelled if labelled is not None else labelled_lines(cleaned, settings)
     silo, names, merged = assign_silos(lines, settings.min_silo_train_lines)
     lines = lines.assign(silo=silo)
     train_lines = lines[lines["period"] == "train"]
