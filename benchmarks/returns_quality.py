@@ -11,11 +11,11 @@ import argparse
 import json
 from pathlib import Path
 
+from fedshop.data.datasets import load_cleaned_retail as load_cleaned
 from fedshop.data.returns import (
     ReturnsSettings,
     build_returns_dataset,
     labelled_lines,
-    load_cleaned,
 )
 from fedshop.privacy.return_quality import QualitySettings, quality_view
 

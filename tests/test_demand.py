@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fedshop.data.demand import DemandSettings, build_table, build_weekly, load_cleaned
+from fedshop.data.datasets import load_cleaned_retail as load_cleaned
+from fedshop.data.demand import DemandSettings, build_table, build_weekly
 from fedshop.eval.forecast import (
     adi,
     forecast_metrics,

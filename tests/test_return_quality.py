@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from fedshop.data.returns import ReturnsSettings, labelled_lines, load_cleaned
+from fedshop.data.datasets import load_cleaned_retail as load_cleaned
+from fedshop.data.returns import ReturnsSettings, labelled_lines
 from fedshop.privacy import return_quality as rq
 from fedshop.privacy.return_quality import (
     Pairs,

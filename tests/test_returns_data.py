@@ -6,13 +6,13 @@ import pandas as pd
 import pytest
 
 from fedshop.data import online_retail
+from fedshop.data.datasets import load_cleaned_retail as load_cleaned
 from fedshop.data.returns import (
     CATEGORICAL,
     NUMERIC,
     ReturnsSettings,
     build_returns_dataset,
     label_lines,
-    load_cleaned,
     match_returns,
     silo_features,
 )

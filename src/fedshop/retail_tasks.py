@@ -48,13 +48,13 @@ def demand_settings(config: RunConfig) -> DemandSettings:
 def load_retail(config: RunConfig) -> RetailTable:
     data = config.data
     if config.task == "demand":
-        dataset, weekly = load_demand(demand_settings(config), data.path, data.data_dir)
+        dataset, weekly = load_demand(demand_settings(config), data)
         return RetailTable(dataset, weekly)
     if config.task == "returns":
+        from fedshop.data.datasets import load_cleaned_retail
         from fedshop.data.returns import ReturnsSettings, build_returns_dataset, labelled_lines
-        from fedshop.data.returns import load_cleaned as load_retail_lines
 
-        cleaned = load_retail_lines(data)
+        cleaned = load_cleaned_retail(data)
         labelled = labelled_lines(cleaned, ReturnsSettings())
         lines = labelled[0]
         # The quality view's budget is checked before the table is built or anything trained.

@@ -71,6 +71,15 @@ def online_retail_file(config: DataConfig, env: Environment | None = None) -> tu
     return online_retail.resolve_path(config.path or None, data_dir_from(config, env))
 
 
+def load_cleaned_retail(
+    config: DataConfig | None = None, env: Environment | None = None
+) -> online_retail.CleanedRetail:
+    """Online Retail, cleaned, from where `config` points (default: $FEDSHOP_DATA_DIR, else the
+    embedded copy): the purchases and returns the retail tasks build their tables from."""
+    path, origin = online_retail_file(config or DataConfig(), env)
+    return online_retail.clean(online_retail.read_raw(path), source=origin)
+
+
 def load_online_retail(
     config: DataConfig, seed: int, env: Environment, cold_start: float = 0.0
 ) -> RecDataset:

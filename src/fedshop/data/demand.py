@@ -28,12 +28,12 @@ stock code (vocabulary of the kept series, 0 = unknown) and country. Target: uni
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
+from fedshop.config import DataConfig
 from fedshop.data import online_retail
 from fedshop.data.tabular import TabularDataset, TabularPart, TabularSilo
 from fedshop.errors import DataError
@@ -299,26 +299,17 @@ def build_table(weekly: WeeklyDemand, settings: DemandSettings) -> TabularDatase
     )
 
 
-def load_cleaned(
-    path: str | None = None, data_dir: str | None = None
-) -> online_retail.CleanedRetail:
-    """The cleaned Online Retail table: a file, else a data directory (default $FEDSHOP_DATA_DIR),
-    else the copy inside the package."""
-    if data_dir is None:
-        data_dir = os.environ.get("FEDSHOP_DATA_DIR") or None
-    file, origin = online_retail.resolve_path(path, data_dir)
-    return online_retail.clean(online_retail.read_raw(file), source=origin)
-
-
 def load_demand(
     settings: DemandSettings | None = None,
-    path: str | None = None,
-    data_dir: str | None = None,
+    data: DataConfig | None = None,
     cleaned: online_retail.CleanedRetail | None = None,
 ) -> tuple[TabularDataset, WeeklyDemand]:
     """The demand table and the weekly matrix it was built from."""
     settings = settings or DemandSettings()
-    cleaned = cleaned if cleaned is not None else load_cleaned(path, data_dir)
+    if cleaned is None:
+        from fedshop.data.datasets import load_cleaned_retail
+
+        cleaned = load_cleaned_retail(data)
     weekly = build_weekly(cleaned, settings)
     weekly.report["source"] = cleaned.source
     table = build_table(weekly, settings)

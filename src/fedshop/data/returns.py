@@ -474,18 +474,10 @@ def build_returns_dataset(
     )
 
 
-def load_cleaned(config=None, env=None) -> online_retail.CleanedRetail:
-    """Online Retail, cleaned, from where `config` (a `DataConfig`; default: $FEDSHOP_DATA_DIR, else
-    the embedded copy) points, as `fedshop.data.datasets` loads it."""
-    from fedshop.config import DataConfig
-    from fedshop.data.datasets import online_retail_file
-
-    path, origin = online_retail_file(config or DataConfig(), env)
-    return online_retail.clean(online_retail.read_raw(path), source=origin)
-
-
 def load_returns_dataset(
     config=None, settings: ReturnsSettings | None = None, env=None
 ) -> TabularDataset:
     """The returns table of Online Retail as `config` (a `DataConfig`) locates it."""
-    return build_returns_dataset(load_cleaned(config, env), settings)
+    from fedshop.data.datasets import load_cleaned_retail
+
+    return build_returns_dataset(load_cleaned_retail(config, env), settings)
