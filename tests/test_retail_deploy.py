@@ -292,3 +292,24 @@ def test_counts_score_a_run_as_the_exact_predictions_do():
     for silo in dataset.silo_names:
         assert binned["per_silo"][silo]["rows"] == exact["per_silo"][silo]["rows"]
     assert scores.figures[0].title.startswith("Precision–recall")
+
+
+def test_a_storefront_refuses_a_task_its_table_is_not_for(tmp_path):
+    """A classifier's table does not train the demand task's forecaster, nor a recommender."""
+    from fedshop.errors import FedShopError
+
+    path = write_table_silo_file(tmp_path / "silo-0.npz", planted_dataset(sizes=(300, 300)), 0)
+    policy_path(path).write_text(SiloPolicy().to_toml())
+    node = SiloNode({"silo-data": str(path), "state-dir": str(tmp_path / "state")})
+    with pytest.raises(FedShopError, match="table is binary"):
+        node._table_client(load_config(overrides={**FRAUD, "task": "demand"}))
+    with pytest.raises(FedShopError, match="holds a binary table"):
+        node._client(load_config())
+
+
+def test_a_malformed_table_schema_in_a_hello_is_refused():
+    good = {"kind": "binary", "horizon": 1, "cardinalities": [5, 3], "n-numeric": 2}
+    assert hello_shapes(ConfigRecord(good))["cardinalities"] == (5, 3)
+    for bad in ({**good, "cardinalities": 5}, {**good, "cardinalities": [0, 3]}, {"kind": "x"}):
+        with pytest.raises((KeyError, TypeError, ValueError)):
+            hello_shapes(ConfigRecord(bad))
