@@ -1008,7 +1008,9 @@ def deploy_local(
     silos: Annotated[
         int | None,
         typer.Option(
-            "--silos", help="Silos (SuperNode processes); default 4, a fit run's: its shops."
+            "--silos",
+            help="Silos (SuperNode processes); default 4, a fit run's: its shops, a retail "
+            "task's: its table's storefronts.",
         ),
     ] = None,
     config: Annotated[
