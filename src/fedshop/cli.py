@@ -456,11 +456,16 @@ def train(
 
 
 def _deploy_dataset(config: RunConfig):
-    """The data `deploy local` splits into silo files: a fit run's shops, or purchases."""
+    """The data `deploy local` splits into silo files: a fit run's shops, a retail task's
+    storefronts' table, or purchases."""
     if config.task == "fit":
         from fedshop.data.fit_feedback import load_fit_dataset
 
         return load_fit_dataset(config.data, config.fit, config.seed)
+    if config.task in RETAIL_TASKS:
+        from fedshop.retail_tasks import load_retail_dataset
+
+        return load_retail_dataset(config)
     from fedshop.data.datasets import load_dataset
 
     return load_dataset(config.data, seed=config.seed, protocol=config.eval.protocol)
@@ -517,6 +522,11 @@ def _execute_retail(config: RunConfig, out: Path, overwrite: bool) -> None:
         with console.status("Scoring…"):
             scores = score_run(result, table)
             write_retail_run(folder, result, scores)
+    _print_retail_table(config, scores)
+    console.print(f"\nRun folder: [bold]{folder}[/]  ·  report: [bold]{folder / 'report.html'}[/]")
+
+
+def _print_retail_table(config: RunConfig, scores) -> None:
     table = Table(title=f"{config.task}: held-out rows of every storefront")
     for column in ("method", *scores.headline):
         table.add_column(column, justify="left" if column == "method" else "right")
@@ -524,7 +534,6 @@ def _execute_retail(config: RunConfig, out: Path, overwrite: bool) -> None:
         summary = scored["summary"]
         table.add_row(method, *(_cell(summary.get(k)) for k in scores.headline))
     console.print(table)
-    console.print(f"\nRun folder: [bold]{folder}[/]  ·  report: [bold]{folder / 'report.html'}[/]")
 
 
 def _cell(value) -> str:
@@ -1000,7 +1009,9 @@ def deploy_local(
     silos: Annotated[
         int | None,
         typer.Option(
-            "--silos", help="Silos (SuperNode processes); default 4, a fit run's: its shops."
+            "--silos",
+            help="Silos (SuperNode processes); default 4, a fit run's: its shops, a retail "
+            "task's: its table's storefronts.",
         ),
     ] = None,
     config: Annotated[
@@ -1017,13 +1028,17 @@ def deploy_local(
     """Run a TLS-authenticated federation on this machine: one SuperLink, one SuperNode per silo
     (each with only its own data file), FedShop's server as the ServerApp; writes the same run
     folder as the simulator and stops every process it started. A fit run (`task = "fit"`)
-    deploys its shops the same way."""
+    deploys its shops the same way, a retail task (`task = "demand" | "returns" | "fraud"`) its
+    table's storefronts."""
     if silos is not None and silos < 2:
         raise FedShopError("--silos must be at least 2")
     overrides = {"seed": seed, "federated.rounds": rounds, "protection.kind": protection}
     run_config = load_config(config, overrides=overrides)
     fit = run_config.task == "fit"
-    if not fit:  # a fit run's shops come from [fit] silos, not from a count
+    table = run_config.task in RETAIL_TASKS
+    # A fit run's shops come from [fit] silos, a retail task's storefronts from its table; a
+    # recommender's silos from a count.
+    if not (fit or table):
         silos = silos or 4
         more = {"data.max_silos": silos, "methods": ["federated"]}
         run_config = load_config(config, overrides={**overrides, **more})
@@ -1037,7 +1052,8 @@ def deploy_local(
     from fedshop.deploy.processes import commands
     from fedshop.report.run_folder import run_folder, write_run
 
-    with run_folder(out or _default_out("deploy-fit" if fit else "deploy"), overwrite) as out:
+    default = f"deploy-{run_config.task}" if fit or table else "deploy"
+    with run_folder(out or _default_out(default), overwrite) as out:
         with console.status("Loading and cleaning data…"):
             dataset = _deploy_dataset(run_config)
         if silos is not None and dataset.n_silos != silos:
@@ -1059,16 +1075,22 @@ def deploy_local(
             from fedshop.report.fit_run import write_fit_run
 
             write_fit_run(out, result)
+        elif table:
+            from fedshop.report.retail_run import write_retail_run
+
+            write_retail_run(out, result.result, result.scores)
         else:
             write_run(out, result)
     if fit:
         _print_fit_table(run_config, result)
+    elif table:
+        _print_retail_table(run_config, result.scores)
     else:
         _print_tables(result)
     console.print(f"\nRun folder: [bold]{out}[/]  ·  report: [bold]{out / 'report.html'}[/]")
     if fit:
         _print_fit_serve_command(out)
-    else:
+    elif not table:
         _print_serve_command(result, out)
     print_commands(console, commands(dataset.n_silos, "superlink.example.com"))
 
@@ -1292,8 +1314,9 @@ def deploy_silo_data(
     dataset = _deploy_dataset(run_config)
     paths = write_silo_files(run_config, dataset, out)
     counts = customer_counts(dataset)
+    unit = "training rows" if run_config.task in RETAIL_TASKS else "customers"
     for name, path, count in zip(dataset.silo_names, paths, counts, strict=True):
-        console.print(f"{path}  ({name}, {count:,} customers)")
+        console.print(f"{path}  ({name}, {count:,} {unit})")
     console.print(
         "Beside each file, its silo's policy (silo-<i>.policy.toml): the least protection the silo "
         "accepts and its own privacy budget. Each silo reviews its own before it joins.",

@@ -3,7 +3,10 @@
 The data is split into one file per silo, each silo runs as its own SuperNode process with only its
 own file and state folder, the server runs as Flower's ServerApp, and the result is written as the
 same run folder (config.toml, metrics.json, report.html, models/) as the simulator's. A fit run
-(`task = "fit"`) deploys the same way: one SuperNode per shop, with that shop's records only.
+(`task = "fit"`) deploys the same way: one SuperNode per shop, with that shop's records only; so
+does a retail task (`task = "demand" | "returns" | "fraud"`): one SuperNode per storefront, with
+that storefront's table rows only, its metrics scored from the counts the storefronts send
+(`report/retail_counts.py`).
 """
 
 from __future__ import annotations
@@ -19,14 +22,19 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from fedshop.config import RunConfig
+from fedshop.config import RETAIL_TASKS, RunConfig
 from fedshop.data.fit_feedback import FitDataset
 from fedshop.data.interactions import RecDataset, for_protocol
+from fedshop.data.tabular import TabularDataset
 from fedshop.deploy import check_deployable
 from fedshop.deploy.checkpoint import read_run_identity
 from fedshop.deploy.outcome import SHARED_FILE, Outcome
 from fedshop.deploy.processes import LocalFederation, Silo
-from fedshop.deploy.silo_files import write_fit_silo_file, write_silo_file
+from fedshop.deploy.silo_files import (
+    write_fit_silo_file,
+    write_silo_file,
+    write_table_silo_file,
+)
 from fedshop.deploy.silo_policy import SiloPolicy, policy_path
 from fedshop.errors import FedShopError
 from fedshop.eval.fit_metrics import FitCounts
@@ -38,6 +46,8 @@ from fedshop.storage.private_files import private_dir, write_private
 
 if TYPE_CHECKING:
     from fedshop.fit_experiment import FitResult
+    from fedshop.report.retail_run import Scores
+    from fedshop.retail_experiment import RetailResult
 
 
 @dataclass(frozen=True)
@@ -48,7 +58,8 @@ class DeploySettings:
     run_timeout: float = 3600.0
 
 
-Dataset = RecDataset | FitDataset  # a recommender's purchases, or a fit run's shops
+# A recommender's purchases, a fit run's shops, or a retail task's storefronts' table.
+Dataset = RecDataset | FitDataset | TabularDataset
 
 
 def write_silo_files(config: RunConfig, dataset: Dataset, folder: Path) -> list[Path]:
@@ -57,6 +68,8 @@ def write_silo_files(config: RunConfig, dataset: Dataset, folder: Path) -> list[
     this config asks for, as the least the silo accepts. A silo owner reviews and edits it."""
     if isinstance(dataset, FitDataset):
         write = write_fit_silo_file
+    elif isinstance(dataset, TabularDataset):
+        write = write_table_silo_file
     else:
         dataset = for_protocol(dataset, config.eval.protocol, config.eval.split, config.seed)
         write = write_silo_file
@@ -69,8 +82,11 @@ def write_silo_files(config: RunConfig, dataset: Dataset, folder: Path) -> list[
 
 
 def customer_counts(dataset: Dataset) -> list[int]:
+    """Each silo's customers (a table's storefronts: their training rows)."""
     if isinstance(dataset, FitDataset):
         return [silo.n_users for silo in dataset.silos]
+    if isinstance(dataset, TabularDataset):
+        return [len(silo.train) for silo in dataset.silos]
     return [dataset.silo(i).n_users for i in range(dataset.n_silos)]
 
 
@@ -139,7 +155,7 @@ def deploy_local(
     out: Path,
     settings: DeploySettings = DeploySettings(),
     on_line: Callable[[str], None] | None = None,
-) -> ExperimentResult | FitResult:
+) -> ExperimentResult | FitResult | DeployedTable:
     """Run `config` on `dataset` as a local federation; returns the result the run folder shows."""
     check_deployable(config)
     config = with_delta(only_federated(config), dataset)
@@ -155,6 +171,8 @@ def deploy_local(
     seconds = time.perf_counter() - started
     if isinstance(dataset, FitDataset):
         return collect_fit(config, dataset, folder, seconds)
+    if isinstance(dataset, TabularDataset):
+        return collect_table(config, dataset, folder, seconds)
     return collect(config, dataset, folder, seconds)
 
 
@@ -162,6 +180,8 @@ def only_federated(config: RunConfig) -> RunConfig:
     """A deployment runs the federated method only (the baselines are the simulator's)."""
     if config.task == "fit":
         return replace(config, fit=replace(config.fit, methods=("federated",)))
+    if config.task in RETAIL_TASKS:
+        return replace(config, retail=replace(config.retail, methods=("federated",)))
     return replace(config, methods=("federated",))
 
 
@@ -234,6 +254,37 @@ def collect_fit(config: RunConfig, dataset: FitDataset, folder: Path, seconds: f
         weights, outcome.privacy or PrivacySummary(), outcome.protection,
         message_bytes(shared, dataset), audit=server_audit(server),
     )  # fmt: skip
+
+
+@dataclass
+class DeployedTable:
+    """A deployed retail task's result and its scores, from the storefronts' final counts (the
+    run folder's writer, `write_retail_run`, takes both)."""
+
+    result: RetailResult
+    scores: Scores
+
+
+def collect_table(
+    config: RunConfig, dataset: TabularDataset, folder: Path, seconds: float
+) -> DeployedTable:
+    """A retail task's result, as `fedshop train --task …` reports its federated method: the
+    shared network the server ended with (`models/federated.safetensors`, the simulator's path;
+    a storefront has no weights of its own), the rounds, and the metrics scored from the counts
+    the storefronts sent of their held-out rows (`report/retail_counts.py`: no row's score left
+    its storefront)."""
+    from fedshop.report.retail_counts import score_counts
+    from fedshop.retail_experiment import RetailResult, Trained, message_bytes
+
+    server = folder / "server"
+    outcome = Outcome.read(server)
+    shared = load_file(str(server / SHARED_FILE))
+    federated = Trained({}, seconds, {"federated": shared})
+    result = RetailResult(
+        config, dataset, {"federated": federated}, outcome.history, outcome.protection,
+        server_audit(server), message_bytes(shared, dataset),
+    )  # fmt: skip
+    return DeployedTable(result, score_counts(dataset, outcome.per_silo))
 
 
 def kept_metrics(dataset: Dataset, folder: Path, run: str) -> dict[str, MetricSums]:

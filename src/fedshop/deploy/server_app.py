@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
@@ -47,6 +48,15 @@ from fedshop.fl.in_process import make_server, server_pipeline
 from fedshop.fl.robust import expected_layout
 from fedshop.fl.rounds import FinalEvaluation, IncompleteRoundError, RoundDriver, RoundReply
 from fedshop.fl.server import FederatedServer
+from fedshop.fl.tabular_silo import (
+    TASK_KINDS,
+    BinarySummaries,
+    ForecastSummaries,
+    TableSchema,
+    make_tabular_server,
+    shape_of,
+    tabular_pipeline,
+)
 from fedshop.messages import AggregationPipeline
 from fedshop.models.spec import Params
 from fedshop.secure.protected_sum import make_protection, summarise_costs
@@ -54,6 +64,27 @@ from fedshop.secure.protocol import SecureSum
 from fedshop.storage.private_files import open_private_append, private_dir, write_private
 
 _POLL_SECONDS = 0.2  # Grid.send_and_receive sleeps 3 s between polls; rounds are shorter here
+
+
+_TABLE_SCHEMA = ("kind", "horizon", "cardinalities", "n-numeric")
+
+
+def hello_shapes(info: ConfigRecord) -> dict[str, Any]:
+    """What a hello says of the model's shape: a shop's catalogue sizes (fit), a storefront's
+    table schema (retail tasks), or nothing (a recommender's, whose catalogue is `n-items`). A
+    malformed value raises KeyError, TypeError or ValueError."""
+    shapes: dict[str, Any] = {k: int(info[k]) for k in ("n-products", "n-features") if k in info}
+    if "kind" in info:
+        shapes["kind"] = str(info["kind"])
+        shapes["horizon"] = int(info["horizon"])
+        shapes["n-numeric"] = int(info["n-numeric"])
+        cardinalities = info["cardinalities"]
+        if not isinstance(cardinalities, list):
+            raise TypeError("cardinalities must be a list")
+        shapes["cardinalities"] = tuple(int(c) for c in cardinalities)
+        if min(shapes["cardinalities"], default=1) < 1 or shapes["n-numeric"] < 0:
+            raise ValueError("a table schema of empty vocabularies or negative columns")
+    return shapes
 
 
 class Federation:
@@ -78,7 +109,8 @@ class Federation:
         self.names: dict[int, str] = {}
         self.catalogue: str | None = None
         self.n_items: int | None = None
-        self.shapes: dict[str, int] = {}  # a fit run's model shapes, from the hellos
+        # The model's shape from the hellos: a fit run's catalogue sizes, a retail task's schema.
+        self.shapes: dict[str, Any] = {}
         self.audit_keys: dict[int, str] = {}  # each silo's public audit key, from its hello
         self.dataset = ""
         self.read_metrics = read_metrics  # a reply's evaluation: metric sums, or fit counts
@@ -110,7 +142,7 @@ class Federation:
                 claimed, name = int(info["silo"]), str(info["name"])
                 catalogue, n_items = str(info["catalogue"]), int(info["n-items"])
                 dataset = str(info["dataset"])
-                shapes = {k: int(info[k]) for k in ("n-products", "n-features") if k in info}
+                shapes = hello_shapes(info)
             except (KeyError, TypeError, ValueError) as exc:
                 self.log(f"silo {silo}: a malformed hello ({type(exc).__name__}: {exc})")
                 continue
@@ -373,6 +405,20 @@ class FitGridTransport(FitSummaries, GridTransport):
     """`GridTransport` of a fit run: its silos' evaluations are `FitCounts`."""
 
 
+@dataclass
+class BinaryGridTransport(BinarySummaries, GridTransport):
+    """`GridTransport` of a classifier's retail task: its silos' evaluations are `BinaryCounts`."""
+
+
+@dataclass
+class ForecastGridTransport(ForecastSummaries, GridTransport):
+    """`GridTransport` of the demand task: its silos' evaluations are `ForecastSums`."""
+
+
+TABLE_TRANSPORTS = {"binary": BinaryGridTransport, "quantile": ForecastGridTransport}
+TABLE_METRICS = {"binary": wire.record_binary_counts, "quantile": wire.record_forecast_sums}
+
+
 def serve(grid: Grid, context: Context) -> None:
     settings = context.run_config
     config = load_config(Path(str(settings["config-path"])))
@@ -381,14 +427,16 @@ def serve(grid: Grid, context: Context) -> None:
     log = ServerLog(out / "server.log")
     registered = SiloNodes.read(Path(str(settings["node-silos"])))
     fit = config.task == "fit"
+    kind = TASK_KINDS.get(config.task)  # a retail task's: its storefronts' counts
     federation = Federation(
         grid, n_silos, float(settings["round-timeout"]), log, registered,
-        wire.record_fit_counts if fit else wire.record_metrics,
+        wire.record_fit_counts if fit else TABLE_METRICS[kind] if kind else wire.record_metrics,
     )  # fmt: skip
     wait_timeout = float(settings["wait-timeout"])
     # Every silo at the start: the model's shape and the silos' names come from them.
     federation.wait_for(n_silos, wait_timeout)
-    pipeline, server = (_fit_server if fit else _recommender_server)(config, federation)
+    make = _fit_server if fit else _table_server if kind else _recommender_server
+    pipeline, server = make(config, federation)
     digest = config_digest(config.to_toml())
     checkpoints = out / "checkpoints"
     resumed = load_checkpoint(checkpoints, server, digest)
@@ -397,7 +445,8 @@ def serve(grid: Grid, context: Context) -> None:
     if resumed:
         log(f"resumed from the checkpoint after round {resumed.round}")
     task = LocalTask.of_run(config, guard.plan if guard is not None else None)
-    transport = (FitGridTransport if fit else GridTransport)(
+    transport_type = FitGridTransport if fit else TABLE_TRANSPORTS.get(kind, GridTransport)
+    transport = transport_type(
         federation, config, pipeline, make_protection(config.protection),
         expected_layout(pipeline, server.shared), int(settings["min-silos"]) or n_silos,
         wait_timeout,
@@ -485,6 +534,25 @@ def _fit_server(
     )
     pipeline = fit_pipeline(config, private=config.privacy.enabled)
     return pipeline, make_fit_server(config, shapes, federation.n_silos, pipeline)
+
+
+def _table_server(
+    config: RunConfig, federation: Federation
+) -> tuple[AggregationPipeline, FederatedServer]:
+    """The simulator's table server (`make_tabular_server`), shaped by the storefronts' hellos."""
+    shapes = federation.shapes
+    if not set(_TABLE_SCHEMA) <= set(shapes):
+        raise FedShopError(
+            f"the silos hold no table: task = {config.task!r} needs table silo files"
+        )
+    schema = TableSchema(
+        shapes["kind"], shapes["horizon"], shapes["cardinalities"], shapes["n-numeric"]
+    )
+    if schema.kind != TASK_KINDS[config.task]:
+        raise FedShopError(f"the silos' table is {schema.kind}; task = {config.task!r} is not")
+    shape = shape_of(config, schema)
+    pipeline = tabular_pipeline(config, shape)
+    return pipeline, make_tabular_server(config, shape, federation.n_silos, pipeline)
 
 
 def _privacy_guard(config, federation: Federation, resumed):

@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from fedshop.config import RunConfig, config_from_toml
+from fedshop.config import RETAIL_TASKS, RunConfig, config_from_toml
 from fedshop.deploy import wire
-from fedshop.deploy.silo_files import FitSiloData, read_any_silo_file
+from fedshop.deploy.silo_files import FitSiloData, TableSiloData, read_any_silo_file
 from fedshop.deploy.silo_policy import (
     LEDGER_FILE,
     PolicyError,
@@ -45,6 +45,7 @@ from fedshop.deploy.silo_policy import (
 from fedshop.deploy.silo_secagg import SecAggSilo, run_folder
 from fedshop.errors import FedShopError
 from fedshop.eval.fit_metrics import FitCounts
+from fedshop.eval.tabular_metrics import BinaryCounts, ForecastSums
 from fedshop.fl.aggregation import aggregation_pipeline
 from fedshop.fl.audit import acknowledge, silo_weights_file
 from fedshop.fl.client import LocalTask, SiloClient, SiloDp
@@ -58,6 +59,7 @@ from fedshop.storage.private_files import create_private_once, private_dir, priv
 if TYPE_CHECKING:  # DP and its accountant load only in DP runs: every message is a new process
     from fedshop.fl.dp_local import DpSgdState
     from fedshop.fl.fit_silo import FitSiloClient
+    from fedshop.fl.tabular_silo import TabularSiloClient
     from fedshop.privacy.dp import DpPlan
 
 _STATE = re.compile(r"round-(\d+)\.pt$")
@@ -159,6 +161,7 @@ class SiloNode:
                         # No customer count: the server sees the silo's size only as the noisy
                         # count it releases under DP (δ is the config's, not sized here).
                         **self._fit_shapes(),
+                        **self._table_schema(),
                         # The public half of the silo's audit key, for the log's header.
                         **({"audit-key": self.signer.public} if self.signer else {}),
                     }
@@ -176,13 +179,31 @@ class SiloNode:
             "n-features": int(self.meta["n_features"]),
         }
 
+    def _table_schema(self) -> dict:
+        """A storefront's hello in a retail task gives the table's public schema (what it predicts,
+        each categorical column's vocabulary size, how many numeric columns): the network's shape,
+        never a row. Its digest covers it."""
+        if not isinstance(self.data, TableSiloData):
+            return {}
+        return {
+            "kind": self.data.kind,
+            "horizon": int(self.data.horizon),
+            "cardinalities": [int(c) for c in self.data.cardinalities],
+            "n-numeric": len(self.data.numeric_names),
+        }
+
     def client(
         self, config: RunConfig, run: SiloRun, before_round: int
-    ) -> tuple[SiloClient | FitSiloClient, dict | None]:
-        """The silo's client (the simulator's class: `SiloClient`, or `FitSiloClient` for a fit
-        run) with its state in `run` after the latest round it trained in before `before_round`,
-        and that round's saved DP-SGD state (or None)."""
-        client = self._fit_client(config) if config.task == "fit" else self._client(config)
+    ) -> tuple[SiloClient | FitSiloClient | TabularSiloClient, dict | None]:
+        """The silo's client (the simulator's class: `SiloClient`, `FitSiloClient` for a fit run,
+        `TabularSiloClient` for a retail task) with its state in `run` after the latest round it
+        trained in before `before_round`, and that round's saved DP-SGD state (or None)."""
+        if config.task == "fit":
+            client = self._fit_client(config)
+        elif config.task in RETAIL_TASKS:
+            client = self._table_client(config)
+        else:
+            client = self._client(config)
         state = run.latest_before(before_round)
         if state is None:
             return client, None
@@ -190,8 +211,8 @@ class SiloNode:
         return client, state.get("dp")
 
     def _client(self, config: RunConfig) -> SiloClient:
-        if isinstance(self.data, FitSiloData):
-            raise FedShopError("this silo holds fit records; the task is a recommender's")
+        if isinstance(self.data, FitSiloData | TableSiloData):
+            raise FedShopError(f"this silo holds {self._holds()}; the task is a recommender's")
         return SiloClient(
             self.index, self.data, config.model, config.train,
             aggregation_pipeline(config.federated.aggregation), config.seed,
@@ -203,11 +224,40 @@ class SiloNode:
 
         data = self.data
         if not isinstance(data, FitSiloData):
-            raise FedShopError("this silo holds purchases; the task is a fit run's")
+            raise FedShopError(f"this silo holds {self._holds()}; the task is a fit run's")
         pipeline = fit_pipeline(config, private=config.privacy.enabled)
         return FitSiloClient(
             data.silo, data.product_item, data.product_size, data.measurements, config, pipeline
         )
+
+    def _table_client(self, config: RunConfig) -> TabularSiloClient:
+        """The simulator's storefront (`run_tabular_federated`) on this silo's rows: the network's
+        shape from the file's schema, the task's head from the config."""
+        from fedshop.fl.tabular_silo import (
+            TASK_KINDS,
+            TabularSiloClient,
+            head_of,
+            shape_of,
+            tabular_pipeline,
+        )
+
+        data = self.data
+        if not isinstance(data, TableSiloData):
+            raise FedShopError(f"this silo holds {self._holds()}; the task is {config.task!r}")
+        if data.kind != TASK_KINDS[config.task]:
+            raise FedShopError(f"this silo's table is {data.kind}; {config.task!r} is not")
+        schema = data.schema()
+        shape = shape_of(config, schema)
+        return TabularSiloClient(
+            data.silo, shape, head_of(config, schema), config, tabular_pipeline(config, shape)
+        )
+
+    def _holds(self) -> str:
+        if isinstance(self.data, FitSiloData):
+            return "fit records"
+        if isinstance(self.data, TableSiloData):
+            return f"a {self.data.kind} table"
+        return "purchases"
 
     @staticmethod
     def state_of(client: SiloClient | FitSiloClient, dp: DpSgdState | None, inputs: str) -> dict:
@@ -351,9 +401,12 @@ class SiloNode:
         (the run folder's `models/federated/silo-<slug>.safetensors`: its private vectors and its
         users, the bytes the run folder's writer makes of them; a shop's users are its own
         customer ids, `deploy.launch.collect_fit`)."""
-        weights = {**client.private_state(), "users": torch.tensor(self.data.users)}
-        digest = sha256_hex(safetensors_bytes(weights))
-        files = {silo_weights_file(self.data.name): digest}
+        if isinstance(self.data, TableSiloData):
+            files = {}  # a storefront's network is all shared: it has no weights file of its own
+        else:
+            weights = {**client.private_state(), "users": torch.tensor(self.data.users)}
+            digest = sha256_hex(safetensors_bytes(weights))
+            files = {silo_weights_file(self.data.name): digest}
         body = silo_files_body(self.signer, run, self.index, self.data.name, files)
         return ConfigRecord(
             {"final-ack": acknowledge(self.signer, run, 0, shared), "files": json.dumps(body)}
@@ -372,9 +425,12 @@ class SiloNode:
 
 
 def metrics_reply(silo: int, result) -> ConfigRecord:
-    """What an evaluation sends: a fit run's counts, or a recommender's metric sums."""
+    """What an evaluation sends: a fit run's counts, a retail task's counts, or a recommender's
+    metric sums."""
     if isinstance(result, FitCounts):
         return wire.fit_counts_config(silo, result)
+    if isinstance(result, BinaryCounts | ForecastSums):
+        return wire.table_counts_config(silo, result)
     return wire.metrics_config(silo, result)
 
 

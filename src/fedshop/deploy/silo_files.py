@@ -6,6 +6,11 @@ app reads exactly one such file, named in its node config.
 
 A fit run's file (`write_fit_silo_file`) holds one shop's fit records, its own customers (by their
 ids, not the trial's global indices) and their measurements, and the public product catalogue.
+
+A retail task's file (`write_table_silo_file`: demand, returns, fraud) holds one storefront's table
+rows, training and held-out, and the table's public schema (what it predicts, its columns, each
+categorical column's vocabulary size): what the network's shape depends on, no other storefront's
+rows.
 """
 
 from __future__ import annotations
@@ -20,12 +25,15 @@ import scipy.sparse as sp
 
 from fedshop.data.fit_feedback import FitDataset, FitRecords, FitSilo
 from fedshop.data.interactions import RecDataset, SiloData
+from fedshop.data.tabular import TabularDataset, TabularPart, TabularSilo
 from fedshop.errors import FedShopError
 from fedshop.storage.private_files import private_writer
 
 FORMAT = "fedshop-silo/1"
 FIT_FORMAT = "fedshop-fit-silo/1"
 FIT_SPLITS = ("train", "validation", "test")
+TABLE_FORMAT = "fedshop-table-silo/1"
+TABLE_SPLITS = ("train", "test")
 _RECORD_FIELDS = ("user", "product", "label")
 
 
@@ -76,11 +84,16 @@ def _read_arrays(path: str | Path, *expected: str) -> tuple[dict[str, np.ndarray
     return arrays, meta
 
 
-def read_any_silo_file(path: str | Path) -> tuple[SiloData | FitSiloData, dict]:
-    """A node's silo file, a recommender's or a fit run's (its node config names one file)."""
-    arrays, meta = _read_arrays(path, FORMAT, FIT_FORMAT)
+def read_any_silo_file(
+    path: str | Path,
+) -> tuple[SiloData | FitSiloData | TableSiloData, dict]:
+    """A node's silo file, a recommender's, a fit run's or a retail task's (its node config names
+    one file)."""
+    arrays, meta = _read_arrays(path, FORMAT, FIT_FORMAT, TABLE_FORMAT)
     if meta["format"] == FIT_FORMAT:
         return _fit_silo_data(arrays, meta, path)
+    if meta["format"] == TABLE_FORMAT:
+        return _table_silo_data(arrays, meta, path)
     return _silo_data(arrays, meta)
 
 
@@ -206,4 +219,109 @@ def fit_catalogue_digest(data: FitSiloData) -> str:
     """The products (item, size) and the measurement features: what the shared model indexes."""
     products = [f"{i}:{s!r}" for i, s in zip(data.product_item, data.product_size, strict=True)]
     lines = [*map(str, data.item_ids), "products", *products, "features", *data.measurement_names]
+    return catalogue_digest(np.asarray(lines))
+
+
+@dataclass(frozen=True)
+class TableSiloData:
+    """One storefront's part of a retail task (demand, returns, fraud), as its own host holds it:
+    its rows and the table's public schema."""
+
+    silo: TabularSilo
+    dataset: str
+    kind: str
+    horizon: int
+    categorical_names: tuple[str, ...]
+    cardinalities: tuple[int, ...]
+    numeric_names: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return self.silo.name
+
+    @property
+    def n_users(self) -> int:
+        """Its training rows (a table silo's count of what it holds; it has no customer table)."""
+        return len(self.silo.train)
+
+    def schema(self):
+        """The public shape the network needs (`fl.tabular_silo.TableSchema`)."""
+        from fedshop.fl.tabular_silo import TableSchema
+
+        return TableSchema(self.kind, self.horizon, self.cardinalities, len(self.numeric_names))
+
+
+def write_table_silo_file(path: Path, dataset: TabularDataset, index: int) -> Path:
+    """Write storefront `index` of `dataset` to `path` (.npz), owner-only: its own rows (training
+    and held-out, with each row's extra values) and the table's public schema."""
+    silo = dataset.silos[index]
+    arrays: dict[str, np.ndarray] = {}
+    for split in TABLE_SPLITS:
+        part: TabularPart = getattr(silo, split)
+        arrays[f"{split}_categorical"] = part.categorical
+        arrays[f"{split}_numeric"] = part.numeric
+        arrays[f"{split}_target"] = part.target
+        for name, values in part.extra.items():
+            arrays[f"{split}_extra/{name}"] = np.asarray(values)
+    meta = {
+        "format": TABLE_FORMAT, "name": silo.name, "index": index, "dataset": dataset.name,
+        "kind": dataset.kind, "horizon": int(dataset.horizon),
+        "categorical_names": list(dataset.categorical_names),
+        "cardinalities": [int(c) for c in dataset.cardinalities],
+        "numeric_names": list(dataset.numeric_names),
+    }  # fmt: skip
+    return _write_arrays(path, arrays, meta)
+
+
+def read_table_silo_file(path: str | Path) -> tuple[TableSiloData, dict]:
+    """The storefront's rows and the file's metadata (name, index, dataset, schema digest)."""
+    arrays, meta = _read_arrays(path, TABLE_FORMAT)
+    return _table_silo_data(arrays, meta, path)
+
+
+def _table_silo_data(
+    arrays: dict[str, np.ndarray], meta: dict, path: str | Path
+) -> tuple[TableSiloData, dict]:
+    try:
+        parts = []
+        for split in TABLE_SPLITS:
+            prefix = f"{split}_extra/"
+            extra = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+            columns = [arrays[f"{split}_{c}"] for c in ("categorical", "numeric", "target")]
+            parts.append(TabularPart(*columns, extra))
+        silo = TabularSilo(int(meta["index"]), str(meta["name"]), *parts)
+        data = TableSiloData(
+            silo, str(meta["dataset"]), str(meta["kind"]), int(meta["horizon"]),
+            tuple(str(n) for n in meta["categorical_names"]),
+            tuple(int(c) for c in meta["cardinalities"]),
+            tuple(str(n) for n in meta["numeric_names"]),
+        )  # fmt: skip
+        # The schema's checks (kind, columns, codes within their vocabularies) on this silo alone.
+        TabularDataset(
+            data.dataset, data.kind, [silo], list(data.categorical_names),
+            list(data.cardinalities), list(data.numeric_names), data.horizon,
+        )  # fmt: skip
+        per_row = () if data.kind == "binary" else (data.horizon,)  # a label, or h values
+        for part in parts:
+            if (part.categorical < 0).any():
+                raise ValueError("a negative categorical code")
+            if part.target.shape[1:] != per_row:
+                raise ValueError(f"targets of shape {part.target.shape} for a {data.kind} table")
+    except (KeyError, TypeError, ValueError, FedShopError) as error:
+        raise SiloFileError(f"{path} is not a complete table silo file ({error})") from None
+    meta["catalogue_digest"] = table_digest(data)
+    meta["n_items"] = 0  # a table has no item catalogue; its schema is in the digest
+    return data, meta
+
+
+def table_digest(data: TableSiloData) -> str:
+    """The table's schema: what it predicts and its columns, each categorical one's vocabulary
+    size. Every storefront's file must agree on it to train one network."""
+    columns = zip(data.categorical_names, data.cardinalities, strict=True)
+    lines = [
+        f"kind {data.kind}",
+        f"horizon {data.horizon}",
+        *(f"categorical {n} {c}" for n, c in columns),
+        *(f"numeric {n}" for n in data.numeric_names),
+    ]
     return catalogue_digest(np.asarray(lines))

@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from fedshop.errors import FedShopError
 from fedshop.eval.fit_metrics import FitCounts
 from fedshop.eval.metrics import METRIC_NAMES, MetricSums
+from fedshop.eval.tabular_metrics import BINS, BinaryCounts, ForecastSums
 from fedshop.fl.robust import BadMessageError, check_message
 from fedshop.messages import ClientMessage
 from fedshop.models.spec import Params
@@ -150,6 +151,47 @@ def _counts(values, shape: tuple[int, ...]) -> np.ndarray:
     if (array < 0).any():
         raise ValueError("negative counts")
     return array.astype(np.int64).reshape(shape)
+
+
+def table_counts_config(silo: int, counts: BinaryCounts | ForecastSums) -> ConfigRecord:
+    """Only counts leave a storefront after evaluation (`eval/tabular_metrics.py`): a classifier's
+    histogram of scores by label, or a forecaster's two sums; never a row's score."""
+    if isinstance(counts, BinaryCounts):
+        return ConfigRecord({"silo": silo, "histogram": counts.histogram.ravel().tolist()})
+    values = {"absolute-error": float(counts.absolute_error), "actual": float(counts.actual)}
+    return ConfigRecord({"silo": silo, **values})
+
+
+def record_binary_counts(content: RecordDict, silo: int, name: str = "metrics") -> BinaryCounts:
+    """A classifier's counts in a reply from the node that serves `silo`: (2, BINS) whole numbers,
+    none negative (`BadReplyError` otherwise, as `record_metrics`)."""
+    try:
+        record = content[name]
+        claimed = int(record["silo"])
+        histogram = _counts(record["histogram"], (2, BINS))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BadReplyError(f"malformed table counts ({type(exc).__name__}: {exc})") from None
+    if claimed != silo:
+        raise BadReplyError(f"table counts claimed for silo {claimed} by the node of silo {silo}")
+    return BinaryCounts(histogram)
+
+
+def record_forecast_sums(content: RecordDict, silo: int, name: str = "metrics") -> ForecastSums:
+    """A forecaster's sums in a reply from the node that serves `silo`: two finite numbers, not
+    negative (a sum of absolute errors, a sum of actual demand)."""
+    try:
+        record = content[name]
+        claimed = int(record["silo"])
+        values = [record["absolute-error"], record["actual"]]
+        if not all(isinstance(v, float | int) and not isinstance(v, bool) for v in values):
+            raise TypeError("sums must be numbers")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BadReplyError(f"malformed forecast sums ({type(exc).__name__}: {exc})") from None
+    if claimed != silo:
+        raise BadReplyError(f"forecast sums claimed for silo {claimed} by the node of silo {silo}")
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise BadReplyError("forecast sums must be finite and not negative")
+    return ForecastSums(float(values[0]), float(values[1]))
 
 
 def arrays_record(arrays: dict) -> ArrayRecord:

@@ -48,14 +48,37 @@ class TabularTraining:
     batch_size: int = 256
 
 
-def head_of(config: RunConfig, dataset: TabularDataset) -> Head:
-    return Head(dataset.kind, dataset.horizon, tuple(config.retail.quantiles))
+# What each retail task's table predicts (data/tabular.py KINDS): a deployment's server checks the
+# storefronts' hellos against it and reads their evaluations as that kind's counts.
+TASK_KINDS = {"demand": "quantile", "returns": "binary", "fraud": "binary"}
 
 
-def shape_of(config: RunConfig, dataset: TabularDataset) -> TabularShape:
+@dataclass(frozen=True)
+class TableSchema:
+    """A table's public shape: what the network's shape depends on, never a row. A deployment's
+    server learns it from the storefronts' hellos (their silo files hold it)."""
+
+    kind: str
+    horizon: int
+    cardinalities: tuple[int, ...]
+    n_numeric: int
+
+    @staticmethod
+    def of(dataset: TabularDataset) -> TableSchema:
+        return TableSchema(
+            dataset.kind, dataset.horizon, tuple(dataset.cardinalities), len(dataset.numeric_names)
+        )
+
+
+def head_of(config: RunConfig, table: TabularDataset | TableSchema) -> Head:
+    return Head(table.kind, table.horizon, tuple(config.retail.quantiles))
+
+
+def shape_of(config: RunConfig, table: TabularDataset | TableSchema) -> TabularShape:
+    schema = table if isinstance(table, TableSchema) else TableSchema.of(table)
     return TabularShape(
-        tuple(dataset.cardinalities), len(dataset.numeric_names),
-        head_of(config, dataset).outputs, config.retail.embedding_dim, config.retail.hidden,
+        schema.cardinalities, schema.n_numeric, head_of(config, schema).outputs,
+        config.retail.embedding_dim, config.retail.hidden,
     )  # fmt: skip
 
 
@@ -119,6 +142,8 @@ def touched_rows(part: TabularPart, shape: TabularShape) -> dict[str, torch.Tens
 
 
 class TabularSiloClient(SiloState):
+    dp = None  # no record-level DP for the retail tasks yet (config refuses it)
+
     def __init__(
         self,
         silo: TabularSilo,
@@ -181,15 +206,26 @@ def silo_counts(
     )
 
 
-class TabularTransport(SiloTransport):
-    """`SiloTransport` whose per-silo metrics are a table model's counts."""
+class BinarySummaries:
+    """What `RoundDriver` reads of a transport whose per-silo metrics are `BinaryCounts` (the
+    simulator's `TabularTransport` and a deployment's)."""
 
     summarise = staticmethod(summarise_counts)
     headline = "auc_pr"
 
 
-class ForecastTransport(TabularTransport):
+class ForecastSummaries(BinarySummaries):
+    """... whose per-silo metrics are `ForecastSums`."""
+
     headline = "wape"
+
+
+class TabularTransport(BinarySummaries, SiloTransport):
+    """`SiloTransport` whose per-silo metrics are a table model's counts."""
+
+
+class ForecastTransport(ForecastSummaries, SiloTransport):
+    """`SiloTransport` whose per-silo metrics are a forecaster's sums."""
 
 
 @dataclass
@@ -198,6 +234,7 @@ class TabularFederatedRun:
     clients: list[TabularSiloClient]
     history: list[RoundRecord]
     protection: ProtectedSum | None
+    final: dict[str, BinaryCounts | ForecastSums]  # the final model's counts, per storefront
     audit: AuditTrail | None = None
 
 
@@ -210,6 +247,20 @@ def tabular_pipeline(config: RunConfig, shape: TabularShape) -> AggregationPipel
     return with_row_means(
         aggregation_pipeline(config.federated.aggregation), embedding_tables(shape)
     )
+
+
+def make_tabular_server(
+    config: RunConfig, shape: TabularShape, n_silos: int, pipeline: AggregationPipeline
+) -> FederatedServer:
+    """The table server as every runtime starts it (the simulator, a deployment's ServerApp): the
+    same initial network, sampling stream and server optimiser."""
+    fed = config.federated
+    sampler = Sampler(
+        torch.arange(n_silos), torch_generator(config.seed, "server", "sampling"),
+        fed.silos_per_round,
+    )  # fmt: skip
+    shared = init_shared(config, shape, "shared", "init")
+    return FederatedServer(shared, pipeline, make_server_optimizer(fed), sampler)
 
 
 def run_tabular_federated(
@@ -227,13 +278,7 @@ def run_tabular_federated(
         protected = ProtectedSum(protection, config.protection.bound)
         pipeline = replace(pipeline, summation=protected)
     clients = [TabularSiloClient(s, shape, head, config, pipeline) for s in dataset.silos]
-    fed = config.federated
-    sampler = Sampler(
-        torch.arange(len(clients)), torch_generator(config.seed, "server", "sampling"),
-        fed.silos_per_round,
-    )  # fmt: skip
-    shared = init_shared(config, shape, "shared", "init")
-    server = FederatedServer(shared, pipeline, make_server_optimizer(fed), sampler)
+    server = make_tabular_server(config, shape, len(clients), pipeline)
     audit = start_silo_audit(config, clients)
     transport_type = TabularTransport if head.kind == "binary" else ForecastTransport
     transport = transport_type(
@@ -241,4 +286,6 @@ def run_tabular_federated(
     )
     driver = RoundDriver(config, server, transport, on_round=on_round, audit=audit.rounds)
     finished = driver.run_all()
-    return TabularFederatedRun(server, clients, finished.history, protected, audit)
+    return TabularFederatedRun(
+        server, clients, finished.history, protected, finished.final.per_silo, audit
+    )
