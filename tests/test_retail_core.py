@@ -155,8 +155,8 @@ def test_secure_aggregation_trains_the_same_model():
         config(**{"retail.methods": ["federated"], "protection.kind": "secagg"}), dataset
     )
     a, b = (
-        plain.methods["federated"].weights["federated"],
-        secure.methods["federated"].weights["federated"],
+        plain.methods["federated"].weights["federated/shared"],
+        secure.methods["federated"].weights["federated/shared"],
     )
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-4), name

@@ -1,4 +1,4 @@
-"""The retail tasks deployed (`fedshop deploy local` with `task = "fraud"`, likewise "returns" and
+"""The retail tasks deployed (`fedshop deploy local` with `task = "returns"`, likewise "fraud" and
 "demand"): each storefront a SuperNode with its own table rows only, the simulator's network and
 round driver, and the storefronts' counts checked as they cross the wire.
 
@@ -47,22 +47,26 @@ from fedshop.retail_tasks import load_retail_dataset
 from fedshop.secure.protected_sum import ProtectionSummary
 from test_retail_core import planted_dataset
 
-FRAUD = {"task": "fraud", "federated.rounds": 2, "retail.methods": ["federated"]}
-# The deployment runs one SuperNode per storefront: at most 6 here, the smallest countries merged
-# (`[data] max_silos`, as online-retail's), since 16 SuperNodes on 2 cores crowd the SuperLink.
-DEPLOYED = {**FRAUD, "data.max_silos": 6}
+# Return risk on Online Retail, which every machine has (the fraud table is not shipped). The
+# deployment runs one SuperNode per storefront: at most 4 here, the smallest countries merged
+# (`[data] max_silos`), since 16 SuperNodes on 2 cores crowd the SuperLink.
+FRAUD = {"task": "fraud", "federated.rounds": 2, "retail.methods": ["federated"]}  # planted tables
+DEPLOYED = {
+    "task": "returns", "federated.rounds": 2, "retail.methods": ["federated"],
+    "data.max_silos": 4,
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def deployed(data_dir, nginx, tmp_path_factory):
-    """One real deployment through the CLI, as an operator runs it: `--config fraud.toml`."""
+    """One real deployment through the CLI, as an operator runs it: `--config returns.toml`."""
     config = load_config(overrides={**DEPLOYED, "data.data_dir": str(data_dir)})
-    folder = tmp_path_factory.mktemp("fraud-deploy")
-    (folder / "fraud.toml").write_text(config.to_toml())
+    folder = tmp_path_factory.mktemp("returns-deploy")
+    (folder / "returns.toml").write_text(config.to_toml())
     out = folder / "run"
     command = [
         sys.executable, "-m", "fedshop", "deploy", "local", "--config",
-        str(folder / "fraud.toml"), "--out", str(out),
+        str(folder / "returns.toml"), "--out", str(out),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -70,10 +74,10 @@ def deployed(data_dir, nginx, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_deployed_fraud_network_is_the_simulators(deployed):
+def test_deployed_returns_network_is_the_simulators(deployed):
     config, dataset, out, stdout = deployed
     simulated = run_tabular_federated(dataset, config)
-    shared = load_file(str(out / "models" / "federated.safetensors"))  # the simulator's path
+    shared = load_file(str(out / "models" / "federated" / "shared.safetensors"))
     assert set(shared) == set(simulated.server.shared)
     for name, value in simulated.server.shared.items():
         torch.testing.assert_close(shared[name], value, rtol=0, atol=1e-5)
@@ -85,7 +89,7 @@ def test_deployed_fraud_network_is_the_simulators(deployed):
     per_silo = {name: m["federated"]["auc_pr"] for name, m in metrics["per_silo"].items()}
     assert per_silo == pytest.approx(final, nan_ok=True)
     outcome = json.loads((out / "deployment" / "server" / "outcome.json").read_text())
-    assert outcome["task"] == "fraud" and set(outcome["per_silo"]) == set(dataset.silo_names)
+    assert outcome["task"] == "returns" and set(outcome["per_silo"]) == set(dataset.silo_names)
     assert outcome["summary"]["auc_pr"] == pytest.approx(metrics["federated"]["auc_pr"])
     assert metrics["scored_from"].startswith("each storefront's counts")
     assert "auc_pr" in stdout and (out / "report.html").exists()
@@ -105,7 +109,7 @@ def test_each_storefront_file_holds_only_its_own_rows(deployed):
 
 
 @pytest.mark.slow
-def test_a_deployed_fraud_run_keeps_an_audit_log_that_verifies(deployed):
+def test_a_deployed_returns_run_keeps_an_audit_log_that_verifies(deployed):
     from fedshop.storage.audit import LOG_FILE, Verified, read_entries, verify_run
 
     _, dataset, out, _ = deployed

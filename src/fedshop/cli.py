@@ -1076,15 +1076,17 @@ def deploy_local(
 
             write_fit_run(out, result)
         elif table:
+            from fedshop.report.retail_counts import score_counts
             from fedshop.report.retail_run import write_retail_run
 
-            write_retail_run(out, result.result, result.scores)
+            scores = score_counts(dataset, result.per_silo)
+            write_retail_run(out, result.result, scores)
         else:
             write_run(out, result)
     if fit:
         _print_fit_table(run_config, result)
     elif table:
-        _print_retail_table(run_config, result.scores)
+        _print_retail_table(run_config, scores)
     else:
         _print_tables(result)
     console.print(f"\nRun folder: [bold]{out}[/]  ·  report: [bold]{out / 'report.html'}[/]")

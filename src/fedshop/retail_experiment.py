@@ -76,7 +76,7 @@ def train_federated(config: RunConfig, dataset: TabularDataset, progress: Progre
     seconds = time.perf_counter() - started
     costs = run.protection.costs if run.protection is not None else []
     protection = summarise_costs(config.protection.kind, costs)
-    return Trained(predictions, seconds, {"federated": dict(shared)}), run, protection
+    return Trained(predictions, seconds, {"federated/shared": dict(shared)}), run, protection
 
 
 def train_centralized(config: RunConfig, dataset: TabularDataset, progress: Progress) -> Trained:

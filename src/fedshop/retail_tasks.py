@@ -21,13 +21,15 @@ from fedshop.data.demand import DemandSettings, WeeklyDemand, load_demand, predi
 from fedshop.data.tabular import TabularDataset
 from fedshop.eval.forecast import evaluate_demand
 from fedshop.eval.inventory import InventorySettings, inventory_report
-from fedshop.report.retail_run import Figure, Scores, quality_table, svg_of
+from fedshop.report.retail_run import (
+    COLOURS,
+    Figure,
+    Scores,
+    quality_table,
+    silo_gain_figure,
+    svg_of,
+)
 from fedshop.retail_experiment import RetailResult, score_binary
-
-COLOURS = {
-    "federated": "C0", "centralized": "C1", "local_only": "C2", "seasonal_naive": "C7",
-    "best_statistical": "C3",
-}  # fmt: skip
 
 
 @dataclass
@@ -45,7 +47,9 @@ def demand_settings(config: RunConfig) -> DemandSettings:
     return DemandSettings(horizon=config.retail.horizon, lags=config.retail.lags)
 
 
-def load_retail(config: RunConfig) -> RetailTable:
+def load_retail(config: RunConfig, quality: bool = True) -> RetailTable:
+    """The task's table; `quality` False: no DP quality view for a returns run (a deployment's
+    storefronts never pool lines for one), so no ledger is consulted."""
     data = config.data
     if config.task == "demand":
         dataset, weekly = load_demand(demand_settings(config), data)
@@ -55,16 +59,26 @@ def load_retail(config: RunConfig) -> RetailTable:
         from fedshop.data.returns import ReturnsSettings, build_returns_dataset, labelled_lines
 
         cleaned = load_cleaned_retail(data)
-        labelled = labelled_lines(cleaned, ReturnsSettings())
+        settings = ReturnsSettings(max_silos=data.max_silos)
+        labelled = labelled_lines(cleaned, settings)
         lines = labelled[0]
         # The quality view's budget is checked before the table is built or anything trained.
-        ledger = quality_ledger(config, lines) if config.retail.quality_epsilon > 0 else None
-        dataset = build_returns_dataset(cleaned, ReturnsSettings(), labelled)
+        viewed = quality and config.retail.quality_epsilon > 0
+        ledger = quality_ledger(config, lines) if viewed else None
+        dataset = build_returns_dataset(cleaned, settings, labelled)
         return RetailTable(dataset, lines=lines if ledger is not None else None, ledger=ledger)
     from fedshop.data.fraud import FraudSettings, build_fraud_dataset
 
-    settings = FraudSettings(seed=config.seed % 5)  # the day-blocked split's fold (5 folds)
+    # The day-blocked split's fold (5 folds); with [data] max_silos, the largest countries keep
+    # their own storefront and "Other" and "Unknown" take the rest.
+    countries = max(data.max_silos - 2, 0) if data.max_silos else FraudSettings.countries
+    settings = FraudSettings(countries=countries, seed=config.seed % 5)
     return RetailTable(build_fraud_dataset(settings, data.data_dir, data.path))
+
+
+def load_retail_dataset(config: RunConfig) -> TabularDataset:
+    """The task's table alone (what `fedshop deploy` splits into storefront files)."""
+    return load_retail(config, quality=False).dataset
 
 
 QUALITY_DATASET = "online-retail"  # the ledger's dataset: the storefronts' one budget on it
@@ -352,31 +366,4 @@ def pr_curves(result: RetailResult) -> Figure:
         "Precision–recall, all storefronts",
         svg_of(figure),
         "Every held-out row once, ranked by each method's score.",
-    )
-
-
-def silo_gain_figure(dataset: TabularDataset, methods: dict[str, dict[str, Any]]) -> Figure:
-    """Per storefront, smallest first: AUC-PR of each method, to show who gains from federation."""
-    import matplotlib.pyplot as plt
-
-    silos = sorted(dataset.silos, key=lambda s: float(s.train.target.sum()))
-    figure, axis = plt.subplots(figsize=(max(5.5, 0.45 * len(silos)), 4))
-    x = np.arange(len(silos))
-    width = 0.8 / max(len(methods), 1)
-    for k, (method, scored) in enumerate(methods.items()):
-        values = [scored["per_silo"][s.name]["auc_pr"] for s in silos]
-        axis.bar(x + k * width, values, width, label=method, color=COLOURS.get(method))
-    axis.set_xticks(
-        x + 0.4 - width / 2,
-        [f"{s.name}\n{int(s.train.target.sum())}" for s in silos],
-        rotation=60,
-        fontsize=7,
-    )
-    axis.set(ylabel="AUC-PR")
-    axis.legend(fontsize=8)
-    return Figure(
-        "Per storefront, fewest training positives first",
-        svg_of(figure),
-        "Under each name: the storefront's positive training rows. Small storefronts see too few "
-        "positives to learn alone.",
     )

@@ -101,12 +101,15 @@ class ReturnsSettings:
     split_date: str = "2011-09-01"  # test: purchases from this day on
     label_horizon_days: int = 30  # label: some of the line returned within this many days
     min_silo_train_lines: int = 500  # smaller countries merge into "Rest of world"
+    max_silos: int = 0  # at most this many storefronts, the smallest countries merged (0: no limit)
 
     def __post_init__(self) -> None:
         if self.label_horizon_days < 1:
             raise DataError(f"label_horizon_days must be at least 1, got {self.label_horizon_days}")
         if self.min_silo_train_lines < 0:
             raise DataError("min_silo_train_lines must be at least 0")
+        if self.max_silos < 0 or self.max_silos == 1:
+            raise DataError(f"max_silos must be 0 (no limit) or at least 2, got {self.max_silos}")
         pd.Timestamp(self.split_date)  # raises on a malformed date
 
     @property
@@ -247,12 +250,15 @@ def label_lines(
 
 
 def assign_silos(
-    lines: pd.DataFrame, min_train_lines: int
+    lines: pd.DataFrame, settings: ReturnsSettings
 ) -> tuple[pd.Series, list[str], list[str]]:
     """Per line its silo name; silo names (largest by training rows first); merged countries.
     Decided on training rows only."""
     train = lines.loc[lines["period"] == "train", "Country"].value_counts()
-    small = sorted(set(lines["Country"]) - set(train[train >= min_train_lines].index))
+    own = train[train >= settings.min_silo_train_lines]
+    if settings.max_silos:  # the largest countries keep their own; one silo for the rest
+        own = own.sort_values(ascending=False, kind="stable").head(settings.max_silos - 1)
+    small = sorted(set(lines["Country"]) - set(own.index))
     silo = lines["Country"].where(~lines["Country"].isin(small), REST_OF_WORLD)
     sizes = silo[lines["period"] == "train"].value_counts()
     names = sorted(set(silo), key=lambda name: (-sizes.get(name, 0), name))
@@ -349,7 +355,7 @@ def labelled_lines(
         raise DataError("no purchases left after cleaning")
     matching = match_returns(cleaned.purchases, cleaned.returns)
     lines = label_lines(cleaned.purchases, matching, settings)
-    silo, _, _ = assign_silos(lines, settings.min_silo_train_lines)
+    silo, _, _ = assign_silos(lines, settings)
     return lines.assign(silo=silo), matching
 
 
@@ -362,7 +368,7 @@ def build_returns_dataset(
     `labelled`: what `labelled_lines(cleaned, settings)` returned, when the caller already has it."""
     settings = settings or ReturnsSettings()
     lines, matching = labelled if labelled is not None else labelled_lines(cleaned, settings)
-    silo, names, merged = assign_silos(lines, settings.min_silo_train_lines)
+    silo, names, merged = assign_silos(lines, settings)
     lines = lines.assign(silo=silo)
     train_lines = lines[lines["period"] == "train"]
     if train_lines.empty or not (lines["period"] == "test").any():

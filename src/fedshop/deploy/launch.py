@@ -46,7 +46,6 @@ from fedshop.storage.private_files import private_dir, write_private
 
 if TYPE_CHECKING:
     from fedshop.fit_experiment import FitResult
-    from fedshop.report.retail_run import Scores
     from fedshop.retail_experiment import RetailResult
 
 
@@ -258,33 +257,32 @@ def collect_fit(config: RunConfig, dataset: FitDataset, folder: Path, seconds: f
 
 @dataclass
 class DeployedTable:
-    """A deployed retail task's result and its scores, from the storefronts' final counts (the
-    run folder's writer, `write_retail_run`, takes both)."""
+    """A deployed retail task's result and the storefronts' final counts of their held-out rows,
+    which the run folder's writer scores (`report/retail_counts.py`)."""
 
     result: RetailResult
-    scores: Scores
+    per_silo: dict
 
 
 def collect_table(
     config: RunConfig, dataset: TabularDataset, folder: Path, seconds: float
 ) -> DeployedTable:
     """A retail task's result, as `fedshop train --task …` reports its federated method: the
-    shared network the server ended with (`models/federated.safetensors`, the simulator's path;
+    shared network the server ended with (`models/federated/shared.safetensors`, the simulator's path;
     a storefront has no weights of its own), the rounds, and the metrics scored from the counts
-    the storefronts sent of their held-out rows (`report/retail_counts.py`: no row's score left
-    its storefront)."""
-    from fedshop.report.retail_counts import score_counts
+    the storefronts sent of their held-out rows (`report/retail_counts.py` scores them: no row's
+    score left its storefront)."""
     from fedshop.retail_experiment import RetailResult, Trained, message_bytes
 
     server = folder / "server"
     outcome = Outcome.read(server)
     shared = load_file(str(server / SHARED_FILE))
-    federated = Trained({}, seconds, {"federated": shared})
+    federated = Trained({}, seconds, {"federated/shared": shared})
     result = RetailResult(
         config, dataset, {"federated": federated}, outcome.history, outcome.protection,
         server_audit(server), message_bytes(shared, dataset),
     )  # fmt: skip
-    return DeployedTable(result, score_counts(dataset, outcome.per_silo))
+    return DeployedTable(result, outcome.per_silo)
 
 
 def kept_metrics(dataset: Dataset, folder: Path, run: str) -> dict[str, MetricSums]:

@@ -19,7 +19,7 @@ import numpy as np
 
 from fedshop.data.tabular import TabularDataset
 from fedshop.eval.tabular_metrics import BINS, BinaryCounts, ForecastSums, summarise_counts
-from fedshop.report.retail_run import Figure, Scores, svg_of
+from fedshop.report.retail_run import Figure, Scores, silo_gain_figure, svg_of
 
 SCORED_FROM = (
     "each storefront's counts of its held-out rows (deployment): a classifier's scores in "
@@ -46,8 +46,6 @@ def score_counts(
             "which stay with their storefronts in a deployment: `fedshop train --task demand`."
         ]
         return Scores({"federated": federated}, ("wape", "silo_mean_wape"), blocks, [], notes)
-    from fedshop.retail_tasks import silo_gain_figure
-
     notes = [
         f"Scored from each storefront's counts: its held-out rows' scores in {BINS} equal bins "
         "of probability, by label (a row's exact score never leaves its storefront). AUC-PR is "

@@ -23,6 +23,7 @@ import numpy as np
 from safetensors.torch import save
 
 from fedshop import __version__
+from fedshop.data.tabular import TabularDataset
 from fedshop.report.html import CSS, _fmt, _table, protection_section
 from fedshop.report.run_folder import _finite
 from fedshop.retail_experiment import RetailResult
@@ -35,6 +36,10 @@ METHOD_LABELS = {
     "seasonal_naive": "Seasonal naive (per series)",
     "best_statistical": "Best of statsforecast per series",
 }
+COLOURS = {
+    "federated": "C0", "centralized": "C1", "local_only": "C2", "seasonal_naive": "C7",
+    "best_statistical": "C3",
+}  # fmt: skip
 TITLES = {
     "demand": "demand forecasting and inventory",
     "returns": "return risk",
@@ -233,3 +238,30 @@ FedShop {_fmt(metrics.get("fedshop_version"))}</p>
 <h2>Configuration</h2><pre>{html.escape(config_toml)}</pre>
 </body></html>
 """
+
+
+def silo_gain_figure(dataset: TabularDataset, methods: dict[str, dict[str, Any]]) -> Figure:
+    """Per storefront, smallest first: AUC-PR of each method, to show who gains from federation."""
+    import matplotlib.pyplot as plt
+
+    silos = sorted(dataset.silos, key=lambda s: float(s.train.target.sum()))
+    figure, axis = plt.subplots(figsize=(max(5.5, 0.45 * len(silos)), 4))
+    x = np.arange(len(silos))
+    width = 0.8 / max(len(methods), 1)
+    for k, (method, scored) in enumerate(methods.items()):
+        values = [scored["per_silo"][s.name]["auc_pr"] for s in silos]
+        axis.bar(x + k * width, values, width, label=method, color=COLOURS.get(method))
+    axis.set_xticks(
+        x + 0.4 - width / 2,
+        [f"{s.name}\n{int(s.train.target.sum())}" for s in silos],
+        rotation=60,
+        fontsize=7,
+    )
+    axis.set(ylabel="AUC-PR")
+    axis.legend(fontsize=8)
+    return Figure(
+        "Per storefront, fewest training positives first",
+        svg_of(figure),
+        "Under each name: the storefront's positive training rows. Small storefronts see too few "
+        "positives to learn alone.",
+    )
