@@ -29,38 +29,36 @@ def macro_auc(probabilities: np.ndarray, labels: np.ndarray) -> tuple[float, lis
     return float(np.nanmean(per_class)), per_class
 
 
+def _thresholds(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """At each distinct score, highest first, the positives and negatives scoring at least it: a
+    threshold admits a run of equal scores whole or not at all."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    sorted_scores, hits = np.asarray(scores, dtype=np.float64)[order], positive[order]
+    last = np.flatnonzero(np.r_[sorted_scores[1:] != sorted_scores[:-1], True])
+    return np.cumsum(hits)[last], np.cumsum(~hits)[last]
+
+
 def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
     """Area under the precision–recall curve as average precision: the mean, over the positives,
     of the precision at each one's score (a tie of scores counts as one threshold); NaN without a
     positive."""
-    scores = np.asarray(scores, dtype=np.float64)
     positive = np.asarray(positive, dtype=bool)
     n_pos = int(positive.sum())
     if n_pos == 0:
         return float("nan")
-    order = np.argsort(-scores, kind="stable")
-    sorted_scores, hits = scores[order], positive[order]
-    # The last row of each run of equal scores: a threshold admits the whole run or none of it.
-    last = np.flatnonzero(np.r_[sorted_scores[1:] != sorted_scores[:-1], True])
-    true_pos = np.cumsum(hits)[last]
-    admitted = last + 1
+    true_pos, false_pos = _thresholds(scores, positive)
     new_pos = np.diff(np.r_[0, true_pos])
-    return float((new_pos * true_pos / admitted).sum() / n_pos)
+    return float((new_pos * true_pos / (true_pos + false_pos)).sum() / n_pos)
 
 
 def recall_at_fpr(scores: np.ndarray, positive: np.ndarray, fpr: float) -> float:
     """The share of positives flagged by the lowest threshold whose false-positive rate is at most
     `fpr` (a tie of scores is flagged together or not at all); NaN without both classes."""
-    scores = np.asarray(scores, dtype=np.float64)
     positive = np.asarray(positive, dtype=bool)
     n_pos = int(positive.sum())
     n_neg = len(positive) - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = np.argsort(-scores, kind="stable")
-    sorted_scores, hits = scores[order], positive[order]
-    last = np.flatnonzero(np.r_[sorted_scores[1:] != sorted_scores[:-1], True])
-    true_pos = np.cumsum(hits)[last]
-    false_pos = np.cumsum(~hits)[last]
+    true_pos, false_pos = _thresholds(scores, positive)
     allowed = false_pos <= fpr * n_neg
     return float(true_pos[allowed].max() / n_pos) if allowed.any() else 0.0
