@@ -125,7 +125,7 @@ def test_a_deployed_returns_run_keeps_an_audit_log_that_verifies(deployed):
     kinds = [e["kind"] for e in read_entries(out / LOG_FILE)]
     # Each storefront signs its record of its own files: none (its network is all shared).
     assert kinds.count("silo-files") == dataset.n_silos and kinds[-2:] == ["files", "end"]
-    assert verified.signed_by["models/federated.safetensors"] == "server"
+    assert verified.signed_by["models/federated/shared.safetensors"] == "server"
 
 
 # What crosses the wire and what a storefront's file holds, on a planted table.
