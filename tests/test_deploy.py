@@ -304,6 +304,7 @@ def test_ctrl_c_stops_every_process(tmp_path):
     assert _no_flower_processes_left()
 
 
+@pytest.mark.slow
 def test_record_level_dp_and_secagg_in_deployment_state_and_ledger_epsilon(three_silos, tmp_path):
     """DP-SGD in each silo, its noisy update then masked by SecAgg: the two combine in deployment
     as in the simulator, with the simulator's ε."""
@@ -339,6 +340,7 @@ def test_record_level_dp_and_secagg_in_deployment_state_and_ledger_epsilon(three
         assert (folder / "silos" / f"silo-{index}-state" / "runs" / run / "secret").exists()
 
 
+@pytest.mark.slow
 def test_four_silos_on_loopback_keep_their_boundaries(tmp_path):
     """Issue 16's deployment, whole: 4 silos behind the front door. An outsider with the CA alone
     cannot register a key or submit an app, nor join with a key of its own; silo 3's policy asks for
