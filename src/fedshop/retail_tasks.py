@@ -228,10 +228,7 @@ def score_demand(
         inventory_blocks[method] = inventory["overall"]
     blocks = {
         "inventory": {
-            "assumptions": inventory_report(
-                forecasts["seasonal_naive"][1][:1], levels, weekly.test[:1], country[:1],
-                inventory_settings(config),
-            )["assumptions"],
+            "assumptions": inventory["assumptions"],  # the same for every method
             "by_method": inventory_blocks,
             "cost_curve": cost_curve(forecasts, weekly, config),
         },
