@@ -478,12 +478,3 @@ def build_returns_dataset(
         numeric_names=list(NUMERIC),
         report=report,
     )
-
-
-def load_returns_dataset(
-    config=None, settings: ReturnsSettings | None = None, env=None
-) -> TabularDataset:
-    """The returns table of Online Retail as `config` (a `DataConfig`) locates it."""
-    from fedshop.data.datasets import load_cleaned_retail
-
-    return build_returns_dataset(load_cleaned_retail(config, env), settings)
