@@ -7,8 +7,6 @@ The deployment (8 shops, 2 rounds) takes over two minutes on 2 cores: its tests 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,6 +14,7 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 from safetensors.torch import load_file
 
+from deployed_runs import deploy_local, verified_audit
 from fedshop.config import load_config
 from fedshop.data.fit_feedback import load_fit_dataset
 from fedshop.data.partition import slug
@@ -34,17 +33,9 @@ FIT = {
 def deployed(data_dir, nginx, tmp_path_factory):
     """One real deployment through the CLI, as an operator runs it: `--config fit.toml`."""
     config = load_config(overrides={**FIT, "data.data_dir": str(data_dir)})
-    folder = tmp_path_factory.mktemp("fit-deploy")
-    (folder / "fit.toml").write_text(config.to_toml())
-    out = folder / "run"
-    command = [
-        sys.executable, "-m", "fedshop", "deploy", "local", "--config", str(folder / "fit.toml"),
-        "--out", str(out),
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out, stdout = deploy_local(config, tmp_path_factory.mktemp("fit-deploy"), timeout=900)
     dataset = load_fit_dataset(config.data, config.fit, config.seed)
-    return config, dataset, out, done.stdout
+    return config, dataset, out, stdout
 
 
 @pytest.mark.slow
@@ -90,20 +81,8 @@ def test_each_shop_file_holds_only_its_own_records(deployed):
 def test_a_deployed_fit_run_keeps_an_audit_log_that_verifies(deployed):
     """The server's log closed in the run folder: every shop's key from its hello, its
     acknowledgements, its signed record of its own weights file; verified with the shops' keys."""
-    from fedshop.storage.audit import LOG_FILE, Verified, read_entries, verify_run
-
     _, dataset, out, _ = deployed
-    keys = out / "deployment" / "keys"
-    done = subprocess.run(
-        [sys.executable, "-m", "fedshop", "audit", "verify", str(out), "--keys", str(keys)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    verified = verify_run(out)
-    assert isinstance(verified, Verified), verified
-    assert verified.rounds == 2 and len(verified.parties) == dataset.n_silos
-    kinds = [e["kind"] for e in read_entries(out / LOG_FILE)]
-    assert kinds.count("silo-files") == dataset.n_silos and kinds[-2:] == ["files", "end"]
+    verified = verified_audit(out, dataset.n_silos)
     for silo in dataset.silos:  # each shop vouches for its own weights file
         path = f"models/federated/silo-{slug(silo.name)}.safetensors"
         assert verified.signed_by[path] == silo.name

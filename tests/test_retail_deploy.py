@@ -9,8 +9,6 @@ checked here on a planted table (tests/test_retail_core.py)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,6 +16,7 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 from safetensors.torch import load_file
 
+from deployed_runs import deploy_local, verified_audit
 from fedshop.config import load_config
 from fedshop.data.tabular import TabularDataset, TabularPart, TabularSilo
 from fedshop.deploy import wire
@@ -61,16 +60,8 @@ DEPLOYED = {
 def deployed(data_dir, nginx, tmp_path_factory):
     """One real deployment through the CLI, as an operator runs it: `--config returns.toml`."""
     config = load_config(overrides={**DEPLOYED, "data.data_dir": str(data_dir)})
-    folder = tmp_path_factory.mktemp("returns-deploy")
-    (folder / "returns.toml").write_text(config.to_toml())
-    out = folder / "run"
-    command = [
-        sys.executable, "-m", "fedshop", "deploy", "local", "--config",
-        str(folder / "returns.toml"), "--out", str(out),
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=1500)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return config, load_retail_dataset(config), out, done.stdout
+    out, stdout = deploy_local(config, tmp_path_factory.mktemp("returns-deploy"), timeout=1500)
+    return config, load_retail_dataset(config), out, stdout
 
 
 @pytest.mark.slow
@@ -110,21 +101,9 @@ def test_each_storefront_file_holds_only_its_own_rows(deployed):
 
 @pytest.mark.slow
 def test_a_deployed_returns_run_keeps_an_audit_log_that_verifies(deployed):
-    from fedshop.storage.audit import LOG_FILE, Verified, read_entries, verify_run
-
     _, dataset, out, _ = deployed
-    keys = out / "deployment" / "keys"
-    done = subprocess.run(
-        [sys.executable, "-m", "fedshop", "audit", "verify", str(out), "--keys", str(keys)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    verified = verify_run(out)
-    assert isinstance(verified, Verified), verified
-    assert verified.rounds == 2 and len(verified.parties) == dataset.n_silos
-    kinds = [e["kind"] for e in read_entries(out / LOG_FILE)]
     # Each storefront signs its record of its own files: none (its network is all shared).
-    assert kinds.count("silo-files") == dataset.n_silos and kinds[-2:] == ["files", "end"]
+    verified = verified_audit(out, dataset.n_silos)
     assert verified.signed_by["models/federated/shared.safetensors"] == "server"
 
 
