@@ -23,8 +23,7 @@ from fedshop.fl.client import LocalTask, SiloDp, SiloState
 from fedshop.fl.fit_local import FitTraining, dp_sgd_fit, train_fit
 from fedshop.fl.in_process import SiloTransport
 from fedshop.fl.rounds import RoundCallback, RoundDriver, RoundRecord
-from fedshop.fl.server import FederatedServer, Sampler
-from fedshop.fl.server_opt import make_server_optimizer
+from fedshop.fl.server import FederatedServer, silo_server
 from fedshop.messages import AggregationPipeline, ClientMessage
 from fedshop.models.fit import (
     ITEM_TABLES,
@@ -241,13 +240,8 @@ def make_fit_server(
     config: RunConfig, shapes: FitShapes, n_silos: int, pipeline: AggregationPipeline
 ) -> FederatedServer:
     """The fit server as every runtime starts it: the same initial model and sampling stream."""
-    fed = config.federated
-    sampler = Sampler(
-        torch.arange(n_silos), torch_generator(config.seed, "server", "sampling"),
-        fed.silos_per_round,
-    )  # fmt: skip
     shared = init_fit_shared_of(config, shapes, "shared", "init")
-    return FederatedServer(shared, pipeline, make_server_optimizer(fed), sampler)
+    return silo_server(config.federated, config.seed, shared, n_silos, pipeline)
 
 
 def run_fit_federated(

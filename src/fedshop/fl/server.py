@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from fedshop.fl.local_round import poisson_sample
-from fedshop.fl.server_opt import ServerOptimizer
+from fedshop.fl.server_opt import ServerOptimizer, make_server_optimizer
 from fedshop.messages import AggregationPipeline, ClientMessage
 from fedshop.models.spec import Params
-from fedshop.seeding import RandomSource
+from fedshop.seeding import RandomSource, torch_generator
+
+if TYPE_CHECKING:
+    from fedshop.config import FederatedConfig
 
 
 @dataclass
@@ -70,3 +74,14 @@ class FederatedServer:
             self.shared = self.optimizer.step(self.shared, delta)
         self.round += 1
         return self.shared
+
+
+def silo_server(
+    config: FederatedConfig, seed: int, shared: Params, n_silos: int, pipeline: AggregationPipeline
+) -> FederatedServer:
+    """A cross-silo server over silos 0 … n_silos − 1 as every runtime starts it: `silos_per_round`
+    of them a round from the seed's sampling stream, and the configured server optimiser."""
+    sampler = Sampler(
+        torch.arange(n_silos), torch_generator(seed, "server", "sampling"), config.silos_per_round
+    )
+    return FederatedServer(shared, pipeline, make_server_optimizer(config), sampler)

@@ -23,8 +23,7 @@ from fedshop.fl.aggregation import aggregation_pipeline, with_row_means
 from fedshop.fl.client import LocalTask, SiloState
 from fedshop.fl.in_process import SiloTransport
 from fedshop.fl.rounds import RoundCallback, RoundDriver, RoundRecord
-from fedshop.fl.server import FederatedServer, Sampler
-from fedshop.fl.server_opt import make_server_optimizer
+from fedshop.fl.server import FederatedServer, silo_server
 from fedshop.messages import AggregationPipeline, ClientMessage
 from fedshop.models.tabular import (
     Head,
@@ -254,13 +253,8 @@ def make_tabular_server(
 ) -> FederatedServer:
     """The table server as every runtime starts it (the simulator, a deployment's ServerApp): the
     same initial network, sampling stream and server optimiser."""
-    fed = config.federated
-    sampler = Sampler(
-        torch.arange(n_silos), torch_generator(config.seed, "server", "sampling"),
-        fed.silos_per_round,
-    )  # fmt: skip
     shared = init_shared(config, shape, "shared", "init")
-    return FederatedServer(shared, pipeline, make_server_optimizer(fed), sampler)
+    return silo_server(config.federated, config.seed, shared, n_silos, pipeline)
 
 
 def run_tabular_federated(
