@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fedshop.config import RunConfig
@@ -47,6 +47,8 @@ class RoundRecord:
     epsilon: float | None = None  # the run's ε after this round, under differential privacy
     # Under a protection (SecAgg, CKKS, Paillier): its measured cost this round.
     protection: dict | None = None
+    # Bytes on the wire this round (`Traffic.summary`): totals, and per party where few.
+    traffic: dict | None = None
 
 
 RoundCallback = Callable[[RoundRecord], None]
@@ -55,6 +57,40 @@ RoundCallback = Callable[[RoundRecord], None]
 def evaluated_after(config: RunConfig, round_number: int) -> bool:
     """Whether the model is evaluated after this round (every `eval_every` rounds, and the last)."""
     return round_number % config.eval.eval_every == 0 or round_number == config.federated.rounds
+
+
+# A round's history entry names each party's bytes only up to this many parties (cross-silo); with
+# more (cross-device shoppers) it keeps the totals, the mean and the largest.
+PARTIES_LISTED = 64
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Bytes on the wire in one round, per client: what it sent to the server (its messages, as
+    encoded) and what it received (the model, and any protocol steps). `source` says how they were
+    counted: "encoded" (the simulator: the size of each message as its codec encodes it) or
+    "flower" (a deployment: the serialised size of the Flower messages)."""
+
+    sent: dict[int, int]
+    received: dict[int, int]
+    source: str = "encoded"
+
+    def summary(self, name: Callable[[int], str] = str) -> dict:
+        sent, received = self.sent, self.received
+        out: dict = {
+            "source": self.source,
+            "sent": int(sum(sent.values())),
+            "received": int(sum(received.values())),
+            "sent_max": int(max(sent.values(), default=0)),
+            "received_max": int(max(received.values(), default=0)),
+        }
+        parties = sorted(set(sent) | set(received))
+        if len(parties) <= PARTIES_LISTED:
+            out["parties"] = {
+                name(p): {"sent": int(sent.get(p, 0)), "received": int(received.get(p, 0))}
+                for p in parties
+            }
+        return out
 
 
 class IncompleteRoundError(FedShopError):
@@ -82,6 +118,7 @@ class RoundReply:
     # single message, e.g. under a protection) and each participant's signature on the model sent.
     message_hashes: dict[int, str] | None = None
     acks: dict[int, str | None] = field(default_factory=dict)
+    traffic: Traffic | None = None  # bytes each party sent and received this round
 
 
 class Transport(Protocol):
@@ -156,6 +193,7 @@ class RoundDriver:
         self._released = server.round
         self._summarise = getattr(transport, "summarise", summarise)
         self._headline = getattr(transport, "headline", "hr@10")
+        self._party_name = getattr(transport, "party_name", str)  # how traffic names a client
 
     def declared_events(self) -> tuple[Any, ...]:
         """The DP events one round releases, as its noise stages declare them."""
@@ -229,7 +267,10 @@ class RoundDriver:
         if reply.cost is not None:
             self.run.costs.append(reply.cost)
             cost = round_cost(reply.cost)
-        record = RoundRecord(round_number, reply.contributors, seconds, metrics, epsilon, cost)
+        traffic = reply.traffic.summary(self._party_name) if reply.traffic is not None else None
+        record = RoundRecord(
+            round_number, reply.contributors, seconds, metrics, epsilon, cost, traffic
+        )
         history.append(record)
         if self.checkpoint is not None:
             self.checkpoint(server, history)
@@ -287,9 +328,6 @@ class RoundDriver:
     def _settle(self, per_silo: dict[str, MetricSums]) -> None:
         history = self.run.history
         last = history[-1]
-        history[-1] = RoundRecord(
-            last.round, last.clients, last.seconds, self._summarise(per_silo), last.epsilon,
-            last.protection,
-        )  # fmt: skip
+        history[-1] = replace(last, metrics=self._summarise(per_silo))
         headline = self._headline
         self.log(f"round {last.round}: {headline} {history[-1].metrics[headline]:.4f}")
