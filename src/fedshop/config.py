@@ -421,6 +421,64 @@ class ContributionConfig:
         _at_least("contribution", "customers", self.customers, 0)
 
 
+CODECS = ("none", "float16", "int8-row", "int8-tensor", "topk")  # fl/compression.py
+SCHEDULES = ("sync", "fedbuff")  # fl/buffered.py
+CLIENT_SPEEDS = ("equal", "lognormal")  # fl/timing.py
+
+
+@dataclass(frozen=True)
+class CommunicationConfig:
+    """What a round costs on the wire and in time (fl/compression.py, fl/timing.py, fl/buffered.py).
+
+    Every run reports the bytes each party sent and received; these settings compress the updates,
+    model the clients' speeds (the simulated clock) and pick the schedule."""
+
+    # How each client encodes its update: none (touched rows as float32), float16, int8-row /
+    # int8-tensor (8-bit stochastic rounding, a scale per row / per tensor), topk (the largest
+    # `topk_fraction` of the entries)
+    codec: str = "none"
+    topk_fraction: float = 0.1
+    # Keep what the codec dropped on the client and add it to the next update (lossy codecs)
+    error_feedback: bool = True
+    # Item tables' updates projected onto a shared random basis of this rank (CoLR); 0: off. Linear,
+    # so it also works under secure aggregation.
+    low_rank: int = 0
+    # sync: every round waits for all its clients. fedbuff: `concurrency` clients train at once and
+    # the server steps on the first `buffer_size` updates to arrive (Nguyen et al., AISTATS 2022).
+    schedule: str = "sync"
+    buffer_size: int = 10
+    concurrency: int = 0  # 0: [federated] clients_per_round (or silos_per_round)
+    staleness_exponent: float = 0.5  # an update s steps stale weighs (1 + s)^-exponent
+    # The simulated clock: equal (every client alike) or lognormal (each client's compute and link
+    # speed drawn once per run, log-normally around the medians below)
+    client_speeds: str = "equal"
+    seconds_per_example: float = 0.002  # median local compute per training example and epoch
+    uplink_mbps: float = 5.0  # median link speeds, megabits per second
+    downlink_mbps: float = 20.0
+    speed_sigma: float = 1.0  # log-normal σ of compute and link speeds across clients
+    dropout: float = 0.0  # the chance that a started client never reports back
+    round_timeout: float = 0.0  # sync: seconds a round waits for a dropped client (0: 3 × median)
+
+    def validate(self) -> None:
+        _choice("communication", "codec", self.codec, CODECS)
+        _choice("communication", "schedule", self.schedule, SCHEDULES)
+        _choice("communication", "client_speeds", self.client_speeds, CLIENT_SPEEDS)
+        if not 0.0 < self.topk_fraction <= 1.0:
+            raise ConfigError(
+                f"[communication] topk_fraction must be in (0, 1], got {self.topk_fraction}"
+            )
+        _at_least("communication", "low_rank", self.low_rank, 0)
+        _at_least("communication", "buffer_size", self.buffer_size, 1)
+        _at_least("communication", "concurrency", self.concurrency, 0)
+        _at_least("communication", "staleness_exponent", self.staleness_exponent, 0.0)
+        for key in ("seconds_per_example", "uplink_mbps", "downlink_mbps"):
+            _positive("communication", key, getattr(self, key))
+        _at_least("communication", "speed_sigma", self.speed_sigma, 0.0)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"[communication] dropout must be in [0, 1), got {self.dropout}")
+        _at_least("communication", "round_timeout", self.round_timeout, 0.0)
+
+
 @dataclass(frozen=True)
 class BaselineConfig:
     # 0 means: the same number of passes over the data as federated training (rounds × local_epochs).
@@ -624,6 +682,7 @@ class RunConfig:
     retail: RetailConfig = field(default_factory=RetailConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     contribution: ContributionConfig = field(default_factory=ContributionConfig)
+    communication: CommunicationConfig = field(default_factory=CommunicationConfig)
 
     def validate(self) -> RunConfig:
         _at_least("", "seed", self.seed, 0)
@@ -658,6 +717,7 @@ class RunConfig:
         self.attack.validate()
         self.contribution.validate()
         self._validate_attack()
+        self._validate_communication()
         cross_device = PROTECTIONS.names(tag="cross-device")
         if self.federated.mode == "cross-device" and self.protection.kind not in cross_device:
             raise ConfigError(
@@ -690,9 +750,18 @@ class RunConfig:
         self._validate_item_features()
         return self
 
+    def _only_recommendation_communicates(self) -> None:
+        """Compression and schedules are wired into the recommendation runtimes only."""
+        if self.communication != CommunicationConfig():
+            raise ConfigError(
+                f'[communication] is available for task = "recommend" only, not "{self.task}" '
+                "(its rounds still report their bytes); remove the section"
+            )
+
     def _validate_fit(self, fit_datasets: tuple[str, ...]) -> RunConfig:
         """A fit run reads [data], [fit], [federated], [baselines], [eval], [privacy] and
         [protection]; [model], [train] and the top-level methods are the recommenders'."""
+        self._only_recommendation_communicates()
         for section in (self.data, self.fit, self.federated, self.baselines, self.eval,
                         self.privacy, self.protection):  # fmt: skip
             section.validate()
@@ -731,6 +800,7 @@ class RunConfig:
     def _validate_retail(self) -> RunConfig:
         """A demand, returns or fraud run reads [retail], [federated], [data] (where its table
         comes from) and [protection]; each task builds its own table, whatever [data] dataset says."""
+        self._only_recommendation_communicates()
         for section in (self.data, self.retail, self.federated, self.protection):
             section.validate()
         task = f'task = "{self.task}"'
@@ -780,6 +850,43 @@ class RunConfig:
                 f'[federated] robust = "{rule}" needs each {unit}\'s own update, which '
                 f'[protection] kind = "{self.protection.kind}" hides from the server (it sees only '
                 "the total): choose one of the two"
+            )
+
+    def _validate_communication(self) -> None:
+        """Which compressions and schedules combine with which protections (fl/compression.py)."""
+        com = self.communication
+        com.validate()
+        protected = self.protection.kind != "none"
+        if com.codec != "none" and protected:
+            raise ConfigError(
+                f'[communication] codec = "{com.codec}" cannot run under [protection] kind = '
+                f'"{self.protection.kind}": a secure sum adds fixed-point vectors of its own '
+                "encoding, not decoded messages; low_rank compression is linear and does work there"
+            )
+        if com.low_rank > self.model.dim:
+            raise ConfigError(
+                f"[communication] low_rank ({com.low_rank}) must not exceed [model] dim "
+                f"({self.model.dim})"
+            )
+        if com.schedule != "fedbuff":
+            return
+        if protected or self.privacy.enabled:
+            raise ConfigError(
+                '[communication] schedule = "fedbuff" mixes updates trained on different rounds\' '
+                "models into one step: neither [protection] (its sums are per round) nor "
+                "[privacy] (its accountant assumes per-round sampling) is available with it yet"
+            )
+        if self.federated.robust != "none" or self.attack.kind != "none":
+            raise ConfigError(
+                '[communication] schedule = "fedbuff" is not available with [federated] robust or '
+                "[attack] yet"
+            )
+        per_round = self.federated.clients_per_round or self.federated.silos_per_round
+        concurrency = com.concurrency or per_round
+        if concurrency and concurrency < com.buffer_size:
+            raise ConfigError(
+                f"[communication] concurrency ({concurrency}) must be at least buffer_size "
+                f"({com.buffer_size}): the server steps once that many updates have arrived"
             )
 
     def _validate_attack(self) -> None:

@@ -49,6 +49,8 @@ class RoundRecord:
     protection: dict | None = None
     # Bytes on the wire this round (`Traffic.summary`): totals, and per party where few.
     traffic: dict | None = None
+    # Simulated seconds since the run started when this round's step happened (fl/timing.py).
+    clock: float | None = None
 
 
 RoundCallback = Callable[[RoundRecord], None]
@@ -119,6 +121,7 @@ class RoundReply:
     message_hashes: dict[int, str] | None = None
     acks: dict[int, str | None] = field(default_factory=dict)
     traffic: Traffic | None = None  # bytes each party sent and received this round
+    clock: float | None = None  # simulated seconds when the server steps (fl/timing.py)
 
 
 class Transport(Protocol):
@@ -269,7 +272,7 @@ class RoundDriver:
             cost = round_cost(reply.cost)
         traffic = reply.traffic.summary(self._party_name) if reply.traffic is not None else None
         record = RoundRecord(
-            round_number, reply.contributors, seconds, metrics, epsilon, cost, traffic
+            round_number, reply.contributors, seconds, metrics, epsilon, cost, traffic, reply.clock
         )
         history.append(record)
         if self.checkpoint is not None:
