@@ -49,6 +49,7 @@ from fedshop.eval.tabular_metrics import BinaryCounts, ForecastSums
 from fedshop.fl.aggregation import aggregation_pipeline
 from fedshop.fl.audit import acknowledge, silo_weights_file
 from fedshop.fl.client import LocalTask, SiloClient, SiloDp
+from fedshop.fl.wire import with_low_rank
 from fedshop.models.spec import Params
 from fedshop.secure.protected_sum import flatten
 from fedshop.secure.secagg import RoundSetup
@@ -215,7 +216,7 @@ class SiloNode:
             raise FedShopError(f"this silo holds {self._holds()}; the task is a recommender's")
         return SiloClient(
             self.index, self.data, config.model, config.train,
-            aggregation_pipeline(config.federated.aggregation), config.seed,
+            with_low_rank(aggregation_pipeline(config.federated.aggregation), config), config.seed,
             config.federated.client_learning_rate,
         )  # fmt: skip
 

@@ -98,6 +98,10 @@ class RoundAudit:
                 {str(p): hashes[p] for p in sorted(participants)} if hashes is not None else None
             )
             body["acks"] = {str(p): reply.acks.get(p) for p in sorted(participants)}
+            if any(reply.staleness.values()):  # FedBuff: each signed the model it trained on
+                body["trained_on"] = {
+                    str(p): round_number - reply.staleness.get(p, 0) for p in sorted(participants)
+                }
         return self.log.append("round", body)
 
     def final(self, shared: Params, acks: Mapping[int, str | None]) -> dict:

@@ -9,10 +9,10 @@ update's client started, and at once starts new clients in the freed slots. A sl
 holds every step; its update arrives late and counts less.
 
 `Schedule.round` sits between a transport's per-client messages and the round's sum: the transport
-says how to train a list of clients (each client's staged message and its encoded size), and gets
-back the messages the server sums this step, the bytes each party sent and received, and the
-simulated time at which the step happens. The training of a client happens when it starts (it
-trains on the model it was sent then); the buffer holds its message until its arrival time.
+says how to train a list of clients (each client's encoded message, a "parcel", and its size), and
+gets back the parcels the server sums this step with their staleness discounts, the bytes each party
+sent and received, and the simulated time at which the step happens. A client trains when it starts
+(on the model it was sent then); the buffer holds its parcel until its arrival time.
 """
 
 from __future__ import annotations
@@ -20,15 +20,16 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from fedshop.config import RunConfig
 from fedshop.fl.rounds import Traffic
 from fedshop.fl.timing import ClientClock, synchronous_round_seconds
 from fedshop.messages import ClientMessage, Tensors
 
-# What a transport's training of some clients returns: per client, its staged message (as the
-# server decodes it) and the bytes its encoded message takes on the wire.
-Trained = dict[int, tuple[ClientMessage, int]]
+# What a transport's training of some clients returns: per client, its message as it travels (a
+# parcel the transport opens when it arrives) and the bytes it takes on the wire.
+Trained = dict[int, tuple[Any, int]]
 TrainClients = Callable[[list[int]], Trained]
 
 
@@ -57,16 +58,20 @@ class Pending:
     arrives: float  # simulated seconds; a dropout's is when its slot is given up
     client: int = field(compare=False)
     version: int = field(compare=False)  # the server step whose model it trained on
-    message: ClientMessage | None = field(compare=False)  # None: it dropped out
+    parcel: Any = field(compare=False)  # None: it dropped out
     sent: int = field(compare=False, default=0)
 
 
 @dataclass
 class StepOutcome:
-    messages: dict[int, ClientMessage]  # what the server sums this step (already discounted)
+    parcels: dict[int, Any]  # what the server sums this step, by client
     traffic: Traffic
     clock: float  # simulated seconds since the run started, when the server steps
     staleness: dict[int, int] = field(default_factory=dict)  # FedBuff: per contributor
+    discounts: dict[int, float] = field(default_factory=dict)  # FedBuff: each update's weight
+
+    def discount(self, client: int, message: ClientMessage) -> ClientMessage:
+        return discounted(message, self.discounts.get(client, 1.0))
 
 
 class Schedule:
@@ -115,7 +120,7 @@ class Schedule:
         traffic = Traffic(
             sent={c: trained[c][1] for c in trained}, received=dict.fromkeys(clients, down_bytes)
         )
-        return StepOutcome({c: m for c, (m, _) in trained.items()}, traffic, self.now)
+        return StepOutcome({c: parcel for c, (parcel, _) in trained.items()}, traffic, self.now)
 
     def _buffered(
         self, clients: Sequence[int], train: TrainClients, down_bytes: int, concurrency: int
@@ -131,22 +136,23 @@ class Schedule:
             if c in dropped:
                 heapq.heappush(self.in_flight, Pending(self.now + given_up, c, self.version, None))
             else:
-                message, sent = trained[c]
-                pending = Pending(self.now + durations[c], c, self.version, message, sent)
+                parcel, sent = trained[c]
+                pending = Pending(self.now + durations[c], c, self.version, parcel, sent)
                 heapq.heappush(self.in_flight, pending)
         arrived: list[Pending] = []
-        while len(arrived) < self.buffer_size and any(p.message is not None for p in self.in_flight):
+        while len(arrived) < self.buffer_size and self._any_coming():
             pending = heapq.heappop(self.in_flight)
             self.now = max(self.now, pending.arrives)
-            if pending.message is not None:
+            if pending.parcel is not None:
                 arrived.append(pending)
         staleness = {p.client: self.version - p.version for p in arrived}
-        messages = {
-            p.client: discounted(p.message, staleness_weight(staleness[p.client], self.exponent))
-            for p in arrived
-        }
+        discounts = {c: staleness_weight(s, self.exponent) for c, s in staleness.items()}
         self.version += 1
         traffic = Traffic(
             sent={p.client: p.sent for p in arrived}, received=dict.fromkeys(starting, down_bytes)
         )
-        return StepOutcome(messages, traffic, self.now, staleness)
+        parcels = {p.client: p.parcel for p in arrived}
+        return StepOutcome(parcels, traffic, self.now, staleness, discounts)
+
+    def _any_coming(self) -> bool:
+        return any(p.parcel is not None for p in self.in_flight)

@@ -19,6 +19,7 @@ from fedshop.config import RunConfig
 from fedshop.data.interactions import RecDataset
 from fedshop.eval.metrics import MetricSums
 from fedshop.fl.aggregation import aggregation_pipeline
+from fedshop.fl.buffered import Schedule, StepOutcome, model_bytes
 from fedshop.fl.client import LocalTask, SiloClient, SiloDp
 from fedshop.fl.contribution import (
     ContributionMeter,
@@ -35,9 +36,11 @@ from fedshop.fl.rounds import (
     RoundDriver,
     RoundRecord,
     RoundReply,
+    Traffic,
 )
 from fedshop.fl.server import FederatedServer, Sampler
 from fedshop.fl.server_opt import make_server_optimizer
+from fedshop.fl.wire import Wire, with_low_rank
 from fedshop.messages import AggregationPipeline
 from fedshop.models.spec import Params, get_model
 from fedshop.secure.protected_sum import ProtectedSum, make_protection
@@ -96,6 +99,12 @@ class SiloTransport:
     audit_run: str | None = None  # the run's id in its audit log: the silos acknowledge models
     # Values every round's silos from their accepted messages ([contribution]; None: off).
     contribution: ContributionMeter | None = None
+    wire: Wire = field(default_factory=Wire)  # how messages are encoded ([communication] codec)
+    schedule: Schedule | None = None  # the simulated clock, and FedBuff's buffer when it is on
+    concurrency: int = 0  # FedBuff: silos training at once
+
+    def party_name(self, index: int) -> str:
+        return self.clients[index].name
 
     @property
     def client_dp_event(self):
@@ -105,8 +114,12 @@ class SiloTransport:
         self, round_number: int, clients: Sequence[int], shared: Params, evaluate: int | None
     ) -> RoundReply:
         pipeline = self.clients[0].pipeline
-        sent = {i: self.clients[i].fit(shared, self.task) for i in clients}
-        acks, hashes = self._audit(round_number, clients, shared, sent)
+        step = self._step(round_number, list(clients), shared)
+        sent = {
+            i: step.discount(i, self.wire.open(parcel[0])) for i, parcel in step.parcels.items()
+        }
+        acks = {i: parcel[1] for i, parcel in step.parcels.items()}
+        hashes = self._hashes(sent)
         # A silo's malformed or oversized message is refused, as a deployment refuses it on arrival.
         messages, refused = screen(sent, expected_layout(pipeline, shared), self.max_update_norm)
         for i, reason in refused.items():
@@ -118,24 +131,54 @@ class SiloTransport:
         events = {i: m.dp_event for i, m in messages.items() if m.dp_event}
         cost = None
         aggregate = pipeline.summation(list(messages.values()))
-        if self.protection is not None:
+        traffic = step.traffic
+        if self.protection is not None:  # the protection's own encoding is what travelled
             cost = self.protection.costs[-1]
+            traffic = replace(
+                traffic, sent=dict(zip(messages, cost.bytes_sent_per_client, strict=False))
+            )
         if self.contribution is not None:  # before the server's step: its optimiser is as it was
             self.contribution.measure(round_number, shared, messages)
-        return RoundReply(aggregate, list(messages), cost, events, message_hashes=hashes, acks=acks)
+        return RoundReply(
+            aggregate, list(messages), cost, events, message_hashes=hashes, acks=acks,
+            traffic=traffic, clock=step.clock, staleness=step.staleness,
+        )  # fmt: skip
 
-    def _audit(self, round_number: int, clients: Sequence[int], shared: Params, sent: dict):
-        """Each silo's signature on the model it was sent; each message's hash (none under a
-        protection: a deployment's server receives only masked values)."""
+    def _step(self, round_number: int, clients: list[int], shared: Params) -> StepOutcome:
+        """Train the silos that start now; what arrives for this step (all of them, unless
+        FedBuff), with the bytes and the simulated clock."""
+
+        def train(chosen: list[int]) -> dict:
+            trained = {}
+            for i in chosen:
+                ack = self._acknowledge(i, round_number, shared)
+                message = self.clients[i].fit(shared, self.task)
+                encoded, size = self.wire.send(i, round_number, message)
+                trained[i] = (((message, encoded), ack), size)
+            return trained
+
+        down = model_bytes(shared)
+        if self.schedule is not None:
+            return self.schedule.round(clients, train, down, self.concurrency)
+        trained = train(clients)
+        sent = {i: size for i, (_, size) in trained.items()}
+        parcels = {i: parcel for i, (parcel, _) in trained.items()}
+        return StepOutcome(parcels, Traffic(sent, dict.fromkeys(clients, down)), None)
+
+    def _acknowledge(self, client: int, round_number: int, shared: Params) -> str | None:
+        """The silo's signature on the model it was sent (for the run's audit log)."""
         if self.audit_run is None:
-            return {}, None
+            return None
+        return self.clients[client].acknowledge(self.audit_run, round_number, shared)
+
+    def _hashes(self, sent: dict) -> dict[int, str] | None:
+        """Each message's hash, as the server received it (none under a protection: a
+        deployment's server receives only masked values)."""
+        if self.audit_run is None or self.protection is not None:
+            return None
         from fedshop.fl.audit import hash_message
 
-        run = self.audit_run
-        acks = {i: self.clients[i].acknowledge(run, round_number, shared) for i in clients}
-        if self.protection is not None:
-            return acks, None
-        return acks, {i: hash_message(m) for i, m in sent.items()}
+        return {i: hash_message(m) for i, m in sent.items()}
 
     def evaluate(self, round_number: int, shared: Params) -> dict[str, MetricSums]:
         return {c.name: c.evaluate(shared, self.split) for c in self.clients}
@@ -172,7 +215,7 @@ def server_pipeline(config: RunConfig) -> AggregationPipeline:
     """The aggregation rule's pipeline with `[federated] robust`'s summation: the simulator's
     server and a deployment's build the same."""
     fed = config.federated
-    pipeline = aggregation_pipeline(fed.aggregation)
+    pipeline = with_low_rank(aggregation_pipeline(fed.aggregation), config)
     if fed.robust == "none":
         return pipeline
     summation = robust_summation(fed.robust, fed.robust_trim, fed.byzantine, fed.robust_bound)
@@ -228,6 +271,10 @@ def run_cross_silo(
         max_update_norm=config.federated.max_update_norm, log=_log.warning, contribution=meter,
     )  # fmt: skip
     transport.audit_run = run.audit.log.run
+    transport.wire = Wire.of_run(
+        config
+    )  # record-level DP: coding a noisy update is post-processing
+    transport.schedule, transport.concurrency = silo_schedule(config, run.clients)
     driver = RoundDriver(
         config, run.server, transport, guard, on_round=on_round, audit=run.audit.rounds
     )
@@ -238,11 +285,25 @@ def run_cross_silo(
     return run
 
 
+def silo_schedule(config: RunConfig, clients: list[SiloClient]) -> tuple[Schedule, int]:
+    """The silos' simulated clock (each silo's compute scales with its training interactions), and
+    how many silos train at once under FedBuff."""
+    schedule = Schedule(
+        config, len(clients), lambda i: clients[i].data.n_train, config.federated.local_epochs
+    )
+    return schedule, config.communication.concurrency or len(clients)
+
+
 def contribution_unavailable(config: RunConfig, pipeline: AggregationPipeline) -> str | None:
     """Why this cross-silo run cannot value its silos, or None when it can."""
     method = config.contribution.method
     if method == "none":
         return '[contribution] method = "none": no silo was valued'
+    if config.communication.schedule == "fedbuff":
+        return (
+            'under [communication] schedule = "fedbuff" a step sums updates trained on different '
+            "models: a subset's candidate model is not defined"
+        )
     kind = config.protection.kind
     if kind != "none":
         return (

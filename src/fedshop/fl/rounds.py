@@ -122,6 +122,8 @@ class RoundReply:
     acks: dict[int, str | None] = field(default_factory=dict)
     traffic: Traffic | None = None  # bytes each party sent and received this round
     clock: float | None = None  # simulated seconds when the server steps (fl/timing.py)
+    # FedBuff: how many server steps old the model each contributor trained on was (0: this one's).
+    staleness: dict[int, int] = field(default_factory=dict)
 
 
 class Transport(Protocol):

@@ -60,7 +60,9 @@ class ClientClock:
             np.random.default_rng(derive_seed(seed, "clock", "dropouts")),
         )  # fmt: skip
 
-    def duration(self, client: int, examples: float, epochs: int, sent: int, received: int) -> float:
+    def duration(
+        self, client: int, examples: float, epochs: int, sent: int, received: int
+    ) -> float:
         """Seconds from the model's dispatch to `client` until its message is at the server."""
         return (
             received / self.downlink_bytes_per_second[client]

@@ -368,6 +368,7 @@ class Verified:
     signed_by: dict[str, str] = field(default_factory=dict)
     named_in: dict[str, int] = field(default_factory=dict)  # path → the entry naming it
     final_model: str | None = None
+    models_in: dict[int, str] = field(default_factory=dict)  # round → the model it was sent
     acks: int = 0  # how many party signatures were checked
     head: str = GENESIS  # the hash of the entry before the one being checked
     model_file: str | None = None  # the run-folder path of the final global model's weights
@@ -482,11 +483,17 @@ def _check_round(i: int, body: dict, state: Verified) -> Problem | None:
         messages = body["messages"]
         if messages is not None and set(messages) != {str(p) for p in participants}:
             return Problem(i, "the message hashes are not the participants'")
-        problem = _check_acks(
-            i, body["acks"], participants, state, ack_message(state.run, number, body["model_in"])
-        )
-        if problem is not None:
-            return problem
+        state.models_in[number] = body["model_in"]
+        # FedBuff: a participant may have trained on an earlier round's model, and signed that one.
+        trained_on = {int(p): int(r) for p, r in body.get("trained_on", {}).items()}
+        for party in participants:
+            started = trained_on.get(int(party), number)
+            if started not in state.models_in or started > number:
+                return Problem(i, f"party {party} trained on round {started}, which the log lacks")
+            message = ack_message(state.run, started, state.models_in[started])
+            problem = _check_acks(i, body["acks"], [party], state, message)
+            if problem is not None:
+                return problem
     elif not isinstance(participants, int):  # cross-device: a count and a digest
         return Problem(i, "participants must be a list of parties or a count")
     state.rounds, state.final_model = number, body["model_out"]
