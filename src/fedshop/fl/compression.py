@@ -89,7 +89,7 @@ def dense_bytes(tensors: Tensors) -> int:
 def as_rows(tensor: torch.Tensor) -> torch.Tensor:
     """A ≥2-D tensor as (first axis × the rest); a 0-D or 1-D one as a column of single entries."""
     if tensor.dim() >= 2:
-        return tensor.reshape(tensor.shape[0], -1)
+        return tensor.reshape(tensor.shape[0], math.prod(tensor.shape[1:]))
     return tensor.reshape(-1, 1)
 
 
