@@ -171,7 +171,8 @@ def test_int8_rounding_is_unbiased():
             step = rows.abs().amax(1, keepdim=True) if per == "row" else rows.abs().max()
             step = (step / 127).double().expand_as(rows).reshape(value.shape)
             # Each code is one of two neighbours a step apart: std ≤ step/2, so the mean of `draws`
-            # is within 5 standard errors of x on every entry (for any seed all hold but with p < 1e-4).
+            # is within 5 standard errors of x on every entry (for a random seed some entry misses with
+            # probability < 1e-4; this seed is fixed).
             bound = 5 * step / (2 * math.sqrt(draws)) + 1e-7
             assert bool(((total[k] / draws - value.double()).abs() <= bound).all()), (per, k)
 

@@ -22,7 +22,8 @@ Which combinations are valid:
   error feedback keeps each message's norm ≤ C, so the sensitivity holds. For the others (float16 and
   int8 rounding can lengthen a message; error feedback adds last round's residual) the server must
   clip each decoded message to C again before summing: the integration re-applies `ClipUpdate(C)`
-  on the server to every decoded message whose codec's `contraction` is False. `LowRankRows` is a
+  on the server to every decoded message whose codec's `contraction` is False (a rule for the code
+  that wires these codecs into a round; this module does not clip). `LowRankRows` is a
   contraction (orthonormal basis), up to float32 rounding.
 """
 
