@@ -21,7 +21,9 @@ Which combinations are valid:
   contraction (`codec.contraction`: `SparseRows`, `TopK` with float32 values) and is used without
   error feedback keeps each message's norm ≤ C, so the sensitivity holds. For the others (float16 and
   int8 rounding can lengthen a message; error feedback adds last round's residual) the server must
-  clip each decoded message to C again before summing; the integration does that. `LowRankRows` is a
+  clip each decoded message to C again before summing: the integration re-applies `ClipUpdate(C)`
+  on the server to every decoded message whose codec's `contraction` is False (a rule for the code
+  that wires these codecs into a round; this module does not clip). `LowRankRows` is a
   contraction (orthonormal basis), up to float32 rounding.
 """
 
@@ -89,7 +91,7 @@ def dense_bytes(tensors: Tensors) -> int:
 def as_rows(tensor: torch.Tensor) -> torch.Tensor:
     """A ≥2-D tensor as (first axis × the rest); a 0-D or 1-D one as a column of single entries."""
     if tensor.dim() >= 2:
-        return tensor.reshape(tensor.shape[0], -1)
+        return tensor.reshape(tensor.shape[0], math.prod(tensor.shape[1:]))
     return tensor.reshape(-1, 1)
 
 
@@ -98,19 +100,27 @@ def touched_rows(rows: torch.Tensor) -> torch.Tensor:
     return rows.ne(0).any(1).nonzero().flatten()
 
 
-def sparse_is_smaller(num_rows: int, kept: int, width: int, value_bytes: int) -> bool:
-    """Whether kept rows with their int32 indices cost less than every row sent densely."""
-    return kept * (_INDEX_BYTES + width * value_bytes) < num_rows * width * value_bytes
+def sparse_is_smaller(
+    num_rows: int, kept: int, width: int, value_bytes: int, row_bytes: int = 0
+) -> bool:
+    """Whether the kept rows with their int32 indices cost less than every row sent densely
+    (`row_bytes`: what each sent row costs besides its values, e.g. its int8 scale)."""
+    row = width * value_bytes + row_bytes
+    return kept * (_INDEX_BYTES + row) < num_rows * row
 
 
 def _put_rows(
-    arrays: dict[str, np.ndarray], name: str, tensor: torch.Tensor, value_bytes: int
+    arrays: dict[str, np.ndarray],
+    name: str,
+    tensor: torch.Tensor,
+    value_bytes: int,
+    row_bytes: int = 0,
 ) -> torch.Tensor:
     """Record the layout of `tensor` in `arrays` (its int32 row indices when sparse is smaller) and
     return the rows to send (kept rows, or all of them)."""
     rows = as_rows(tensor)
     kept = touched_rows(rows)
-    if sparse_is_smaller(len(rows), len(kept), rows.shape[1], value_bytes):
+    if sparse_is_smaller(len(rows), len(kept), rows.shape[1], value_bytes, row_bytes):
         arrays[f"{name}/rows"] = kept.numpy().astype(np.int32)
         return rows[kept]
     return rows
@@ -174,7 +184,8 @@ class Float16:
     normal range (2^-14 ≤ |x| ≤ 65504) the error is at most |x|·2^-11; below it at most 2^-25.
 
     A value beyond ±65504 (or not finite) is a ValueError, never a silent inf: the caller should
-    scale (or clip) first, or use `StochasticInt8`, which scales each row."""
+    scale (or clip) first, or use `StochasticInt8`, which scales each row. (Per-tensor scaling would
+    hide the problem: an update entry that large usually means a diverged run.)"""
 
     name: str = "float16"
     lossless: bool = False
@@ -212,7 +223,8 @@ def stochastic_codes(
 class StochasticInt8:
     """`SparseRows` layout with 8-bit codes: each sent row (per="row") or each whole tensor
     (per="tensor") is divided by its max-abs (a float32 scale) into int8 codes in [-127, 127], rounded
-    stochastically and unbiasedly from `generator`. Per entry the error is below scale/127.
+    stochastically and unbiasedly from `generator`. Per entry the error is at most scale/127 (one
+    step of the grid), and the scale costs 4 bytes per sent row (per="row") or per tensor.
 
     A ≥2-D tensor's rows are its first-axis slices; a 0-D or 1-D tensor (a bias) always gets one
     scale, whatever `per` says (a scale per entry would cost more than float32). Untouched rows stay
@@ -236,8 +248,9 @@ class StochasticInt8:
         arrays: dict[str, np.ndarray] = {}
         for name, tensor in tensors.items():
             tensor = tensor.detach().cpu().float()
-            sent = _put_rows(arrays, name, tensor, 1)
-            if self.per == "row" and tensor.dim() >= 2:
+            per_row = self.per == "row" and tensor.dim() >= 2
+            sent = _put_rows(arrays, name, tensor, 1, row_bytes=4 if per_row else 0)
+            if per_row:
                 scales = sent.abs().amax(1, keepdim=True) if len(sent) else sent[:, :1]
             else:
                 scale = tensor.abs().max() if tensor.numel() else torch.tensor(0.0)
@@ -261,6 +274,8 @@ class StochasticInt8:
 def top_k_mask(tensors: Tensors, fraction: float) -> Tensors:
     """Which entries to keep: the ceil(fraction × nonzeros) largest in magnitude over all the tensors
     together (one global threshold; ties broken by torch.topk). Exactly that many are kept."""
+    if not tensors:
+        return {}
     flat = torch.cat([t.detach().reshape(-1).abs().float().cpu() for t in tensors.values()])
     k = math.ceil(fraction * int(flat.ne(0).sum()))
     keep = torch.zeros(flat.numel(), dtype=torch.bool)
