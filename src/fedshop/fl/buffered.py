@@ -66,7 +66,7 @@ class Pending:
 class StepOutcome:
     parcels: dict[int, Any]  # what the server sums this step, by client
     traffic: Traffic
-    clock: float  # simulated seconds since the run started, when the server steps
+    clock: float | None  # simulated seconds since the run started, when the server steps
     staleness: dict[int, int] = field(default_factory=dict)  # FedBuff: per contributor
     discounts: dict[int, float] = field(default_factory=dict)  # FedBuff: each update's weight
 
@@ -156,3 +156,11 @@ class Schedule:
 
     def _any_coming(self) -> bool:
         return any(p.parcel is not None for p in self.in_flight)
+
+
+def unscheduled(clients: list[int], train: TrainClients, down_bytes: int) -> StepOutcome:
+    """A synchronous step without a clock (a transport built without a `Schedule`)."""
+    trained = train(clients)
+    sent = {c: size for c, (_, size) in trained.items()}
+    parcels = {c: parcel for c, (parcel, _) in trained.items()}
+    return StepOutcome(parcels, Traffic(sent, dict.fromkeys(clients, down_bytes)), None)

@@ -9,7 +9,7 @@ returns only the change to the shared parameters, and the server takes the examp
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import scipy.sparse as sp
@@ -19,13 +19,22 @@ from fedshop.config import RunConfig
 from fedshop.data.interactions import RecDataset, SiloData
 from fedshop.errors import FedShopError
 from fedshop.eval.metrics import MetricSums, evaluate
+from fedshop.fl.buffered import Schedule, StepOutcome, model_bytes, unscheduled
 from fedshop.fl.device_robust import ScreenedRound, device_defences
 from fedshop.fl.fake_shoppers import FakeShoppers
 from fedshop.fl.in_process import make_server
-from fedshop.fl.local_round import LocalTraining, draw_round
-from fedshop.fl.rounds import FinalEvaluation, RoundCallback, RoundDriver, RoundRecord, RoundReply
-from fedshop.fl.vectorised import vectorised_round, vectorised_sum
-from fedshop.messages import AggregationPipeline
+from fedshop.fl.local_round import LocalTraining, RoundInput, draw_round
+from fedshop.fl.rounds import (
+    FinalEvaluation,
+    RoundCallback,
+    RoundDriver,
+    RoundRecord,
+    RoundReply,
+    Traffic,
+)
+from fedshop.fl.vectorised import dense_messages, train_groups, vectorised_round, vectorised_sum
+from fedshop.fl.wire import Wire, baseline_bytes
+from fedshop.messages import Aggregate, AggregationPipeline
 from fedshop.models.spec import ModelSpec, Params, get_model, score_all
 from fedshop.privacy.dp import PrivacyGuard
 from fedshop.privacy.noise import ClipUpdate, GaussianNoise, fixed_denominator
@@ -101,6 +110,9 @@ class ShopperTransport:
     client_dp_event: None = None  # shoppers add no noise of their own; the server does (user DP)
     # [attack] fake shoppers or [federated] robust: the round summed from every client's own update.
     screened: ScreenedRound | None = None
+    wire: Wire = field(default_factory=Wire)  # how messages are encoded ([communication] codec)
+    schedule: Schedule | None = None  # the simulated clock, and FedBuff's buffer when it is on
+    concurrency: int = 0  # FedBuff: shoppers training at once
 
     def train(
         self, round_number: int, clients: Sequence[int], shared: Params, evaluate: int | None
@@ -109,32 +121,114 @@ class ShopperTransport:
         clients = torch.as_tensor(clients, dtype=torch.int64)
         fakes = clients[clients >= run.dataset.n_users]  # fake shoppers craft, they do not train
         clients = clients[clients < run.dataset.n_users]
-        batch = draw_round(
-            run.dataset.train, clients, self.training.epochs, self.training.negatives,
-            torch_generator(self.seed, "devices", "round", round_number),
-        )  # fmt: skip
         if run.protection is not None and len(clients) == 1:
             raise ProtectionError(
                 f"round {round_number} sampled a single shopper: secure aggregation cannot hide "
                 "a lone update; raise [federated] clients_per_round or the sampling rate"
             )
+        down = model_bytes(shared)
         if self.screened is not None:
+            batch = self._batch(round_number, clients)
             total, new_users, kept = self.screened.run(
                 round_number, run.spec, shared, run.user_tables, batch, fakes, self.training
             )
             for k, v in new_users.items():
                 run.user_tables[k][clients] = v
-            return RoundReply(total, kept)
-        clip = self.pipeline.stage_of(ClipUpdate)
-        summation = run.protection if len(clients) > 0 else None
-        total, new_users = vectorised_sum(
-            run.spec, shared, run.user_tables, batch, self.training,
-            clip=clip.clip if clip is not None else None, summation=summation,
+            sizes = self._baseline_bytes(batch, shared).tolist()
+            sent = dict(zip(clients.tolist(), sizes, strict=True))
+            traffic = Traffic(sent, dict.fromkeys(clients.tolist(), down))
+            return RoundReply(total, kept, traffic=traffic)
+        if not self.wire.lossless or (self.schedule is not None and self.schedule.buffered):
+            return self._train_messages(round_number, clients.tolist(), shared, down)
+        outcome: dict = {}
+
+        def train(chosen: list[int]) -> dict:
+            """The vectorised round of the clients that report; each one's bytes, unbuilt."""
+            chosen_clients = torch.as_tensor(chosen, dtype=torch.int64)
+            batch = self._batch(round_number, chosen_clients)
+            clip = self.pipeline.stage_of(ClipUpdate)
+            summation = run.protection if len(chosen) > 0 else None
+            total, new_users = vectorised_sum(
+                run.spec, shared, run.user_tables, batch, self.training,
+                clip=clip.clip if clip is not None else None, summation=summation,
+            )  # fmt: skip
+            for k, v in new_users.items():
+                run.user_tables[k][chosen_clients] = v
+            cost = run.protection.costs[-1] if summation is not None else None
+            outcome["sum"] = total, cost
+            # A protected shopper sends the protection's own encoding (a dense masked vector).
+            sizes = cost.bytes_sent_per_client if cost else self._baseline_bytes(batch, shared)
+            return {c: (None, int(size)) for c, size in zip(chosen, sizes, strict=False)}
+
+        step = self._step(clients.tolist(), train, down)
+        total, cost = outcome["sum"]
+        return RoundReply(total, list(step.parcels), cost, traffic=step.traffic, clock=step.clock)
+
+    def _batch(self, round_number: int, clients: torch.Tensor) -> RoundInput:
+        return draw_round(
+            self.run.dataset.train, clients, self.training.epochs, self.training.negatives,
+            torch_generator(self.seed, "devices", "round", round_number),
         )  # fmt: skip
-        for k, v in new_users.items():
-            run.user_tables[k][clients] = v
-        cost = run.protection.costs[-1] if summation is not None else None
-        return RoundReply(total, clients.tolist(), cost)
+
+    def _step(self, clients: list[int], train, down: int) -> StepOutcome:
+        if self.schedule is not None:
+            return self.schedule.round(clients, train, down, self.concurrency)
+        return unscheduled(clients, train, down)
+
+    def _baseline_bytes(self, batch: RoundInput, shared: Params) -> torch.Tensor:
+        """Each shopper's uncompressed message: the item rows it touched (its positives and
+        negatives) and the dense weights."""
+        rows = torch.tensor(
+            [len(torch.unique(torch.cat([p, n.reshape(-1)])))
+             for p, n in zip(batch.positives, batch.negatives, strict=True)],
+            dtype=torch.int64,
+        )  # fmt: skip
+        return baseline_bytes(rows, shared, self.run.spec.item_tables)
+
+    def _train_messages(
+        self, round_number: int, clients: list[int], shared: Params, down: int
+    ) -> RoundReply:
+        """Each shopper's own message, encoded by the run's codec, held until it arrives (FedBuff)
+        and decoded by the server: for lossy codecs and for FedBuff."""
+        run, training = self.run, self.training
+        clip = self.pipeline.stage_of(ClipUpdate)
+
+        def train(chosen: list[int]) -> dict:
+            chosen_clients = torch.as_tensor(chosen, dtype=torch.int64)
+            batch = self._batch(round_number, chosen_clients)
+            groups = train_groups(
+                run.spec, shared, run.user_tables, batch, training,
+                clip=clip.clip if clip is not None else None,
+            )  # fmt: skip
+            new_users = next(groups)
+            sizes = torch.tensor([len(p) for p in batch.positives])
+            trained = {}
+            for bucket, update, weights in groups:
+                members = bucket.members.cpu()
+                messages = dense_messages(
+                    update, bucket, weights, shared, sizes[members], training.epochs
+                )
+                for c, message in zip(batch.clients[members].tolist(), messages, strict=True):
+                    encoded, size = self.wire.send(c, round_number, message)
+                    # Only the encoding is kept until it arrives: the dense message is large.
+                    trained[c] = ((replace(message, tensors={}), encoded), size)
+            for k, v in new_users.items():
+                run.user_tables[k][chosen_clients] = v
+            return trained
+
+        step = self._step(clients, train, down)
+        sums = {k: torch.zeros_like(v) for k, v in shared.items()}
+        weight = 0.0
+        for c, parcel in step.parcels.items():
+            message = step.discount(c, self.wire.open(parcel))
+            for k, v in message.tensors.items():
+                sums[k] += v.to(sums[k].device)
+            weight += message.weight
+        total = Aggregate(sums, weight, len(step.parcels))
+        return RoundReply(
+            total, list(step.parcels), traffic=step.traffic, clock=step.clock,
+            staleness=step.staleness,
+        )  # fmt: skip
 
     def evaluate(self, round_number: int, shared: Params) -> dict[str, MetricSums]:
         self.run.shared = shared
@@ -214,6 +308,11 @@ def run_cross_device(
     )
     if fakes is not None or defences:
         transport.screened = run.screened = ScreenedRound(defences, dataset.n_users, fakes)
+    # User-level DP: a codec that may lengthen a clipped update is clipped again on arrival.
+    transport.wire = Wire.of_run(config, reclip=guard.plan.clip if guard is not None else None)
+    examples = np.diff(dataset.train.indptr)
+    transport.schedule = Schedule(config, dataset.n_users, lambda c: examples[c], fed.local_epochs)
+    transport.concurrency = config.communication.concurrency or len(pool)
     from fedshop.fl.audit import start_device_audit
 
     run.audit = start_device_audit(config)

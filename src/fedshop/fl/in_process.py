@@ -19,7 +19,7 @@ from fedshop.config import RunConfig
 from fedshop.data.interactions import RecDataset
 from fedshop.eval.metrics import MetricSums
 from fedshop.fl.aggregation import aggregation_pipeline
-from fedshop.fl.buffered import Schedule, StepOutcome, model_bytes
+from fedshop.fl.buffered import Schedule, StepOutcome, model_bytes, unscheduled
 from fedshop.fl.client import LocalTask, SiloClient, SiloDp
 from fedshop.fl.contribution import (
     ContributionMeter,
@@ -36,7 +36,6 @@ from fedshop.fl.rounds import (
     RoundDriver,
     RoundRecord,
     RoundReply,
-    Traffic,
 )
 from fedshop.fl.server import FederatedServer, Sampler
 from fedshop.fl.server_opt import make_server_optimizer
@@ -75,6 +74,8 @@ def make_server(
     per_round = (
         fed.silos_per_round if config.federated.mode == "cross-silo" else fed.clients_per_round
     )
+    if config.communication.schedule == "fedbuff":  # draws enough to refill every free slot
+        per_round = config.communication.concurrency or per_round
     if poisson_rate is not None:
         generator = NoiseStream.of(config.privacy.known_noise_seed, "server", "sampling")
     else:
@@ -160,10 +161,7 @@ class SiloTransport:
         down = model_bytes(shared)
         if self.schedule is not None:
             return self.schedule.round(clients, train, down, self.concurrency)
-        trained = train(clients)
-        sent = {i: size for i, (_, size) in trained.items()}
-        parcels = {i: parcel for i, (parcel, _) in trained.items()}
-        return StepOutcome(parcels, Traffic(sent, dict.fromkeys(clients, down)), None)
+        return unscheduled(clients, train, down)
 
     def _acknowledge(self, client: int, round_number: int, shared: Params) -> str | None:
         """The silo's signature on the model it was sent (for the run's audit log)."""

@@ -324,13 +324,56 @@ def vectorised_sum(
     message over the whole catalogue and the summation adds them up: a sparse message would tell
     the server which items the shopper touched, which is what secure aggregation hides.
     """
+    weights = _weights(batch, clip, shared)
+    sums = {k: torch.zeros_like(v) for k, v in shared.items()}
+    groups = train_groups(spec, shared, user_tables, batch, training, layout, clip)
+    new_users = next(groups)
+    if len(batch.clients) == 0:  # Poisson sampling can pick nobody
+        return Aggregate(sums, 0.0, 0), new_users
+    messages: list[ClientMessage] = []
+    sizes = torch.tensor([len(p) for p in batch.positives])
+    for bucket, update, w in groups:
+        if summation is not None:
+            messages += dense_messages(
+                update, bucket, w, shared, sizes[bucket.members.cpu()], training.epochs
+            )
+            continue
+        row_weight = w[bucket.row_owner]
+        for k, delta in update.item_deltas.items():
+            # The sparse sum: only the rows these clients touched are added.
+            sums[k].index_add_(0, bucket.rows, delta * along_rows(row_weight, delta))
+        for k, delta in update.dense_deltas.items():
+            sums[k] += (delta * along_rows(w, delta)).sum(0).reshape(shared[k].shape)
+    if summation is not None and training.update_shared:
+        return summation(messages), new_users
+    return Aggregate(sums, float(weights.sum()), len(batch.clients)), new_users
+
+
+def _weights(batch: RoundInput, clip: float | None, shared: Params) -> torch.Tensor:
+    """Each client's weight in the sum: its example count (FedAvg), or 1 under clipping (DP)."""
+    device = next(iter(shared.values())).device
+    return (batch.num_examples if clip is None else torch.ones(len(batch.clients))).to(device)
+
+
+def train_groups(
+    spec: ModelSpec,
+    shared: Params,
+    user_tables: Params,
+    batch: RoundInput,
+    training: LocalTraining,
+    layout: str = "auto",
+    clip: float | None = None,
+):
+    """The round's clients trained group by group (see `vectorised_sum` for the layouts and
+    `clip`). Yields first the new user rows of the round's clients in client order (filled in as
+    the groups train), then for each group that updates shared parameters: its bucket, its update
+    (clipped under `clip`) and its clients' weights."""
     n_items = shared[spec.item_tables[0]].shape[0]
     device = shared[spec.item_tables[0]].device
     width = max([v.shape[-1] for v in shared.values() if v.dim() == 2] + [1])
     sizes = torch.tensor([len(p) for p in batch.positives])
-    weights = (batch.num_examples if clip is None else torch.ones(len(batch.clients))).to(device)
+    weights = _weights(batch, clip, shared)
     clients = batch.clients.to(device)
-    sums = {k: torch.zeros_like(v) for k, v in shared.items()}
     new_users = {
         k: torch.empty(len(batch.clients), v.shape[1], device=device)
         for k, v in user_tables.items()
@@ -344,9 +387,9 @@ def vectorised_sum(
         if flat
         else (plan_buckets, build_bucket, train_bucket)
     )
-    if len(batch.clients) == 0:  # Poisson sampling can pick nobody
-        return Aggregate(sums, 0.0, 0), new_users
-    messages: list[ClientMessage] = []
+    yield new_users
+    if len(batch.clients) == 0:
+        return
     for members in plan(sizes, width, batch.negatives[0].shape[-1]):
         # Index bookkeeping runs on the CPU; the training maths on the model's device.
         bucket = build(batch, members, n_items).to(device)
@@ -360,21 +403,7 @@ def vectorised_sum(
             clip_per_client(
                 update.item_deltas, bucket.row_owner, update.dense_deltas, len(members), clip
             )
-        w = weights[members]
-        if summation is not None:
-            messages += dense_messages(
-                update, bucket, w, shared, sizes[members.cpu()], training.epochs
-            )
-            continue
-        row_weight = w[bucket.row_owner]
-        for k, delta in update.item_deltas.items():
-            # The sparse sum: only the rows these clients touched are added.
-            sums[k].index_add_(0, bucket.rows, delta * along_rows(row_weight, delta))
-        for k, delta in update.dense_deltas.items():
-            sums[k] += (delta * along_rows(w, delta)).sum(0).reshape(shared[k].shape)
-    if summation is not None and training.update_shared:
-        return summation(messages), new_users
-    return Aggregate(sums, float(weights.sum()), len(batch.clients)), new_users
+        yield bucket, update, weights[members]
 
 
 def dense_messages(

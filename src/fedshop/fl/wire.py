@@ -67,18 +67,21 @@ class Wire:
     def receive(self, encoded: Encoded, message: ClientMessage) -> ClientMessage:
         """The server's side: the decoded tensors in place of the message's own (whose weight and
         counts travel alongside, as in a deployment's message)."""
-        like = next(iter(message.tensors.values()))
-        tensors = {
-            k: v.to(device=like.device, dtype=message.tensors[k].dtype)
-            for k, v in self.codec.decode(encoded).items()
-        }
+        tensors = self.codec.decode(encoded)
+        if message.tensors:  # back where and as the client had them
+            tensors = {
+                k: v.to(device=message.tensors[k].device, dtype=message.tensors[k].dtype)
+                for k, v in tensors.items()
+            }
         received = replace(message, tensors=tensors)
         return self.reclip(received) if self.reclip is not None else received
 
     def open(self, parcel: tuple[ClientMessage, Encoded]) -> ClientMessage:
         """A parcel of `send`'s (the staged message and its encoding) as the server receives it."""
         message, encoded = parcel
-        return message if self.lossless else self.receive(encoded, message)
+        if self.lossless and message.tensors:  # decoding would give the very same tensors
+            return message
+        return self.receive(encoded, message)
 
     def carry(
         self, client: int, round_number: int, message: ClientMessage
