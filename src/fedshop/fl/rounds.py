@@ -284,6 +284,7 @@ class RoundDriver:
         self.log(
             f"round {round_number}: {len(reply.contributors)} {unit} trained"
             + (f", {unit} {dropped} dropped out" if dropped else "")
+            + (f", {traffic['sent'] / 1e6:.2f} MB sent" if traffic is not None else "")
             + f" ({seconds:.2f} s)"
         )
         if self.on_round is not None:

@@ -12,6 +12,8 @@ matplotlib.use("Agg")  # no display: render straight to SVG
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
+from fedshop.report.communication import communication_section
+
 METHOD_LABELS = {
     "federated": "Federated",
     "centralized": "Centralized (pooled data)",
@@ -375,6 +377,8 @@ small storefront counts as much as the large one.</p>
 {protection_section(metrics.get("protection") or {})}
 <h2>HR@10 during training</h2>
 {curve_svg(metrics)}
+<h2>Communication</h2>
+{communication_section(metrics.get("communication"))}
 <h2>Per silo</h2>
 {per_silo}
 {contribution_section(metrics.get("contribution"))}

@@ -33,6 +33,7 @@ from fedshop import __version__
 from fedshop.data.interactions import RecDataset
 from fedshop.errors import FedShopError
 from fedshop.experiment import ExperimentResult, slug
+from fedshop.report.communication import communication_block
 from fedshop.report.html import render_report
 from fedshop.storage.private_files import write_private
 
@@ -117,10 +118,13 @@ def metrics_document(result: ExperimentResult) -> dict[str, Any]:
             "seconds": round(record.seconds, 4),
             **({"epsilon": record.epsilon} if record.epsilon is not None else {}),
             **({"protection": record.protection} if record.protection is not None else {}),
+            **({"traffic": record.traffic} if record.traffic is not None else {}),
+            **({"clock": round(record.clock, 3)} if record.clock is not None else {}),
             **(record.metrics or {}),
         }
         for record in result.history
     ]
+    doc["communication"] = communication_block(result.history, config)
     doc["curves"] = {
         method: [{"step": step, **metrics} for step, metrics in outcome.curve]
         for method, outcome in result.methods.items()
