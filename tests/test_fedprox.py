@@ -343,3 +343,22 @@ def test_cross_device_run_with_fedyogi_and_fedprox(retail, monkeypatch):
     assert seen == [0.01, 0.01]
     hr = run.history[-1].metrics["hr@10"]
     assert math.isfinite(hr) and 0.0 < hr <= 1.0
+
+
+def test_tabular_silos_local_update_shrinks_as_mu_grows():
+    """The retail tasks' trainer (fl/tabular_silo.py) has the term too, on a planted table."""
+    from fedshop.fl.tabular_silo import head_of, init_shared, shape_of, train_tabular, training_of
+    from test_retail_core import planted_dataset
+
+    dataset = planted_dataset(sizes=(600, 200))
+    run_config = load_config(overrides={"task": "fraud"})
+    shape, head = shape_of(run_config, dataset), head_of(run_config, dataset)
+    shared = init_shared(run_config, shape, "shared", "init")
+    norms = []
+    for mu in (0.0, 1.0, 10.0, 100.0):
+        trained, _ = train_tabular(
+            shared, head, dataset.silos[0].train, 3, training_of(run_config),
+            torch.Generator().manual_seed(0), proximal_mu=mu,
+        )  # fmt: skip
+        norms.append(_norm({k: trained[k] - shared[k] for k in shared}))
+    assert norms == sorted(norms, reverse=True) and len(set(norms)) == 4, norms
