@@ -30,18 +30,22 @@ def _setup(name: str, train: sp.csr_matrix, dim: int = 8):
 
 
 @pytest.mark.parametrize(
-    ("name", "layout"),
+    ("name", "layout", "mu"),
     [
-        ("mf-bpr", "flat"),
-        ("mf-bpr", "padded"),
-        ("gmf", "flat"),
-        ("gmf", "padded"),
-        ("neumf", "auto"),  # padded: its per-client weight matrices cannot be laid out flat
+        ("mf-bpr", "flat", 0.0),
+        ("mf-bpr", "padded", 0.0),
+        ("gmf", "flat", 0.0),
+        ("gmf", "padded", 0.0),
+        ("neumf", "auto", 0.0),  # padded: its per-client weight matrices cannot be laid out flat
+        # FedProx: the proximal term on each client's copies equals the reference's on full tables
+        ("mf-bpr", "flat", 0.5),
+        ("gmf", "padded", 0.5),
+        ("neumf", "auto", 0.5),
     ],
 )
-def test_vectorised_round_equals_sequential_reference(small, name, layout):
+def test_vectorised_round_equals_sequential_reference(small, name, layout, mu):
     spec, shared, users = _setup(name, small)
-    training = LocalTraining(epochs=3, learning_rate=0.3, l2=0.01, negatives=2)
+    training = LocalTraining(epochs=3, learning_rate=0.3, l2=0.01, negatives=2, proximal_mu=mu)
     clients = torch.tensor([0, 2, 3, 5, 8, 13, 21, 34, 55, 59])
     batch = draw_round(small, clients, 3, 2, torch.Generator().manual_seed(3))
     ref_update, ref_users = reference_round(spec, shared, users, batch, training)

@@ -113,6 +113,7 @@ SERVER_OPTIMIZERS = Registry(
     Choice("fedavg", "", "fedshop.fl.server_opt:FedAvg"),
     Choice("fedavgm", "server momentum", "fedshop.fl.server_opt:FedAvgM"),
     Choice("fedadam", "adaptive", "fedshop.fl.server_opt:FedAdam"),
+    Choice("fedyogi", "adaptive, Yogi's second moment", "fedshop.fl.server_opt:FedYogi"),
 )
 # Each accountant's factory: () -> dp_accounting.PrivacyAccountant.
 ACCOUNTANTS = Registry(

@@ -7,6 +7,7 @@ with the section and key named, so the rest of the code can trust its inputs.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import typing
@@ -143,6 +144,13 @@ class FederatedConfig:
     # private parameters (user embeddings, item-bias offsets) against the frozen global parameters for
     # this many epochs, so the item update it then computes starts from well-fitted private state.
     reconstruction_epochs: int = 0
+    # FedProx (Li et al., MLSys 2020): μ of the proximal term μ/2·‖w − w_global‖² added to every
+    # client's local loss, on the shared parameters only (item tables, dense weights; never the
+    # private user embeddings), so local training drifts less from the round's global model.
+    # 0: off (plain local training). Every local trainer that moves shared parameters has it:
+    # recommendation (cross-silo and cross-device), fit and the retail tasks; not sasrec, nor
+    # record-level DP (DP-SGD replaces the local epochs there): validation refuses those.
+    proximal_mu: float = 0.0
     # After the last round each silo refits its private parameters against the final shared model;
     # nothing leaves the silo, so this costs no privacy and no communication.
     personalise_epochs: int = 5
@@ -199,6 +207,11 @@ class FederatedConfig:
                 f"[federated] server_momentum must be in [0, 1), got {self.server_momentum}"
             )
         _at_least("federated", "reconstruction_epochs", self.reconstruction_epochs, 0)
+        if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0.0):
+            raise ConfigError(
+                "[federated] proximal_mu must be a finite number ≥ 0 (FedProx's μ; 0 turns the "
+                f"proximal term off), got {self.proximal_mu}"
+            )
         _at_least("federated", "personalise_epochs", self.personalise_epochs, 0)
 
 
@@ -713,6 +726,7 @@ class RunConfig:
         ):
             section.validate()
         self._validate_privacy()
+        self._validate_proximal()
         self._validate_robust()
         self.attack.validate()
         self.contribution.validate()
@@ -779,6 +793,7 @@ class RunConfig:
             raise ConfigError(
                 'task = "fit" protects each shop\'s customers: use [privacy] mode = "record"'
             )
+        self._validate_proximal()
         if self.federated.robust != "none":
             raise ConfigError(
                 '[federated] robust is not available for task = "fit" yet: its product rows are '
@@ -823,6 +838,23 @@ class RunConfig:
                 "nothing; raise [federated] silos_per_round"
             )
         return self
+
+    def _validate_proximal(self) -> None:
+        """FedProx's proximal term lives in the local trainers; where there is none, say so."""
+        if self.federated.proximal_mu == 0:
+            return
+        where = {
+            '[model] name = "sasrec"': self.model.name == "sasrec",
+            '[privacy] mode = "record" (DP-SGD replaces the silos\' local epochs)': (
+                self.privacy.mode == "record"
+            ),
+        }
+        for setting, applies in where.items():
+            if applies:
+                raise ConfigError(
+                    f"[federated] proximal_mu (FedProx) is not implemented with {setting}: "
+                    "set proximal_mu = 0"
+                )
 
     def _validate_robust(self) -> None:
         """Robust rules read every client's own update: in plaintext, each rule in its mode."""

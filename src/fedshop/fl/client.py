@@ -32,6 +32,8 @@ class LocalTask:
     reconstruction_epochs: int = 0  # first refit the private parameters alone (FedRecon)
     # Record-level DP: DP-SGD over the silo's customers replaces the epochs.
     dp: DpSgd | None = None
+    # FedProx's μ: μ/2·‖w − w_global‖² on the shared parameters in the local loss (0: off).
+    proximal_mu: float = 0.0
 
     @classmethod
     def of_run(cls, config: RunConfig, plan: DpPlan | None = None) -> LocalTask:
@@ -41,7 +43,8 @@ class LocalTask:
             from fedshop.fl.dp_local import DpSgd
 
             dp = DpSgd(plan.noise_multiplier, plan.clip, plan.sampling_rate, plan.steps_per_round)
-        return cls(config.federated.local_epochs, config.federated.reconstruction_epochs, dp)
+        fed = config.federated
+        return cls(fed.local_epochs, fed.reconstruction_epochs, dp, fed.proximal_mu)
 
 
 @dataclass
@@ -124,7 +127,7 @@ class SiloClient(SiloState):
         if task.dp is None:
             result = train_bpr(
                 global_shared, self._private, self.data.train, task.epochs,
-                self.train_config, self._generator, spec=self.spec,
+                self.train_config, self._generator, spec=self.spec, proximal_mu=task.proximal_mu,
             )  # fmt: skip
             self._private = result.private
             local, steps, examples, event = result.shared, result.steps, self.data.n_train, None

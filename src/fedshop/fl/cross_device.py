@@ -301,7 +301,11 @@ def run_cross_device(
         spec, server.shared, user_tables, dataset, protection=protected, fakes=fakes
     )
     training = LocalTraining(
-        fed.local_epochs, fed.client_learning_rate, config.train.l2, config.train.negatives
+        fed.local_epochs,
+        fed.client_learning_rate,
+        config.train.l2,
+        config.train.negatives,
+        proximal_mu=fed.proximal_mu,
     )
     transport = ShopperTransport(
         run, training, config.seed, config.eval.split, fed.personalise_epochs, pipeline

@@ -33,6 +33,7 @@ from fedshop.models.fit import (
     gather,
     record_losses,
 )
+from fedshop.models.train import proximal_term
 
 if TYPE_CHECKING:
     import dp_accounting as dpa
@@ -74,9 +75,12 @@ def train_fit(
     training: FitTraining,
     generator: torch.Generator,
     update_shared: bool = True,
+    proximal_mu: float = 0.0,
 ) -> Trained:
     """`epochs` passes of minibatch AdamW over `batch`; returns new tables (inputs untouched).
-    `update_shared=False` refits the private vectors alone."""
+    `update_shared=False` refits the private vectors alone. `proximal_mu` > 0 adds FedProx's
+    μ/2·‖w − w_shared‖² on the shared tables (anchored at `shared` as given) to every step's loss."""
+    anchor = {k: v.detach() for k, v in shared.items()} if update_shared and proximal_mu else None
     shared = {k: v.detach().clone().requires_grad_(update_shared) for k, v in shared.items()}
     private = {k: v.detach().clone().requires_grad_(True) for k, v in private.items()}
     dense_names = model.dense_names(shared)
@@ -104,6 +108,8 @@ def train_fit(
             rows = gather(model, shared, private, measurements, part)
             dense = batched({n: shared[n] for n in dense_names}, len(part))
             loss = record_losses(model, rows, dense, part.label, training.l2).mean()
+            if anchor is not None:
+                loss = loss + proximal_term(shared, anchor, proximal_mu)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

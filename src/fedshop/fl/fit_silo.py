@@ -124,16 +124,16 @@ class FitSiloClient(SiloState):
         self.personalise(global_shared, task.reconstruction_epochs)
         train = self.batch(self.silo.train)
         if task.dp is None:
-            delta, steps, examples, event = self._plain_update(global_shared, train, task.epochs)
+            delta, steps, examples, event = self._plain_update(global_shared, train, task)
         else:
             delta, steps, examples, event = self._private_update(global_shared, train, task.dp)
         message = ClientMessage(delta, 1.0, examples, local_steps=max(steps, 1), dp_event=event)
         return self.pipeline.on_client(message)
 
-    def _plain_update(self, global_shared: Params, train: Batch, epochs: int):
+    def _plain_update(self, global_shared: Params, train: Batch, task: LocalTask):
         result = train_fit(
-            self.model, global_shared, self._private, self._measurements, train, epochs,
-            self.training, self._generator,
+            self.model, global_shared, self._private, self._measurements, train, task.epochs,
+            self.training, self._generator, proximal_mu=task.proximal_mu,
         )  # fmt: skip
         self._private = result.private
         delta = {k: result.shared[k] - global_shared[k] for k in global_shared}

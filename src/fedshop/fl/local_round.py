@@ -2,7 +2,8 @@
 
 Local training, per client and round: `epochs` plain-SGD steps, each on the full batch of the client's
 positives with fresh negatives (items the client never bought), loss = mean BPR + L2 on the touched
-embedding rows, exactly the per-batch loss of `models.train.train_bpr`.
+embedding rows, exactly the per-batch loss of `models.train.train_bpr`; with `proximal_mu` > 0 also
+FedProx's μ/2·‖w − w_global‖² on the client's copy of the shared parameters.
 
 `reference_round` runs it one client at a time, each with a full copy of the shared model, and sends
 every update as a `ClientMessage` through the ordinary aggregation pipeline. `fl/vectorised.py` computes
@@ -20,7 +21,7 @@ import torch
 from fedshop.messages import AggregationPipeline, ClientMessage
 from fedshop.models.mf import bpr_loss
 from fedshop.models.spec import ModelSpec, Params, gather_rows
-from fedshop.models.train import batch_scores, embedding_penalty
+from fedshop.models.train import batch_scores, embedding_penalty, proximal_term
 from fedshop.seeding import RandomSource, uniform
 
 # Redraws of negatives that hit one of the client's own items; after this many, a hit is tolerated
@@ -35,6 +36,8 @@ class LocalTraining:
     l2: float
     negatives: int
     update_shared: bool = True
+    # FedProx's μ (Li et al., MLSys 2020): μ/2·‖w − w_global‖² on the shared parameters; 0: off.
+    proximal_mu: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,8 @@ def reference_round(
                 spec, mine, local, spec.dense_of(local),
                 batch.positives[position], batch.negatives[position][epoch], training.l2,
             )  # fmt: skip
+            if training.update_shared and training.proximal_mu:
+                loss = loss + proximal_term(local, shared, training.proximal_mu)
             sgd_step(params, loss, training.learning_rate)
         for k, v in mine.items():
             new_users[k].append(v.detach()[0])

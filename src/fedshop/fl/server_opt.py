@@ -1,7 +1,8 @@
 """Server optimisers (Reddi et al., "Adaptive Federated Optimization", ICLR 2021).
 
 The mean client update Δ is treated as a pseudo-gradient step: FedAvg applies it, FedAvgM adds server
-momentum, FedAdam adapts a per-coordinate step size.
+momentum, FedAdam adapts a per-coordinate step size, FedYogi likewise with Yogi's additive
+second-moment update (Algorithm 2 of the paper).
 """
 
 from __future__ import annotations
@@ -84,9 +85,31 @@ class FedAdam:
         out = {}
         for k, d in delta.items():
             self.m[k] = self.beta1 * self.m.get(k, torch.zeros_like(d)) + (1 - self.beta1) * d
-            self.v[k] = self.beta2 * self.v.get(k, torch.zeros_like(d)) + (1 - self.beta2) * d * d
+            self.v[k] = self._second_moment(k, d)
             out[k] = params[k] + self.learning_rate * self.m[k] / (self.v[k].sqrt() + self.tau)
         return out
+
+    def _second_moment(self, key: str, d: torch.Tensor) -> torch.Tensor:
+        """Adam's: v ← β2·v + (1 − β2)·Δ², from v = 0."""
+        v = self.v.get(key, torch.zeros_like(d))
+        return self.beta2 * v + (1 - self.beta2) * d * d
+
+
+class FedYogi(FedAdam):
+    """FedAdam with Yogi's second moment (Reddi et al. 2021, Algorithm 2):
+    v ← v − (1 − β2)·Δ²·sign(v − Δ²). v moves towards Δ² by (1 − β2)·Δ² whatever its own size
+    (FedAdam's change, (1 − β2)·(Δ² − v), grows with v), so when updates turn small v shrinks
+    slowly and the effective step size η/(√v + τ) grows more slowly than FedAdam's.
+
+    v starts at τ² (the paper's initialisation v₋₁ ≥ τ², at its smallest), m at 0: the first step is
+    η·(1 − β1)·Δ / (√v + τ) with v = τ² + (1 − β2)·Δ² wherever Δ² > τ². FedAdam here starts v at 0."""
+
+    def _second_moment(self, key: str, d: torch.Tensor) -> torch.Tensor:
+        v = self.v.get(key)
+        if v is None:
+            v = torch.full_like(d, self.tau**2)
+        square = d * d
+        return v - (1 - self.beta2) * square * torch.sign(v - square)
 
 
 class WeightDecayed:
@@ -94,7 +117,7 @@ class WeightDecayed:
     layers; not biases) shrinks by a factor (1 - decay) per round. Under DP it stops the noise that
     each round adds to rows nobody trains from piling up."""
 
-    def __init__(self, inner: FedAvg | FedAvgM | FedAdam, decay: float) -> None:
+    def __init__(self, inner: FedAvg | FedAvgM | FedAdam | FedYogi, decay: float) -> None:
         self.inner, self.decay = inner, decay
 
     def state_dict(self) -> Tensors:
@@ -108,7 +131,7 @@ class WeightDecayed:
         return {k: v * (1 - self.decay) if v.dim() >= 2 else v for k, v in out.items()}
 
 
-ServerOptimizer = FedAvg | FedAvgM | FedAdam | WeightDecayed
+ServerOptimizer = FedAvg | FedAvgM | FedAdam | FedYogi | WeightDecayed
 
 
 def _prefixed(state: Tensors, prefix: str) -> Tensors:

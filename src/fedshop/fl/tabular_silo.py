@@ -33,6 +33,7 @@ from fedshop.models.tabular import (
     forward,
     init_params,
 )
+from fedshop.models.train import proximal_term
 from fedshop.secure.protected_sum import ProtectedSum, make_protection
 from fedshop.seeding import torch_generator
 
@@ -101,10 +102,13 @@ def train_tabular(
     epochs: int,
     training: TabularTraining,
     generator: torch.Generator,
+    proximal_mu: float = 0.0,
 ) -> tuple[Params, int]:
     """`epochs` passes of minibatch AdamW over `part` in a seeded order, from `params` (untouched),
     with a fresh optimiser: a round starts from the global model alone. Returns the new parameters
-    and the number of steps."""
+    and the number of steps. `proximal_mu` > 0 adds FedProx's μ/2·‖w − w_global‖² (anchored at
+    `params` as given) to every step's loss."""
+    anchor = {k: v.detach() for k, v in params.items()} if proximal_mu else None
     params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     optimiser = torch.optim.AdamW(
         params.values(), lr=training.learning_rate, weight_decay=training.weight_decay
@@ -116,6 +120,8 @@ def train_tabular(
         for start in range(0, len(part), training.batch_size):
             rows = order[start : start + training.batch_size]
             loss = head.loss(forward(params, categorical[rows], numeric[rows]), target[rows])
+            if anchor is not None:
+                loss = loss + proximal_term(params, anchor, proximal_mu)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -171,8 +177,9 @@ class TabularSiloClient(SiloState):
 
     def fit(self, global_shared: Params, task: LocalTask) -> ClientMessage:
         trained, steps = train_tabular(
-            global_shared, self.head, self.silo.train, task.epochs, self.training, self._generator
-        )
+            global_shared, self.head, self.silo.train, task.epochs, self.training, self._generator,
+            proximal_mu=task.proximal_mu,
+        )  # fmt: skip
         delta = {k: trained[k] - global_shared[k] for k in global_shared}
         # Weight decay and Adam's momentum move rows this storefront never saw; leave those to
         # the storefronts that have the codes (and send only its own rows where the sum allows).

@@ -8,7 +8,8 @@ aggregate, so only touched rows are ever materialised: the sparse message. Two l
   for models whose dense weights are vectors (MF, GMF);
 - padded: buckets of similar-size clients, dense weights with a leading client dimension so batched
   matrix products apply each client's own layers; for any model (NeuMF needs it).
-Index bookkeeping runs on the CPU; the training maths on the device of the model tables.
+Index bookkeeping runs on the CPU; the training maths on the device of the model tables. FedProx's
+proximal term (`LocalTraining.proximal_mu`) is summed over each client's own copies (`proximal_sum`).
 """
 
 from __future__ import annotations
@@ -185,6 +186,7 @@ def train_chunk(
         list(items.values()) + list(dense.values()) if training.update_shared else []
     )
     n_pairs = chunk.n_pairs.to(torch.float32)
+    prox = training.update_shared and training.proximal_mu > 0
 
     def per_client(values: torch.Tensor) -> torch.Tensor:
         return torch.zeros(C, device=values.device).index_add(0, chunk.owner, values) / n_pairs
@@ -210,6 +212,8 @@ def train_chunk(
                 norms = v_pos[name].pow(2).sum(-1) + v_neg[name].pow(2).sum(-1).mean(-1)
                 penalty = penalty + per_client(norms)
         total = (per_client(pair_loss) + training.l2 * penalty).sum()
+        if prox:
+            total = total + proximal_sum(items, item0, dense, dense0, training.proximal_mu)
         sgd_step(params, total, training.learning_rate)
     with torch.no_grad():
         item_deltas = {k: items[k] - item0[k] for k in items}
@@ -219,6 +223,18 @@ def train_chunk(
         dense_deltas=dense_deltas if training.update_shared else {},
         users={k: v.detach() for k, v in users.items()},
     )
+
+
+def proximal_sum(
+    items: Params, item0: Params, dense: Params, dense0: Params, mu: float
+) -> torch.Tensor:
+    """Σ over a group's clients of FedProx's μ/2·‖w_c − w_global‖²: each client's private copies of
+    its touched item rows against the global rows, and its own dense copy (leading client
+    dimension) against the global weights. Rows a client does not touch never leave the global
+    value in the reference loop, so they add nothing there either."""
+    rows = {k: items[k] - item0[k] for k in items}
+    copies = {k: dense[k] - dense0[k].reshape(1, *dense[k].shape[1:]) for k in dense}
+    return mu / 2 * sum(d.pow(2).sum() for d in (*rows.values(), *copies.values()))
 
 
 @dataclass
@@ -256,6 +272,7 @@ def train_bucket(
     n_pairs = bucket.n_pairs.to(torch.float32)
     P = bucket.positives.shape[1]
     n_neg = bucket.negatives.shape[-1] // P
+    prox = training.update_shared and training.proximal_mu > 0
 
     def gather(table: torch.Tensor, index: torch.Tensor, per_client: int) -> torch.Tensor:
         return table.index_select(0, index).view(C, per_client, *table.shape[1:])
@@ -275,6 +292,8 @@ def train_bucket(
                 neg_norm = v_neg[name].pow(2).sum(-1).view(C, P, n_neg).mean(-1)
                 penalty = penalty + pos_norm + (neg_norm * mask).sum(1) / n_pairs
         total = (loss_per_client + training.l2 * penalty).sum()
+        if prox:
+            total = total + proximal_sum(items, item0, dense, dense0, training.proximal_mu)
         sgd_step(params, total, training.learning_rate)
     with torch.no_grad():
         item_deltas = {k: items[k] - item0[k] for k in items}

@@ -44,6 +44,7 @@ def train_bpr(
     on_epoch: Callable[[int, TrainResult], None] | None = None,
     spec: ModelSpec = MF,
     frozen: Collection[str] = (),
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
     """Run `epochs` passes of BPR over the (users × items) matrix `train`.
 
@@ -54,7 +55,9 @@ def train_bpr(
     rows and offsets each batch touches. With `update_shared=False` only the private parameters move
     (personalisation); private tensors named in `frozen` stay fixed too (a new customer's vector
     fitted against a storefront's offsets). `on_epoch(epoch, state)` is called after each epoch
-    with read-only views.
+    with read-only views. With `proximal_mu` > 0 every step's loss also has FedProx's
+    μ/2·‖w − w_shared‖² over the whole shared tables (`proximal_term`, anchored at `shared` as
+    given); the private parameters have none.
     """
     mine_shared = {k: v.detach().clone().requires_grad_(update_shared) for k, v in shared.items()}
     mine = {k: v.detach().clone().requires_grad_(k not in frozen) for k, v in private.items()}
@@ -63,6 +66,7 @@ def train_bpr(
     trainable += list(mine_shared.values()) if update_shared else []
     optimizer = torch.optim.Adam(trainable, lr=config.learning_rate)
     dense = spec.dense_of(mine_shared)
+    anchor = {k: v.detach() for k, v in shared.items()} if update_shared and proximal_mu else None
 
     pair_users, pair_items = positive_pairs(train)
     if user_silo is None:
@@ -87,6 +91,8 @@ def train_bpr(
                 pos_score, neg_score = pos_score + c_pos, neg_score + c_neg
                 penalty = penalty + c_pos.pow(2).mean() + c_neg.pow(2).mean()
             loss = bpr_loss(pos_score, neg_score) + config.l2 * penalty
+            if anchor is not None:
+                loss = loss + proximal_term(mine_shared, anchor, proximal_mu)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -114,6 +120,12 @@ def embedding_penalty(users: Params, positives: Params, negatives: Params) -> to
             v_neg = negatives[name]
             penalty = penalty + v_pos.pow(2).sum(-1).mean() + v_neg.pow(2).sum(-1).mean(1).mean()
     return penalty
+
+
+def proximal_term(params: Params, anchor: Params, mu: float) -> torch.Tensor:
+    """FedProx's proximal term (Li et al., MLSys 2020): μ/2 · Σ ‖w − w_anchor‖² over `params`;
+    its gradient is μ·(w − w_anchor). `anchor` holds the round's global values (no gradient)."""
+    return mu / 2 * sum((params[k] - anchor[k]).pow(2).sum() for k in params)
 
 
 def _snapshot(shared: Params, private: Params, total_loss: float, steps: int) -> TrainResult:
