@@ -220,6 +220,24 @@ def _print_tables(result: ExperimentResult) -> None:
             f"({protection.latency_seconds_per_round:.2f} s added latency in a deployment), "
             f"{protection.bytes_per_client_per_round / 1e6:.2f} MB sent per client per round"
         )
+    _print_communication(result)
+
+
+def _print_communication(result) -> None:
+    """One line: what the federated rounds cost on the wire (and on the simulated clock)."""
+    from fedshop.report.communication import communication_block
+
+    block = communication_block(result.history, result.config)
+    if not block.get("bytes"):
+        return
+    moved = block["bytes"]
+    clock = block.get("simulated_seconds")
+    console.print(
+        f"[bold]Communication[/] (federated, codec {block['codec']}, {block['schedule']}): "
+        f"clients sent {moved['sent'] / 1e6:,.2f} MB and received {moved['received'] / 1e6:,.2f} MB"
+        + (f"; {clock:,.0f} simulated seconds" if clock is not None else ""),
+        highlight=False,
+    )
 
 
 def _print_cold_start(block: dict) -> None:

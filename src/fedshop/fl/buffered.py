@@ -45,10 +45,12 @@ def staleness_weight(staleness: int, exponent: float) -> float:
 
 def discounted(message: ClientMessage, weight: float) -> ClientMessage:
     """The update scaled down, its weight in the denominator kept: a stale update moves the model
-    less, as in FedBuff's weighted sum divided by the buffer size."""
+    less, as in FedBuff's weighted sum divided by the buffer size. Bookkeeping columns ("__…", such
+    as FedNova's step counts and the row weights) are counts, not update: they stay."""
     if weight == 1.0:
         return message
-    return replace(message, tensors={k: v * weight for k, v in message.tensors.items()})
+    tensors = {k: v if k.startswith("__") else v * weight for k, v in message.tensors.items()}
+    return replace(message, tensors=tensors)
 
 
 @dataclass(order=True)
