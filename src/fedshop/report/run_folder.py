@@ -117,6 +117,8 @@ def metrics_document(result: ExperimentResult) -> dict[str, Any]:
             "seconds": round(record.seconds, 4),
             **({"epsilon": record.epsilon} if record.epsilon is not None else {}),
             **({"protection": record.protection} if record.protection is not None else {}),
+            # Bytes each party sent and received in the round ("flower": a deployment's messages).
+            **({"traffic": record.traffic} if getattr(record, "traffic", None) else {}),
             **(record.metrics or {}),
         }
         for record in result.history
