@@ -71,3 +71,31 @@ def check_history_traffic(metrics: dict, names: list[str], float32_model: int) -
         for party in traffic["parties"].values():
             assert party["received"] >= float32_model
             assert party["sent"] > 0
+
+
+def test_a_dead_executor_is_started_again_while_its_supernode_runs(tmp_path):
+    """`LocalFederation.supervise`: a silo whose SuperNode runs and whose executor exited gets a
+    new executor; a silo whose SuperNode is gone does not."""
+    import subprocess
+    import sys
+
+    from fedshop.deploy.processes import LocalFederation
+
+    federation = object.__new__(LocalFederation)  # no processes of Flower's: only the bookkeeping
+    federation.folder = tmp_path
+    federation.runtimes = {0: (1, tmp_path / "s0"), 1: (2, tmp_path / "s1")}
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    federation.processes = {
+        "silo-0": alive, "silo-0-executor": dead, "silo-1": dead, "silo-1-executor": dead,
+    }  # fmt: skip
+    started = []
+    federation.start_executor = started.append
+    try:
+        federation.supervise()
+    finally:
+        alive.kill()
+        alive.wait()
+    assert started == [0]
+    assert "starting it again" in (tmp_path / "logs" / "silo-0.log").read_text()
