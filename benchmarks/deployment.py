@@ -3,8 +3,10 @@
 The same config and seed run twice, one after the other: in the simulator (`run_cross_silo`) and as a
 local federation (`fedshop deploy local`: one SuperLink and one SuperNode process per silo, TLS and
 SuperNode authentication on, each silo reading only its own data file). Both evaluate the model after
-every round. Reported: the median seconds per round of each, their ratio, the deployment's start-up
-(processes, registration, first contact) and whether the two final models agree; without protection
+every round. Reported: the median seconds per round of each, their ratio (`deploy_round_ratio`), the
+deployment's start-up (`deployment_startup_seconds`: keys, processes, registration, submitting the
+run, first contact, until round 1 starts), its fixed cost (start-up, final evaluation and
+stopping) and whether the two final models agree; without protection
 and under secure aggregation (four message steps per round in a deployment).
 
     python benchmarks/deployment.py --out benchmarks/out [--silos 4] [--rounds 5] [--protection none secagg]
@@ -66,7 +68,8 @@ def main() -> None:
         console.print(
             f"{protection}: deployment / simulator per round {result['overhead_ratio']:.1f}× "
             f"(+{result['overhead_seconds_per_round']:.1f} s); fixed cost "
-            f"{result['deployment_fixed_seconds']:.1f} s; largest parameter difference "
+            f"{result['deployment_fixed_seconds']:.1f} s, of which start-up "
+            f"{result['deployment_startup_seconds'] or float('nan'):.1f} s; largest parameter difference "
             f"{result['largest_parameter_difference']:.1e}"
         )
     args.out.mkdir(parents=True, exist_ok=True)
@@ -85,9 +88,15 @@ def compare(config) -> dict:
         started = time.perf_counter()
         simulated = run_cross_silo(dataset, config)
         simulator_total = time.perf_counter() - started
+    first_round: list[float] = []  # when the server's log says round 1 finished
+
+    def on_line(line: str) -> None:
+        if not first_round and " round 1: " in line:
+            first_round.append(time.perf_counter())
+
     with console.status(f"Local deployment ({kind})…"), tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
-        deployed = deploy_local(config, dataset, Path(folder))
+        deployed = deploy_local(config, dataset, Path(folder), on_line=on_line)
         deployment_total = time.perf_counter() - started
         shared = load_file(str(Path(folder) / "deployment" / "server" / "shared.safetensors"))
     largest_difference = max(
@@ -95,10 +104,14 @@ def compare(config) -> dict:
     )
     simulator_round = statistics.median(r.seconds for r in simulated.history)
     deployment_round = statistics.median(r.seconds for r in deployed.history)
+    # The log is followed once a second: start-up to within a second.
+    startup = first_round[0] - started - deployed.history[0].seconds if first_round else None
     return {
         "simulator_seconds_per_round": simulator_round,
         "deployment_seconds_per_round": deployment_round,
+        "deploy_round_ratio": deployment_round / simulator_round,
         "overhead_ratio": deployment_round / simulator_round,
+        "deployment_startup_seconds": startup,
         "overhead_seconds_per_round": deployment_round - simulator_round,
         "simulator_total_seconds": simulator_total,
         "deployment_total_seconds": deployment_total,

@@ -36,6 +36,7 @@ from fedshop.storage.audit import (
     verify_entries,
     verify_run,
 )
+from test_deploy_traffic import check_history_traffic, model_bytes
 
 # The coordinator's front door runs nginx: without it these tests are skipped (conftest `nginx`).
 pytestmark = pytest.mark.usefixtures("nginx")
@@ -66,7 +67,10 @@ def _no_flower_processes_left() -> bool:
     return not [
         line
         for line in listing.splitlines()
-        if ("flower-" in line or "flwr-" in line or "front-door/nginx.conf" in line)
+        if any(
+            name in line
+            for name in ("flower-", "flwr-", "front-door/nginx.conf", "deploy.party_runtime")
+        )
         and not line.startswith("Z")
     ]
 
@@ -156,6 +160,11 @@ def test_cli_writes_the_same_run_folder_as_the_simulator(tmp_path):
     }  # fmt: skip
     assert (out / "report.html").exists()
     assert (out / "models" / "federated" / "shared.safetensors").exists()
+    # Every round's bytes, as Flower serialised the messages, silo by silo.
+    shared = load_file(str(out / "models" / "federated" / "shared.safetensors"))
+    check_history_traffic(
+        metrics, ["United Kingdom", "Rest of world", "Germany"], model_bytes(shared)
+    )
     # The audit log of the deployed run verifies: chain, the server's and every silo's signatures
     # (made in the silos' processes with their own keys), every weights file.
     verified = subprocess.run(

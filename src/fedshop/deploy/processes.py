@@ -6,6 +6,11 @@ run across hosts.
 silo, each in its own process group with its own Flower home folder, registers every silo's key,
 submits the FedShop app with `flwr run`, waits for the run and stops every process it started, also
 on failure or Ctrl-C. `commands()` prints the same steps for separate hosts.
+
+Each silo is two processes (party_runtime.py): its SuperNode (`--isolation process`, its Runtime API
+on 127.0.0.1 only, task hand-out guarded by an owner-only secret) and FedShop's long-lived executor,
+which has PyTorch and FedShop imported once and runs each message in a fork of itself. The executor
+is supervised: while the federation waits for a run, a dead one is started again.
 """
 
 from __future__ import annotations
@@ -32,7 +37,12 @@ from fedshop.deploy.front_door import (
 from fedshop.deploy.identities import NODES_FILE, SiloNodes
 from fedshop.deploy.pki import TlsFiles, make_audit_keys, make_node_keys, make_tls
 from fedshop.errors import FedShopError
-from fedshop.storage.private_files import open_private_append, private_dir, write_private
+from fedshop.storage.private_files import (
+    create_private_once,
+    open_private_append,
+    private_dir,
+    write_private,
+)
 
 APP_DIR = Path(__file__).parent / "flower_app"
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode and flwr come with flwr
@@ -67,6 +77,7 @@ class LocalFederation:
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     tls_files: TlsFiles | None = None
     nodes: SiloNodes = field(default_factory=SiloNodes)  # silo → its registered node
+    runtimes: dict[int, tuple[int, Path]] = field(default_factory=dict)  # its Runtime API, secret
 
     @property
     def nodes_file(self) -> Path:
@@ -160,9 +171,16 @@ class LocalFederation:
     def start_silo(self, silo: Silo, private_key: Path | None = None) -> subprocess.Popen:
         node_config = f'silo-data="{silo.data}" state-dir="{silo.state}"'
         node_config += "".join(f' {k}="{v}"' for k, v in silo.extra_config.items())
+        # The Runtime API on loopback; only a holder of the silo's secret is handed its tasks.
+        port = free_port()
+        secret = self.folder / "keys" / f"silo-{silo.index}-executor.secret"
+        create_private_once(secret, os.urandom(32))
+        self.runtimes[silo.index] = (port, secret)
         command = [
-            str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{self.public_port}",
-            "--port", str(free_port()), "--node-config", node_config,
+            sys.executable, "-m", "fedshop.deploy.party_runtime", "supernode",
+            "--superlink", f"127.0.0.1:{self.public_port}", "--isolation", "process",
+            "--host", "127.0.0.1", "--port", str(port),
+            "--superexec-auth-secret-file", str(secret), "--node-config", node_config,
         ]  # fmt: skip
         command += (
             ["--root-certificates", str(self.tls_files.ca)] if self.tls_files else ["--insecure"]
@@ -173,13 +191,44 @@ class LocalFederation:
         # The silos share this machine's cores: as many threads each as would not oversubscribe
         # them (spinning OpenMP threads of several processes on one core slow all of them ~5×).
         threads = max(1, (os.cpu_count() or 1) // max(1, len(self.silos)))
-        return self._spawn(f"silo-{silo.index}", command, {"OMP_NUM_THREADS": str(threads)})
+        self.threads = {"OMP_NUM_THREADS": str(threads)}
+        supernode = self._spawn(f"silo-{silo.index}", command, self.threads)
+        self.start_executor(silo.index)
+        return supernode
+
+    def start_executor(self, index: int) -> subprocess.Popen:
+        """The silo's long-lived executor (party_runtime.py), next to its SuperNode: its own
+        process group, the silo's Flower home and log."""
+        port, secret = self.runtimes[index]
+        name = f"silo-{index}"
+        command = [
+            sys.executable, "-m", "fedshop.deploy.party_runtime", "executor",
+            "--runtime-api-address", f"127.0.0.1:{port}",
+            "--superexec-auth-secret-file", str(secret),
+            "--parent-pid", str(self.processes[name].pid),
+        ]  # fmt: skip
+        return self._spawn(f"{name}-executor", command, self.threads, home=name)
+
+    def supervise(self) -> None:
+        """Start again the executor of any silo whose SuperNode runs and whose executor died."""
+        for index in self.runtimes:
+            supernode = self.processes.get(f"silo-{index}")
+            executor = self.processes.get(f"silo-{index}-executor")
+            if supernode is None or executor is None or supernode.poll() is not None:
+                continue
+            if executor.poll() is not None:
+                with open_private_append(self.folder / "logs" / f"silo-{index}.log") as log:
+                    log.write(f"fedshop: the executor exited ({executor.returncode}); "
+                              "starting it again\n".encode())  # fmt: skip
+                self.start_executor(index)
 
     def stop_process(self, name: str, sig: int = signal.SIGTERM) -> None:
-        """Stop one party (and what it started); for trials of failures."""
-        process = self.processes[name]
-        _signal_tree(process.pid, sig)
-        process.wait(timeout=30)
+        """Stop one party (and what it started: a silo's executor too); for trials of failures."""
+        names = [name, *([f"{name}-executor"] if f"{name}-executor" in self.processes else [])]
+        for each in names:
+            _signal_tree(self.processes[each].pid, sig)
+        for each in names:
+            self.processes[each].wait(timeout=30)
 
     # -- runs ----------------------------------------------------------------------------------
 
@@ -188,18 +237,25 @@ class LocalFederation:
 
     def wait(self, run_id: int, timeout: float, on_poll=None) -> None:
         def check() -> None:
+            self.supervise()
             if on_poll is not None:
                 on_poll()
             if self.processes["superlink"].poll() is not None:
                 raise DeploymentError(f"the SuperLink stopped:\n{self.log_tail('superlink')}")
 
-        self.control.wait(run_id, timeout, check)
+        # Every status check is a fresh `flwr` process (about a second of CPU): every 5 s, not
+        # every second, so that it does not take the parties' cores (rounds are timed by the
+        # server, not by this loop).
+        self.control.wait(run_id, timeout, check, interval=5.0)
 
-    def _spawn(self, name: str, command: list[str], env: dict | None = None) -> subprocess.Popen:
-        home = private_dir(self.folder / "home" / name)
-        environment = {**self.env, **(env or {}), "FLWR_HOME": str(home)}
+    def _spawn(
+        self, name: str, command: list[str], env: dict | None = None, home: str | None = None
+    ) -> subprocess.Popen:
+        """Start a party's process `name`; `home`: whose Flower home and log it shares."""
+        folder = private_dir(self.folder / "home" / (home or name))
+        environment = {**self.env, **(env or {}), "FLWR_HOME": str(folder)}
         # A party's log may quote its private data in an error: owner-only, as its files.
-        with open_private_append(self.folder / "logs" / f"{name}.log") as log:
+        with open_private_append(self.folder / "logs" / f"{home or name}.log") as log:
             process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, env=environment, umask=UMASK,
                 start_new_session=True,  # its own process group: stopped as a whole
@@ -272,7 +328,7 @@ class Control:
         run = reply["runs"][0]
         return str(run["status"]), str(run.get("status-details", ""))
 
-    def wait(self, run_id: int, timeout: float, on_poll=None) -> None:
+    def wait(self, run_id: int, timeout: float, on_poll=None, interval: float = 1.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
             status, details = self.status(run_id)
@@ -286,7 +342,7 @@ class Control:
                 )
             if time.monotonic() > deadline:
                 raise DeploymentError(f"the run did not finish within {timeout:.0f} s")
-            time.sleep(1.0)
+            time.sleep(interval)
 
     def server_log(self, run_id: int) -> str:
         return self.flwr("log", str(run_id), "fedshop", "--show").stdout[-4000:]

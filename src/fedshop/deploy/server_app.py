@@ -46,7 +46,13 @@ from fedshop.fl.client import LocalTask
 from fedshop.fl.fit_silo import FitShapes, FitSummaries, fit_pipeline, make_fit_server
 from fedshop.fl.in_process import make_server, server_pipeline
 from fedshop.fl.robust import expected_layout
-from fedshop.fl.rounds import FinalEvaluation, IncompleteRoundError, RoundDriver, RoundReply
+from fedshop.fl.rounds import (
+    FinalEvaluation,
+    IncompleteRoundError,
+    RoundDriver,
+    RoundReply,
+    Traffic,
+)
 from fedshop.fl.server import FederatedServer
 from fedshop.fl.tabular_silo import (
     TASK_KINDS,
@@ -67,6 +73,37 @@ _POLL_SECONDS = 0.2  # Grid.send_and_receive sleeps 3 s between polls; rounds ar
 
 
 _TABLE_SCHEMA = ("kind", "horizon", "cardinalities", "n-numeric")
+
+
+def message_bytes(message: Message) -> int:
+    """A Flower message's size on the wire: its serialised protobuf (`flwr.common.serde`'s
+    `message_to_proto`, metadata, content and error), as the Grid and the Fleet API carry it."""
+    from flwr.common.serde import message_to_proto
+
+    return message_to_proto(message).ByteSize()
+
+
+class TrafficMeter:
+    """The bytes of the Flower messages the server sent to each silo and received from it, since
+    `start`; as `Traffic` from the silos' side (a silo's `received` is what the server sent it)."""
+
+    def __init__(self) -> None:
+        self.to_silo: dict[int, int] = {}
+        self.from_silo: dict[int, int] = {}
+
+    def start(self) -> None:
+        self.to_silo, self.from_silo = {}, {}
+
+    def sent(self, silo: int | None, message: Message) -> None:
+        if silo is not None:
+            self.to_silo[silo] = self.to_silo.get(silo, 0) + message_bytes(message)
+
+    def received(self, silo: int | None, message: Message) -> None:
+        if silo is not None:
+            self.from_silo[silo] = self.from_silo.get(silo, 0) + message_bytes(message)
+
+    def traffic(self) -> Traffic:
+        return Traffic(dict(self.from_silo), dict(self.to_silo), source="flower")
 
 
 def hello_shapes(info: ConfigRecord) -> dict[str, Any]:
@@ -114,6 +151,7 @@ class Federation:
         self.audit_keys: dict[int, str] = {}  # each silo's public audit key, from its hello
         self.dataset = ""
         self.read_metrics = read_metrics  # a reply's evaluation: metric sums, or fit counts
+        self.meter = TrafficMeter()  # every message of `exchange`, by silo
         self._ignored: set[int] = set()
         wrong = sorted(s for s in registered.node_of if not 0 <= s < n_silos)
         if wrong:
@@ -197,12 +235,21 @@ class Federation:
         ]
         pushed = list(self.grid.push_messages(messages))
         destination = {i: m.metadata.dst_node_id for i, m in zip(pushed, messages, strict=False)}
+        for message_id, message in zip(pushed, messages, strict=False):
+            if message_id:
+                self.meter.sent(self.registered.silo_of(message.metadata.dst_node_id), message)
         pending = {i for i in pushed if i}
         replies: list[Message] = []
         deadline = time.monotonic() + self.round_timeout
         while pending and time.monotonic() < deadline:
             arrived = list(self.grid.pull_messages(pending))
             pending -= {r.metadata.reply_to_message_id for r in arrived}
+            for reply in arrived:  # what came back from the node asked, a failure too
+                if (
+                    destination.get(reply.metadata.reply_to_message_id)
+                    == reply.metadata.src_node_id
+                ):
+                    self.meter.received(self.registered.silo_of(reply.metadata.src_node_id), reply)
             # Only replies from the nodes asked: a registered node answering for another is not.
             replies += [
                 r
@@ -246,7 +293,21 @@ class GridTransport:
     def __post_init__(self) -> None:
         self.toml = self.config.to_toml()
 
+    def party_name(self, silo: int) -> str:
+        """A silo's name (its hello's), for the history's traffic."""
+        return self.federation.names.get(silo, str(silo))
+
     def train(
+        self, round_number: int, clients: Sequence[int], shared: Params, evaluate: int | None
+    ) -> RoundReply:
+        """One round's exchanges (`_train`), with the bytes of every Flower message of the round,
+        each silo's, as its traffic."""
+        self.federation.meter.start()
+        reply = self._train(round_number, clients, shared, evaluate)
+        reply.traffic = self.federation.meter.traffic()
+        return reply
+
+    def _train(
         self, round_number: int, clients: Sequence[int], shared: Params, evaluate: int | None
     ) -> RoundReply:
         federation = self.federation
