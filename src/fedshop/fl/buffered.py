@@ -128,8 +128,35 @@ class Schedule:
         self, clients: Sequence[int], train: TrainClients, down_bytes: int, concurrency: int
     ) -> StepOutcome:
         busy = self.busy()
-        free = max(concurrency - len(self.in_flight), 0)
-        starting = [c for c in clients if c not in busy][:free]
+        waiting = [c for c in clients if c not in busy]  # may start during this step, in order
+        started: list[int] = []
+        arrived: list[Pending] = []
+        while len(arrived) < self.buffer_size:
+            # A freed slot is filled at once, with this step's model (it moves only at the step).
+            free = max(concurrency - len(self.in_flight), 0)
+            starting, waiting = waiting[:free], waiting[free:]
+            self._start(starting, train, down_bytes)
+            started += starting
+            if not self.in_flight:
+                break
+            pending = heapq.heappop(self.in_flight)
+            self.now = max(self.now, pending.arrives)
+            if pending.parcel is not None:  # a dropout only frees its slot
+                arrived.append(pending)
+        staleness = {p.client: self.version - p.version for p in arrived}
+        discounts = {c: staleness_weight(s, self.exponent) for c, s in staleness.items()}
+        self.version += 1
+        traffic = Traffic(
+            sent={p.client: p.sent for p in arrived}, received=dict.fromkeys(started, down_bytes)
+        )
+        parcels = {p.client: p.parcel for p in arrived}
+        return StepOutcome(parcels, traffic, self.now, staleness, discounts)
+
+    def _start(self, starting: list[int], train: TrainClients, down_bytes: int) -> None:
+        """Send the model to `starting` now; each trains at once and its update arrives after its
+        duration, or, if it drops out, its slot is given up at the timeout."""
+        if not starting:
+            return
         dropped = self.clock.drop_outs(starting)
         trained = train([c for c in starting if c not in dropped])
         durations = self._durations(trained, starting, down_bytes)
@@ -141,23 +168,6 @@ class Schedule:
                 parcel, sent = trained[c]
                 pending = Pending(self.now + durations[c], c, self.version, parcel, sent)
                 heapq.heappush(self.in_flight, pending)
-        arrived: list[Pending] = []
-        while len(arrived) < self.buffer_size and self._any_coming():
-            pending = heapq.heappop(self.in_flight)
-            self.now = max(self.now, pending.arrives)
-            if pending.parcel is not None:
-                arrived.append(pending)
-        staleness = {p.client: self.version - p.version for p in arrived}
-        discounts = {c: staleness_weight(s, self.exponent) for c, s in staleness.items()}
-        self.version += 1
-        traffic = Traffic(
-            sent={p.client: p.sent for p in arrived}, received=dict.fromkeys(starting, down_bytes)
-        )
-        parcels = {p.client: p.parcel for p in arrived}
-        return StepOutcome(parcels, traffic, self.now, staleness, discounts)
-
-    def _any_coming(self) -> bool:
-        return any(p.parcel is not None for p in self.in_flight)
 
 
 def unscheduled(clients: list[int], train: TrainClients, down_bytes: int) -> StepOutcome:
