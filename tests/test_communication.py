@@ -447,3 +447,21 @@ def test_a_fedbuff_runs_audit_log_verifies_and_a_forged_trained_on_does_not(runs
 
 def json_copy(value):
     return json.loads(json.dumps(value))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug (fl/in_process.py silo_schedule): concurrency 0 means [federated] silos_per_round "
+    "(config.py's comment, and what _validate_communication checks against buffer_size), but the "
+    "simulator uses every silo",
+)
+def test_fedbuff_concurrency_defaults_to_silos_per_round(retail_quick):
+    from fedshop.fl.in_process import build_federation, silo_schedule
+
+    config = load_config(QUICK, overrides={
+        "contribution.method": "none", "communication.schedule": "fedbuff",
+        "communication.buffer_size": 3, "federated.silos_per_round": 4,
+    })  # fmt: skip
+    clients = build_federation(retail_quick, config).clients
+    assert len(clients) > 4
+    assert silo_schedule(config, clients)[1] == 4
