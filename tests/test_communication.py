@@ -449,12 +449,6 @@ def json_copy(value):
     return json.loads(json.dumps(value))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (fl/in_process.py silo_schedule): concurrency 0 means [federated] silos_per_round "
-    "(config.py's comment, and what _validate_communication checks against buffer_size), but the "
-    "simulator uses every silo",
-)
 def test_fedbuff_concurrency_defaults_to_silos_per_round(retail_quick):
     from fedshop.fl.in_process import build_federation, silo_schedule
 

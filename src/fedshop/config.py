@@ -913,11 +913,13 @@ class RunConfig:
                 '[communication] schedule = "fedbuff" is not available with [federated] robust or '
                 "[attack] yet"
             )
-        per_round = self.federated.clients_per_round or self.federated.silos_per_round
-        concurrency = com.concurrency or per_round
+        fed = self.federated
+        key = "clients_per_round" if fed.mode == "cross-device" else "silos_per_round"
+        concurrency = com.concurrency or getattr(fed, key)
+        said = "concurrency" if com.concurrency else f"concurrency (0: [federated] {key})"
         if concurrency and concurrency < com.buffer_size:
             raise ConfigError(
-                f"[communication] concurrency ({concurrency}) must be at least buffer_size "
+                f"[communication] {said} is {concurrency}; it must be at least buffer_size "
                 f"({com.buffer_size}): the server steps once that many updates have arrived"
             )
 

@@ -316,7 +316,7 @@ def run_cross_device(
     transport.wire = Wire.of_run(config, reclip=guard.plan.clip if guard is not None else None)
     examples = np.diff(dataset.train.indptr)
     transport.schedule = Schedule(config, dataset.n_users, lambda c: examples[c], fed.local_epochs)
-    transport.concurrency = config.communication.concurrency or len(pool)
+    transport.concurrency = config.communication.concurrency or fed.clients_per_round or len(pool)
     from fedshop.fl.audit import start_device_audit
 
     run.audit = start_device_audit(config)

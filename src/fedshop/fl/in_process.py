@@ -289,7 +289,8 @@ def silo_schedule(config: RunConfig, clients: list[SiloClient]) -> tuple[Schedul
     schedule = Schedule(
         config, len(clients), lambda i: clients[i].data.n_train, config.federated.local_epochs
     )
-    return schedule, config.communication.concurrency or len(clients)
+    fed = config.federated
+    return schedule, config.communication.concurrency or fed.silos_per_round or len(clients)
 
 
 def contribution_unavailable(config: RunConfig, pipeline: AggregationPipeline) -> str | None:
