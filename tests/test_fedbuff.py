@@ -93,8 +93,8 @@ def test_a_synchronous_step_sends_the_model_to_dropouts_but_counts_nothing_from_
 def test_fedbuff_keeps_concurrency_in_flight_takes_the_earliest_arrivals_and_discounts_them():
     """A reference record alongside the schedule: every started client's arrival from the clock.
     Each step must return the `buffer_size` earliest arrivals among what was in flight, in arrival
-    order, with their staleness (steps since they started) and (1 + s)^-exponent; a slot freed by
-    an arrival is refilled within the step, so `concurrency` clients stay in flight."""
+    order, with their staleness (steps since they started) and (1 + s)^-exponent; the slots the
+    arrivals freed are refilled as the next step begins."""
     concurrency, buffer, exponent = 5, 3, 0.5
     schedule = schedule_of(
         12, schedule="fedbuff", buffer_size=buffer, concurrency=concurrency,
@@ -136,8 +136,8 @@ def test_fedbuff_keeps_concurrency_in_flight_takes_the_earliest_arrivals_and_dis
         assert outcome.traffic.received == dict.fromkeys(trained_in_step, DOWN)
         for c in outcome.parcels:
             del pending[c]
-        # The last arrival's slot waits for the next step; the others were refilled at once.
-        assert len(schedule.in_flight) == len(pending) == concurrency - 1
+        # The arrivals' slots are refilled as the next step begins.
+        assert len(schedule.in_flight) == len(pending) == concurrency - buffer
         stale_seen += sum(s > 0 for s in outcome.staleness.values())
     assert stale_seen > 0  # lognormal speeds: slow clients arrive steps after they started
 

@@ -130,13 +130,23 @@ class Schedule:
         busy = self.busy()
         waiting = [c for c in clients if c not in busy]  # may start during this step, in order
         started: list[int] = []
-        arrived: list[Pending] = []
-        while len(arrived) < self.buffer_size:
-            # A freed slot is filled at once, with this step's model (it moves only at the step).
+
+        def refill() -> None:
+            nonlocal waiting
             free = max(concurrency - len(self.in_flight), 0)
             starting, waiting = waiting[:free], waiting[free:]
             self._start(starting, train, down_bytes)
-            started += starting
+            started.extend(starting)
+
+        # Free slots are filled as the step begins. Slots freed during the step wait for the next
+        # one (which starts on arrival of the buffer's last update): a small delay for those
+        # clients, and it lets a step's starts train as one vectorised batch. Only when nothing
+        # that will report is in flight (only dropouts) are slots refilled at once.
+        refill()
+        arrived: list[Pending] = []
+        while len(arrived) < self.buffer_size:
+            if not self._any_coming():
+                refill()
             if not self.in_flight:
                 break
             pending = heapq.heappop(self.in_flight)
@@ -151,6 +161,10 @@ class Schedule:
         )
         parcels = {p.client: p.parcel for p in arrived}
         return StepOutcome(parcels, traffic, self.now, staleness, discounts)
+
+    def _any_coming(self) -> bool:
+        """Whether anything in flight will report (rather than only dropouts)."""
+        return any(p.parcel is not None for p in self.in_flight)
 
     def _start(self, starting: list[int], train: TrainClients, down_bytes: int) -> None:
         """Send the model to `starting` now; each trains at once and its update arrives after its

@@ -164,10 +164,13 @@ class ShopperTransport:
         total, cost = outcome["sum"]
         return RoundReply(total, list(step.parcels), cost, traffic=step.traffic, clock=step.clock)
 
-    def _batch(self, round_number: int, clients: torch.Tensor) -> RoundInput:
+    def _batch(self, round_number: int, clients: torch.Tensor, part: int = 0) -> RoundInput:
+        """The round's negatives for `clients`; FedBuff starts clients several times in a step
+        (as slots free up), each `part` with draws of its own."""
+        labels = ("devices", "round", round_number, *((part,) if part else ()))
         return draw_round(
             self.run.dataset.train, clients, self.training.epochs, self.training.negatives,
-            torch_generator(self.seed, "devices", "round", round_number),
+            torch_generator(self.seed, *labels),
         )  # fmt: skip
 
     def _step(self, clients: list[int], train, down: int) -> StepOutcome:
@@ -193,9 +196,11 @@ class ShopperTransport:
         run, training = self.run, self.training
         clip = self.pipeline.stage_of(ClipUpdate)
 
+        parts = iter(range(len(clients) + 1))
+
         def train(chosen: list[int]) -> dict:
             chosen_clients = torch.as_tensor(chosen, dtype=torch.int64)
-            batch = self._batch(round_number, chosen_clients)
+            batch = self._batch(round_number, chosen_clients, next(parts))
             groups = train_groups(
                 run.spec, shared, run.user_tables, batch, training,
                 clip=clip.clip if clip is not None else None,
