@@ -4,17 +4,14 @@ its report section (HR@10 against bytes sent and against simulated time)."""
 from __future__ import annotations
 
 import html
-import io
 from collections.abc import Sequence
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display: render straight to SVG
 import matplotlib.pyplot as plt
 
 from fedshop.config import RunConfig
 from fedshop.fl.rounds import RoundRecord
+from fedshop.report.figures import svg_of
 
 
 def communication_block(history: Sequence[RoundRecord], config: RunConfig) -> dict[str, Any]:
@@ -80,12 +77,7 @@ def curves_svg(curve: Sequence[dict[str, Any]]) -> str:
         ax.set_xlabel("simulated wall-clock time (s)")
         ax.set_ylabel("HR@10")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buffer = io.StringIO()
-    fig.savefig(buffer, format="svg")
-    plt.close(fig)
-    svg = buffer.getvalue()
-    return svg[svg.find("<svg") :]
+    return svg_of(fig)
 
 
 def communication_section(block: dict[str, Any] | None) -> str:

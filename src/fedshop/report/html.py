@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import io
 from typing import Any
 
 import matplotlib
@@ -13,6 +12,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 from fedshop.report.communication import communication_section
+from fedshop.report.figures import svg_of
 
 METHOD_LABELS = {
     "federated": "Federated",
@@ -103,12 +103,7 @@ def curve_figure(metrics: dict[str, Any], metric: str = "hr@10") -> plt.Figure:
 
 
 def curve_svg(metrics: dict[str, Any], metric: str = "hr@10") -> str:
-    fig = curve_figure(metrics, metric)
-    buffer = io.StringIO()
-    fig.savefig(buffer, format="svg")
-    plt.close(fig)
-    svg = buffer.getvalue()
-    return svg[svg.find("<svg") :]
+    return svg_of(curve_figure(metrics, metric))
 
 
 PROTOCOL_LABELS = {"full": "full ranking", "sampled-100": "sampled-100", "ncf": "NCF protocol"}

@@ -19,7 +19,8 @@ import numpy as np
 
 from fedshop.data.tabular import TabularDataset
 from fedshop.eval.tabular_metrics import BINS, BinaryCounts, ForecastSums, summarise_counts
-from fedshop.report.retail_run import Figure, Scores, silo_gain_figure, svg_of
+from fedshop.report.figures import svg_of
+from fedshop.report.retail_run import Figure, Scores, silo_gain_figure
 
 SCORED_FROM = (
     "each storefront's counts of its held-out rows (deployment): a classifier's scores in "

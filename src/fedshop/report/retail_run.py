@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from safetensors.torch import save
 
 from fedshop import __version__
 from fedshop.data.tabular import TabularDataset
+from fedshop.report.figures import svg_of
 from fedshop.report.html import CSS, _fmt, _table, protection_section
 from fedshop.report.run_folder import _finite
 from fedshop.retail_experiment import RetailResult
@@ -66,17 +66,6 @@ class Scores:
     blocks: dict[str, Any] = dataclasses.field(default_factory=dict)
     figures: list[Figure] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)  # what the metrics mean
-
-
-def svg_of(figure) -> str:
-    import matplotlib.pyplot as plt
-
-    buffer = io.StringIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="svg")
-    plt.close(figure)
-    svg = buffer.getvalue()
-    return svg[svg.find("<svg") :]
 
 
 def quality_table(block: dict[str, Any]) -> Figure:

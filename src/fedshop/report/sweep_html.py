@@ -7,7 +7,6 @@ two-panel figure (accuracy against ε, membership-inference AUC against ε) and 
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
+from fedshop.report.figures import svg_of
 from fedshop.report.html import ATTRIBUTION, CSS, PROTOCOL_LABELS, PROTOCOL_TEXT, _fmt, _table
 
 METRIC_LABELS = {"hr@10": "HR@10", "ndcg@10": "NDCG@10"}
@@ -54,14 +54,6 @@ def _cell(value: Any, digits: int) -> str:
     """A number with `digits` decimals; anything that is not a number escaped as text (or "–")."""
     number = _number(value)
     return _fmt(number, digits) if number is not None else _fmt(value)
-
-
-def figure_svg(fig: Figure) -> str:
-    """A matplotlib figure as an inline <svg> element (no XML prologue)."""
-    buffer = io.StringIO()
-    fig.savefig(buffer, format="svg")
-    svg = buffer.getvalue()
-    return svg[svg.find("<svg") :]
 
 
 def _private_series(points: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
@@ -179,7 +171,7 @@ def sweep_figure(sweep: dict[str, Any]) -> Figure:
 
 
 def sweep_svg(sweep: dict[str, Any]) -> str:
-    return figure_svg(sweep_figure(sweep))
+    return svg_of(sweep_figure(sweep))
 
 
 def _protocol_name(sweep: dict[str, Any]) -> str:

@@ -8,7 +8,6 @@ with and without protection, ε and δ, the cost) and `runtime` ("simulator" or 
 from __future__ import annotations
 
 import html
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from fedshop import __version__
+from fedshop.report.figures import svg_of
 from fedshop.report.html import CSS, _fmt, _table
 from fedshop.storage.private_files import write_private
 
@@ -173,9 +173,4 @@ def _curve(history: list[dict]) -> str:
     ax.plot([h["exchanges"] for h in history], [h["train_loss"] for h in history], marker=".")
     ax.set_xlabel("exchanges with the feature holders")
     ax.set_ylabel("training loss (label holder)")
-    fig.tight_layout()
-    buffer = io.StringIO()
-    fig.savefig(buffer, format="svg")
-    plt.close(fig)
-    svg = buffer.getvalue()
-    return svg[svg.find("<svg") :]
+    return svg_of(fig)
