@@ -297,13 +297,25 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run, not for numbers")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--deployment-json", type=Path, default=None)
+    parser.add_argument(
+        "--combine", type=Path, nargs="+", default=None,
+        help="summarise earlier communication.json files instead of running",
+    )  # fmt: skip
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
-    blocks = {
-        name: run_setting(name, SETTINGS[name], args.quick, args.out) for name in args.settings
-    }
+    if args.combine:
+        # Settings run separately (e.g. in parallel, each with --settings): one summary of them all.
+        blocks = {}
+        for path in args.combine:
+            blocks.update(json.loads(path.read_text())["settings"])
+        for name, block in blocks.items():
+            plot(name, block, args.out)
+    else:
+        blocks = {
+            name: run_setting(name, SETTINGS[name], args.quick, args.out) for name in args.settings
+        }
 
     for name, block in blocks.items():
         table = Table(title=f"{name}: target HR@10 {block['target_hr@10']:.4f}")
@@ -348,6 +360,10 @@ def main() -> None:
         "straggler_distribution": next(iter(blocks.values()))["straggler_distribution"],
         "deploy_round_ratio": deploy_round_ratio,
         "wall_seconds": time.perf_counter() - started,
+        # The runs themselves (with --combine: those of the combined files, which may have overlapped).
+        "run_wall_seconds": sum(
+            r.get("wall_seconds", 0.0) for b in blocks.values() for r in b["methods"].values()
+        ),
         "settings": blocks,
     }
     console.print(
