@@ -895,6 +895,11 @@ class RunConfig:
                 f'"{self.protection.kind}": a secure sum adds fixed-point vectors of its own '
                 "encoding, not decoded messages; low_rank compression is linear and does work there"
             )
+        if com.low_rank and (self.federated.robust != "none" or self.attack.kind != "none"):
+            raise ConfigError(
+                "[communication] low_rank is not available with [federated] robust or [attack] "
+                "yet: their screening reads each update at the model's full width"
+            )
         if com.low_rank > self.model.dim:
             raise ConfigError(
                 f"[communication] low_rank ({com.low_rank}) must not exceed [model] dim "

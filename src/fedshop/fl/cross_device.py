@@ -32,8 +32,8 @@ from fedshop.fl.rounds import (
     RoundReply,
     Traffic,
 )
-from fedshop.fl.vectorised import dense_messages, train_groups, vectorised_round, vectorised_sum
-from fedshop.fl.wire import Wire, baseline_bytes
+from fedshop.fl.vectorised import row_updates, train_groups, vectorised_round, vectorised_sum
+from fedshop.fl.wire import RowProjection, RowWire, Wire, baseline_bytes, with_low_rank
 from fedshop.messages import Aggregate, AggregationPipeline
 from fedshop.models.spec import ModelSpec, Params, get_model, score_all
 from fedshop.privacy.dp import PrivacyGuard
@@ -113,6 +113,10 @@ class ShopperTransport:
     wire: Wire = field(default_factory=Wire)  # how messages are encoded ([communication] codec)
     schedule: Schedule | None = None  # the simulated clock, and FedBuff's buffer when it is on
     concurrency: int = 0  # FedBuff: shoppers training at once
+    low_rank: RowProjection | None = None  # [communication] low_rank: item rows projected
+
+    def __post_init__(self) -> None:
+        self.rows_wire = RowWire(self.wire, self.run.spec.item_tables)
 
     def train(
         self, round_number: int, clients: Sequence[int], shared: Params, evaluate: int | None
@@ -147,13 +151,16 @@ class ShopperTransport:
             chosen_clients = torch.as_tensor(chosen, dtype=torch.int64)
             batch = self._batch(round_number, chosen_clients)
             clip = self.pipeline.stage_of(ClipUpdate)
-            summation = run.protection if len(chosen) > 0 else None
+            summation = self._summation() if len(chosen) > 0 else None
             total, new_users = vectorised_sum(
                 run.spec, shared, run.user_tables, batch, self.training,
                 clip=clip.clip if clip is not None else None, summation=summation,
             )  # fmt: skip
             for k, v in new_users.items():
                 run.user_tables[k][chosen_clients] = v
+            if self.low_rank is not None and summation is None:
+                # Linear: the sum of the shoppers' projected rows is the projected sum.
+                total = replace(total, tensors=self.low_rank.project_message(total).tensors)
             cost = run.protection.costs[-1] if summation is not None else None
             outcome["sum"] = total, cost
             # A protected shopper sends the protection's own encoding (a dense masked vector).
@@ -178,6 +185,13 @@ class ShopperTransport:
             return self.schedule.round(clients, train, down, self.concurrency)
         return unscheduled(clients, train, down)
 
+    def _summation(self):
+        """The protection's secure sum, of the projected messages under low_rank."""
+        protection, low_rank = self.run.protection, self.low_rank
+        if protection is None or low_rank is None:
+            return protection
+        return lambda messages: protection([low_rank.project_message(m) for m in messages])
+
     def _baseline_bytes(self, batch: RoundInput, shared: Params) -> torch.Tensor:
         """Each shopper's uncompressed message: the item rows it touched (its positives and
         negatives) and the dense weights."""
@@ -186,16 +200,17 @@ class ShopperTransport:
              for p, n in zip(batch.positives, batch.negatives, strict=True)],
             dtype=torch.int64,
         )  # fmt: skip
-        return baseline_bytes(rows, shared, self.run.spec.item_tables)
+        sent = self.low_rank.shapes(shared) if self.low_rank is not None else shared
+        return baseline_bytes(rows, sent, self.run.spec.item_tables)
 
     def _train_messages(
         self, round_number: int, clients: list[int], shared: Params, down: int
     ) -> RoundReply:
-        """Each shopper's own message, encoded by the run's codec, held until it arrives (FedBuff)
-        and decoded by the server: for lossy codecs and for FedBuff."""
+        """Each shopper's own message (its touched rows, `RowUpdate`), encoded by the run's codec,
+        held until it arrives (FedBuff) and decoded by the server: for lossy codecs and FedBuff."""
         run, training = self.run, self.training
         clip = self.pipeline.stage_of(ClipUpdate)
-
+        rows_wire = self.rows_wire
         parts = iter(range(len(clients) + 1))
 
         def train(chosen: list[int]) -> dict:
@@ -206,34 +221,44 @@ class ShopperTransport:
                 clip=clip.clip if clip is not None else None,
             )  # fmt: skip
             new_users = next(groups)
-            sizes = torch.tensor([len(p) for p in batch.positives])
             trained = {}
             for bucket, update, weights in groups:
-                members = bucket.members.cpu()
-                messages = dense_messages(
-                    update, bucket, weights, shared, sizes[members], training.epochs
-                )
-                for c, message in zip(batch.clients[members].tolist(), messages, strict=True):
-                    encoded, size = self.wire.send(c, round_number, message)
-                    # Only the encoding is kept until it arrives: the dense message is large.
-                    trained[c] = ((replace(message, tensors={}), encoded), size)
+                ids = batch.clients[bucket.members.cpu()].tolist()
+                updates = zip(ids, row_updates(update, bucket, weights), weights, strict=True)
+                for c, row_update, weight in updates:
+                    if self.low_rank is not None:
+                        row_update = self.low_rank.project(row_update)
+                    parcel, size = rows_wire.send(c, round_number, row_update)
+                    trained[c] = ((parcel, float(weight)), size)
             for k, v in new_users.items():
                 run.user_tables[k][chosen_clients] = v
             return trained
 
         step = self._step(clients, train, down)
-        sums = {k: torch.zeros_like(v) for k, v in shared.items()}
+        sums = self._sum_shapes(shared)
         weight = 0.0
-        for c, parcel in step.parcels.items():
-            message = step.discount(c, self.wire.open(parcel))
-            for k, v in message.tensors.items():
-                sums[k] += v.to(sums[k].device)
-            weight += message.weight
+        for c, (parcel, client_weight) in step.parcels.items():
+            received = rows_wire.open(parcel)
+            discount = step.discounts.get(c, 1.0)
+            for k, v in received.tensors.items():
+                v = v.to(sums[k].device) * discount
+                if k in run.spec.item_tables:
+                    sums[k].index_add_(0, received.items.to(sums[k].device), v)
+                else:
+                    sums[k] += v.reshape(sums[k].shape)
+            weight += client_weight
         total = Aggregate(sums, weight, len(step.parcels))
         return RoundReply(
             total, list(step.parcels), traffic=step.traffic, clock=step.clock,
             staleness=step.staleness,
         )  # fmt: skip
+
+    def _sum_shapes(self, shared: Params) -> Params:
+        """Zeros shaped like what the clients send (item tables at the low rank, when on)."""
+        sums = {k: torch.zeros_like(v) for k, v in shared.items()}
+        if self.low_rank is not None:
+            sums = self.low_rank.shapes(sums)
+        return sums
 
     def evaluate(self, round_number: int, shared: Params) -> dict[str, MetricSums]:
         self.run.shared = shared
@@ -255,18 +280,19 @@ def shopper_pipeline(
     the sum, the expected count as denominator."""
     summation = {"summation": protection} if protection is not None else {}
     if guard is None:
-        return AggregationPipeline(**summation)
+        return with_low_rank(AggregationPipeline(**summation), config)
     plan = guard.plan
     # Secret noise: the run seed is public (see seeding.py).
     noise = GaussianNoise(
         plan.noise_multiplier, plan.clip,
         NoiseStream.of(config.privacy.known_noise_seed, "server", "noise"), plan.sampling_rate,
     )  # fmt: skip
-    return AggregationPipeline(
+    pipeline = AggregationPipeline(
         client_stages=(ClipUpdate(plan.clip),),
         server_stages=(noise, fixed_denominator(plan.sampling_rate * pool_size)),
         **summation,
     )
+    return with_low_rank(pipeline, config)
 
 
 def run_cross_device(
@@ -319,6 +345,8 @@ def run_cross_device(
         transport.screened = run.screened = ScreenedRound(defences, dataset.n_users, fakes)
     # User-level DP: a codec that may lengthen a clipped update is clipped again on arrival.
     transport.wire = Wire.of_run(config, reclip=guard.plan.clip if guard is not None else None)
+    transport.rows_wire = RowWire(transport.wire, spec.item_tables)
+    transport.low_rank = RowProjection.of_run(config)
     examples = np.diff(dataset.train.indptr)
     transport.schedule = Schedule(config, dataset.n_users, lambda c: examples[c], fed.local_epochs)
     transport.concurrency = config.communication.concurrency or fed.clients_per_round or len(pool)

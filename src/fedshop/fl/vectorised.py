@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fedshop.fl.local_round import LocalTraining, RoundInput, sgd_step
+from fedshop.fl.wire import RowUpdate
 from fedshop.messages import Aggregate, ClientMessage, Summation, mean_of
 from fedshop.models.spec import ModelSpec, Params, stack_dense
 from fedshop.privacy.noise import clip_per_client
@@ -450,3 +451,22 @@ def dense_messages(
             tensors[k] = (delta[c] * w).reshape(shared[k].shape)
         messages.append(ClientMessage(tensors, float(w), float(num_examples[c]), local_steps))
     return messages
+
+
+def row_updates(
+    update: BucketUpdate, bucket: Bucket | FlatChunk, weights: torch.Tensor
+) -> list[RowUpdate]:
+    """Each client of a group as its own weighted update of just the rows it touched (catalogue
+    rows `bucket.rows`, grouped by client in client order) and its dense weights."""
+    sizes = torch.bincount(bucket.row_owner, minlength=len(bucket.members)).tolist()
+    rows = torch.split(bucket.rows, sizes)
+    deltas = {k: torch.split(delta, sizes) for k, delta in update.item_deltas.items()}
+    out = []
+    for c in range(len(bucket.members)):
+        w = weights[c]
+        tensors = {k: per_client[c] * w for k, per_client in deltas.items()}
+        for k, delta in update.dense_deltas.items():
+            tensors[k] = delta[c] * w
+        # The flat layout keeps a client's rows sorted already; the padded one too (torch.unique).
+        out.append(RowUpdate(rows[c], tensors))
+    return out

@@ -12,7 +12,7 @@ its measured bytes per client replace the codec's (config allows only codec "non
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -56,18 +56,28 @@ class Wire:
         return self.codec.lossless
 
     def send(self, client: int, round_number: int, message: ClientMessage) -> tuple[Encoded, int]:
-        """The client's side: its message encoded, and its size in bytes."""
+        """The client's side: its message encoded, and its size in bytes. Bookkeeping columns
+        ("__…": FedNova's step counts, row weights) are counts, not update: they travel exact."""
         generator = torch_generator(self.seed, "wire", client, round_number)
+        update = {k: v for k, v in message.tensors.items() if not k.startswith("__")}
+        counts = {k: v for k, v in message.tensors.items() if k.startswith("__")}
         if isinstance(self.codec, ErrorFeedback):
-            encoded = self.codec.encode_for(client, message.tensors, generator)
+            encoded = self.codec.encode_for(client, update, generator)
         else:
-            encoded = self.codec.encode(message.tensors, generator)
+            encoded = self.codec.encode(update, generator)
+        if counts:
+            exact = SparseRows().encode(counts)
+            encoded = Encoded(
+                {**encoded.arrays, **exact.arrays}, {**encoded.shapes, **exact.shapes}
+            )
         return encoded, encoded.nbytes
 
     def receive(self, encoded: Encoded, message: ClientMessage) -> ClientMessage:
         """The server's side: the decoded tensors in place of the message's own (whose weight and
         counts travel alongside, as in a deployment's message)."""
-        tensors = self.codec.decode(encoded)
+        counts = [name for name in encoded.shapes if name.startswith("__")]
+        tensors = self.codec.decode(_only(encoded, [n for n in encoded.shapes if n not in counts]))
+        tensors.update(SparseRows().decode(_only(encoded, counts)))
         if message.tensors:  # back where and as the client had them
             tensors = {
                 k: v.to(device=message.tensors[k].device, dtype=message.tensors[k].dtype)
@@ -89,6 +99,13 @@ class Wire:
         """Send and receive at once: the message as the server gets it, and its bytes."""
         encoded, size = self.send(client, round_number, message)
         return self.open((message, encoded)), size
+
+
+def _only(encoded: Encoded, names: list[str]) -> Encoded:
+    """The part of `encoded` that carries the tensors `names` (its arrays are "name/…")."""
+    wanted = set(names)
+    arrays = {k: v for k, v in encoded.arrays.items() if k.rsplit("/", 1)[0] in wanted}
+    return Encoded(arrays, {n: encoded.shapes[n] for n in names})
 
 
 def baseline_bytes(
@@ -114,20 +131,116 @@ def baseline_bytes(
     return sizes
 
 
-def with_low_rank(pipeline: AggregationPipeline, config: RunConfig) -> AggregationPipeline:
-    """`pipeline` with `[communication] low_rank`'s projection of the item tables (CoLR): the
-    client stage last, after the weighting and clipping, the lift first on the server (it commutes
-    with the row means and with any secure sum). The silos and the server build the same."""
+def low_rank_stages(config: RunConfig) -> LowRankRows | None:
+    """`[communication] low_rank`'s projection of the model's item tables (None when off)."""
     rank = config.communication.low_rank
     if rank == 0:
-        return pipeline
+        return None
     spec = get_model(config.model.name)
     # Only the shapes are wanted: a two-item model shows which item tables are matrices.
     shapes = spec.init_model(2, config.model, torch.Generator().manual_seed(0))
     tables = {n: shapes[n].shape[1] for n in spec.item_tables if shapes[n].dim() == 2}
-    stages = LowRankRows(tables, rank, config.seed)
+    return LowRankRows(tables, rank, config.seed)
+
+
+def with_low_rank(pipeline: AggregationPipeline, config: RunConfig) -> AggregationPipeline:
+    """`pipeline` with `[communication] low_rank`'s projection of the item tables (CoLR): the
+    client stage last, after the weighting and clipping, the lift first on the server (it commutes
+    with the row means and with any secure sum). The silos and the server build the same."""
+    stages = low_rank_stages(config)
+    if stages is None:
+        return pipeline
     return replace(
         pipeline,
         client_stages=(*pipeline.client_stages, stages.client_stage),
         server_stages=(stages.server_stage, *pipeline.server_stages),
     )
+
+
+@dataclass
+class RowUpdate:
+    """A shopper's update as the vectorised simulator holds it: only the catalogue rows it touched
+    (`items`), one row per item in each item table, and the other tensors whole. Encoded as it is, it
+    is what `SparseRows` would send (row indices + rows), without a dense copy of the catalogue."""
+
+    items: torch.Tensor  # (R,) catalogue rows, sorted, unique
+    tensors: Tensors  # item tables: (R, …); other shared tensors: whole
+
+
+class RowWire:
+    """`Wire` for `RowUpdate`s: each shopper's touched rows encoded by the run's codec, its
+    residual (error feedback) kept per shopper on the rows it left behind; each item table's row
+    indices cost 4 bytes a row."""
+
+    def __init__(self, wire: Wire, item_tables: tuple[str, ...]) -> None:
+        self.wire = wire
+        self.item_tables = item_tables
+        feedback = isinstance(wire.codec, ErrorFeedback)
+        self.codec = wire.codec.codec if feedback else wire.codec
+        self.residuals: dict[int, RowUpdate] | None = {} if feedback else None
+
+    def send(self, client: int, round_number: int, update: RowUpdate) -> tuple[tuple, int]:
+        """The parcel (encoding and its rows) and its size in bytes."""
+        if self.residuals is not None and client in self.residuals:
+            update = self._plus(update, self.residuals[client])
+        generator = torch_generator(self.wire.seed, "wire", client, round_number)
+        encoded = self.codec.encode(update.tensors, generator)
+        if self.residuals is not None:
+            decoded = self.codec.decode(encoded)
+            left = {k: update.tensors[k] - decoded[k].to(update.tensors[k]) for k in decoded}
+            self.residuals[client] = RowUpdate(update.items, left)
+        # Each item table's rows are named by their int32 indices, as `SparseRows` sends them.
+        indices = _INDEX_BYTES * len(update.items) * len(self.item_tables)
+        return (encoded, update.items), encoded.nbytes + indices
+
+    def open(self, parcel: tuple) -> RowUpdate:
+        encoded, items = parcel
+        update = RowUpdate(items, self.codec.decode(encoded))
+        if self.wire.reclip is not None:
+            message = self.wire.reclip(ClientMessage(update.tensors, 1.0, 1.0, 1))
+            update = RowUpdate(items, message.tensors)
+        return update
+
+    def _plus(self, update: RowUpdate, residual: RowUpdate) -> RowUpdate:
+        """The update with the residual added, on the union of their rows."""
+        items, where = torch.unique(torch.cat([update.items, residual.items]), return_inverse=True)
+        ours, theirs = where[: len(update.items)], where[len(update.items) :]
+        tensors = {}
+        for name, value in update.tensors.items():
+            extra = residual.tensors[name].to(value)
+            if name in self.item_tables:
+                rows = value.new_zeros((len(items), *value.shape[1:]))
+                rows[ours] += value
+                rows[theirs] += extra
+                tensors[name] = rows
+            else:
+                tensors[name] = value + extra
+        return RowUpdate(items, tensors)
+
+
+@dataclass(frozen=True)
+class RowProjection:
+    """`[communication] low_rank` for the vectorised shoppers: their touched rows (or a sum of
+    them, the projection being linear) projected onto the shared basis; the pipeline's server stage
+    (`with_low_rank`) lifts the sum back."""
+
+    stages: LowRankRows
+
+    @classmethod
+    def of_run(cls, config: RunConfig) -> RowProjection | None:
+        stages = low_rank_stages(config)
+        return cls(stages) if stages is not None else None
+
+    def project(self, update: RowUpdate) -> RowUpdate:
+        message = ClientMessage(update.tensors, 1.0, 1.0, 1)
+        return RowUpdate(update.items, self.stages.client_stage(message).tensors)
+
+    def project_message(self, message: ClientMessage) -> ClientMessage:
+        return self.stages.client_stage(message)
+
+    def shapes(self, tensors: Tensors) -> Tensors:
+        """Zeros of the projected shapes."""
+        return {
+            k: v.new_zeros((v.shape[0], self.stages.rank)) if k in self.stages.tables else v
+            for k, v in tensors.items()
+        }
