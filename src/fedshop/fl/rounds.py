@@ -284,9 +284,11 @@ class RoundDriver:
             self.checkpoint(server, history)
         dropped = sorted(set(chosen) - set(reply.contributors))
         unit = self.transport.unit
+        # FedBuff: a chosen client not in this step is still training (or its reply waits).
+        missing = "not in this step" if reply.staleness else "dropped out"
         self.log(
             f"round {round_number}: {len(reply.contributors)} {unit} trained"
-            + (f", {unit} {dropped} dropped out" if dropped else "")
+            + (f", {unit} {dropped} {missing}" if dropped else "")
             + (f", {traffic['sent'] / 1e6:.2f} MB sent" if traffic is not None else "")
             + f" ({seconds:.2f} s)"
         )
