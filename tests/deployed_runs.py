@@ -25,8 +25,8 @@ def deploy_local(config: RunConfig, folder: Path, timeout: int) -> tuple[Path, s
     return out, done.stdout
 
 
-def verified_audit(out: Path, parties: int) -> Verified:
-    """The run's audit log verified by the CLI with the parties' own keys and here: 2 rounds,
+def verified_audit(out: Path, parties: int, rounds: int = 2) -> Verified:
+    """The run's audit log verified by the CLI with the parties' own keys and here: `rounds` rounds,
     `parties` parties, each party's signed record of its files, closed by the files and the end."""
     keys = out / "deployment" / "keys"
     done = subprocess.run(
@@ -36,7 +36,7 @@ def verified_audit(out: Path, parties: int) -> Verified:
     assert done.returncode == 0, done.stdout + done.stderr
     verified = verify_run(out)
     assert isinstance(verified, Verified), verified
-    assert verified.rounds == 2 and len(verified.parties) == parties
+    assert verified.rounds == rounds and len(verified.parties) == parties
     kinds = [e["kind"] for e in read_entries(out / LOG_FILE)]
     assert kinds.count("silo-files") == parties and kinds[-2:] == ["files", "end"]
     return verified

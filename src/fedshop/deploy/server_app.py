@@ -36,12 +36,14 @@ from fedshop.deploy.checkpoint import (
     run_identity,
     save_checkpoint,
 )
+from fedshop.deploy.fedbuff import Arrived, InFlight
 from fedshop.deploy.identities import IdentityError, SiloNodes
 from fedshop.deploy.outcome import Outcome
 from fedshop.deploy.server_secagg import SECAGG_MESSAGE, SecureRound
 from fedshop.errors import FedShopError
 from fedshop.eval.metrics import MetricSums, summarise
 from fedshop.fl.audit import hash_message
+from fedshop.fl.buffered import discounted, staleness_weight
 from fedshop.fl.client import LocalTask
 from fedshop.fl.fit_silo import FitShapes, FitSummaries, fit_pipeline, make_fit_server
 from fedshop.fl.in_process import make_server, server_pipeline
@@ -286,12 +288,18 @@ class GridTransport:
     run: str = ""  # the run's id (`checkpoint.run_identity`), in every task
     # The silos' signed records of their weights files, from their final replies (audit log).
     claims: dict[int, dict] = field(default_factory=dict)
+    # FedBuff (`[communication] schedule = "fedbuff"`): the training messages in flight across
+    # steps and the replies that wait for one (`deploy/fedbuff.py`); None on synchronous rounds.
+    flight: InFlight | None = None
     # What `RoundDriver` reads of the per-silo metrics (a fit run's: `FitGridTransport`).
     headline = "hr@10"
     summarise = staticmethod(summarise)
 
     def __post_init__(self) -> None:
         self.toml = self.config.to_toml()
+        if self.config.communication.schedule == "fedbuff":
+            self.flight = InFlight(self.federation.round_timeout)
+            self.federation.meter.start()  # the first step's traffic: from here, not the hellos
 
     def party_name(self, silo: int) -> str:
         """A silo's name (its hello's), for the history's traffic."""
@@ -301,7 +309,9 @@ class GridTransport:
         self, round_number: int, clients: Sequence[int], shared: Params, evaluate: int | None
     ) -> RoundReply:
         """One round's exchanges (`_train`), with the bytes of every Flower message of the round,
-        each silo's, as its traffic."""
+        each silo's, as its traffic. FedBuff: one server step (`_buffered`)."""
+        if self.flight is not None:
+            return self._buffered(round_number, clients, shared)
         self.federation.meter.start()
         reply = self._train(round_number, clients, shared, evaluate)
         reply.traffic = self.federation.meter.traffic()
@@ -424,12 +434,122 @@ class GridTransport:
                 events[secure.silos[i]] = event
         return aggregate, silos, cost, events
 
-    def evaluate(self, round_number: int, shared: Params) -> None:
-        return None  # with the next exchange
+    def _buffered(self, round_number: int, clients: Sequence[int], shared: Params) -> RoundReply:
+        """One FedBuff step: the current model to the chosen silos with nothing in flight (up to
+        `concurrency` messages in flight in all), then replies until `buffer_size` have arrived;
+        the first `buffer_size` of them, each discounted by its staleness, summed in arrival order.
+        Replies beyond them wait for the next step. Traffic: every Flower message since the last
+        step (an evaluation exchange between steps counts in the next one)."""
+        federation, flight, com = self.federation, self.flight, self.config.communication
+        assert flight is not None
+        federation.refresh()
+        now = time.monotonic()
+        self._give_up(flight, now, round_number)
+        free = max((com.concurrency or federation.n_silos) - flight.occupied(), 0)
+        busy = flight.busy()
+        starting = [s for s in clients if s not in busy and s in federation.node_of][:free]
+        if starting:
+            task, record = self._task(round_number), wire.params_record(shared)
+            messages = [
+                Message(
+                    RecordDict({"task": task, "shared": record}),
+                    dst_node_id=federation.node_of[s], message_type=MessageType.TRAIN,
+                    group_id=f"round-{round_number}",
+                )
+                for s in starting
+            ]  # fmt: skip
+            pushed = list(federation.grid.push_messages(messages))
+            for silo, message_id, message in zip(starting, pushed, messages, strict=False):
+                if message_id:
+                    federation.meter.sent(silo, message)
+                    flight.add(message_id, silo, federation.node_of[silo], round_number, now)
+        deadline = now + federation.round_timeout
+        while len(flight.arrived) < com.buffer_size and flight.sent:
+            for reply in federation.grid.pull_messages(flight.ids()):
+                self._arrive(flight, reply)
+            self._give_up(flight, time.monotonic(), round_number)
+            if len(flight.arrived) >= com.buffer_size or time.monotonic() >= deadline:
+                break
+            time.sleep(_POLL_SECONDS)
+        needed = min(self.min_silos, com.buffer_size)
+        if len(flight.arrived) < needed:  # what arrived waits for the retried step
+            raise IncompleteRoundError(
+                f"{len(flight.arrived)} training replies arrived, {needed} needed"
+            )
+        taken = flight.take(com.buffer_size)
+        staleness = {a.silo: a.staleness(round_number) for a in taken}
+        updates = {
+            a.silo: discounted(
+                a.update, staleness_weight(staleness[a.silo], com.staleness_exponent)
+            )
+            for a in taken
+        }
+        silos = list(updates)  # in arrival order, as the simulator's buffer sums them
+        aggregate = self.pipeline.summation([updates[s] for s in silos])
+        events = {s: updates[s].dp_event for s in silos if updates[s].dp_event is not None}
+        hashes = {s: hash_message(updates[s]) for s in silos}
+        acks = {a.silo: a.ack for a in taken}
+        traffic = federation.meter.traffic()
+        federation.meter.start()
+        return RoundReply(
+            aggregate, silos, None, events, None, hashes, acks, traffic, staleness=staleness
+        )
+
+    def _arrive(self, flight: InFlight, reply: Message) -> None:
+        """A pulled training reply: decoded and checked into the buffer, or logged and dropped."""
+        federation = self.federation
+        sent = flight.answer(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        if sent is None:  # not one of ours in flight, or from another node than the one asked
+            return
+        federation.meter.received(sent.silo, reply)
+        if reply.has_error():
+            federation.log(f"node {sent.node} failed: {reply.error.reason.strip()[-500:]}")
+            return
+        try:
+            update = wire.record_update(
+                reply.content, sent.silo, self.layout, self.config.federated.max_update_norm
+            )
+        except wire.BadReplyError as reason:
+            federation.log(f"silo {sent.silo}'s reply refused: {reason}")
+            return
+        ack = wire.record_audit(reply.content, "ack")
+        flight.arrived.append(Arrived(sent.silo, sent.round, update, ack))
+
+    def _give_up(self, flight: InFlight, now: float, round_number: int) -> None:
+        for lost in flight.give_up(now):
+            self.federation.log(
+                f"round {round_number}: silo {lost.silo}'s training message of round {lost.round} "
+                f"unanswered after {flight.timeout:.0f} s: given up, a late reply is not read"
+            )
+
+    def evaluate(self, round_number: int, shared: Params) -> dict[str, MetricSums] | None:
+        """Synchronous rounds: None, the metrics come with the next exchange. FedBuff: replies come
+        at different times, so no evaluation rides on a training message; the model is sent to
+        every online silo in an EVALUATE exchange of its own, whose metrics (of the silos that
+        answered within the round timeout) come back here."""
+        if self.flight is None:
+            return None  # with the next exchange
+        federation = self.federation
+        federation.refresh()
+        task, record = self._task(round_number), wire.params_record(shared)
+        contents = {
+            node: (RecordDict({"task": task, "shared": record}), MessageType.EVALUATE)
+            for node in federation.node_of.values()
+        }
+        per_silo = federation.metrics(federation.exchange(contents, f"evaluate-{round_number}"))
+        return per_silo or None  # none arrived: the last round's is asked again at the end
 
     def finish(self, shared: Params, evaluate: int | None) -> FinalEvaluation:
         """The last round's model, as it is and after every silo has refitted its own vectors."""
         federation = self.federation
+        if self.flight is not None:
+            sent, arrived = self.flight.drop()
+            if sent or arrived:
+                federation.log(
+                    f"FedBuff: the run is over; {len(sent)} training messages still in flight "
+                    f"(silos {sorted(s.silo for s in sent)}) and {len(arrived)} unused replies "
+                    f"(silos {sorted(a.silo for a in arrived)}) dropped, never applied"
+                )
         federation.wait_for(federation.n_silos, self.wait_timeout)
         task = self._task(self.config.federated.rounds, final=True)
         record = wire.params_record(shared)

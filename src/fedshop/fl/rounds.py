@@ -51,6 +51,8 @@ class RoundRecord:
     traffic: dict | None = None
     # Simulated seconds since the run started when this round's step happened (fl/timing.py).
     clock: float | None = None
+    # FedBuff: each contributor's staleness (server steps since the model it trained on), by name.
+    staleness: dict[str, int] | None = None
 
 
 RoundCallback = Callable[[RoundRecord], None]
@@ -274,22 +276,32 @@ class RoundDriver:
             cost = round_cost(reply.cost)
         traffic = reply.traffic.summary(self._party_name) if reply.traffic is not None else None
         record = RoundRecord(
-            round_number, reply.contributors, seconds, metrics, epsilon, cost, traffic, reply.clock
-        )
+            round_number, reply.contributors, seconds, metrics, epsilon, cost, traffic, reply.clock,
+            self._staleness(reply),
+        )  # fmt: skip
         history.append(record)
         if self.checkpoint is not None:
             self.checkpoint(server, history)
         dropped = sorted(set(chosen) - set(reply.contributors))
         unit = self.transport.unit
+        # FedBuff: a chosen client not in this step is still training (or its reply waits).
+        missing = "not in this step" if reply.staleness else "dropped out"
         self.log(
             f"round {round_number}: {len(reply.contributors)} {unit} trained"
-            + (f", {unit} {dropped} dropped out" if dropped else "")
+            + (f", {unit} {dropped} {missing}" if dropped else "")
             + (f", {traffic['sent'] / 1e6:.2f} MB sent" if traffic is not None else "")
             + f" ({seconds:.2f} s)"
         )
         if self.on_round is not None:
             self.on_round(record)
         return record
+
+    def _staleness(self, reply: RoundReply) -> dict[str, int] | None:
+        """FedBuff's staleness per contributor for the history, named; None on synchronous rounds
+        or with more contributors than a history entry lists."""
+        if not reply.staleness or len(reply.staleness) > PARTIES_LISTED:
+            return None
+        return {self._party_name(c): int(s) for c, s in reply.staleness.items()}
 
     def _release(self, round_number: int) -> float | None:
         """Write-ahead: the ledger holds the round's ε before any noisy value exists. A retried

@@ -120,6 +120,7 @@ def metrics_document(result: ExperimentResult) -> dict[str, Any]:
             **({"protection": record.protection} if record.protection is not None else {}),
             **({"traffic": record.traffic} if record.traffic is not None else {}),
             **({"clock": round(record.clock, 3)} if record.clock is not None else {}),
+            **({"staleness": record.staleness} if record.staleness is not None else {}),
             **(record.metrics or {}),
         }
         for record in result.history
