@@ -475,9 +475,7 @@ def row_update(items, shared, seed):
 
     g = torch.Generator().manual_seed(seed)
     items = torch.tensor(sorted(items))
-    tensors = {
-        k: torch.randn((len(items), *v.shape[1:]), generator=g) for k, v in shared.items()
-    }
+    tensors = {k: torch.randn((len(items), *v.shape[1:]), generator=g) for k, v in shared.items()}
     return RowUpdate(items, tensors)
 
 
@@ -511,7 +509,7 @@ def test_row_error_feedback_sends_everything_in_the_end_on_changing_rows():
         received = wire.open(parcel)
         for k, v in received.tensors.items():
             sent[k].index_add_(0, received.items, v)
-        other, _ = wire.send(6, round_number, row_update((0, 59), shared, 99))
+        wire.send(6, round_number, row_update((0, 59), shared, 99))
     left = wire.residuals[5]
     for k in shared:
         total = sent[k].clone().index_add_(0, left.items, left.tensors[k])
@@ -525,7 +523,7 @@ def test_low_rank_on_a_shoppers_rows_or_on_their_sum_is_the_same():
     own rows (FedBuff, codecs) gives the same sum: the projection is linear."""
     from fedshop.fl.wire import RowProjection
 
-    spec, shared = mf_shared(dim=8)
+    _, shared = mf_shared(dim=8)
     config = load_config(overrides={"model.dim": 8, "communication.low_rank": 3})
     projection = RowProjection.of_run(config)
     updates = [row_update(items, shared, i) for i, items in enumerate(((1, 2), (2, 30), (59,)))]
