@@ -102,6 +102,12 @@ def test_protections_tagged_for_deployment_are_the_ones_it_runs():
                 check_deployable(config)
 
 
+def test_a_deployment_refuses_wire_codecs_and_runs_low_rank():
+    with pytest.raises(FedShopError, match="simulated only"):
+        check_deployable(load_config(overrides={"communication.codec": "int8-row"}))
+    check_deployable(load_config(overrides={"communication.low_rank": 8}))
+
+
 def test_reading_the_registries_and_the_config_imports_nothing_heavy():
     heavy = ("torch", "numpy", "pandas", "dp_accounting", "tenseal", "phe", "cryptography")
     code = (

@@ -36,3 +36,9 @@ def check_deployable(config: RunConfig) -> None:
             f"{config.protection.kind} needs a key-holder party, which deployment does not run; "
             'use [protection] kind = "secagg" (no party holds a key), or the simulator'
         )
+    if config.communication.codec != "none":
+        raise FedShopError(
+            f'[communication] codec = "{config.communication.codec}" is simulated only: a deployed '
+            "silo sends its update as float32 Flower arrays (measured in each round's traffic); "
+            "low_rank does run deployed, it is a pipeline stage"
+        )
