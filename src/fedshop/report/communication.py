@@ -112,8 +112,9 @@ def communication_section(block: dict[str, Any] | None) -> str:
         if "simulated_seconds" in block
         else ""
     )
+    curve = block.get("curve", [])
+    plots = curves_svg(curve) if any("hr@10" in p for p in curve) else ""
     return (
         f"<p>{settings}. Bytes are {how}: the clients sent {_megabytes(totals['sent'])} and received "
-        f"{_megabytes(totals['received'])} in all.{clock}</p>{parties}"
-        + curves_svg(block.get("curve", []))
+        f"{_megabytes(totals['received'])} in all.{clock}</p>{parties}{plots}"
     )

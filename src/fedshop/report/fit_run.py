@@ -27,8 +27,15 @@ from fedshop import __version__
 from fedshop.data.partition import slug
 from fedshop.data.renttherunway import FIT_CLASSES
 from fedshop.fit_experiment import FitResult
+from fedshop.report.communication import communication_block, communication_section
 from fedshop.report.html import CSS, _fmt, _table, privacy_section, protection_section
-from fedshop.report.run_folder import SERVING, SERVING_FORMAT, _finite, federated_silo_stem
+from fedshop.report.run_folder import (
+    SERVING,
+    SERVING_FORMAT,
+    _finite,
+    federated_silo_stem,
+    history_entry,
+)
 from fedshop.storage.private_files import write_private
 
 PRODUCTS = "products.csv"
@@ -71,17 +78,8 @@ def fit_metrics_document(result: FitResult) -> dict[str, Any]:
         silo: {method: outcome.per_silo[silo] for method, outcome in result.methods.items()}
         for silo in result.dataset.silo_names
     }
-    doc["history"] = [
-        {
-            "round": record.round,
-            "clients": len(record.clients),
-            "seconds": round(record.seconds, 4),
-            **({"epsilon": record.epsilon} if record.epsilon is not None else {}),
-            **({"protection": record.protection} if record.protection is not None else {}),
-            **{k: v for k, v in (record.metrics or {}).items() if k != "confusion"},
-        }
-        for record in result.history
-    ]
+    doc["history"] = [history_entry(r, leave_out=("confusion",)) for r in result.history]
+    doc["communication"] = communication_block(result.history, config)
     return _finite(doc)
 
 
@@ -253,6 +251,8 @@ Accuracy and recall use the most probable class.</p>
 {history}
 <h3>Bytes of one shop's update per round</h3>
 {_table(["shop", "all shared tensors", "touched rows only"], bytes_rows)}
+<h3>Communication</h3>
+{communication_section(metrics.get("communication"))}
 <h2>Per shop</h2>
 {per_silo}
 <h2>Data</h2>

@@ -23,9 +23,10 @@ from safetensors.torch import save
 
 from fedshop import __version__
 from fedshop.data.tabular import TabularDataset
+from fedshop.report.communication import communication_block, communication_section
 from fedshop.report.figures import svg_of
 from fedshop.report.html import CSS, _fmt, _table, protection_section
-from fedshop.report.run_folder import _finite
+from fedshop.report.run_folder import _finite, history_entry
 from fedshop.retail_experiment import RetailResult
 from fedshop.storage.private_files import write_private
 
@@ -123,16 +124,8 @@ def metrics_document(result: RetailResult, scores: Scores) -> dict[str, Any]:
         for silo in result.dataset.silo_names
     }
     doc.update(scores.blocks)
-    doc["history"] = [
-        {
-            "round": record.round,
-            "clients": len(record.clients),
-            "seconds": round(record.seconds, 4),
-            **({"protection": record.protection} if record.protection is not None else {}),
-            **(record.metrics or {}),
-        }
-        for record in result.history
-    ]
+    doc["history"] = [history_entry(record) for record in result.history]
+    doc["communication"] = communication_block(result.history, result.config)
     return _finite(doc)
 
 
@@ -221,6 +214,8 @@ FedShop {_fmt(metrics.get("fedshop_version"))}</p>
 {history}
 <h3>Bytes of one storefront's update per round (touched embedding rows only)</h3>
 {_table(["storefront", "bytes"], [[html.escape(s), _fmt(v)] for s, v in sizes.items()])}
+<h3>Communication</h3>
+{communication_section(metrics.get("communication"))}
 <h2>Data</h2>
 <p>Source: {_fmt(data_report.get("source"))}</p>
 {_table(["what", "value"], counts)}

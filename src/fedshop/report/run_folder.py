@@ -33,6 +33,7 @@ from fedshop import __version__
 from fedshop.data.interactions import RecDataset
 from fedshop.errors import FedShopError
 from fedshop.experiment import ExperimentResult, slug
+from fedshop.fl.rounds import RoundRecord
 from fedshop.report.communication import communication_block
 from fedshop.report.html import render_report
 from fedshop.storage.private_files import write_private
@@ -111,20 +112,7 @@ def metrics_document(result: ExperimentResult) -> dict[str, Any]:
         silo: {method: outcome.per_silo[silo] for method, outcome in result.methods.items()}
         for silo in silo_names
     }
-    doc["history"] = [
-        {
-            "round": record.round,
-            "clients": len(record.clients),
-            "seconds": round(record.seconds, 4),
-            **({"epsilon": record.epsilon} if record.epsilon is not None else {}),
-            **({"protection": record.protection} if record.protection is not None else {}),
-            **({"traffic": record.traffic} if record.traffic is not None else {}),
-            **({"clock": round(record.clock, 3)} if record.clock is not None else {}),
-            **({"staleness": record.staleness} if record.staleness is not None else {}),
-            **(record.metrics or {}),
-        }
-        for record in result.history
-    ]
+    doc["history"] = [history_entry(record) for record in result.history]
     doc["communication"] = communication_block(result.history, config)
     doc["curves"] = {
         method: [{"step": step, **metrics} for step, metrics in outcome.curve]
@@ -140,6 +128,26 @@ def metrics_document(result: ExperimentResult) -> dict[str, Any]:
     if result.contribution is not None:
         doc["contribution"] = result.contribution
     return _finite(doc)
+
+
+def history_entry(record: RoundRecord, leave_out: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A round as metrics.json's "history" lists it (every task's run folder): its metrics but
+    those in `leave_out`, its ε, protection cost, bytes on the wire ("flower": a deployment's
+    messages), simulated clock and FedBuff staleness where it has them."""
+    optional = {
+        "epsilon": record.epsilon,
+        "protection": record.protection,
+        "traffic": record.traffic,
+        "clock": round(record.clock, 3) if record.clock is not None else None,
+        "staleness": record.staleness or None,
+    }
+    return {
+        "round": record.round,
+        "clients": len(record.clients),
+        "seconds": round(record.seconds, 4),
+        **{k: v for k, v in optional.items() if v is not None},
+        **{k: v for k, v in (record.metrics or {}).items() if k not in leave_out},
+    }
 
 
 def _finite(value: Any) -> Any:
