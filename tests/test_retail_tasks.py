@@ -37,6 +37,11 @@ def test_demand_run_folder_scores_every_method_and_the_inventory_policy(tmp_path
         assert metrics[method]["inventory_cost"] > 0
         assert 0 < metrics[method]["fill_rate"] <= 1
     assert set(metrics["per_silo"]) >= {"United Kingdom", "Germany", "France"}
+    # Bytes on the wire, as every task reports them: each storefront's, in the round and in all.
+    (entry,) = metrics["history"]
+    assert entry["traffic"]["source"] == "encoded"
+    assert entry["traffic"]["parties"]["United Kingdom"]["sent"] > 0
+    assert metrics["communication"]["bytes"]["sent"] == entry["traffic"]["sent"]
     curve = metrics["inventory"]["cost_curve"]
     # A dearer stock-out never makes the same policy cheaper.
     assert all(a <= b for a, b in zip(curve["federated"], curve["federated"][1:], strict=False))
