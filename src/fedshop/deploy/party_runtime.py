@@ -62,6 +62,9 @@ def supernode(args: list[str]) -> None:
     import flwr.supernode.start_client_internal as internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
+    from fedshop.deploy.flower_waits import shorten_object_pulls
+
+    shorten_object_pulls()
     idle = float(os.environ.get(POLL_ENV, "0.25"))
     if getattr(internal, "time", None) is time:
         internal.time = _ShortSleeps(idle)  # type: ignore[attr-defined]
@@ -108,7 +111,9 @@ def executor(args: list[str]) -> None:
     import fedshop.deploy.silo_app
     import fedshop.deploy.silo_secagg  # noqa: F401
     from fedshop.deploy import timing
+    from fedshop.deploy.flower_waits import shorten_object_pulls
 
+    shorten_object_pulls()  # the forks inherit it
     warm_up()
     secret = load_superexec_auth_secret(options.superexec_auth_secret_file)
     client = RuntimeHttpClient.from_server_address(
