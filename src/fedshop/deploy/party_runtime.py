@@ -65,6 +65,10 @@ def supernode(args: list[str]) -> None:
     from fedshop.deploy.flower_waits import shorten_object_pulls
 
     shorten_object_pulls()
+    from fedshop.deploy import timing
+
+    if timing.enabled():  # the SuperNode's own lines, timed as the executor's
+        timing.stamp_flower_log()
     idle = float(os.environ.get(POLL_ENV, "0.25"))
     if getattr(internal, "time", None) is time:
         internal.time = _ShortSleeps(idle)  # type: ignore[attr-defined]

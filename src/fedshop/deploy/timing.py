@@ -6,6 +6,7 @@ wall clock lets the silo's lines be set against the server's log and the executo
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -31,3 +32,13 @@ def mark(label: str) -> None:
 def reset() -> None:
     """A forked child starts its own sequence."""
     _last.clear()
+
+
+def stamp_flower_log() -> None:
+    """Flower's log lines in this process with the wall clock, as the marks."""
+
+    def stamped(record: logging.LogRecord) -> bool:
+        record.msg = f"{record.created:.3f} {record.msg}"
+        return True
+
+    logging.getLogger("flwr").addFilter(stamped)
