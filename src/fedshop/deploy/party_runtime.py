@@ -12,7 +12,9 @@ ClientApp process is not on offer. Instead each silo runs:
   executor of its own); this process imports Flower, PyTorch and FedShop's silo code once, polls the
   SuperNode's Runtime API for tasks (`AcquireTask`, every 0.1 s) and runs each task in a child
   *forked* from itself, which runs Flower's own `run_clientapp` with the task's token. A fork costs
-  milliseconds and inherits the imports; every message still gets a fresh process, so nothing one
+  milliseconds and inherits the imports and what `warm_up` paid once (PyTorch's lazy imports on an
+  optimizer's first step, glibc's heap thresholds) and Flower's shorter waits for a message's
+  objects (`flower_waits`); every message still gets a fresh process, so nothing one
   message (or one run) leaves in memory is seen by the next: a run's state is its state folder's,
   `runs/<run id>` (silo_app.py), as before. `LocalFederation` (processes.py) supervises it: when it
   dies it is started again (a task it had acquired and not finished fails, and the round's dropout
