@@ -20,7 +20,10 @@ def test_object_pulls_shortened_once() -> None:
             new = function.__kwdefaults__
             assert new["initial_backoff"] == flower_waits.INITIAL_BACKOFF
             assert new["backoff_cap"] == flower_waits.BACKOFF_CAP
-            assert new["max_tries_per_object"] == old["max_tries_per_object"] * 10
+            assert (
+                new["max_tries_per_object"]
+                == old["max_tries_per_object"] * flower_waits.TRIES_FACTOR
+            )
     finally:
         for function, old in zip(functions, before, strict=True):
             function.__kwdefaults__.update(old)
