@@ -3,7 +3,21 @@
 The same config and seed run twice, one after the other: in the simulator (`run_cross_silo`) and as a
 local federation (`fedshop deploy local`: one SuperLink and one SuperNode process per silo, TLS and
 SuperNode authentication on, each silo reading only its own data file). Both evaluate the model after
-every round. Reported: the median seconds per round of each, their ratio (`deploy_round_ratio`), the
+every round.
+
+What a round's seconds include differs between the two, so like is set against like:
+
+- `deployment_seconds_per_round`: the median of the deployment's `RoundRecord.seconds`, from sending
+  round r's training messages until the aggregate is applied. Round r's messages also carry the
+  evaluation of round r-1's model (GridTransport), so rounds 2.. include one evaluation each; round
+  1 evaluates nothing, and the last round's evaluation is in the final evaluation (fixed cost).
+- `simulator_seconds_per_round`: the median over rounds 2.. of the simulator's wall time between
+  successive `on_round` callbacks, which run after each round's evaluation: one round's training plus
+  one evaluation, as a deployed round (round 1's span would include building the federation).
+- `simulator_training_seconds_per_round`: the median of the simulator's `RoundRecord.seconds`
+  (training only, evaluation excluded), as reported before.
+
+`deploy_round_ratio` = deployed median / simulator median with evaluation. Also reported: the
 deployment's start-up (`deployment_startup_seconds`: keys, processes, registration, submitting the
 run, first contact, until round 1 starts), its fixed cost (start-up, final evaluation and
 stopping) and whether the two final models agree; without protection
@@ -15,7 +29,9 @@ and under secure aggregation (four message steps per round in a deployment).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -41,6 +57,12 @@ def main() -> None:
     parser.add_argument(
         "--protection", nargs="+", default=["none", "secagg"], choices=["none", "secagg"]
     )
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="keep each deployment's folder (logs included) under this folder",
+    )
     args = parser.parse_args()
     results = {}
     for protection in args.protection:
@@ -51,7 +73,7 @@ def main() -> None:
                 "protection.kind": protection,
             }
         )  # fmt: skip
-        results[protection] = compare(config)
+        results[protection] = compare(config, args.keep)
     table = Table(title=f"Embedded data, {args.silos} silos, {args.rounds} rounds (medians)")
     for column in ("protection", "runtime", "s / round", "total s", "ratio", "HR@10"):
         table.add_column(column, justify="right")
@@ -70,7 +92,8 @@ def main() -> None:
             f"(+{result['overhead_seconds_per_round']:.1f} s); fixed cost "
             f"{result['deployment_fixed_seconds']:.1f} s, of which start-up "
             f"{result['deployment_startup_seconds'] or float('nan'):.1f} s; largest parameter difference "
-            f"{result['largest_parameter_difference']:.1e}"
+            f"{result['largest_parameter_difference']:.1e}; simulator training alone "
+            f"{result['simulator_training_seconds_per_round']:.2f} s / round"
         )
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "deployment.json"
@@ -80,13 +103,16 @@ def main() -> None:
     console.print(f"Wrote {path}")
 
 
-def compare(config) -> dict:
+def compare(config, keep: Path | None = None) -> dict:
     """The same config and seed in the simulator and as a local federation, one after the other."""
     kind = config.protection.kind
     dataset = load_dataset(config.data, seed=config.seed)
+    callbacks: list[float] = []  # when each simulated round's callback ran (after its evaluation)
     with console.status(f"Simulator ({kind})…"):
         started = time.perf_counter()
-        simulated = run_cross_silo(dataset, config)
+        simulated = run_cross_silo(
+            dataset, config, on_round=lambda _record: callbacks.append(time.perf_counter())
+        )
         simulator_total = time.perf_counter() - started
     first_round: list[float] = []  # when the server's log says round 1 finished
 
@@ -95,6 +121,9 @@ def compare(config) -> dict:
             first_round.append(time.perf_counter())
 
     with console.status(f"Local deployment ({kind})…"), tempfile.TemporaryDirectory() as folder:
+        if keep is not None:
+            folder = str(keep / kind)
+            shutil.rmtree(folder, ignore_errors=True)
         started = time.perf_counter()
         deployed = deploy_local(config, dataset, Path(folder), on_line=on_line)
         deployment_total = time.perf_counter() - started
@@ -102,13 +131,28 @@ def compare(config) -> dict:
     largest_difference = max(
         float((shared[k] - v).abs().max()) for k, v in simulated.server.shared.items()
     )
-    simulator_round = statistics.median(r.seconds for r in simulated.history)
+    simulator_training = statistics.median(r.seconds for r in simulated.history)
+    # Training and one evaluation: rounds 2.. (round 1's span includes building the federation).
+    spans = [b - a for a, b in itertools.pairwise(callbacks)]
+    simulator_round = statistics.median(spans) if spans else simulator_training
     deployment_round = statistics.median(r.seconds for r in deployed.history)
     # The log is followed once a second: start-up to within a second.
     startup = first_round[0] - started - deployed.history[0].seconds if first_round else None
     return {
         "simulator_seconds_per_round": simulator_round,
+        "simulator_seconds_per_round_includes": (
+            "median over rounds 2.. of the wall time between successive on_round callbacks: "
+            "one round's training and its evaluation"
+        ),
+        "simulator_training_seconds_per_round": simulator_training,
+        "simulator_training_seconds_per_round_includes": (
+            "median RoundRecord.seconds: training and aggregation, no evaluation"
+        ),
         "deployment_seconds_per_round": deployment_round,
+        "deployment_seconds_per_round_includes": (
+            "median RoundRecord.seconds: sending round r's training messages (which also carry the "
+            "evaluation of round r-1's model, rounds 2..) until the aggregate is applied"
+        ),
         "deploy_round_ratio": deployment_round / simulator_round,
         "overhead_ratio": deployment_round / simulator_round,
         "deployment_startup_seconds": startup,

@@ -33,7 +33,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fedshop.config import RETAIL_TASKS, RunConfig, config_from_toml
-from fedshop.deploy import wire
+from fedshop.deploy import timing, wire
 from fedshop.deploy.silo_files import FitSiloData, TableSiloData, read_any_silo_file
 from fedshop.deploy.silo_policy import (
     LEDGER_FILE,
@@ -323,8 +323,12 @@ class SiloNode:
         task = content["task"]
         run = SiloRun(self.state_dir, task)
         config = config_from_toml(str(task["config"]))
+        timing.mark("config")
         client, saved_dp = self.client(config, run, int(task["round"]) + before_offset)
-        return task, run, config, client, saved_dp, wire.record_params(content["shared"])
+        timing.mark("client and state")
+        shared = wire.record_params(content["shared"])
+        timing.mark("shared model")
+        return task, run, config, client, saved_dp, shared
 
     def train(self, content: RecordDict) -> RecordDict:
         """Train on the received model (`_train`). A refusal by the silo's policy or own ledger is
@@ -349,6 +353,7 @@ class SiloNode:
         self.policy.check_task(plan, setup)  # before any work on the silo's data
         inputs = inputs_digest(task, shared)
         run.check_inputs(round_number, inputs)
+        timing.mark("checks")
         reply = {}
         if self.signer is not None:  # the silo's word that it received this model for this round
             ack = acknowledge(self.signer, str(task.get("run", "")), round_number, shared)
@@ -356,10 +361,12 @@ class SiloNode:
         if bool(task["evaluate"]):
             sums = client.evaluate(shared, config.eval.split)
             self._report(reply, "metrics", run, sums, task, f"round-{round_number - 1}")
+            timing.mark("evaluate")
         if plan is not None:
             dp = self.dp_state(config, run, saved_dp)
             client.dp = SiloDp(dp, self.released_count(plan, run, config))
         message = client.fit(shared, LocalTask.of_run(config, plan))
+        timing.mark("fit")
         update = flatten(message, 1.0)
         if message.dp_event is not None:
             # Write-ahead in the silo's own ledger: the release is recorded (or refused) before
@@ -369,6 +376,7 @@ class SiloNode:
         run.save(
             round_number, self.state_of(client, client.dp.state if client.dp else None, inputs)
         )
+        timing.mark("save state")
         if setup is not None:
             # Under secure aggregation the update stays here; the reply advertises SecAgg keys.
             index, silos = int(task["secagg-index"]), task.get("secagg-silos", [])
@@ -456,11 +464,14 @@ def inputs_digest(task: ConfigRecord, shared: Params) -> str:
 
 
 def handle(message: Message, context: Context, what: str) -> Message:
+    timing.mark(f"handle {what}")
     node = SiloNode(dict(context.node_config))
+    timing.mark("read silo file")
     if what == "hello":
         content = node.hello()
     elif what == "train":
         content = node.train(message.content)
     else:
         content = node.evaluate(message.content)
+    timing.mark(f"{what} done")
     return Message(content, reply_to=message)

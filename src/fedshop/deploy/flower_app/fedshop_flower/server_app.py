@@ -4,8 +4,10 @@ the label holder (fedshop.deploy.vertical_server.serve_vertical)."""
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedshop.deploy.flower_waits import shorten_object_pulls
 from fedshop.deploy.server_app import serve
 
+shorten_object_pulls()  # the silos' replies, pulled without 1 s back-offs
 app = ServerApp()
 
 
