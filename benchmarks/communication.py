@@ -7,7 +7,7 @@ same seed and the same log-normal client speeds (the simulated clock has straggl
 
     uncompressed       codec none, synchronous rounds: the reference
     float16            every update entry as float16
-    int8-row           8-bit stochastic rounding with a scale per row, error feedback
+    int8-row           8-bit stochastic rounding with a scale per row (unbiased: no error feedback)
     topk-0.1/-0.02     the largest 10 % / 2 % of the entries, error feedback
     low-rank           item-table updates projected onto a shared random basis of rank dim/8 (CoLR)
     low-rank+int8-row  the projection, then int8-row on what is left (also at rank 16)
@@ -55,12 +55,12 @@ REFERENCE = "uncompressed"
 METHODS: dict[str, dict[str, Any]] = {
     "uncompressed": {"codec": "none"},
     "float16": {"codec": "float16"},
-    "int8-row": {"codec": "int8-row", "error_feedback": True},
+    "int8-row": {"codec": "int8-row"},
     "topk-0.1": {"codec": "topk", "topk_fraction": 0.1, "error_feedback": True},
     "topk-0.02": {"codec": "topk", "topk_fraction": 0.02, "error_feedback": True},
     "low-rank": {"codec": "none", "low_rank": -1},
-    "low-rank+int8-row": {"codec": "int8-row", "error_feedback": True, "low_rank": -1},
-    "low-rank-16+int8-row": {"codec": "int8-row", "error_feedback": True, "low_rank": 16},
+    "low-rank+int8-row": {"codec": "int8-row", "low_rank": -1},
+    "low-rank-16+int8-row": {"codec": "int8-row", "low_rank": 16},
     "fedbuff": {"codec": "none", "schedule": "fedbuff"},
 }
 # Not compressed: never candidates for the best bytes reduction.

@@ -151,9 +151,11 @@ def test_carry_with_codec_none_returns_the_very_same_message():
         assert wire.open((message, encoded)) is message and sent == size
 
 
-def test_int8_with_error_feedback_keeps_each_clients_residual():
+def test_topk_with_error_feedback_keeps_each_clients_residual():
     _, _, messages = mf_messages()
-    config = load_config(overrides={"communication.codec": "int8-row"})
+    config = load_config(
+        overrides={"communication.codec": "topk", "communication.topk_fraction": 0.3}
+    )
     wire = Wire.of_run(config)
     assert isinstance(wire.codec, ErrorFeedback) and not wire.lossless
     received = {}
@@ -172,7 +174,10 @@ def test_int8_with_error_feedback_keeps_each_clients_residual():
     after = wire.codec.residual(0)
     for name, sent in messages[0].tensors.items():
         assert torch.allclose(again.tensors[name] + after[name], sent + before[name], atol=1e-6)
-    assert Wire.of_run(replace_error_feedback(config, False)).codec.name == "int8-row"
+    assert Wire.of_run(replace_error_feedback(config, False)).codec.name == "topk"
+    # int8's rounding is unbiased: it goes without a residual, whatever error_feedback says.
+    int8 = load_config(overrides={"communication.codec": "int8-row"})
+    assert Wire.of_run(int8).codec.name == "int8-row"
 
 
 def replace_error_feedback(config, on: bool):
@@ -584,3 +589,19 @@ def test_fedbuff_shoppers_step_on_the_first_arrivals(shopper_runs):
     assert clocks == sorted(clocks) and clocks[0] > 0
     assert any(s > 0 for r in run.history for s in (r.staleness or {}).values())
     assert math.isfinite(run.history[-1].metrics["hr@10"])
+
+
+def test_topk_keeps_a_budget_of_the_fresh_update_under_error_feedback():
+    """The residual's rows do not swell later messages: each keeps ceil(fraction × the fresh
+    update's nonzeros) entries, however many rows the residual has reached."""
+    from fedshop.fl.compression import TopK
+
+    feedback = ErrorFeedback(TopK(0.1))
+    g = torch.Generator().manual_seed(3)
+    for round_number in range(6):
+        update = torch.zeros(50, 4)
+        rows = torch.randperm(50, generator=g)[:5]
+        update[rows] = torch.randn(5, 4, generator=g)
+        encoded = feedback.encode_for(0, {"table": update})
+        assert len(encoded.arrays["table/index"]) == math.ceil(0.1 * 20)
+    assert int(feedback.residual(0)["table"].ne(0).any(1).sum()) > 5  # it has spread

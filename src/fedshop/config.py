@@ -451,7 +451,8 @@ class CommunicationConfig:
     # `topk_fraction` of the entries)
     codec: str = "none"
     topk_fraction: float = 0.1
-    # Keep what the codec dropped on the client and add it to the next update (lossy codecs)
+    # topk: keep what it dropped on the client and add it to the next update (int8's rounding is
+    # unbiased and float16's tiny: they need none)
     error_feedback: bool = True
     # Item tables' updates projected onto a shared random basis of this rank (CoLR); 0: off. Linear,
     # so it also works under secure aggregation.

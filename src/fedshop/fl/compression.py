@@ -271,13 +271,15 @@ class StochasticInt8:
 # --- top-k -------------------------------------------------------------------------------------------
 
 
-def top_k_mask(tensors: Tensors, fraction: float) -> Tensors:
+def top_k_mask(tensors: Tensors, fraction: float, keep: int | None = None) -> Tensors:
     """Which entries to keep: the ceil(fraction × nonzeros) largest in magnitude over all the tensors
-    together (one global threshold; ties broken by torch.topk). Exactly that many are kept."""
+    together (one global threshold; ties broken by torch.topk), or the `keep` largest. Exactly that
+    many are kept (fewer if there are fewer nonzeros)."""
     if not tensors:
         return {}
     flat = torch.cat([t.detach().reshape(-1).abs().float().cpu() for t in tensors.values()])
-    k = math.ceil(fraction * int(flat.ne(0).sum()))
+    nonzeros = int(flat.ne(0).sum())
+    k = min(nonzeros, keep if keep is not None else math.ceil(fraction * nonzeros))
     keep = torch.zeros(flat.numel(), dtype=torch.bool)
     if k:
         keep[torch.topk(flat, k).indices] = True
@@ -315,8 +317,15 @@ class TopK:
     def contraction(self) -> bool:
         return self.value_codec == "float32"
 
-    def encode(self, tensors: Tensors, generator: RandomSource | None = None) -> Encoded:
-        masks = top_k_mask(tensors, self.fraction)
+    def budget(self, tensors: Tensors) -> int:
+        """How many entries `fraction` keeps of `tensors`: under error feedback the count is taken
+        from the fresh update, so an old residual's rows do not swell every later message."""
+        return math.ceil(self.fraction * sum(int(t.ne(0).sum()) for t in tensors.values()))
+
+    def encode(
+        self, tensors: Tensors, generator: RandomSource | None = None, keep: int | None = None
+    ) -> Encoded:
+        masks = top_k_mask(tensors, self.fraction, keep)
         arrays: dict[str, np.ndarray] = {}
         for name, tensor in tensors.items():
             flat = tensor.detach().cpu().float().reshape(-1)
@@ -341,6 +350,15 @@ class TopK:
 
 
 # --- error feedback ----------------------------------------------------------------------------------
+
+
+def encode_corrected(
+    codec: Codec, corrected: Tensors, fresh: Tensors, generator: RandomSource | None
+) -> Encoded:
+    """Encode an update with the residual added; a top-k budget is the fresh update's."""
+    if isinstance(codec, TopK):
+        return codec.encode(corrected, generator, keep=codec.budget(fresh))
+    return codec.encode(corrected, generator)
 
 
 @dataclass
@@ -375,7 +393,7 @@ class ErrorFeedback:
             name: t.detach().cpu().float() + previous.get(name, torch.zeros(t.shape))
             for name, t in tensors.items()
         }
-        encoded = self.codec.encode(corrected, generator)
+        encoded = encode_corrected(self.codec, corrected, tensors, generator)
         decoded = self.codec.decode(encoded)
         self.residuals[client] = {name: corrected[name] - decoded[name] for name in corrected}
         return encoded

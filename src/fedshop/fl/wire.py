@@ -23,6 +23,7 @@ from fedshop.fl.compression import (
     ErrorFeedback,
     LowRankRows,
     SparseRows,
+    encode_corrected,
 )
 from fedshop.fl.compression import codec as make_codec
 from fedshop.messages import AggregationPipeline, ClientMessage, Tensors
@@ -48,8 +49,11 @@ class Wire:
         com = config.communication
         options = {"fraction": com.topk_fraction} if com.codec == "topk" else {}
         base = make_codec(com.codec, **options)
-        lossy_with_feedback = com.error_feedback and not base.lossless
-        return cls(ErrorFeedback(base) if lossy_with_feedback else base, config.seed, reclip)
+        # Top-k is biased (it always drops the small entries): what it drops is kept and sent
+        # later. int8's stochastic rounding is unbiased and float16's error tiny, and a residual
+        # would keep every row ever touched in every later message: they go without.
+        feedback = com.error_feedback and com.codec == "topk"
+        return cls(ErrorFeedback(base) if feedback else base, config.seed, reclip)
 
     @property
     def lossless(self) -> bool:
@@ -181,10 +185,11 @@ class RowWire:
 
     def send(self, client: int, round_number: int, update: RowUpdate) -> tuple[tuple, int]:
         """The parcel (encoding and its rows) and its size in bytes."""
+        fresh = update.tensors
         if self.residuals is not None and client in self.residuals:
             update = self._plus(update, self.residuals[client])
         generator = torch_generator(self.wire.seed, "wire", client, round_number)
-        encoded = self.codec.encode(update.tensors, generator)
+        encoded = encode_corrected(self.codec, update.tensors, fresh, generator)
         if self.residuals is not None:
             decoded = self.codec.decode(encoded)
             left = {k: update.tensors[k] - decoded[k].to(update.tensors[k]) for k in decoded}

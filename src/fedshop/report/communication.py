@@ -20,7 +20,7 @@ def communication_block(history: Sequence[RoundRecord], config: RunConfig) -> di
     com = config.communication
     block: dict[str, Any] = {
         "codec": com.codec,
-        "error_feedback": com.error_feedback and com.codec != "none",
+        "error_feedback": com.error_feedback and com.codec == "topk",
         "low_rank": com.low_rank,
         "schedule": com.schedule,
         "client_speeds": com.client_speeds,
