@@ -598,7 +598,7 @@ def test_topk_keeps_a_budget_of_the_fresh_update_under_error_feedback():
 
     feedback = ErrorFeedback(TopK(0.1))
     g = torch.Generator().manual_seed(3)
-    for round_number in range(6):
+    for _ in range(6):
         update = torch.zeros(50, 4)
         rows = torch.randperm(50, generator=g)[:5]
         update[rows] = torch.randn(5, 4, generator=g)
