@@ -347,7 +347,9 @@ def main() -> None:
     speedups = {name: b["fedbuff_time_speedup"] for name, b in blocks.items()}
     deploy_round_ratio = None
     if args.deployment_json is not None and args.deployment_json.is_file():
-        deploy_round_ratio = json.loads(args.deployment_json.read_text()).get("deploy_round_ratio")
+        # benchmarks/deployment.py's JSON: one block per protection; the plain one is the ratio.
+        deployment = json.loads(args.deployment_json.read_text())
+        deploy_round_ratio = deployment.get("none", {}).get("deploy_round_ratio")
     summary = {
         "quick": args.quick,
         "target_definition": f"{TARGET_FRACTION} x the uncompressed synchronous run's final HR@10",
