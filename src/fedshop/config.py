@@ -667,6 +667,10 @@ class Environment:
     cache_dir: str = ""  # FEDSHOP_CACHE_DIR: downloads (unset: the user's cache folder)
     ledger_url: str = ""  # FEDSHOP_LEDGER_URL: the privacy ledger, when no URL is configured
     nginx: str = ""  # FEDSHOP_NGINX: the nginx a deployment's front door runs (unset: on PATH)
+    # FEDSHOP_SILO_TIMING: a deployed silo logs each message's phases with the wall clock
+    silo_timing: bool = False
+    # FEDSHOP_SUPERNODE_POLL: seconds a deployed silo's SuperNode waits between asks when idle
+    supernode_poll: float = 0.25
 
     @staticmethod
     def from_os() -> Environment:
@@ -676,7 +680,22 @@ class Environment:
             cache_dir=os.environ.get("FEDSHOP_CACHE_DIR", ""),
             ledger_url=os.environ.get("FEDSHOP_LEDGER_URL", ""),
             nginx=os.environ.get("FEDSHOP_NGINX", ""),
+            silo_timing=bool(os.environ.get("FEDSHOP_SILO_TIMING")),
+            supernode_poll=_seconds(os.environ.get("FEDSHOP_SUPERNODE_POLL"), 0.25),
         )
+
+
+def _seconds(text: str | None, default: float) -> float:
+    """A positive number of seconds from an environment variable; the default when unset."""
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise ConfigError(f"expected a positive number of seconds, got {text!r}")
+    return value
 
 
 @dataclass(frozen=True)

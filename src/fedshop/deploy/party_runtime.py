@@ -45,7 +45,6 @@ import signal
 import sys
 import time
 
-POLL_ENV = "FEDSHOP_SUPERNODE_POLL"
 TASK_POLL_SECONDS = 0.1
 
 
@@ -71,7 +70,9 @@ def supernode(args: list[str]) -> None:
 
     if timing.enabled():  # the SuperNode's own lines, timed as the executor's
         timing.stamp_flower_log()
-    idle = float(os.environ.get(POLL_ENV, "0.25"))
+    from fedshop.config import Environment
+
+    idle = Environment.from_os().supernode_poll
     if getattr(internal, "time", None) is time:
         internal.time = _ShortSleeps(idle)  # type: ignore[attr-defined]
     else:  # another flwr: its own waits

@@ -16,7 +16,9 @@ _last: list[float] = []
 
 
 def enabled() -> bool:
-    return bool(os.environ.get(TIMING_ENV))
+    from fedshop.config import Environment
+
+    return Environment.from_os().silo_timing
 
 
 def mark(label: str) -> None:

@@ -80,11 +80,6 @@ class Codec(Protocol):
     def decode(self, encoded: Encoded) -> Tensors: ...
 
 
-def dense_bytes(tensors: Tensors) -> int:
-    """What `tensors` would cost on the wire as plain float32 (for reports)."""
-    return 4 * sum(t.numel() for t in tensors.values())
-
-
 # --- the row layout shared by SparseRows, Float16 and StochasticInt8 -------------------------------
 
 
@@ -508,13 +503,3 @@ class LowRankRows:
         for name in self.tables:
             tensors[name] = lift_rows(tensors[name], self.basis(name).to(tensors[name].device))
         return replace(aggregate, tensors=tensors)
-
-
-def ProjectRows(tables: Mapping[str, int], rank: int, seed: int) -> Callable:  # noqa: N802
-    """The client stage of `LowRankRows(tables, rank, seed)`."""
-    return LowRankRows(tables, rank, seed).client_stage
-
-
-def LiftRows(tables: Mapping[str, int], rank: int, seed: int) -> Callable:  # noqa: N802
-    """The server stage of `LowRankRows(tables, rank, seed)`."""
-    return LowRankRows(tables, rank, seed).server_stage
