@@ -41,8 +41,8 @@ from fedshop.messages import Aggregate, ClientMessage, Tensors
 from fedshop.seeding import RandomSource, torch_generator, uniform
 
 _FLOAT16_MAX = 65504.0
-_INDEX_BYTES = 4  # int32 row or flat indices
-_HEADER_BYTES_PER_DIM = 8
+INDEX_BYTES = 4  # int32 row or flat indices
+HEADER_BYTES_PER_DIM = 8
 _LEVELS = 127  # int8 codes in [-127, 127]: symmetric, so that 0 is exact and the rounding unbiased
 
 
@@ -60,7 +60,7 @@ class Encoded:
 
     @property
     def nbytes(self) -> int:
-        header = _HEADER_BYTES_PER_DIM * sum(len(shape) for shape in self.shapes.values())
+        header = HEADER_BYTES_PER_DIM * sum(len(shape) for shape in self.shapes.values())
         return sum(int(a.nbytes) for a in self.arrays.values()) + header
 
 
@@ -101,7 +101,7 @@ def sparse_is_smaller(
     """Whether the kept rows with their int32 indices cost less than every row sent densely
     (`row_bytes`: what each sent row costs besides its values, e.g. its int8 scale)."""
     row = width * value_bytes + row_bytes
-    return kept * (_INDEX_BYTES + row) < num_rows * row
+    return kept * (INDEX_BYTES + row) < num_rows * row
 
 
 def _put_rows(

@@ -338,14 +338,14 @@ def run_cross_device(
         config.train.negatives,
         proximal_mu=fed.proximal_mu,
     )
+    # User-level DP: a codec that may lengthen a clipped update is clipped again on arrival.
+    wire = Wire.of_run(config, reclip=guard.plan.clip if guard is not None else None)
     transport = ShopperTransport(
-        run, training, config.seed, config.eval.split, fed.personalise_epochs, pipeline
-    )
+        run, training, config.seed, config.eval.split, fed.personalise_epochs, pipeline,
+        wire=wire,
+    )  # fmt: skip
     if fakes is not None or defences:
         transport.screened = run.screened = ScreenedRound(defences, dataset.n_users, fakes)
-    # User-level DP: a codec that may lengthen a clipped update is clipped again on arrival.
-    transport.wire = Wire.of_run(config, reclip=guard.plan.clip if guard is not None else None)
-    transport.rows_wire = RowWire(transport.wire, spec.item_tables)
     transport.low_rank = RowProjection.of_run(config)
     examples = np.diff(dataset.train.indptr)
     transport.schedule = Schedule(config, dataset.n_users, lambda c: examples[c], fed.local_epochs)

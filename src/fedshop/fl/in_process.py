@@ -269,9 +269,8 @@ def run_cross_silo(
         max_update_norm=config.federated.max_update_norm, log=_log.warning, contribution=meter,
     )  # fmt: skip
     transport.audit_run = run.audit.log.run
-    transport.wire = Wire.of_run(
-        config
-    )  # record-level DP: coding a noisy update is post-processing
+    # Record-level DP: encoding a noisy update is post-processing, no re-clip needed.
+    transport.wire = Wire.of_run(config)
     transport.schedule, transport.concurrency = silo_schedule(config, run.clients)
     driver = RoundDriver(
         config, run.server, transport, guard, on_round=on_round, audit=run.audit.rounds

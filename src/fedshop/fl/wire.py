@@ -18,6 +18,8 @@ import torch
 
 from fedshop.config import RunConfig
 from fedshop.fl.compression import (
+    HEADER_BYTES_PER_DIM,
+    INDEX_BYTES,
     Codec,
     Encoded,
     ErrorFeedback,
@@ -30,9 +32,6 @@ from fedshop.messages import AggregationPipeline, ClientMessage, Tensors
 from fedshop.models.spec import get_model
 from fedshop.privacy.noise import ClipUpdate
 from fedshop.seeding import torch_generator
-
-_INDEX_BYTES = 4
-_HEADER_BYTES_PER_DIM = 8
 
 
 class Wire:
@@ -120,14 +119,14 @@ def baseline_bytes(
     simulator's clients send their touched rows and their whole dense weights."""
     sizes = torch.zeros(len(rows), dtype=torch.int64)
     for name, tensor in shared.items():
-        header = _HEADER_BYTES_PER_DIM * tensor.dim()
+        header = HEADER_BYTES_PER_DIM * tensor.dim()
         as_rows = (
             tensor.reshape(tensor.shape[0], -1) if tensor.dim() >= 2 else tensor.reshape(-1, 1)
         )
         n, width = as_rows.shape
         dense = n * width * 4
         if name in item_tables:
-            sparse = rows * (_INDEX_BYTES + width * 4)
+            sparse = rows * (INDEX_BYTES + width * 4)
             cost = sparse.clamp(max=dense)  # SparseRows sends whichever is smaller
         else:
             cost = torch.full_like(rows, dense)
@@ -195,7 +194,7 @@ class RowWire:
             left = {k: update.tensors[k] - decoded[k].to(update.tensors[k]) for k in decoded}
             self.residuals[client] = RowUpdate(update.items, left)
         # Each item table's rows are named by their int32 indices, as `SparseRows` sends them.
-        indices = _INDEX_BYTES * len(update.items) * len(self.item_tables)
+        indices = INDEX_BYTES * len(update.items) * len(self.item_tables)
         return (encoded, update.items), encoded.nbytes + indices
 
     def open(self, parcel: tuple) -> RowUpdate:
